@@ -1,0 +1,74 @@
+"""The `fuyou` command: assembles the sub-commands and maps known failures to one line and an exit code.
+
+Thin by design: each command module turns its arguments into one library call. Set FUYOU_DEBUG=1 to
+see the full traceback of any failure.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+
+import typer
+
+from fuyoucli.cli import finetune
+from fuyoucli.errors import FuyouError
+
+app = typer.Typer(
+    name="fuyou",
+    help="Fine-tune large language models on one GPU: zeroth-order (ZO2) and offloaded first-order training.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+app.command(name="finetune", no_args_is_help=True)(finetune.finetune)
+
+
+@app.callback()
+def _root() -> None:
+    """fuyou: plan and run fine-tuning of models larger than your GPU."""
+
+
+def _message_for(exc: BaseException) -> tuple[str, int] | None:
+    """One line and an exit code for failures a user can act on; None for real bugs."""
+    if isinstance(exc, FuyouError):
+        return str(exc), exc.exit_code
+    name = type(exc).__name__
+    if name == "OutOfMemoryError" or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()):
+        return ("out of memory on the compute device: lower training.batch_size or data.max_length, "
+                "or use peft.type: lora"), 3
+    if isinstance(exc, MemoryError):
+        return "out of host memory: lower training.batch_size or data.max_length, or use a smaller model", 3
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return f"disk full while writing {exc.filename or 'output'}: free space or set training.output_dir elsewhere", 3
+    return None
+
+
+def main(argv: list[str] | None = None) -> None:
+    debug = os.environ.get("FUYOU_DEBUG", "") not in ("", "0")
+    try:
+        app(args=argv, prog_name="fuyou", standalone_mode=False)
+    except KeyboardInterrupt:
+        print("fuyou: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the one place that turns failures into messages
+        import click
+
+        if isinstance(exc, click.exceptions.Abort):
+            print("fuyou: interrupted", file=sys.stderr)
+            sys.exit(130)
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        known = _message_for(exc)
+        if debug or known is None:
+            raise
+        message, code = known
+        print(f"fuyou: error: {message}", file=sys.stderr)
+        sys.exit(code)
+    else:
+        sys.exit(0)

@@ -1,0 +1,383 @@
+"""Recipe: the whole run as frozen, validated config. The only module that reads YAML.
+
+First stage of the pipeline (recipe -> profile -> plan -> ...). Imports no torch: the planner
+reads recipes on machines and in tests where no model is loaded.
+"""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fuyoucli.errors import RecipeError
+from fuyoucli.resources import resolve_path
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class ModelConfig(_Config):
+    path: str
+    """Local model: a Hugging Face folder (config.json + safetensors), a single .gguf file, or
+    `pkg:PACKAGE/FILE` for a file shipped inside an installed Python package."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype the model computes in. bfloat16/float16 keep fp32 master weights for the optimizer."""
+    trust_remote_code: bool = False
+    """Run Python code shipped inside the model folder. Off unless you trust the folder."""
+    head: Literal["causal_lm", "sequence_classification"] = "causal_lm"
+    """causal_lm: next-token loss (classification uses label words, MeZO style).
+    sequence_classification: a new classification head over the last token (classification data only)."""
+
+
+Schedule = Literal["constant", "linear", "cosine"]
+
+
+class _MethodBase(_Config):
+    lr: float = Field(1e-5, gt=0)
+    """Peak learning rate."""
+    schedule: Schedule = "constant"
+    """Learning-rate schedule after warmup: constant, linear decay to 0, or cosine decay to 0."""
+    warmup_steps: int = Field(0, ge=0)
+    """Steps of linear warmup from 0 to lr."""
+    weight_decay: float = Field(0.0, ge=0)
+    """Decoupled weight decay (applied as lr * weight_decay * w)."""
+
+
+class ZO2Method(_MethodBase):
+    name: Literal["zo2"]
+    """Zeroth-order (MeZO-style) training: two forward passes per direction, no backward."""
+    lr: float = Field(1e-6, gt=0)
+    """Peak learning rate. MeZO: 1e-6/1e-7 full-parameter, 1e-4/5e-5 with LoRA."""
+    eps: float = Field(1e-3, gt=0)
+    """Perturbation scale. MeZO: 1e-3 full-parameter, 1e-2 with LoRA."""
+    q: int = Field(1, ge=1, le=64)
+    """Random directions per step; the update averages their projected gradients."""
+    variant: Literal["sgd", "sign", "momentum"] = "sgd"
+    """sgd: w -= lr*g*z. sign: w -= lr*sign(g*z). momentum: m = beta*m + g*z; w -= lr*m."""
+    momentum: float = Field(0.9, ge=0, lt=1)
+    """beta of the momentum variant (only allowed with variant: momentum)."""
+
+    @model_validator(mode="after")
+    def _momentum_only_with_variant(self) -> "ZO2Method":
+        if "momentum" in self.model_fields_set and self.variant != "momentum":
+            raise ValueError("momentum is only used by variant: momentum; remove it or set variant: momentum")
+        return self
+
+
+class AdamWMethod(_MethodBase):
+    name: Literal["adamw"]
+    """First-order training with AdamW (fp32 master weights and states)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam's (beta1, beta2)."""
+    eps: float = Field(1e-8, gt=0)
+    """Adam's epsilon."""
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    """Clip the global gradient norm to this value; null turns clipping off."""
+
+    @model_validator(mode="after")
+    def _betas_in_range(self) -> "AdamWMethod":
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must each be in [0, 1), got {list(self.betas)}")
+        return self
+
+
+Method = Annotated[Union[ZO2Method, AdamWMethod], Field(discriminator="name")]
+
+
+class PeftConfig(_Config):
+    type: Literal["none", "lora"] = "none"
+    """none: train every parameter. lora: train low-rank adapters (peft) over a frozen base."""
+    r: int = Field(8, ge=1)
+    """LoRA rank."""
+    alpha: float = Field(16.0, gt=0)
+    """LoRA scaling numerator (scale = alpha / r)."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the LoRA input."""
+    target_modules: list[str] | Literal["all-linear"] | None = None
+    """Module names to adapt; null takes peft's default for the architecture (e.g. q_proj, v_proj)."""
+
+    @model_validator(mode="after")
+    def _lora_fields_need_lora(self) -> "PeftConfig":
+        extra = self.model_fields_set - {"type"}
+        if self.type == "none" and extra:
+            raise ValueError(f"{sorted(extra)} only apply with type: lora")
+        return self
+
+
+Format = Literal["text", "prompt_completion", "alpaca", "chat", "classification"]
+
+
+class DataConfig(_Config):
+    train: list[str] = Field(min_length=1)
+    """Training files (.jsonl, .json, .txt, .csv; `pkg:PACKAGE/FILE` works too). A string is one file."""
+    eval: list[str] = []
+    """Held-out files; when empty, eval_fraction of the training examples is held out."""
+    eval_fraction: float = Field(0.1, ge=0, lt=1)
+    """Share of training examples held out for evaluation when no eval files are given."""
+    format: Format = "text"
+    """text: language modelling on `text`. prompt_completion / alpaca / chat: loss on the answer only.
+    classification: `text` + `label`, loss on the label word (MeZO style) or a classification head."""
+    max_length: int = Field(512, ge=8)
+    """Longest sequence in tokens; longer examples are truncated (prompt side first for answers)."""
+    packing: bool = False
+    """Concatenate examples into full max_length rows (text and prompt_completion formats)."""
+    fields: dict[str, str] = {}
+    """Rename record fields, e.g. {text: tweet, label: sentiment} for a CSV with those columns."""
+    encoding: str = "utf-8"
+    """Text encoding of the data files."""
+    template: str = "{text} It was"
+    """classification: the prompt; `{text}` is replaced by the example's text."""
+    label_words: dict[str, str] = {}
+    """classification: label -> word the model should say (e.g. {positive: " great"}). Each word must be
+    one token. With head: sequence_classification, only the keys (the label set) are used."""
+    labels: list[str] = []
+    """classification: keep only examples with these labels (default: all labels in label_words)."""
+    max_examples: int | None = Field(None, ge=1)
+    """Use at most this many training examples (after the seeded shuffle)."""
+    max_eval_examples: int | None = Field(None, ge=1)
+    """Evaluate on at most this many held-out examples."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_file_is_a_list(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = dict(data)
+            for key in ("train", "eval"):
+                if isinstance(data.get(key), str):
+                    data[key] = [data[key]]
+        return data
+
+    @model_validator(mode="after")
+    def _format_rules(self) -> "DataConfig":
+        if self.format == "classification" and not self.label_words:
+            raise ValueError("format: classification needs label_words, e.g. {positive: ' great', negative: ' terrible'}")
+        if self.format != "classification" and (self.label_words or self.labels):
+            raise ValueError("label_words and labels only apply to format: classification")
+        if self.packing and self.format not in ("text", "prompt_completion"):
+            raise ValueError(f"packing applies to the text and prompt_completion formats, not {self.format}")
+        if "{text}" not in self.template:
+            raise ValueError("template must contain {text}")
+        return self
+
+
+class TrainingConfig(_Config):
+    max_steps: int | None = Field(None, ge=1)
+    """Optimizer steps to run. Exactly one of max_steps and epochs is set."""
+    epochs: float | None = Field(None, gt=0)
+    """Passes over the training data (fractions allowed)."""
+    batch_size: int = Field(8, ge=1)
+    """Examples per micro-batch."""
+    grad_accum: int = Field(1, ge=1)
+    """Micro-batches per optimizer step (for zo2: per perturbation)."""
+    seed: int = 0
+    """Seeds the data order, the LoRA/head init and every zeroth-order perturbation."""
+    eval_every: int = Field(0, ge=0)
+    """Evaluate every N steps (0: only before and after training)."""
+    eval_batch_size: int | None = Field(None, ge=1)
+    """Micro-batch size for evaluation (default: batch_size)."""
+    log_every: int = Field(1, ge=1)
+    """Print a progress line every N steps (metrics.jsonl always gets every step)."""
+    output_dir: str = "runs/fuyou"
+    """Where metrics.jsonl and the final model are written."""
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> "TrainingConfig":
+        if (self.max_steps is None) == (self.epochs is None):
+            raise ValueError("set exactly one of max_steps and epochs")
+        return self
+
+
+class OffloadConfig(_Config):
+    mode: Literal["auto", "in_memory"] = "auto"
+    """auto: the planner decides where weights, gradients and states live. in_memory: everything on
+    the compute device (the reference path). Until the planner lands, auto resolves to in_memory and
+    the run says so."""
+
+
+class Recipe(_Config):
+    name: str = "fuyou-run"
+    """A label for logs and the output folder."""
+    model: ModelConfig
+    method: Method
+    peft: PeftConfig = PeftConfig()
+    data: DataConfig
+    training: TrainingConfig
+    offload: OffloadConfig = OffloadConfig()
+
+    @model_validator(mode="after")
+    def _cross_section_rules(self) -> "Recipe":
+        if self.model.head == "sequence_classification" and self.data.format != "classification":
+            raise ValueError("model.head: sequence_classification needs data.format: classification")
+        return self
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading: YAML with line numbers -> overrides -> validation -> one-line errors
+
+
+class _Located:
+    """Maps a key path in the YAML document to 'file:line' for error messages."""
+
+    def __init__(self, source: str, lines: dict[tuple, int], overrides: dict[tuple, str]):
+        self.source, self.lines, self.overrides = source, lines, overrides
+
+    def where(self, path: tuple) -> str:
+        for n in range(len(path), -1, -1):
+            if path[:n] in self.overrides:
+                return self.overrides[path[:n]]
+            if path[:n] in self.lines:
+                return f"{self.source}:{self.lines[path[:n]]}"
+        return self.source
+
+
+def _key_lines(node: yaml.Node, path: tuple = (), out: dict | None = None) -> dict[tuple, int]:
+    out = {} if out is None else out
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = key_node.value
+            out[path + (key,)] = key_node.start_mark.line + 1
+            _key_lines(value_node, path + (key,), out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            out[path + (i,)] = item.start_mark.line + 1
+            _key_lines(item, path + (i,), out)
+    return out
+
+
+def _parse_set(item: str) -> tuple[tuple[str, ...], Any]:
+    if "=" not in item:
+        raise RecipeError(f"--set {item!r}: expected key.sub=value, e.g. --set training.max_steps=10")
+    key, raw = item.split("=", 1)
+    parts = tuple(p for p in key.strip().split("."))
+    if not all(parts):
+        raise RecipeError(f"--set {item!r}: empty key part in {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def _apply_override(doc: dict, parts: tuple[str, ...], value: Any, item: str) -> None:
+    node = doc
+    for p in parts[:-1]:
+        child = node.get(p)
+        if child is None:
+            child = node[p] = {}
+        if not isinstance(child, dict):
+            raise RecipeError(f"--set {item}: {'.'.join(parts[:-1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _model_at(path: tuple, data: dict) -> type[BaseModel] | None:
+    """The config class that owns the mapping at `path` (for suggesting the closest key)."""
+    cls: Any = Recipe
+    node: Any = data
+    for part in path:
+        if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
+            return None
+        field = cls.model_fields.get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        node = node.get(part) if isinstance(node, dict) else None
+        if part == "method":
+            name = node.get("name") if isinstance(node, dict) else None
+            cls = {"zo2": ZO2Method, "adamw": AdamWMethod}.get(name)
+        else:
+            cls = ann
+    return cls if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+
+
+def _describe(err: dict, data: dict, located: _Located) -> str:
+    loc = tuple(err["loc"])
+    # The discriminated union puts the tag ('zo2') into the location; the YAML has no such level.
+    if len(loc) > 1 and loc[0] == "method" and loc[1] in ("zo2", "adamw"):
+        loc = loc[:1] + loc[2:]
+    dotted = ".".join(str(p) for p in loc) or "(top level)"
+    where = located.where(loc)
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        owner = _model_at(loc[:-1], data)
+        valid = sorted(owner.model_fields) if owner else []
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(valid)}"
+        return f"{where}: unknown key '{dotted}'; {hint}"
+    if kind == "missing":
+        return f"{where}: missing required key '{dotted}'"
+    if kind == "union_tag_invalid" or kind == "union_tag_not_found":
+        return f"{where}: {dotted}.name must be one of: zo2, adamw"
+    value = err.get("input")
+    shown = repr(value) if not isinstance(value, dict) else "a mapping"
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    return f"{where}: {dotted} = {shown}: {msg}"
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override and validate a recipe; every failure is a RecipeError naming file:line."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise RecipeError(f"{where}: malformed YAML: {problem}") from e
+    if data is None:
+        raise RecipeError(f"{path}: the recipe is empty; see recipes/quickstart.yaml for a complete example")
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}:1: a recipe is a mapping of sections (model, method, data, training), not {type(data).__name__}")
+    located = _Located(str(path), _key_lines(node), {})
+    for item in overrides:
+        parts, value = _parse_set(item)
+        _apply_override(data, parts, value, item)
+        located.overrides[parts] = f"--set {item}"
+    return validate_recipe(data, located)
+
+
+def validate_recipe(data: dict, located: _Located | None = None) -> Recipe:
+    located = located or _Located("<recipe>", {}, {})
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        lines = [_describe(err, data, located) for err in e.errors()]
+        if len(lines) > 5:
+            lines = lines[:5] + [f"... and {len(lines) - 5} more problems"]
+        raise RecipeError("\n".join(lines)) from None
+    _check_paths(recipe, located)
+    return recipe
+
+
+def _check_paths(recipe: Recipe, located: _Located) -> None:
+    """Missing inputs are recipe errors too: found now, not an hour into the run."""
+    model_path = resolve_path(recipe.model.path, what="model.path", where=located.where(("model", "path")))
+    if model_path.is_dir():
+        if not (model_path / "config.json").is_file():
+            raise RecipeError(
+                f"{located.where(('model', 'path'))}: model folder {model_path} has no config.json; "
+                "point model.path at a Hugging Face model folder or a .gguf file"
+            )
+    elif model_path.suffix != ".gguf":
+        raise RecipeError(
+            f"{located.where(('model', 'path'))}: model.path {model_path} is a file but not a .gguf; "
+            "point it at a Hugging Face model folder or a .gguf file"
+        )
+    for key in ("train", "eval"):
+        for i, p in enumerate(getattr(recipe.data, key)):
+            resolve_path(p, what=f"data.{key}", where=located.where(("data", key, i)))
+
+
+RECIPE_SECTIONS = tuple(Recipe.model_fields)
