@@ -134,10 +134,11 @@ class DataConfig(_Config):
     template: str = "{text} It was"
     """classification: the prompt; `{text}` is replaced by the example's text."""
     label_words: dict[str, str] = {}
-    """classification: label -> word the model should say (e.g. {positive: " great"}). Each word must be
-    one token. With head: sequence_classification, only the keys (the label set) are used."""
+    """classification with model.head causal_lm: label -> the word the model should say after the
+    template (e.g. {positive: " great"}). Each word must be a single token."""
     labels: list[str] = []
-    """classification: keep only examples with these labels (default: all labels in label_words)."""
+    """classification: the label set, in class-index order; examples with other labels are skipped.
+    Default: the keys of label_words. Required with model.head: sequence_classification."""
     max_examples: int | None = Field(None, ge=1)
     """Use at most this many training examples (after the seeded shuffle)."""
     max_eval_examples: int | None = Field(None, ge=1)
@@ -155,8 +156,9 @@ class DataConfig(_Config):
 
     @model_validator(mode="after")
     def _format_rules(self) -> "DataConfig":
-        if self.format == "classification" and not self.label_words:
-            raise ValueError("format: classification needs label_words, e.g. {positive: ' great', negative: ' terrible'}")
+        if self.format == "classification" and not (self.label_words or self.labels):
+            raise ValueError("format: classification needs label_words, e.g. {positive: ' great', negative: ' terrible'} "
+                             "(or labels, with model.head: sequence_classification)")
         if self.format != "classification" and (self.label_words or self.labels):
             raise ValueError("label_words and labels only apply to format: classification")
         if self.packing and self.format not in ("text", "prompt_completion"):
@@ -212,8 +214,14 @@ class Recipe(_Config):
 
     @model_validator(mode="after")
     def _cross_section_rules(self) -> "Recipe":
-        if self.model.head == "sequence_classification" and self.data.format != "classification":
-            raise ValueError("model.head: sequence_classification needs data.format: classification")
+        if self.model.head == "sequence_classification":
+            if self.data.format != "classification":
+                raise ValueError("model.head: sequence_classification needs data.format: classification")
+            if self.data.label_words:
+                raise ValueError("data.label_words is for model.head: causal_lm; with sequence_classification "
+                                 "give the label set as data.labels")
+        elif self.data.format == "classification" and not self.data.label_words:
+            raise ValueError("data.format: classification with model.head: causal_lm needs data.label_words")
         return self
 
 
@@ -228,6 +236,9 @@ class _Located:
         self.source, self.lines, self.overrides = source, lines, overrides
 
     def where(self, path: tuple) -> str:
+        for key, flag in self.overrides.items():  # an override below this path caused the error
+            if key[: len(path)] == path and path:
+                return flag
         for n in range(len(path), -1, -1):
             if path[:n] in self.overrides:
                 return self.overrides[path[:n]]
@@ -312,14 +323,17 @@ def _describe(err: dict, data: dict, located: _Located) -> str:
         return f"{where}: unknown key '{dotted}'; {hint}"
     if kind == "missing":
         return f"{where}: missing required key '{dotted}'"
-    if kind == "union_tag_invalid" or kind == "union_tag_not_found":
-        return f"{where}: {dotted}.name must be one of: zo2, adamw"
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        given = data.get("method", {}).get("name") if isinstance(data.get("method"), dict) else None
+        got = f" (got {given!r})" if given is not None else ""
+        return f"{located.where(loc + ('name',))}: {dotted}.name must be one of: zo2, adamw{got}"
     value = err.get("input")
-    shown = repr(value) if not isinstance(value, dict) else "a mapping"
     msg = err["msg"]
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
-    return f"{where}: {dotted} = {shown}: {msg}"
+    if isinstance(value, dict):
+        return f"{where}: {dotted}: {msg}"
+    return f"{where}: {dotted} = {value!r}: {msg}"
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:

@@ -15,6 +15,7 @@ def finetune(
         help="Override a recipe field, e.g. --set training.max_steps=10 --set method.lr=1e-5. Repeatable.",
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the final summary."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in training.output_dir."),
 ) -> None:
     """Fine-tune a model as a recipe describes; writes metrics.jsonl and the final model to training.output_dir."""
     from fuyoucli.recipe import load_recipe
@@ -23,4 +24,4 @@ def finetune(
     from fuyoucli.telemetry.console import ConsoleSink
     from fuyoucli.train.run import finetune as run_finetune
 
-    run_finetune(loaded, sinks=[ConsoleSink(quiet=quiet)])
+    run_finetune(loaded, sinks=[ConsoleSink(quiet=quiet, log_every=loaded.training.log_every)], overwrite=overwrite)

@@ -1,0 +1,1 @@
+"""Telemetry: trainers emit events; sinks (console, JSONL, later the dashboard) consume them."""

@@ -1,0 +1,54 @@
+"""Plain progress lines on the terminal (the live dashboard is a separate sink)."""
+
+from __future__ import annotations
+
+import math
+
+from rich.console import Console
+
+from fuyoucli.telemetry.events import EvalDone, Event, RunFinished, RunStarted, StepDone
+
+
+def _fmt_eval(e: EvalDone) -> str:
+    text = f"eval loss {e.loss:.4f}  ppl {e.perplexity:.2f}"
+    if e.accuracy is not None:
+        text += f"  accuracy {e.accuracy:.1%}"
+    return text + f"  ({e.examples} examples)"
+
+
+class ConsoleSink:
+    def __init__(self, quiet: bool = False, log_every: int = 1, console: Console | None = None):
+        self.quiet = quiet
+        self.log_every = log_every
+        self.console = console or Console(highlight=False)
+        self.total_steps = 0
+
+    def handle(self, event: Event) -> None:
+        c = self.console
+        if isinstance(event, RunStarted):
+            self.total_steps = event.total_steps
+            if not self.quiet:
+                c.print(f"[bold]fuyou[/] {event.name}: {event.method} on {event.model}")
+                c.print(f"  device {event.device}, offload {event.offload}")
+                c.print(f"  {event.trainable_params:,} trainable of {event.total_params:,} parameters; "
+                        f"{event.train_examples} train / {event.eval_examples} eval examples; "
+                        f"{event.total_steps} steps -> {event.output_dir}")
+                for note in event.notes:
+                    c.print(f"  data: {note}")
+        elif isinstance(event, StepDone):
+            if not self.quiet and (event.step % self.log_every == 0 or event.step == self.total_steps):
+                tok_s = event.tokens / event.step_time_s if event.step_time_s > 0 else math.nan
+                c.print(f"step {event.step:>5}/{self.total_steps}  loss {event.loss:.4f}  lr {event.lr:.2e}  "
+                        f"{event.step_time_s:.2f} s  {tok_s:,.0f} tok/s")
+        elif isinstance(event, EvalDone):
+            if not self.quiet:
+                c.print(f"step {event.step:>5}  {_fmt_eval(event)}")
+        elif isinstance(event, RunFinished):
+            line = f"done: {event.steps} steps in {event.wall_time_s:.1f} s; model saved to {event.model_dir}"
+            c.print(line)
+            if event.first_eval and event.last_eval:
+                c.print(f"  before: {_fmt_eval(event.first_eval)}")
+                c.print(f"  after:  {_fmt_eval(event.last_eval)}")
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,92 @@
+"""Events the trainers emit. Plain data: no rich, no torch, no I/O.
+
+The trainer and engine only ever call `Sinks.emit`; what is printed or written is each sink's business.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class RunStarted:
+    name: str
+    method: str
+    model: str
+    device: str
+    offload: str
+    """Where the weights live and why (e.g. 'in_memory (planner not available yet)')."""
+    total_steps: int
+    trainable_params: int
+    total_params: int
+    train_examples: int
+    eval_examples: int
+    output_dir: str
+    notes: tuple[str, ...] = ()
+    """One-line remarks about the data (records skipped, examples truncated)."""
+
+
+@dataclass(frozen=True)
+class StepDone:
+    step: int
+    loss: float
+    lr: float
+    tokens: int
+    step_time_s: float
+    extra: dict[str, float] = field(default_factory=dict)
+    """Method-specific figures (projected gradient, grad norm, loss scale...)."""
+
+    def row(self) -> dict[str, Any]:
+        row = {"kind": "train", "step": self.step, "loss": self.loss, "lr": self.lr,
+               "tokens": self.tokens, "step_time_s": self.step_time_s}
+        row.update(self.extra)
+        return row
+
+
+@dataclass(frozen=True)
+class EvalDone:
+    step: int
+    loss: float
+    perplexity: float
+    accuracy: float | None
+    examples: int
+
+    def row(self) -> dict[str, Any]:
+        row = {"kind": "eval", **asdict(self)}
+        if self.accuracy is None:
+            del row["accuracy"]
+        return row
+
+
+@dataclass(frozen=True)
+class RunFinished:
+    steps: int
+    wall_time_s: float
+    model_dir: str
+    first_eval: EvalDone | None
+    last_eval: EvalDone | None
+
+
+Event = RunStarted | StepDone | EvalDone | RunFinished
+
+
+class Sink(Protocol):
+    def handle(self, event: Event) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Sinks:
+    """Fans each event out to every sink; closes them all even if one fails."""
+
+    def __init__(self, sinks: list[Sink]):
+        self.sinks = list(sinks)
+
+    def emit(self, event: Event) -> None:
+        for sink in self.sinks:
+            sink.handle(event)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()

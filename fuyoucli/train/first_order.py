@@ -1,0 +1,108 @@
+"""First-order (AdamW) step, in memory: the reference the offloaded first-order run must reproduce.
+
+Mixed precision the way the offloaded path does it: the model computes in its dtype; fp32 master
+weights and AdamW states (torch's implementation) are updated from fp32 gradients and copied back.
+For an fp32 model the master weights are the model's own parameters. fp16 uses dynamic loss scaling.
+Weight decay applies to matrices only (not biases or norms). Gradient clipping uses the exact global
+norm over all trainable parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from fuyoucli.recipe import AdamWMethod
+from fuyoucli.train.losses import batch_loss, count_targets
+
+
+@dataclass
+class FirstOrderStepResult:
+    loss: float
+    grad_norm: float
+    tokens: int
+    skipped: bool
+    loss_scale: float
+
+
+class DynamicLossScale:
+    """fp16 loss scaling: halve on overflow (and skip the step), double after `interval` clean steps."""
+
+    def __init__(self, enabled: bool, init: float = 2.0**16, interval: int = 1000):
+        self.enabled, self.scale, self.interval, self.clean = enabled, init if enabled else 1.0, interval, 0
+
+    def update(self, overflow: bool) -> None:
+        if not self.enabled:
+            return
+        if overflow:
+            self.scale, self.clean = max(self.scale / 2, 1.0), 0
+        else:
+            self.clean += 1
+            if self.clean % self.interval == 0:
+                self.scale *= 2
+
+
+def adamw_param_groups(params: list[torch.Tensor], weight_decay: float) -> list[dict]:
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    return [g for g in ({"params": decay, "weight_decay": weight_decay},
+                        {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+
+
+class AdamWReference:
+    def __init__(self, model, method: AdamWMethod, *, head: str, label_token_ids: tuple[int, ...] = ()):
+        self.model, self.method, self.head, self.label_token_ids = model, method, head, label_token_ids
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.mixed = any(p.dtype != torch.float32 for p in self.params)
+        self.master = [p.detach().float().clone() for p in self.params] if self.mixed else self.params
+        device_type = self.master[0].device.type if self.master else "cpu"
+        self.optimizer = torch.optim.AdamW(
+            adamw_param_groups(self.master, method.weight_decay),
+            lr=method.lr, betas=method.betas, eps=method.eps,
+            fused=device_type in ("cpu", "cuda"),
+        )
+        self.scaler = DynamicLossScale(any(p.dtype == torch.float16 for p in self.params))
+
+    def step(self, micro_batches: list[dict], lr: float) -> FirstOrderStepResult:
+        self.model.train()
+        total_targets = sum(count_targets(mb, self.head) for mb in micro_batches)
+        loss_total = 0.0
+        for p in self.params:
+            p.grad = None
+        for mb in micro_batches:
+            out = batch_loss(self.model, mb, head=self.head, label_token_ids=self.label_token_ids)
+            # Dividing each micro-batch's sum by the step's total makes accumulation exact:
+            # the gradient is that of one big batch, whatever the padding of each part.
+            (out.loss_sum * (self.scaler.scale / max(total_targets, 1))).backward()
+            loss_total += float(out.loss_sum.detach())
+        if self.mixed:
+            for p, m in zip(self.params, self.master):
+                m.grad = None if p.grad is None else p.grad.float()
+        inv_scale = 1.0 / self.scaler.scale
+        grads = [m.grad for m in self.master if m.grad is not None]
+        if self.scaler.enabled:
+            for g in grads:
+                g.mul_(inv_scale)
+        norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+        overflow = not math.isfinite(norm)
+        self.scaler.update(overflow)
+        if not overflow:
+            if self.method.max_grad_norm is not None and norm > self.method.max_grad_norm:
+                coef = self.method.max_grad_norm / (norm + 1e-6)
+                for g in grads:
+                    g.mul_(coef)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
+            if self.mixed:
+                with torch.no_grad():
+                    for p, m in zip(self.params, self.master):
+                        p.copy_(m)
+        for p in self.params:
+            p.grad = None
+        if self.mixed:
+            for m in self.master:
+                m.grad = None
+        return FirstOrderStepResult(loss_total / max(total_targets, 1), norm, total_targets, overflow, self.scaler.scale)

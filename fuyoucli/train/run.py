@@ -1,0 +1,164 @@
+"""The training run: recipe in, metrics.jsonl and a saved model out.
+
+Composes the stages: load model -> build data -> pick the step function (zo2 or adamw) -> loop
+(evaluate, step, emit events) -> save. Emits telemetry events only; never imports rich.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from fuyoucli.checkpoint import save_final_model
+from fuyoucli.errors import FuyouError, RecipeError
+from fuyoucli.model.blocks import param_blocks
+from fuyoucli.model.loading import load_model, load_tokenizer
+from fuyoucli.recipe import Recipe
+from fuyoucli.telemetry.events import EvalDone, RunFinished, RunStarted, Sink, Sinks, StepDone
+from fuyoucli.telemetry.jsonl import JsonlSink
+from fuyoucli.train.data import Datasets, batches, build_datasets, collate
+from fuyoucli.train.first_order import AdamWReference
+from fuyoucli.train.losses import batch_loss
+from fuyoucli.train.schedule import lr_at
+from fuyoucli.train.zo import ZOReference
+
+
+class TrainingDiverged(FuyouError):
+    exit_code = 4
+
+
+def compute_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def total_steps(recipe: Recipe, n_train: int) -> int:
+    t = recipe.training
+    if t.max_steps is not None:
+        return t.max_steps
+    per_step = t.batch_size * t.grad_accum
+    return max(1, math.ceil(t.epochs * n_train / per_step))
+
+
+def micro_batch_stream(data: Datasets, recipe: Recipe, device: torch.device):
+    """Endless micro-batches in a seeded order; each epoch reshuffles with (seed, epoch)."""
+    t = recipe.training
+    epoch = 0
+    while True:
+        for examples in batches(data.train, t.batch_size, seed=t.seed, epoch=epoch, shuffle=True):
+            yield {k: v.to(device) for k, v in collate(examples, data.pad_token_id).items()}
+        epoch += 1
+
+
+@torch.no_grad()
+def evaluate(model, data: Datasets, recipe: Recipe, device: torch.device, step: int) -> EvalDone | None:
+    if not data.eval:
+        return None
+    was_training = model.training
+    model.eval()
+    size = recipe.training.eval_batch_size or recipe.training.batch_size
+    loss_sum, count, correct = 0.0, 0, 0
+    for examples in batches(data.eval, size, seed=0, epoch=0, shuffle=False):
+        mb = {k: v.to(device) for k, v in collate(examples, data.pad_token_id).items()}
+        out = batch_loss(model, mb, head=recipe.model.head, label_token_ids=data.label_token_ids)
+        loss_sum += float(out.loss_sum)
+        count += out.count
+        correct += out.correct or 0
+    model.train(was_training)
+    loss = loss_sum / max(count, 1)
+    accuracy = correct / len(data.eval) if recipe.data.format == "classification" else None
+    return EvalDone(step=step, loss=loss, perplexity=math.exp(min(loss, 50.0)), accuracy=accuracy,
+                    examples=len(data.eval))
+
+
+def check_recipe_for_method(recipe: Recipe) -> None:
+    if recipe.method.name == "zo2" and recipe.peft.type == "lora" and recipe.peft.dropout > 0:
+        raise RecipeError("peft.dropout must be 0 with method zo2: both perturbed forward passes must compute "
+                          "the same function (set peft.dropout: 0)")
+
+
+def prepare_output_dir(path: Path, overwrite: bool) -> None:
+    if path.exists() and any(path.iterdir()):
+        if not overwrite:
+            raise FuyouError(f"output directory {path} already holds a run; set training.output_dir elsewhere "
+                             "or pass --overwrite to replace it")
+    path.mkdir(parents=True, exist_ok=True)
+
+
+def finetune(recipe: Recipe, sinks: list[Sink] | None = None, *, overwrite: bool = False) -> RunFinished:
+    check_recipe_for_method(recipe)
+    out_dir = Path(recipe.training.output_dir)
+    prepare_output_dir(out_dir, overwrite)
+    t0 = time.perf_counter()
+    device = compute_device()
+    seed = recipe.training.seed
+    torch.manual_seed(seed)
+
+    # Tokenize first (cheap) so that the label count is known when a classification head is built.
+    tokenizer = load_tokenizer(recipe.model)
+    data = build_datasets(recipe.data, tokenizer, seed=seed, head=recipe.model.head)
+    model = load_model(recipe.model, recipe.peft, seed=seed, pad_token_id=tokenizer.pad_token_id,
+                       num_labels=len(data.label_names) or None, device=device)
+
+    steps = total_steps(recipe, len(data.train))
+    params = list(model.parameters())
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    head = recipe.model.head
+    m = recipe.method
+    if m.name == "zo2":
+        trainer = ZOReference(model, param_blocks(model), m, seed=seed, head=head, label_token_ids=data.label_token_ids)
+    else:
+        trainer = AdamWReference(model, m, head=head, label_token_ids=data.label_token_ids)
+
+    offload = "in_memory" + (" (auto: the planner is not available yet)" if recipe.offload.mode == "auto" else "")
+    all_sinks = Sinks([JsonlSink(out_dir / "metrics.jsonl"), *(sinks or [])])
+    try:
+        all_sinks.emit(RunStarted(
+            name=recipe.name, method=m.name + (" + lora" if recipe.peft.type == "lora" else ""),
+            model=recipe.model.path, device=str(device), offload=offload, total_steps=steps,
+            trainable_params=trainable, total_params=sum(p.numel() for p in params),
+            train_examples=len(data.train), eval_examples=len(data.eval), output_dir=str(out_dir), notes=data.notes,
+        ))
+        first_eval = last_eval = evaluate(model, data, recipe, device, step=0)
+        if first_eval:
+            all_sinks.emit(first_eval)
+        stream = micro_batch_stream(data, recipe, device)
+        eval_every = recipe.training.eval_every
+        for step in range(1, steps + 1):
+            micro = [next(stream) for _ in range(recipe.training.grad_accum)]
+            lr = lr_at(step, peak_lr=m.lr, total_steps=steps, warmup_steps=m.warmup_steps, schedule=m.schedule)
+            start = time.perf_counter()
+            if m.name == "zo2":
+                res = trainer.step(step, micro, lr)
+                extra = {"projected_grad": res.projected_grads[0]} if len(res.projected_grads) == 1 else \
+                    {"projected_grad_mean": sum(res.projected_grads) / len(res.projected_grads)}
+                loss, tokens, skipped = res.loss, res.tokens, False
+            else:
+                res = trainer.step(micro, lr)
+                extra = {"grad_norm": res.grad_norm}
+                if trainer.scaler.enabled:
+                    extra.update(loss_scale=res.loss_scale, skipped=float(res.skipped))
+                loss, tokens, skipped = res.loss, res.tokens, res.skipped
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - start
+            if not math.isfinite(loss) and not skipped:
+                raise TrainingDiverged(f"the loss became {loss} at step {step}: lower method.lr "
+                                       f"(now {m.lr:g}) or use float32/bfloat16")
+            all_sinks.emit(StepDone(step=step, loss=loss, lr=lr, tokens=tokens, step_time_s=elapsed, extra=extra))
+            if eval_every and step % eval_every == 0 and step != steps:
+                last_eval = evaluate(model, data, recipe, device, step=step)
+                if last_eval:
+                    all_sinks.emit(last_eval)
+        last_eval = evaluate(model, data, recipe, device, step=steps)
+        if last_eval:
+            all_sinks.emit(last_eval)
+        model_dir = save_final_model(model, tokenizer, out_dir / "model", recipe=recipe)
+        finished = RunFinished(steps=steps, wall_time_s=time.perf_counter() - t0, model_dir=str(model_dir),
+                               first_eval=first_eval, last_eval=last_eval)
+        all_sinks.emit(finished)
+        return finished
+    finally:
+        all_sinks.close()

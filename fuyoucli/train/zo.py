@@ -1,0 +1,96 @@
+"""Zeroth-order (MeZO) step, in memory: the reference every streamed ZO2 run must reproduce.
+
+The arithmetic is defined block by block so that a streamed implementation can repeat it exactly:
+- z for (step, direction, block) comes from a generator seeded by block_seed(seed, step, d, b) on the
+  compute device, drawn parameter by parameter in the block's order, in fp32;
+- the weights a forward pass sees are cast(home +/- eps * z), always computed from the unperturbed
+  fp32 home copy, so nothing drifts (no in-place perturb/restore round-off, MeZO issue 42);
+- the update is home -= lr * (direction term + weight_decay * home), in fp32 (decay on matrices only).
+Dropout is off (model.eval()): both passes of a direction must compute the same function.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fuyoucli.model.blocks import ParamBlock, block_generator, block_seed
+from fuyoucli.recipe import ZO2Method
+from fuyoucli.train.losses import batch_loss
+
+
+@dataclass
+class ZOStepResult:
+    loss: float
+    """Mean of the +eps and -eps losses over all directions (an estimate of the loss at w)."""
+    projected_grads: list[float]
+    tokens: int
+
+
+class ZOReference:
+    """Holds the fp32 home copy (and momentum) of the trainable blocks; the model holds what computes."""
+
+    def __init__(self, model, blocks: list[ParamBlock], method: ZO2Method, *, seed: int, head: str,
+                 label_token_ids: tuple[int, ...] = ()):
+        self.model, self.blocks, self.method = model, blocks, method
+        self.seed, self.head, self.label_token_ids = seed, head, label_token_ids
+        self.home = [[p.detach().float().clone() for _, p in b.params] for b in blocks]
+        self.momentum = ([[torch.zeros_like(h) for h in hb] for hb in self.home]
+                         if method.variant == "momentum" else None)
+
+    def _z(self, step: int, direction: int, b: int):
+        gen = block_generator(self.home[b][0].device, block_seed(self.seed, step, direction, b))
+        for h in self.home[b]:
+            yield torch.randn(h.shape, generator=gen, device=h.device, dtype=torch.float32)
+
+    @torch.no_grad()
+    def _load(self, step: int, direction: int, scale: float) -> None:
+        """Model weights := cast(home + scale * z(step, direction)); scale 0 loads home itself."""
+        for b, block in enumerate(self.blocks):
+            zs = self._z(step, direction, b) if scale else (None for _ in self.home[b])
+            for (_, p), h, z in zip(block.params, self.home[b], zs):
+                p.copy_(h if z is None else h + scale * z)
+
+    @torch.no_grad()
+    def _losses(self, micro_batches: list[dict]) -> tuple[float, int]:
+        total, count = 0.0, 0
+        for mb in micro_batches:
+            out = batch_loss(self.model, mb, head=self.head, label_token_ids=self.label_token_ids)
+            total += float(out.loss_sum)
+            count += out.count
+        return total / max(count, 1), count
+
+    def step(self, step: int, micro_batches: list[dict], lr: float) -> ZOStepResult:
+        m = self.method
+        self.model.eval()
+        grads, losses, tokens = [], [], 0
+        for d in range(m.q):
+            self._load(step, d, +m.eps)
+            loss_plus, tokens = self._losses(micro_batches)
+            self._load(step, d, -m.eps)
+            loss_minus, _ = self._losses(micro_batches)
+            grads.append((loss_plus - loss_minus) / (2 * m.eps))
+            losses += [loss_plus, loss_minus]
+        self._update(step, grads, lr)
+        self._load(step, 0, 0.0)
+        return ZOStepResult(sum(losses) / len(losses), grads, tokens)
+
+    @torch.no_grad()
+    def _update(self, step: int, grads: list[float], lr: float) -> None:
+        m = self.method
+        for b in range(len(self.blocks)):
+            direction = [torch.zeros_like(h) for h in self.home[b]]
+            for d, g in enumerate(grads):
+                for acc, z in zip(direction, self._z(step, d, b)):
+                    acc.add_(z, alpha=g / m.q)
+            for i, h in enumerate(self.home[b]):
+                g_est = direction[i]
+                if m.variant == "sign":
+                    g_est = torch.sign(g_est)
+                elif m.variant == "momentum":
+                    self.momentum[b][i].mul_(m.momentum).add_(g_est)
+                    g_est = self.momentum[b][i]
+                if m.weight_decay and h.ndim >= 2:  # as in AdamW: no decay on biases and norms
+                    g_est = g_est + m.weight_decay * h
+                h.add_(g_est, alpha=-lr)
