@@ -1,0 +1,304 @@
+"""Plan stage, the data: what the planner reads (inventory, workload, machine) and the Plan it returns.
+
+Frozen dataclasses of plain numbers; the Plan is the contract with the engine and is stored in
+checkpoints, so it round-trips through JSON (to_dict / from_dict). Imports no torch and nothing
+from engine/ or train/.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types as _types
+import typing
+from dataclasses import dataclass
+from enum import Enum
+from typing import Literal
+
+Method = Literal["zo2", "adamw"]
+Dtype = Literal["float32", "bfloat16", "float16"]
+Activation = Literal["keep", "swap", "recompute"]
+
+DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+class Tier(str, Enum):
+    """Where bytes live. DEVICE is the compute device (for a CPU run: host RAM the CPU computes from)."""
+
+    DEVICE = "device"
+    PINNED = "pinned"  # page-locked host RAM: DMA to and from the device at the full link rate
+    PAGEABLE = "pageable"  # ordinary host RAM: staged through the pinned pool on its way to the device
+    SSD = "ssd"  # files under offload.swap_dir
+
+
+# ---- planner inputs ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """One block of the model as the inventory sees it (config only, no weights)."""
+
+    name: str
+    """'embed', 'layers.N' or 'head' (the names fuyoucli.model.blocks gives)."""
+    params: int
+    """Parameters owned by the block (a tied head's weight belongs to 'embed')."""
+    trainable_params: int
+    """Of those, the ones the recipe trains (all of them, or the LoRA adapters / a new head)."""
+    max_tensor_params: int
+    """The largest single tensor of the block (sizes per-tensor work buffers such as a ZO direction z)."""
+    matmul_flops_per_token: int
+    """Forward FLOPs per token of the block's matrix products (2 per multiply-add; a tied head counts here)."""
+    attention_flops_per_token_per_key: int
+    """Forward FLOPs per token per attended key (QK^T and AV: 4 * heads * head_dim); 0 outside attention."""
+    attention_window: int | None
+    """Sliding-window size when the block attends to at most that many keys; None: the whole sequence."""
+    boundary_elems_per_token: int
+    """Elements per token of the hidden state the block hands on (its output)."""
+    internal_elems_per_token: int
+    """Elements per token the block keeps for its backward (and allocates at peak in a forward)."""
+
+    def forward_flops_per_token(self, seq_len: int) -> int:
+        """Forward FLOPs per token at this sequence length; causal attention sees (seq+1)/2 keys on average."""
+        keys = (seq_len + 1) // 2 if self.attention_window is None else min(self.attention_window, (seq_len + 1) // 2)
+        return self.matmul_flops_per_token + self.attention_flops_per_token_per_key * keys
+
+    def param_bytes(self, dtype: str) -> int:
+        return self.params * DTYPE_BYTES[dtype]
+
+
+@dataclass(frozen=True)
+class ModelInventory:
+    """A model's blocks in execution order, from its config alone."""
+
+    model_type: str
+    hidden_size: int
+    num_layers: int
+    vocab_size: int
+    tied_embeddings: bool
+    blocks: tuple[BlockSpec, ...]
+    source: str = ""
+    """Where the config came from (for reports)."""
+
+    @property
+    def params(self) -> int:
+        return sum(b.params for b in self.blocks)
+
+    @property
+    def trainable_params(self) -> int:
+        return sum(b.trainable_params for b in self.blocks)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one optimizer step does, from the recipe."""
+
+    method: Method
+    lora: bool
+    compute_dtype: Dtype
+    batch_size: int
+    """Examples per micro-batch in the recipe (the planner may split it: Plan.micro_batch_size)."""
+    seq_len: int
+    grad_accum: int = 1
+    q: int = 1
+    """zo2: random directions per step (2*q forward passes); 1 for adamw."""
+    zo_momentum: bool = False
+    """zo2 variant momentum: an fp32 momentum buffer travels with each trainable weight."""
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.grad_accum * self.seq_len
+
+
+@dataclass(frozen=True)
+class Machine:
+    """The numbers the cost model needs, taken from a HardwareProfile (or given directly by tests).
+
+    Rates are bytes (or FLOPs, or parameters) per second; capacities are bytes usable by the run.
+    """
+
+    name: str
+    compute_device: Literal["cuda", "cpu"]
+    device_bytes: int
+    matmul_flops: tuple[tuple[str, float], ...]
+    """(dtype, FLOP/s) for 'float32', 'bfloat16', 'float16'."""
+    device_mem_bps: float
+    h2d_bps: float
+    d2h_bps: float
+    duplex_h2d_bps: float
+    duplex_d2h_bps: float
+    host_ram_bytes: int
+    pinned_bytes: int
+    dram_bps: float
+    """Host memory copy rate, bytes read + written per second (a copy of N bytes costs 2N)."""
+    cpu_adam_params_per_s: float
+    disk_path: str | None = None
+    disk_free_bytes: int = 0
+    disk_read_bps: float = 0.0
+    disk_write_bps: float = 0.0
+    matmul_size_curve: tuple[tuple[int, float], ...] = ()
+    """Optional (matrix size, fraction of the best rate): how fast small products run."""
+
+    def flops(self, dtype: str) -> float:
+        return dict(self.matmul_flops).get(dtype, 0.0)
+
+
+@dataclass(frozen=True)
+class Options:
+    """The recipe's offload section, resolved: None means the planner chooses."""
+
+    mode: Literal["auto", "in_memory", "stream"] = "auto"
+    swap_dir: str | None = None
+    device_memory_limit_bytes: int | None = None
+    host_memory_limit_bytes: int | None = None
+    prefetch_depth: int | None = None
+    home_dtype: Dtype | None = None
+    resident_layers: int | None = None
+    weights_home: Tier | None = None
+    optimizer_home: Tier | None = None
+    activation: Activation | None = None
+
+
+# ---- the plan ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TierBytes:
+    device: int = 0
+    pinned: int = 0
+    pageable: int = 0
+    ssd: int = 0
+
+    def get(self, tier: Tier) -> int:
+        return getattr(self, tier.value)
+
+
+@dataclass(frozen=True)
+class StepTimes:
+    """Seconds per optimizer step that each resource is busy, and the step they add up to."""
+
+    gpu_s: float = 0.0
+    """Compute device: matrix products plus elementwise work (perturbations, updates)."""
+    h2d_s: float = 0.0
+    d2h_s: float = 0.0
+    ssd_read_s: float = 0.0
+    ssd_write_s: float = 0.0
+    cpu_optimizer_s: float = 0.0
+    dram_s: float = 0.0
+    """Host memory copies made by the CPU (pageable <-> pinned staging)."""
+    step_s: float = 0.0
+    """The combined step under the overlap model (see plan/cost.py)."""
+    bottleneck: str = ""
+    """The resource whose busy time sets step_s ('gpu', 'h2d', 'd2h', 'ssd', 'cpu_optimizer', 'dram')."""
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    name: str
+    """'embed', 'layers.N' or 'head'."""
+    param_bytes: int
+    """The block's weights in the home dtype."""
+    weights_home: Tier
+    """Where the weights live between uses; DEVICE = resident for the whole run."""
+    optimizer_home: Tier | None
+    """First-order: where fp32 master + m + v live (DEVICE for LoRA adapters). None for zo2 and for
+    blocks with nothing to train."""
+    activation: Activation | None
+    """First-order: keep the block's saved activations on the device, swap them to pinned host
+    memory, or keep only its input and recompute in backward. None for zo2."""
+    params: int = 0
+    trainable_params: int = 0
+    optimizer_bytes: int = 0
+    """Bytes of optimizer state (master weights if separate, m, v; zo2 momentum) at optimizer_home
+    (for zo2 momentum: beside the weights, at weights_home)."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    method: Method
+    compute_device: Literal["cuda", "cpu"]
+    blocks: tuple[BlockPlan, ...]
+    """In execution order (the forward's)."""
+    prefetch_depth: int
+    """Blocks fetched ahead of the one computing (0: fetch, then compute, synchronously)."""
+    device_buffers: int
+    """Device buffers for streamed blocks (fetching + computing + writing back)."""
+    home_dtype: Dtype
+    """Dtype of trainable weights at home (frozen LoRA bases live in compute_dtype)."""
+    wire_dtype: Dtype
+    """Dtype of weights on the host<->device link."""
+    compute_dtype: Dtype
+    pinned_pool_bytes: int
+    """Page-locked staging pool to allocate once (streaming buffers, gradient and activation swaps),
+    not counting weights homed in PINNED."""
+    swap_dir: str | None
+    device_budget_bytes: int
+    """Device bytes the plan may use (capacity less headroom)."""
+    memory: TierBytes
+    """Predicted peak bytes per tier."""
+    capacity: TierBytes
+    """Bytes each tier offers this run (after headroom); ssd: free space under swap_dir."""
+    times: StepTimes
+    tokens_per_s: float
+    feasible: bool
+    reasons: tuple[str, ...] = ()
+    """Why the plan does not fit (empty when feasible)."""
+    suggestions: tuple[str, ...] = ()
+    """Changes that would make it fit (or run faster), each with its predicted step time."""
+    micro_batch_size: int = 1
+    """Examples per forward; a step runs tokens_per_step / (micro_batch_size * seq_len) of them."""
+    micro_batches: int = 1
+    seq_len: int = 0
+    tokens_per_step: int = 0
+    flops_per_step: float = 0.0
+    """Model FLOPs of one step (forwards, backward, recomputation), for TFLOPS and utilisation."""
+    tflops: float = 0.0
+    gpu_utilization: float = 0.0
+    """flops_per_step / step_s as a fraction of the device's best matmul rate."""
+    lora: bool = False
+    model: str = ""
+    machine: str = ""
+    notes: tuple[str, ...] = ()
+
+    @property
+    def resident_blocks(self) -> tuple[str, ...]:
+        return tuple(b.name for b in self.blocks if b.weights_home is Tier.DEVICE)
+
+    def block(self, name: str) -> BlockPlan:
+        return next(b for b in self.blocks if b.name == name)
+
+    def to_dict(self) -> dict:
+        return _encode(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Plan":
+        return _decode(cls, data)
+
+
+def _encode(value: object) -> object:
+    if isinstance(value, Enum):
+        return value.value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _encode(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple):
+        return [_encode(v) for v in value]
+    return value
+
+
+def _decode(tp: object, value: object) -> object:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        hints = typing.get_type_hints(tp)
+        names = {f.name for f in dataclasses.fields(tp)}
+        return tp(**{k: _decode(hints[k], v) for k, v in value.items() if k in names})
+    if isinstance(tp, type) and issubclass(tp, Enum):
+        return tp(value)
+    if origin is tuple:
+        (item, *_rest) = typing.get_args(tp)
+        return tuple(_decode(item, v) for v in value)
+    if origin is typing.Union or origin is _types.UnionType:
+        if value is None:
+            return None
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _decode(inner[0], value)
+    if tp is float and isinstance(value, int):
+        return float(value)
+    return value
