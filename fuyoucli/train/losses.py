@@ -30,7 +30,11 @@ def count_targets(batch: dict[str, torch.Tensor], head: str) -> int:
 
 def batch_loss(model, batch: dict[str, torch.Tensor], *, head: str, label_token_ids: tuple[int, ...] = ()) -> BatchLoss:
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    logits = out.logits
+    return loss_from_logits(out.logits, batch, head=head, label_token_ids=label_token_ids)
+
+
+def loss_from_logits(logits: torch.Tensor, batch: dict[str, torch.Tensor], *, head: str,
+                     label_token_ids: tuple[int, ...] = ()) -> BatchLoss:
     if head == "sequence_classification":
         targets = batch["class_labels"]
         loss = F.cross_entropy(logits.float(), targets, reduction="sum")

@@ -28,6 +28,43 @@ class ZOStepResult:
     tokens: int
 
 
+def draw_z(seed: int, step: int, direction: int, block: int, shapes, device: torch.device, out=None):
+    """z for one (step, direction, block), parameter by parameter in the block's order, fp32.
+
+    With `out` (views to fill) the numbers land in preallocated buffers; they are the same numbers.
+    """
+    gen = block_generator(device, block_seed(seed, step, direction, block))
+    if out is None:
+        return [torch.randn(shape, generator=gen, device=device, dtype=torch.float32) for shape in shapes]
+    for view in out:
+        torch.randn(view.shape, generator=gen, device=device, dtype=torch.float32, out=view)
+    return out
+
+
+@torch.no_grad()
+def update_home(home: list[torch.Tensor], z_of: "callable", grads: list[float], lr: float, method: ZO2Method,
+                momentum: list[torch.Tensor] | None = None) -> None:
+    """home -= lr * (sum_d g_d z_d / q [sign / momentum] + weight_decay * home), in place, fp32.
+
+    `z_of(d)` returns direction d's z for these tensors. Shared by the in-memory reference and the
+    streamed engine, so both do the same operations in the same order (bit-identical on one device).
+    """
+    direction = [torch.zeros_like(h) for h in home]
+    for d, g in enumerate(grads):
+        for acc, z in zip(direction, z_of(d)):
+            acc.add_(z, alpha=g / method.q)
+    for i, h in enumerate(home):
+        g_est = direction[i]
+        if method.variant == "sign":
+            g_est = torch.sign(g_est)
+        elif method.variant == "momentum":
+            momentum[i].mul_(method.momentum).add_(g_est)
+            g_est = momentum[i]
+        if method.weight_decay and h.ndim >= 2:  # as in AdamW: no decay on biases and norms
+            g_est = g_est + method.weight_decay * h
+        h.add_(g_est, alpha=-lr)
+
+
 class ZOReference:
     """Holds the fp32 home copy (and momentum) of the trainable blocks; the model holds what computes."""
 
@@ -40,9 +77,7 @@ class ZOReference:
                          if method.variant == "momentum" else None)
 
     def _z(self, step: int, direction: int, b: int):
-        gen = block_generator(self.home[b][0].device, block_seed(self.seed, step, direction, b))
-        for h in self.home[b]:
-            yield torch.randn(h.shape, generator=gen, device=h.device, dtype=torch.float32)
+        return draw_z(self.seed, step, direction, b, [h.shape for h in self.home[b]], self.home[b][0].device)
 
     @torch.no_grad()
     def _load(self, step: int, direction: int, scale: float) -> None:
@@ -76,21 +111,7 @@ class ZOReference:
         self._load(step, 0, 0.0)
         return ZOStepResult(sum(losses) / len(losses), grads, tokens)
 
-    @torch.no_grad()
     def _update(self, step: int, grads: list[float], lr: float) -> None:
-        m = self.method
         for b in range(len(self.blocks)):
-            direction = [torch.zeros_like(h) for h in self.home[b]]
-            for d, g in enumerate(grads):
-                for acc, z in zip(direction, self._z(step, d, b)):
-                    acc.add_(z, alpha=g / m.q)
-            for i, h in enumerate(self.home[b]):
-                g_est = direction[i]
-                if m.variant == "sign":
-                    g_est = torch.sign(g_est)
-                elif m.variant == "momentum":
-                    self.momentum[b][i].mul_(m.momentum).add_(g_est)
-                    g_est = self.momentum[b][i]
-                if m.weight_decay and h.ndim >= 2:  # as in AdamW: no decay on biases and norms
-                    g_est = g_est + m.weight_decay * h
-                h.add_(g_est, alpha=-lr)
+            update_home(self.home[b], lambda d, b=b: self._z(step, d, b), grads, lr, self.method,
+                        self.momentum[b] if self.momentum else None)
