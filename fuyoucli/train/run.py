@@ -14,16 +14,14 @@ import torch
 
 from fuyoucli.checkpoint import save_final_model
 from fuyoucli.errors import FuyouError, RecipeError
-from fuyoucli.model.blocks import param_blocks
 from fuyoucli.model.loading import load_model, load_tokenizer
+from fuyoucli.plan.types import Plan
 from fuyoucli.recipe import Recipe
 from fuyoucli.telemetry.events import EvalDone, RunFinished, RunStarted, Sink, Sinks, StepDone
 from fuyoucli.telemetry.jsonl import JsonlSink
 from fuyoucli.train.data import Datasets, batches, build_datasets, collate
-from fuyoucli.train.first_order import AdamWReference
-from fuyoucli.train.losses import batch_loss
 from fuyoucli.train.schedule import lr_at
-from fuyoucli.train.zo import ZOReference
+from fuyoucli.train.trainers import build_trainer, streams
 
 
 class TrainingDiverged(FuyouError):
@@ -53,20 +51,31 @@ def micro_batch_stream(data: Datasets, recipe: Recipe, device: torch.device):
 
 
 @torch.no_grad()
-def evaluate(model, data: Datasets, recipe: Recipe, device: torch.device, step: int) -> EvalDone | None:
+def evaluate(trainer, data: Datasets, recipe: Recipe, device: torch.device, step: int) -> EvalDone | None:
+    """Held-out loss, perplexity and (classification) accuracy at the trainer's current weights.
+
+    Batches go to the trainer in groups, so a streamed trainer fetches each block once per group."""
     if not data.eval:
         return None
-    was_training = model.training
-    model.eval()
     size = recipe.training.eval_batch_size or recipe.training.batch_size
+    group = max(1, recipe.training.grad_accum * (2 * recipe.method.q if recipe.method.name == "zo2" else 1))
     loss_sum, count, correct = 0.0, 0, 0
+    pending: list[dict] = []
+
+    def drain() -> None:
+        nonlocal loss_sum, count, correct
+        for out in trainer.eval_losses(pending):
+            loss_sum += float(out.loss_sum)
+            count += out.count
+            correct += out.correct or 0
+        pending.clear()
+
     for examples in batches(data.eval, size, seed=0, epoch=0, shuffle=False):
-        mb = {k: v.to(device) for k, v in collate(examples, data.pad_token_id).items()}
-        out = batch_loss(model, mb, head=recipe.model.head, label_token_ids=data.label_token_ids)
-        loss_sum += float(out.loss_sum)
-        count += out.count
-        correct += out.correct or 0
-    model.train(was_training)
+        pending.append({k: v.to(device) for k, v in collate(examples, data.pad_token_id).items()})
+        if len(pending) == group:
+            drain()
+    if pending:
+        drain()
     loss = loss_sum / max(count, 1)
     accuracy = correct / len(data.eval) if recipe.data.format == "classification" else None
     return EvalDone(step=step, loss=loss, perplexity=math.exp(min(loss, 50.0)), accuracy=accuracy,
@@ -87,7 +96,9 @@ def prepare_output_dir(path: Path, overwrite: bool) -> None:
     path.mkdir(parents=True, exist_ok=True)
 
 
-def finetune(recipe: Recipe, sinks: list[Sink] | None = None, *, overwrite: bool = False) -> RunFinished:
+def finetune(recipe: Recipe, sinks: list[Sink] | None = None, *, overwrite: bool = False,
+             plan: Plan | None = None) -> RunFinished:
+    """Run a recipe. `plan` (from the planner) decides where weights live; None runs in memory."""
     check_recipe_for_method(recipe)
     out_dir = Path(recipe.training.output_dir)
     prepare_output_dir(out_dir, overwrite)
@@ -99,29 +110,29 @@ def finetune(recipe: Recipe, sinks: list[Sink] | None = None, *, overwrite: bool
     # Tokenize first (cheap) so that the label count is known when a classification head is built.
     tokenizer = load_tokenizer(recipe.model)
     data = build_datasets(recipe.data, tokenizer, seed=seed, head=recipe.model.head)
+    # A streamed run loads on the host; the engine moves only resident blocks to the device.
     model = load_model(recipe.model, recipe.peft, seed=seed, pad_token_id=tokenizer.pad_token_id,
-                       num_labels=len(data.label_names) or None, device=device)
-
+                       num_labels=len(data.label_names) or None,
+                       device="cpu" if streams(plan) else device)
     steps = total_steps(recipe, len(data.train))
     params = list(model.parameters())
     trainable = sum(p.numel() for p in params if p.requires_grad)
-    head = recipe.model.head
+    total = sum(p.numel() for p in params)
     m = recipe.method
-    if m.name == "zo2":
-        trainer = ZOReference(model, param_blocks(model), m, seed=seed, head=head, label_token_ids=data.label_token_ids)
-    else:
-        trainer = AdamWReference(model, m, head=head, label_token_ids=data.label_token_ids)
-
-    offload = "in_memory" + (" (auto: the planner is not available yet)" if recipe.offload.mode == "auto" else "")
     all_sinks = Sinks([JsonlSink(out_dir / "metrics.jsonl"), *(sinks or [])])
+    trainer = None
     try:
+        trainer = build_trainer(model, recipe, data, plan, device)
+        offload = trainer.where
+        if plan is None and recipe.offload.mode == "auto":
+            offload += " (auto: the planner is not available yet)"
         all_sinks.emit(RunStarted(
             name=recipe.name, method=m.name + (" + lora" if recipe.peft.type == "lora" else ""),
             model=recipe.model.path, device=str(device), offload=offload, total_steps=steps,
-            trainable_params=trainable, total_params=sum(p.numel() for p in params),
+            trainable_params=trainable, total_params=total,
             train_examples=len(data.train), eval_examples=len(data.eval), output_dir=str(out_dir), notes=data.notes,
         ))
-        first_eval = last_eval = evaluate(model, data, recipe, device, step=0)
+        first_eval = last_eval = evaluate(trainer, data, recipe, device, step=0)
         if first_eval:
             all_sinks.emit(first_eval)
         stream = micro_batch_stream(data, recipe, device)
@@ -130,35 +141,29 @@ def finetune(recipe: Recipe, sinks: list[Sink] | None = None, *, overwrite: bool
             micro = [next(stream) for _ in range(recipe.training.grad_accum)]
             lr = lr_at(step, peak_lr=m.lr, total_steps=steps, warmup_steps=m.warmup_steps, schedule=m.schedule)
             start = time.perf_counter()
-            if m.name == "zo2":
-                res = trainer.step(step, micro, lr)
-                extra = {"projected_grad": res.projected_grads[0]} if len(res.projected_grads) == 1 else \
-                    {"projected_grad_mean": sum(res.projected_grads) / len(res.projected_grads)}
-                loss, tokens, skipped = res.loss, res.tokens, False
-            else:
-                res = trainer.step(micro, lr)
-                extra = {"grad_norm": res.grad_norm}
-                if trainer.scaler.enabled:
-                    extra.update(loss_scale=res.loss_scale, skipped=float(res.skipped))
-                loss, tokens, skipped = res.loss, res.tokens, res.skipped
+            res = trainer.step(step, micro, lr)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - start
-            if not math.isfinite(loss) and not skipped:
-                raise TrainingDiverged(f"the loss became {loss} at step {step}: lower method.lr "
+            if not math.isfinite(res.loss) and not res.skipped:
+                raise TrainingDiverged(f"the loss became {res.loss} at step {step}: lower method.lr "
                                        f"(now {m.lr:g}) or use float32/bfloat16")
-            all_sinks.emit(StepDone(step=step, loss=loss, lr=lr, tokens=tokens, step_time_s=elapsed, extra=extra))
+            all_sinks.emit(StepDone(step=step, loss=res.loss, lr=lr, tokens=res.tokens, step_time_s=elapsed,
+                                    extra=res.extra))
             if eval_every and step % eval_every == 0 and step != steps:
-                last_eval = evaluate(model, data, recipe, device, step=step)
+                last_eval = evaluate(trainer, data, recipe, device, step=step)
                 if last_eval:
                     all_sinks.emit(last_eval)
-        last_eval = evaluate(model, data, recipe, device, step=steps)
+        last_eval = evaluate(trainer, data, recipe, device, step=steps)
         if last_eval:
             all_sinks.emit(last_eval)
+        trainer.finalize()
         model_dir = save_final_model(model, tokenizer, out_dir / "model", recipe=recipe)
         finished = RunFinished(steps=steps, wall_time_s=time.perf_counter() - t0, model_dir=str(model_dir),
                                first_eval=first_eval, last_eval=last_eval)
         all_sinks.emit(finished)
         return finished
     finally:
+        if trainer is not None:
+            trainer.close()
         all_sinks.close()

@@ -141,3 +141,44 @@ def test_lr_zero_leaves_weights_bit_identical(tiny_models, text_data, tmp_path):
     trainer.materialize()
     for n, p in model.named_parameters():
         assert torch.equal(p.detach(), start[n]), n
+
+
+@pytest.mark.parametrize("home", [Tier.PAGEABLE, Tier.SSD])
+def test_zo2_streamed_bf16_equals_reference(home, tiny_models, text_data, tmp_path):
+    """bf16 compute, fp32 home weights: on one device the arithmetic is the same, so still bit-identical."""
+    recipe, tok, steps = setup(tiny_models["qwen2"], text_data, tmp_path, ZO, accum=2, dtype="bfloat16")
+    ref_losses, ref_weights = run_reference(recipe, tok, steps)
+    plan = manual_plan(2, home, swap_dir=tmp_path / "swap", compute_dtype="bfloat16")
+    losses, weights, _ = run_streamed(recipe, tok, steps, plan)
+    assert losses == ref_losses
+    for name in weights:
+        assert weights[name].dtype == torch.bfloat16
+        assert torch.equal(weights[name], ref_weights[name]), name
+
+
+def test_full_run_streamed_from_ssd_equals_in_memory_run(tiny_models, sentiment_data, tmp_path):
+    """The whole loop (evals, flushes, saving) on a classification task: metrics and saved weights match."""
+    from safetensors.torch import load_file
+
+    from fuyoucli.telemetry.jsonl import read_metrics
+    from fuyoucli.train.run import finetune
+
+    def recipe(out):
+        return validate_recipe({
+            "model": {"path": str(tiny_models["opt"])},
+            "method": {"name": "zo2", "lr": 1e-2, "eps": 1e-2},
+            "data": {"train": [str(sentiment_data)], "format": "classification", "max_length": 32,
+                     "label_words": {"positive": " great", "negative": " terrible"}, "eval_fraction": 0.25},
+            "training": {"max_steps": 6, "batch_size": 4, "grad_accum": 2, "eval_every": 3, "seed": 3,
+                         "output_dir": str(out)},
+        })
+
+    finetune(recipe(tmp_path / "mem"))
+    finetune(recipe(tmp_path / "ssd"), plan=manual_plan(2, Tier.SSD, swap_dir=tmp_path / "swap"))
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "step_time_s"} for r in rows]  # noqa: E731
+    mem, ssd = read_metrics(tmp_path / "mem" / "metrics.jsonl"), read_metrics(tmp_path / "ssd" / "metrics.jsonl")
+    assert [r["kind"] for r in mem].count("eval") == 3 and "accuracy" in mem[0]
+    assert strip(ssd) == strip(mem)
+    a, b = load_file(tmp_path / "mem" / "model" / "model.safetensors"), load_file(tmp_path / "ssd" / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not any((tmp_path / "swap").iterdir())

@@ -1,4 +1,4 @@
-"""Data stage: real files in a temp folder, the tiny tokenizer from conftest, no mocks."""
+"""Data stage: real files in a temp folder, the tiny tokenizer from tests/tiny.py, no mocks."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import make_tokenizer, write_jsonl
+from tiny import make_tokenizer, write_jsonl
 from fuyoucli.errors import DataError, InputError
 from fuyoucli.recipe import DataConfig
 from fuyoucli.resources import package_folder, resolve_path

@@ -1,0 +1,121 @@
+"""The step functions a run can use, behind one small interface: step, eval_losses, finalize, close.
+
+Trainer stage. Composition, not inheritance: each wraps one step implementation (in-memory ZO,
+in-memory AdamW, streamed ZO2) and the run loop never asks which it has.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from fuyoucli.engine.lanes import lanes_for
+from fuyoucli.model.blocks import param_blocks
+from fuyoucli.plan.types import Plan
+from fuyoucli.recipe import Recipe
+from fuyoucli.train.data import Datasets
+from fuyoucli.train.first_order import AdamWReference
+from fuyoucli.train.losses import BatchLoss, batch_loss
+from fuyoucli.train.zo import ZOReference, ZOStepResult
+
+
+@dataclass
+class StepOutcome:
+    loss: float
+    tokens: int
+    skipped: bool = False
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def _zo_outcome(res: ZOStepResult) -> StepOutcome:
+    grads = res.projected_grads
+    extra = {"projected_grad": grads[0]} if len(grads) == 1 else {"projected_grad_mean": sum(grads) / len(grads)}
+    return StepOutcome(res.loss, res.tokens, False, extra)
+
+
+class _InMemoryEval:
+    model: torch.nn.Module
+    head: str
+    label_token_ids: tuple[int, ...]
+
+    @torch.no_grad()
+    def eval_losses(self, micro: list[dict]) -> list[BatchLoss]:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return [batch_loss(self.model, mb, head=self.head, label_token_ids=self.label_token_ids) for mb in micro]
+        finally:
+            self.model.train(was_training)
+
+    def finalize(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class InMemoryZO(_InMemoryEval):
+    where = "in_memory"
+
+    def __init__(self, model, recipe: Recipe, data: Datasets):
+        self.model, self.head, self.label_token_ids = model, recipe.model.head, data.label_token_ids
+        self.impl = ZOReference(model, param_blocks(model), recipe.method, seed=recipe.training.seed,
+                                head=self.head, label_token_ids=data.label_token_ids)
+
+    def step(self, step: int, micro: list[dict], lr: float) -> StepOutcome:
+        return _zo_outcome(self.impl.step(step, micro, lr))
+
+
+class InMemoryAdamW(_InMemoryEval):
+    where = "in_memory"
+
+    def __init__(self, model, recipe: Recipe, data: Datasets):
+        self.model, self.head, self.label_token_ids = model, recipe.model.head, data.label_token_ids
+        self.impl = AdamWReference(model, recipe.method, head=self.head, label_token_ids=data.label_token_ids)
+
+    def step(self, step: int, micro: list[dict], lr: float) -> StepOutcome:
+        res = self.impl.step(micro, lr)
+        extra = {"grad_norm": res.grad_norm}
+        if self.impl.scaler.enabled:
+            extra.update(loss_scale=res.loss_scale, skipped=float(res.skipped))
+        return StepOutcome(res.loss, res.tokens, res.skipped, extra)
+
+
+class StreamedZO:
+    def __init__(self, model, recipe: Recipe, data: Datasets, plan: Plan, device: torch.device):
+        from fuyoucli.train.zo_streamed import ZOStreamed
+
+        self.impl = ZOStreamed(model, plan, recipe.method, seed=recipe.training.seed, head=recipe.model.head,
+                               lanes=lanes_for(device), label_token_ids=data.label_token_ids)
+        homes = sorted({b.weights_home.value for b in plan.blocks if b.weights_home.value != "device"})
+        self.where = f"zo2 streamed: layers homed on {'/'.join(homes)}, prefetch depth {plan.prefetch_depth}"
+
+    def step(self, step: int, micro: list[dict], lr: float) -> StepOutcome:
+        return _zo_outcome(self.impl.step(step, micro, lr))
+
+    def eval_losses(self, micro: list[dict]) -> list[BatchLoss]:
+        return self.impl.losses(micro)
+
+    def finalize(self) -> None:
+        self.impl.materialize()
+
+    def close(self) -> None:
+        self.impl.close()
+
+
+def streams(plan: Plan | None) -> bool:
+    return plan is not None and any(b.weights_home.value != "device" for b in plan.blocks)
+
+
+def build_trainer(model, recipe: Recipe, data: Datasets, plan: Plan | None, device: torch.device):
+    if streams(plan):
+        if recipe.method.name != "zo2":
+            from fuyoucli.errors import FuyouError
+
+            raise FuyouError("offloaded first-order training is not implemented yet (issue 6): this plan streams "
+                             "weights; use method zo2 or set offload.mode: in_memory")
+        return StreamedZO(model, recipe, data, plan, device)
+    if recipe.method.name == "zo2":
+        return InMemoryZO(model, recipe, data)
+    return InMemoryAdamW(model, recipe, data)
