@@ -12,7 +12,7 @@ import sys
 
 import typer
 
-from fuyoucli.cli import finetune
+from fuyoucli.cli import finetune, profile
 from fuyoucli.errors import FuyouError
 
 app = typer.Typer(
@@ -24,6 +24,7 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 app.command(name="finetune", no_args_is_help=True)(finetune.finetune)
+app.command(name="profile")(profile.profile)
 
 
 @app.callback()
