@@ -50,7 +50,9 @@ def _message_for(exc: BaseException) -> tuple[str, int] | None:
 def main(argv: list[str] | None = None) -> None:
     debug = os.environ.get("FUYOU_DEBUG", "") not in ("", "0")
     try:
-        app(args=argv, prog_name="fuyou", standalone_mode=False)
+        # Non-standalone click returns what standalone mode would have exited with: a command's
+        # typer.Exit code, or 130 for a Ctrl-C it caught (commands themselves return None).
+        rv = app(args=argv, prog_name="fuyou", standalone_mode=False)
     except KeyboardInterrupt:
         print("fuyou: interrupted", file=sys.stderr)
         sys.exit(130)
@@ -72,4 +74,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"fuyou: error: {message}", file=sys.stderr)
         sys.exit(code)
     else:
-        sys.exit(0)
+        code = rv if isinstance(rv, int) else 0
+        if code == 130:
+            print("fuyou: interrupted", file=sys.stderr)
+        sys.exit(code)

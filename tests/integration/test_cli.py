@@ -108,3 +108,23 @@ def test_debug_env_shows_the_traceback(tmp_path):
     result = fuyou("finetune", str(tmp_path / "absent.yaml"), env={"FUYOU_DEBUG": "1"})
     assert result.returncode != 0
     assert "Traceback" in result.stderr
+
+
+def test_ctrl_c_exits_130_and_keeps_what_was_written(tmp_path, tiny_models, text_data):
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_models["llama"], text_data, out)
+    proc = subprocess.Popen([sys.executable, "-m", "fuyoucli", "finetune", str(recipe), "--set",
+                             "training.max_steps=100000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count('"train"') >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    assert sum(r["kind"] == "train" for r in rows) >= 2

@@ -10,7 +10,8 @@ from fuyoucli.engine.lanes import CpuLanes, RecordingLanes
 from fuyoucli.model.blocks import param_blocks
 from fuyoucli.model.loading import load_model, load_tokenizer
 from fuyoucli.plan.schedule import check_schedule, pass_schedule
-from fuyoucli.plan.types import BlockPlan, Plan, StepTimes, Tier, TierBytes
+from fuyoucli.plan.manual import fixed_plan
+from fuyoucli.plan.types import Plan, Tier
 from fuyoucli.recipe import validate_recipe
 from fuyoucli.train.data import batches, build_datasets, collate
 from fuyoucli.train.zo import ZOReference
@@ -19,13 +20,8 @@ from fuyoucli.train.zo_streamed import ZOStreamed
 
 def manual_plan(n_layers: int, home: Tier, *, prefetch: int = 1, swap_dir=None, budget=None,
                 compute_dtype="float32") -> Plan:
-    names = ["embed"] + [f"layers.{i}" for i in range(n_layers)] + ["head"]
-    blocks = tuple(BlockPlan(n, 0, Tier.DEVICE if n in ("embed", "head") else home, None, None) for n in names)
-    return Plan(method="zo2", compute_device="cpu", blocks=blocks, prefetch_depth=prefetch,
-                device_buffers=prefetch + 1, home_dtype="float32", wire_dtype="float32",
-                compute_dtype=compute_dtype, pinned_pool_bytes=0, swap_dir=str(swap_dir) if swap_dir else None,
-                device_budget_bytes=budget or 2**40, memory=TierBytes(), capacity=TierBytes(), times=StepTimes(),
-                tokens_per_s=0.0, feasible=True)
+    return fixed_plan(n_layers, home, prefetch_depth=prefetch, swap_dir=str(swap_dir) if swap_dir else None,
+                      compute_dtype=compute_dtype, device_budget_bytes=budget)
 
 
 def setup(model_dir, data, tmp_path, method, peft=None, accum=1, dtype="float32"):
