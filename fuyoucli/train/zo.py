@@ -5,7 +5,8 @@ The arithmetic is defined block by block so that a streamed implementation can r
   compute device, drawn parameter by parameter in the block's order, in fp32;
 - the weights a forward pass sees are cast(home +/- eps * z), always computed from the unperturbed
   fp32 home copy, so nothing drifts (no in-place perturb/restore round-off, MeZO issue 42);
-- the update is home -= lr * (direction term + weight_decay * home), in fp32 (decay on matrices only).
+- the update is home -= lr * (direction term + weight_decay * home), in fp32 (decay on matrices only);
+  the home copy is fp32 unless the plan stores it in bfloat16/float16 (then rounded once per update).
 Dropout is off (model.eval()): both passes of a direction must compute the same function.
 """
 
@@ -44,11 +45,14 @@ def draw_z(seed: int, step: int, direction: int, block: int, shapes, device: tor
 @torch.no_grad()
 def update_home(home: list[torch.Tensor], z_of: "callable", grads: list[float], lr: float, method: ZO2Method,
                 momentum: list[torch.Tensor] | None = None) -> None:
-    """home -= lr * (sum_d g_d z_d / q [sign / momentum] + weight_decay * home), in place, fp32.
+    """home -= lr * (sum_d g_d z_d / q [sign / momentum] + weight_decay * home), in place, in fp32.
 
-    `z_of(d)` returns direction d's z for these tensors. Shared by the in-memory reference and the
-    streamed engine, so both do the same operations in the same order (bit-identical on one device).
+    `z_of(d)` returns direction d's z for these tensors. A bfloat16/float16 home is updated through
+    an fp32 copy and rounded once. Shared by the in-memory reference and the streamed engine, so both
+    do the same operations in the same order (bit-identical on one device).
     """
+    stored = home
+    home = [h if h.dtype == torch.float32 else h.float() for h in stored]
     direction = [torch.zeros_like(h) for h in home]
     for d, g in enumerate(grads):
         for acc, z in zip(direction, z_of(d)):
@@ -63,16 +67,20 @@ def update_home(home: list[torch.Tensor], z_of: "callable", grads: list[float], 
         if method.weight_decay and h.ndim >= 2:  # as in AdamW: no decay on biases and norms
             g_est = g_est + method.weight_decay * h
         h.add_(g_est, alpha=-lr)
+        if h is not stored[i]:
+            stored[i].copy_(h)
 
 
 class ZOReference:
     """Holds the fp32 home copy (and momentum) of the trainable blocks; the model holds what computes."""
 
     def __init__(self, model, blocks: list[ParamBlock], method: ZO2Method, *, seed: int, head: str,
-                 label_token_ids: tuple[int, ...] = ()):
+                 label_token_ids: tuple[int, ...] = (), home_dtype: torch.dtype = torch.float32):
         self.model, self.blocks, self.method = model, blocks, method
         self.seed, self.head, self.label_token_ids = seed, head, label_token_ids
-        self.home = [[p.detach().float().clone() for _, p in b.params] for b in blocks]
+        # The home copy is what the optimizer updates: fp32 by default (exact small updates), or the
+        # plan's home dtype (half the bytes, updates rounded once per step).
+        self.home = [[p.detach().to(home_dtype, copy=True) for _, p in b.params] for b in blocks]
         self.momentum = ([[torch.zeros_like(h) for h in hb] for hb in self.home]
                          if method.variant == "momentum" else None)
 

@@ -56,6 +56,7 @@ class ZOStreamed:
         homes = {b.name: b.weights_home for b in plan.blocks}
         self.streamed_layers = [i for i in range(self.runner.n_layers) if homes.get(f"layers.{i}", Tier.DEVICE) is not Tier.DEVICE]
         self.compute_dtype = DTYPES[plan.compute_dtype]
+        self.home_dtype = DTYPES[plan.home_dtype]
         lora = any(not p.requires_grad for p in model.parameters())
         self.full = not lora
 
@@ -64,9 +65,9 @@ class ZOStreamed:
             layer_params = list(self.runner.layers[i].named_parameters())
             params = [(n, p) for n, p in layer_params if p.requires_grad == self.full]
             units.append(StreamUnit(index=i + 1, name=f"layers.{i}", params=params, shapes=[],
-                                    dtype=torch.float32 if self.full else self.compute_dtype,
+                                    dtype=self.home_dtype if self.full else self.compute_dtype,
                                     home=homes[f"layers.{i}"], writable=self.full))
-        needed = sum(sum(p.numel() for _, p in u.params) * 4 for u in units if u.home is Tier.SSD)
+        needed = sum(sum(p.numel() for _, p in u.params) * u.dtype.itemsize for u in units if u.home is Tier.SSD)
         self.ssd = SsdStore(plan.swap_dir, needed) if any(u.home is Tier.SSD for u in units) else None
         try:
             # Resident parts first, from the model's (still complete) weights.
@@ -76,10 +77,11 @@ class ZOStreamed:
                 if i not in self.streamed_layers:
                     layer.to(self.device)
             self._move_rest_to_device()
-            self.home = {b: [p.detach().float().clone() for _, p in self.blocks[b].params] for b in self.resident}
+            self.home = {b: [p.detach().to(self.home_dtype, copy=True) for _, p in self.blocks[b].params]
+                         for b in self.resident}
             for b in self.resident:
                 for h in self.home[b]:
-                    self.arena.charge(h.numel() * 4, f"fp32 home of {self.blocks[b].name}")
+                    self.arena.charge(h.numel() * h.element_size(), f"home copy of {self.blocks[b].name}")
             self.store = WeightStore(units, lanes=lanes, arena=self.arena, slots=plan.device_buffers,
                                      ssd=self.ssd, pin=any(u.home is Tier.PINNED for u in units))
             if self.full and units:
@@ -97,9 +99,9 @@ class ZOStreamed:
         for b in plan.blocks:
             if b.name in ("embed", "head") and b.weights_home is not Tier.DEVICE:
                 raise UnsupportedPlan(f"the zo2 engine keeps {b.name} on the device; the plan homes it on {b.weights_home.value}")
-        if plan.home_dtype != "float32" or plan.wire_dtype != plan.home_dtype:
-            raise UnsupportedPlan(f"the zo2 engine streams fp32 home weights as they are (home {plan.home_dtype}, "
-                                  f"wire {plan.wire_dtype}); set offload.home_dtype: float32")
+        if plan.wire_dtype != plan.home_dtype:
+            raise UnsupportedPlan(f"the zo2 engine sends home weights as they are stored (home {plan.home_dtype}, "
+                                  f"wire {plan.wire_dtype}); the device applies the update, so both must match")
         if method.variant == "momentum" and any(b.weights_home is not Tier.DEVICE for b in plan.blocks):
             raise UnsupportedPlan("variant: momentum runs in memory only for now (its buffer would stream too); "
                                   "use variant sgd or sign, or offload.mode: in_memory")
