@@ -1,0 +1,1 @@
+"""Engine: tiers, lanes, residency and the executor that streams blocks between homes and the device."""
