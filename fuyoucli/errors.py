@@ -40,3 +40,9 @@ class ResourceError(FuyouError):
     """The machine ran out of something (memory, disk) during a run."""
 
     exit_code = 3
+
+
+class InfeasiblePlan(FuyouError):
+    """The planner found no placement that fits this machine; the report says what binds and what would fit."""
+
+    exit_code = 2

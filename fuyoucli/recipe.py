@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fuyoucli.errors import RecipeError
 from fuyoucli.resources import resolve_path
@@ -195,11 +195,85 @@ class TrainingConfig(_Config):
         return self
 
 
+class HardwareConfig(_Config):
+    profile: str | None = None
+    """A hardware profile JSON written by `fuyou profile`. Default (neither key set): the saved
+    profile of this machine; planning fails, saying so, when there is none."""
+    preset: str | None = None
+    """A named what-if machine instead of a profile (`fuyou profile --list-presets` lists them),
+    e.g. rtx4090-pcie4-1nvme-128g."""
+
+    @model_validator(mode="after")
+    def _profile_or_preset(self) -> "HardwareConfig":
+        if self.profile is not None and self.preset is not None:
+            raise ValueError("set one of hardware.profile and hardware.preset, not both")
+        return self
+
+
 class OffloadConfig(_Config):
-    mode: Literal["auto", "in_memory"] = "auto"
-    """auto: the planner decides where weights, gradients and states live. in_memory: everything on
-    the compute device (the reference path). Until the planner lands, auto resolves to in_memory and
-    the run says so."""
+    mode: Literal["auto", "in_memory", "stream"] = "auto"
+    """auto: the planner decides where weights, optimizer states and activations live (all on the
+    device when that fits). in_memory: everything on the compute device (the reference path).
+    stream: stream every decoder layer even when it would fit (resident_layers can still keep some)."""
+    swap_dir: str | None = None
+    """A folder on a fast SSD for weights and optimizer states that do not fit in host RAM. Unset:
+    the planner never uses a disk."""
+    device_memory_limit: int | None = Field(None, ge=1)
+    """Plan for at most this much device memory (bytes, or a string such as "8GiB" or "500MB"):
+    a what-if budget, or room left for other work on the device."""
+    host_memory_limit: int | None = Field(None, ge=1)
+    """Plan for at most this much host RAM (bytes or a string such as "64GB"), pinned included."""
+    prefetch_depth: Literal["auto"] | int = Field("auto", union_mode="left_to_right")
+    """Blocks fetched ahead of the one computing (0: synchronous). auto: the planner's choice."""
+    resident_layers: Literal["auto"] | int = Field("auto", union_mode="left_to_right")
+    """Decoder layers kept on the device for the whole run (the last ones); auto: the planner's choice."""
+    weights_home: Literal["auto", "pinned", "pageable", "ssd"] = "auto"
+    """Where streamed layers' weights live: pinned host RAM, pageable host RAM, or swap_dir.
+    auto: the fastest tier with room, layer by layer."""
+    optimizer_home: Literal["auto", "device", "host", "ssd"] = "auto"
+    """First-order: where fp32 master weights and AdamW states live (device keeps every layer resident)."""
+    activations: Literal["auto", "keep", "swap", "recompute"] = "auto"
+    """First-order: keep each layer's saved activations on the device, swap them to pinned host RAM,
+    or keep only the layer's input and recompute in the backward. auto: keep while the device has
+    room, swap while that is faster than recomputing, recompute the rest."""
+    home_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """zo2 (full-parameter): dtype of the weights at home and on the link. auto: float32 when it fits
+    (exact updates), else model.dtype."""
+
+    @field_validator("device_memory_limit", "host_memory_limit", mode="before")
+    @classmethod
+    def _byte_size(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        import re
+
+        units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+                 "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40, "k": 1 << 10, "m": 1 << 20,
+                 "g": 1 << 30, "t": 1 << 40}
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
+        if not match or match.group(2).lower() not in units:
+            raise ValueError(f"expected a size such as 8GiB, 500MB or 1.5TB, got {value!r}")
+        return int(float(match.group(1)) * units[match.group(2).lower()])
+
+    @field_validator("prefetch_depth", "resident_layers")
+    @classmethod
+    def _non_negative(cls, value: Any) -> Any:
+        if isinstance(value, int) and value < 0:
+            raise ValueError("must be auto or an integer >= 0")
+        return value
+
+    @model_validator(mode="after")
+    def _in_memory_takes_no_placement(self) -> "OffloadConfig":
+        placed = sorted(self.model_fields_set - {"mode", "device_memory_limit", "host_memory_limit"})
+        if self.mode == "in_memory" and placed:
+            raise ValueError(f"{placed} place data off the device; they do not apply with mode: in_memory")
+        if self.optimizer_home == "device" and self.resident_layers != "auto":
+            raise ValueError("optimizer_home: device keeps every layer resident; remove resident_layers")
+        if self.weights_home == "ssd" and self.swap_dir is None:
+            raise ValueError("weights_home: ssd needs swap_dir (a folder on the SSD)")
+        if self.optimizer_home == "ssd" and self.swap_dir is None:
+            raise ValueError("optimizer_home: ssd needs swap_dir (a folder on the SSD)")
+        return self
 
 
 class Recipe(_Config):
@@ -211,6 +285,7 @@ class Recipe(_Config):
     data: DataConfig
     training: TrainingConfig
     offload: OffloadConfig = OffloadConfig()
+    hardware: HardwareConfig = HardwareConfig()
 
     @model_validator(mode="after")
     def _cross_section_rules(self) -> "Recipe":

@@ -134,8 +134,8 @@ class Machine:
     disk_free_bytes: int = 0
     disk_read_bps: float = 0.0
     disk_write_bps: float = 0.0
-    matmul_size_curve: tuple[tuple[int, float], ...] = ()
-    """Optional (matrix size, fraction of the best rate): how fast small products run."""
+    matmul_points: tuple[tuple[str, int, float], ...] = ()
+    """Optional (dtype, square matrix size, FLOP/s) as measured: how fast small products run."""
 
     def flops(self, dtype: str) -> float:
         return dict(self.matmul_flops).get(dtype, 0.0)

@@ -1,0 +1,383 @@
+"""Plan stage, the cost model: peak bytes per tier and seconds per resource of one candidate placement.
+
+Pure arithmetic over plan.types (no torch, no I/O). Every rate comes from the Machine (so from a
+measured or preset HardwareProfile); the only constants here are headroom fractions and bytes per
+parameter of known kernels, each with its reason.
+
+Overlap model (pipelined per block, as Fuyou and ZO2 run it): within a phase, a block's fetch
+(SSD read -> host staging -> H2D) overlaps the previous block's compute and the write-back of the
+one before, so a phase takes the busiest resource's total plus a fill (the first streamed block's
+fetch, less the compute of resident blocks before it) and a drain (the last streamed block's
+write-back). With prefetch depth 0 nothing overlaps: the phase is the sum of everything. A zo2 step
+is one phase (all 2*q forward passes run while each block is resident); a first-order step is a
+forward phase and a backward phase (blocks re-fetched in reverse, gradients D2H as produced, CPU
+AdamW of block i overlapped with the backward of block i-1). Execution is layer-major: all
+micro-batches of a step pass through a block while it is on the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fuyoucli.plan.types import DTYPE_BYTES, Machine, ModelInventory, Options, StepTimes, Tier, TierBytes, Workload
+
+# Headroom: fractions of each capacity the plan leaves free. Device: allocator fragmentation and
+# library workspaces (cuBLAS, attention kernels) that no block accounts for. Host: the OS, Python,
+# the tokenized data. SSD: filesystems slow down when nearly full.
+DEVICE_HEADROOM = 0.08
+HOST_HEADROOM = 0.10
+SSD_HEADROOM = 0.05
+# AdamW on the compute device (optimizer_home DEVICE): reads fp32 master, m, v, grad and writes
+# master, m, v (28 bytes, as BACKGROUND.md's CPU figure) plus the compute-dtype weight copy.
+DEVICE_ADAM_BYTES_PER_PARAM = 28
+# Resources in StepTimes order; 'ssd' is read + write of one drive, which share its bandwidth.
+RESOURCES = ("gpu", "h2d", "d2h", "ssd_read", "ssd_write", "cpu_optimizer", "dram")
+_N = len(RESOURCES)
+GPU, H2D, D2H, SSD_R, SSD_W, CPU_OPT, DRAM = range(_N)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One candidate: per-block homes and activation policy (block order = inventory order)."""
+
+    home_dtype: str
+    weights_home: tuple[Tier, ...]
+    optimizer_home: tuple[Tier | None, ...]
+    activation: tuple[str | None, ...]
+    prefetch_depth: int
+    micro_batch_size: int
+
+
+@dataclass(frozen=True)
+class Estimate:
+    memory: TierBytes
+    times: StepTimes
+    flops_per_step: float
+    pinned_pool_bytes: int
+    device_buffers: int
+    wire_dtype: str
+    device_parts: tuple[tuple[str, int], ...]
+    """What the device peak is made of (resident weights, buffers, activations, ...), for reasons."""
+
+
+def capacities(machine: Machine, options: Options) -> TierBytes:
+    """Bytes each tier offers the run after headroom. `pageable` is all host RAM the run may use,
+    pinned included; on a CPU run the device is host RAM and the host tiers offer nothing separate."""
+    host = machine.host_ram_bytes
+    if options.host_memory_limit_bytes is not None:
+        host = min(host, options.host_memory_limit_bytes)
+    device = machine.device_bytes if machine.compute_device == "cuda" else host
+    if options.device_memory_limit_bytes is not None:
+        device = min(device, options.device_memory_limit_bytes)
+    ssd = int(machine.disk_free_bytes * (1 - SSD_HEADROOM)) if options.swap_dir and machine.disk_read_bps > 0 else 0
+    if machine.compute_device == "cpu":
+        return TierBytes(device=int(device * (1 - HOST_HEADROOM)), pinned=0, pageable=0, ssd=ssd)
+    host_cap = int(host * (1 - HOST_HEADROOM))
+    return TierBytes(device=int(device * (1 - DEVICE_HEADROOM)), pinned=min(machine.pinned_bytes, host_cap),
+                     pageable=host_cap, ssd=ssd)
+
+
+def fits(memory: TierBytes, cap: TierBytes) -> bool:
+    return (memory.device <= cap.device and memory.pinned <= cap.pinned
+            and memory.pinned + memory.pageable <= max(cap.pageable, cap.pinned) and memory.ssd <= cap.ssd)
+
+
+def overflows(memory: TierBytes, cap: TierBytes) -> list[tuple[str, int, int]]:
+    """(tier, needed, available) for every tier the memory does not fit in."""
+    out = []
+    if memory.device > cap.device:
+        out.append(("device", memory.device, cap.device))
+    if memory.pinned > cap.pinned:
+        out.append(("pinned", memory.pinned, cap.pinned))
+    if memory.pinned + memory.pageable > max(cap.pageable, cap.pinned):
+        out.append(("host", memory.pinned + memory.pageable, cap.pageable))
+    if memory.ssd > cap.ssd:
+        out.append(("ssd", memory.ssd, cap.ssd))
+    return out
+
+
+def compute_rate(machine: Machine, wl: Workload, micro_tokens: int, hidden: int) -> float:
+    """Achieved FLOP/s for this micro-batch: the best matmul rate, scaled down by the measured
+    size curve when the products are small (size = the smaller of tokens and hidden size)."""
+    best = machine.flops(wl.compute_dtype)
+    curve = sorted((size, flops) for dtype, size, flops in machine.matmul_points if dtype == wl.compute_dtype)
+    if best <= 0 or not curve:
+        return best
+    size = min(micro_tokens, hidden)
+    if size <= curve[0][0]:
+        return curve[0][1]
+    for (s0, f0), (s1, f1) in zip(curve, curve[1:]):
+        if size <= s1:
+            return f0 + (f1 - f0) * (size - s0) / (s1 - s0)
+    return best
+
+
+def home_bytes(inv: ModelInventory, wl: Workload, home_dtype: str) -> list[int]:
+    """Per block, the bytes that live at the weights' home (and stream when not resident). Under
+    LoRA only the frozen base streams, read-only, in the compute dtype; adapters stay on the device."""
+    cb, hb = DTYPE_BYTES[wl.compute_dtype], DTYPE_BYTES[home_dtype]
+    mom = 4 if (wl.method == "zo2" and wl.zo_momentum) else 0
+    out = []
+    for s in inv.blocks:
+        if wl.lora:
+            out.append((s.params - s.trainable_params) * cb)
+        elif wl.method == "zo2":
+            out.append(s.params * hb + s.trainable_params * mom)
+        else:
+            out.append(s.params * cb)
+    return out
+
+
+def optimizer_bytes_per_param(wl: Workload) -> int:
+    """First-order: m + v, plus an fp32 master copy when the weights are not fp32."""
+    return 8 + (4 if DTYPE_BYTES[wl.compute_dtype] != 4 else 0)
+
+
+def estimate(inv: ModelInventory, wl: Workload, machine: Machine, pl: Placement) -> Estimate:
+    """Peak bytes per tier and busy seconds per resource of one step under placement `pl`."""
+    zo = wl.method == "zo2"
+    cpu = machine.compute_device == "cpu"
+    cb, hb = DTYPE_BYTES[wl.compute_dtype], DTYPE_BYTES[pl.home_dtype]
+    T, Tm, h = wl.tokens_per_step, pl.micro_batch_size * wl.seq_len, inv.hidden_size
+    rate = compute_rate(machine, wl, Tm, h) or 1.0
+    mem_bps = machine.device_mem_bps
+    mom = 4 if (zo and wl.zo_momentum) else 0
+    opt_per_param = optimizer_bytes_per_param(wl)
+    passes = 2 * wl.q if zo else 1
+
+    # Per-block byte counts. Under LoRA the trainable adapters (and a new head) stay on the device;
+    # only the frozen base streams, read-only, in the compute dtype.
+    blocks = inv.blocks
+    n = len(blocks)
+    home_b = home_bytes(inv, wl, pl.home_dtype)
+    wb_b, dev_fixed = [0] * n, [0] * n
+    for i, s in enumerate(blocks):
+        tr = s.trainable_params
+        if wl.lora:
+            dev_fixed[i] = tr * (cb + 4 + mom) if zo else tr * (cb + 4 + 12)
+        elif zo:
+            wb_b[i] = home_b[i] if tr else 0  # the updated weights go home
+        else:
+            wb_b[i] = tr * cb  # gradients D2H, compute dtype
+
+    streamed = [i for i in range(n) if pl.weights_home[i] is not Tier.DEVICE]
+    writeback = any(wb_b[i] for i in streamed) if zo else False
+    max_stream = max((home_b[i] for i in streamed), default=0)
+    depth = pl.prefetch_depth
+
+    # ---- memory --------------------------------------------------------------------------------
+    dev = {"resident weights": 0, "streaming buffers": 0, "optimizer on device": 0, "activations": 0,
+           "work buffers": 0, "adapters": sum(dev_fixed)}
+    pinned = pageable = ssd = 0
+    pool = 0
+    grad_buf = 0
+    for i in range(n):
+        s, wh, oh = blocks[i], pl.weights_home[i], pl.optimizer_home[i]
+        if wh is Tier.DEVICE:
+            dev["resident weights"] += home_b[i]
+        elif wh is Tier.PINNED:
+            pinned += home_b[i]
+        elif wh is Tier.PAGEABLE:
+            pageable += home_b[i]
+        else:
+            ssd += home_b[i]
+        if not zo and not wl.lora and s.trainable_params:
+            opt = s.trainable_params * opt_per_param
+            if oh is Tier.DEVICE:
+                dev["optimizer on device"] += opt + s.trainable_params * 4  # states + fp32 gradient
+            elif oh is Tier.SSD:
+                ssd += opt
+            else:
+                pageable += opt
+            if oh is not Tier.DEVICE:
+                grad_buf = max(grad_buf, wb_b[i])
+    if streamed:
+        buffers = depth + 1 + (1 if writeback and depth > 0 else 0)
+        dev["streaming buffers"] = buffers * max_stream
+        if not cpu and any(pl.weights_home[i] in (Tier.SSD, Tier.PAGEABLE) for i in streamed):
+            pool += (depth + 1 + (1 if writeback or not zo else 0)) * max_stream  # host staging
+        elif cpu and any(pl.weights_home[i] is Tier.SSD for i in streamed):
+            pool += 0  # on a CPU the device buffers are host memory: the SSD reads land there directly
+    else:
+        buffers = 0
+    if not zo and not wl.lora:
+        opt_ssd = [blocks[i].trainable_params * opt_per_param for i in range(n) if pl.optimizer_home[i] is Tier.SSD]
+        if opt_ssd:
+            pageable += 3 * max(opt_ssd)  # read-ahead, updating, writing back
+        if grad_buf:
+            dev["streaming buffers"] += 2 * grad_buf  # gradients of one block filling, one draining
+            if not cpu:
+                pool += 2 * grad_buf  # where they land on the host
+    # Work buffers: the compute-dtype copy a block computes with (zo2 forms cast(home +/- eps*z)
+    # there; a cast when home and compute dtypes differ) and one tensor's z in fp32.
+    if zo and not wl.lora:
+        dev["work buffers"] = max(s.params for s in blocks) * cb + max(s.max_tensor_params for s in blocks) * 4
+    # Activations.
+    layer_internal = max((s.internal_elems_per_token for s in blocks), default=0)
+    if zo:
+        dev["activations"] = (2 * wl.q * T * h + Tm * layer_internal) * cb
+    else:
+        saved, transient = 0, Tm * layer_internal * cb
+        for i, s in enumerate(blocks):
+            a = pl.activation[i]
+            if not s.name.startswith("layers."):
+                continue
+            full = T * s.internal_elems_per_token * cb
+            if a == "keep":
+                saved += full
+            elif a == "swap":
+                pool += full  # pinned host memory, allocated once with the staging pool
+                transient = max(transient, 2 * Tm * s.internal_elems_per_token * cb)
+            else:
+                saved += T * s.boundary_elems_per_token * cb
+        dev["activations"] = saved + 2 * T * h * cb + transient
+    if cpu:  # host RAM is the device; the 'host' tiers hold nothing separately
+        dev["host-side"] = pinned + pageable
+        pinned = pageable = pool = 0
+    else:
+        pinned += pool
+    device_total = sum(dev.values())
+    memory = TierBytes(device=device_total, pinned=pinned, pageable=pageable, ssd=ssd)
+
+    # ---- time ----------------------------------------------------------------------------------
+    ssd_r_bps, ssd_w_bps = machine.disk_read_bps or 1.0, machine.disk_write_bps or 1.0
+    dram = machine.dram_bps or 1.0
+    adam = machine.cpu_adam_params_per_s or 1.0
+
+    def link_rates(two_way: bool) -> tuple[float, float]:
+        if two_way:
+            return machine.duplex_h2d_bps or machine.h2d_bps, machine.duplex_d2h_bps or machine.d2h_bps
+        return machine.h2d_bps, machine.d2h_bps
+
+    def fetch(i: int, v: list, h2d_bps: float, factor: int = 1) -> None:
+        """Bring block i's weights from home to the device (and, for zo2, count nothing else)."""
+        wh, b = pl.weights_home[i], home_b[i] * factor
+        if wh is Tier.DEVICE or b == 0:
+            return
+        if wh is Tier.SSD:
+            v[SSD_R] += b / ssd_r_bps
+        if cpu:
+            return
+        if wh is Tier.PAGEABLE:
+            v[DRAM] += 2 * b / dram  # memcpy into the pinned staging pool (read + write)
+        if wh is Tier.SSD or wh is Tier.PINNED or wh is Tier.PAGEABLE:
+            v[H2D] += b / h2d_bps
+
+    flops_step = 0.0
+    phases: list[list[list[float]]] = []
+    if zo:
+        h2d_bps, d2h_bps = link_rates(writeback)
+        per = []
+        for i, s in enumerate(blocks):
+            v = [0.0] * _N
+            f = passes * T * s.forward_flops_per_token(wl.seq_len)
+            flops_step += f
+            v[GPU] = f / rate
+            tr = 0 if wl.lora else s.trainable_params
+            # z drawn and applied per direction for +eps and -eps, and again for the deferred update.
+            elem = tr * (wl.q * (4 + 2 * (hb + 4 + cb)) + wl.q * (4 + 2 * hb) + 2 * mom)
+            if wl.lora:
+                elem = s.trainable_params * wl.q * 3 * (4 + 2 * cb)
+            v[GPU] += elem / mem_bps
+            fetch(i, v, h2d_bps)
+            if pl.weights_home[i] is not Tier.DEVICE and wb_b[i]:
+                if not cpu:
+                    v[D2H] += wb_b[i] / d2h_bps
+                    if pl.weights_home[i] is Tier.PAGEABLE:
+                        v[DRAM] += 2 * wb_b[i] / dram
+                if pl.weights_home[i] is Tier.SSD:
+                    v[SSD_W] += wb_b[i] / ssd_w_bps
+            per.append(v)
+        phases.append(per)
+    else:
+        swaps = any(a == "swap" for a in pl.activation)
+        fwd, bwd = [], []
+        h2d_f, d2h_f = link_rates(swaps)
+        h2d_b, d2h_b = link_rates(True)
+        for i, s in enumerate(blocks):
+            fl = T * s.forward_flops_per_token(wl.seq_len)
+            tr = s.trainable_params
+            bwd_factor = 1.0 + (tr / s.params if wl.lora and s.params else 1.0)
+            if s.params == 0:
+                bwd_factor = 1.0
+            act = pl.activation[i] if s.name.startswith("layers.") else "keep"
+            swap_b = T * s.internal_elems_per_token * cb if act == "swap" else 0
+            v = [0.0] * _N
+            v[GPU] = fl / rate
+            fetch(i, v, h2d_f)
+            if swap_b and not cpu:
+                v[D2H] += swap_b / d2h_f
+            fwd.append(v)
+            w = [0.0] * _N
+            extra = fl if act == "recompute" else 0.0
+            w[GPU] = (bwd_factor * fl + extra) / rate
+            flops_step += fl * (1 + bwd_factor) + extra
+            fetch(i, w, h2d_b)
+            if swap_b and not cpu:
+                w[H2D] += swap_b / h2d_b
+            oh = pl.optimizer_home[i]
+            if not wl.lora and tr:
+                if oh is Tier.DEVICE:
+                    if cpu:
+                        w[CPU_OPT] += tr / adam
+                    else:
+                        w[GPU] += tr * DEVICE_ADAM_BYTES_PER_PARAM / mem_bps
+                else:
+                    if not cpu:
+                        w[D2H] += wb_b[i] / d2h_b
+                    w[CPU_OPT] += tr / adam
+                    if oh is Tier.SSD:
+                        w[SSD_R] += tr * opt_per_param / ssd_r_bps
+                        w[SSD_W] += tr * opt_per_param / ssd_w_bps
+                    if pl.weights_home[i] is Tier.SSD:
+                        w[SSD_W] += home_b[i] / ssd_w_bps  # the updated compute-dtype copy
+                    elif pl.weights_home[i] is Tier.DEVICE and not cpu:
+                        w[H2D] += home_b[i] / h2d_b  # updated weights back to the resident copy
+            elif wl.lora and tr and cpu:
+                w[CPU_OPT] += tr / adam
+            elif wl.lora and tr:
+                w[GPU] += tr * DEVICE_ADAM_BYTES_PER_PARAM / mem_bps
+            bwd.append(w)
+        phases.append(fwd)
+        phases.append(list(reversed(bwd)))
+
+    totals = [0.0] * _N
+    step = 0.0
+    order = list(range(n))
+    for p, per in enumerate(phases):
+        idx = order if p == 0 else list(reversed(order))
+        for v in per:
+            for r in range(_N):
+                totals[r] += v[r]
+        step += _phase_time(per, [pl.weights_home[i] for i in idx], depth)
+
+    names = {"gpu": totals[GPU], "h2d": totals[H2D], "d2h": totals[D2H], "ssd": totals[SSD_R] + totals[SSD_W],
+             "cpu_optimizer": totals[CPU_OPT], "dram": totals[DRAM]}
+    bottleneck = max(names, key=lambda k: names[k])
+    times = StepTimes(gpu_s=totals[GPU], h2d_s=totals[H2D], d2h_s=totals[D2H], ssd_read_s=totals[SSD_R],
+                      ssd_write_s=totals[SSD_W], cpu_optimizer_s=totals[CPU_OPT], dram_s=totals[DRAM],
+                      step_s=step, bottleneck=bottleneck)
+    wire = pl.home_dtype if (zo and not wl.lora) else wl.compute_dtype
+    parts = tuple((k, v) for k, v in dev.items() if v)
+    return Estimate(memory=memory, times=times, flops_per_step=flops_step, pinned_pool_bytes=pool,
+                    device_buffers=buffers, wire_dtype=wire, device_parts=parts)
+
+
+def _phase_time(per: list[list[float]], homes: list[Tier], depth: int) -> float:
+    """One phase under the overlap model (module docstring)."""
+    if depth == 0:
+        return sum(sum(v) for v in per)
+    busy = [sum(v[r] for v in per) for r in range(_N)]
+    busy[SSD_R] += busy[SSD_W]  # one drive: reads and writes share it
+    busy[SSD_W] = 0.0
+    streamed = [k for k, t in enumerate(homes) if t is not Tier.DEVICE]
+    fill = drain = 0.0
+    if streamed:
+        first, last = streamed[0], streamed[-1]
+        up = per[first][SSD_R] + per[first][DRAM] + per[first][H2D]
+        fill = max(0.0, up - sum(per[k][GPU] for k in range(first)))
+        down = per[last][D2H] + per[last][SSD_W] + per[last][CPU_OPT]
+        drain = max(0.0, down - sum(per[k][GPU] for k in range(last + 1, len(per))))
+    elif per:
+        drain = per[-1][CPU_OPT]
+    return max(busy) + fill + drain

@@ -1,0 +1,500 @@
+"""Plan stage, the search: the fastest placement that fits every tier, or why none does.
+
+Chooses how many decoder layers stay resident, where streamed weights live (pinned, pageable, SSD,
+filled fastest first), where optimizer states live, the activation policy (keep / swap / recompute,
+Fuyou's seconds saved per byte), prefetch depth, the zo2 home dtype and the largest micro-batch, by
+evaluating candidates with plan.cost. Pure (no torch); also turns a Recipe and a HardwareProfile
+into the numbers the cost model reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from fuyoucli.errors import RecipeError
+from fuyoucli.hardware.profile import HardwareProfile
+from fuyoucli.plan.cost import (
+    Estimate, Placement, capacities, estimate, fits, home_bytes, optimizer_bytes_per_param, overflows,
+)
+from fuyoucli.plan.types import DTYPE_BYTES, BlockPlan, Machine, ModelInventory, Options, Plan, Tier, TierBytes, Workload
+from fuyoucli.recipe import Recipe
+
+GB = 10**9
+_LINK_SIZE_BYTES = 256 << 20  # blocks stream in transfers of tens of MB and up: the curve's large end
+
+
+# ---- inputs ------------------------------------------------------------------------------------
+
+
+def machine_from_profile(profile: HardwareProfile, swap_dir: str | None = None) -> tuple[Machine, tuple[str, ...]]:
+    """The cost model's numbers from a profile; the disk is the profiled one holding swap_dir
+    (longest matching path), else the fastest profiled disk (with a note)."""
+    c, links, h = profile.compute, profile.links, profile.host
+    notes: list[str] = []
+    pinned = h.ram_available_bytes if h.pinned_allocatable_bytes is None else h.pinned_allocatable_bytes
+    if h.memlock_limit_bytes is not None:
+        pinned = min(pinned, h.memlock_limit_bytes)
+    if c.kind == "cpu":
+        pinned = 0
+    disk = None
+    if profile.disks:
+        if swap_dir:
+            target = os.path.abspath(os.path.expanduser(swap_dir))
+            matches = [d for d in profile.disks
+                       if target == d.path or target.startswith(d.path.rstrip("/") + "/") or d.path == "/"]
+            if matches:
+                disk = max(matches, key=lambda d: len(d.path))
+            else:
+                disk = max(profile.disks, key=lambda d: d.read_gbps)
+                notes.append(f"swap_dir {swap_dir} is on no profiled disk; assuming the speed of {disk.path} "
+                             f"(run `fuyou profile --disk {swap_dir}` to measure it)")
+        else:
+            disk = max(profile.disks, key=lambda d: d.read_gbps)
+    dtypes = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+    machine = Machine(
+        name=(profile.provenance.preset or c.name) if profile.provenance.source == "preset" else c.name,
+        compute_device=c.kind,
+        device_bytes=c.free_memory_bytes,
+        matmul_flops=tuple((ours, c.matmul_flops(theirs)) for ours, theirs in dtypes.items()),
+        matmul_points=tuple((ours, p.size, p.flops) for ours, theirs in dtypes.items()
+                            for m in c.matmul if m.dtype == theirs for p in m.points),
+        device_mem_bps=c.memory_bandwidth_gbps * GB,
+        h2d_bps=links.h2d_pinned.gbps_at(_LINK_SIZE_BYTES) * GB,
+        d2h_bps=links.d2h_pinned.gbps_at(_LINK_SIZE_BYTES) * GB,
+        duplex_h2d_bps=links.duplex_h2d_pinned.gbps_at(_LINK_SIZE_BYTES) * GB,
+        duplex_d2h_bps=links.duplex_d2h_pinned.gbps_at(_LINK_SIZE_BYTES) * GB,
+        host_ram_bytes=h.ram_available_bytes,
+        pinned_bytes=pinned,
+        dram_bps=h.dram_copy_gbps * GB,
+        cpu_adam_params_per_s=h.adamw_all_threads_params_per_s,
+        disk_path=disk.path if disk else None,
+        disk_free_bytes=disk.free_bytes if disk else 0,
+        disk_read_bps=disk.read_gbps * GB if disk else 0.0,
+        disk_write_bps=disk.write_gbps * GB if disk else 0.0,
+    )
+    return machine, tuple(notes)
+
+
+def workload_from_recipe(recipe: Recipe) -> Workload:
+    m = recipe.method
+    zo = m.name == "zo2"
+    return Workload(method=m.name, lora=recipe.peft.type == "lora", compute_dtype=recipe.model.dtype,
+                    batch_size=recipe.training.batch_size, seq_len=recipe.data.max_length,
+                    grad_accum=recipe.training.grad_accum, q=m.q if zo else 1,
+                    zo_momentum=zo and m.variant == "momentum")
+
+
+_TIERS = {"device": Tier.DEVICE, "pinned": Tier.PINNED, "pageable": Tier.PAGEABLE, "host": Tier.PAGEABLE,
+          "ssd": Tier.SSD}
+
+
+def options_from_recipe(recipe: Recipe) -> Options:
+    o = recipe.offload
+    auto = lambda v: None if v == "auto" else v  # noqa: E731
+    return Options(
+        mode=o.mode, swap_dir=o.swap_dir, device_memory_limit_bytes=o.device_memory_limit,
+        host_memory_limit_bytes=o.host_memory_limit, prefetch_depth=auto(o.prefetch_depth),
+        home_dtype=auto(o.home_dtype), resident_layers=auto(o.resident_layers),
+        weights_home=_TIERS.get(o.weights_home), optimizer_home=_TIERS.get(o.optimizer_home),
+        activation=auto(o.activations),
+    )
+
+
+def check_offload_applies(recipe: Recipe) -> None:
+    """Offload settings that the recipe's method would not use are errors, not silently ignored."""
+    o, zo, lora = recipe.offload, recipe.method.name == "zo2", recipe.peft.type == "lora"
+    bad = []
+    if o.home_dtype != "auto" and (not zo or lora):
+        bad.append("offload.home_dtype applies to zo2 full-parameter runs (first-order and LoRA weights live "
+                   "in model.dtype)")
+    if zo and o.activations != "auto":
+        bad.append("offload.activations applies to first-order runs (zo2 keeps no activations for a backward)")
+    if zo and o.optimizer_home != "auto":
+        bad.append("offload.optimizer_home applies to first-order runs (zo2 has no optimizer states)")
+    if lora and o.optimizer_home != "auto":
+        bad.append("offload.optimizer_home: LoRA adapters and their states always stay on the device")
+    if bad:
+        raise RecipeError("; ".join(bad))
+
+
+def hardware_for_recipe(recipe: Recipe, *, profile: str | None = None, preset: str | None = None) -> HardwareProfile:
+    """The machine to plan for: a --profile/--preset given on the command line, else the recipe's
+    hardware section, else this machine's saved profile (an InputError saying how to get one)."""
+    from fuyoucli.errors import InputError
+    from fuyoucli.hardware.profile import default_profile_path, load_profile
+
+    spec = profile or preset or recipe.hardware.profile or recipe.hardware.preset
+    if spec is not None:
+        return load_profile(spec)
+    if not default_profile_path().is_file():
+        raise InputError(f"no hardware profile of this machine at {default_profile_path()}: run `fuyou profile` "
+                         "to measure it, or set hardware.preset in the recipe (or pass --preset NAME; "
+                         "`fuyou profile --list-presets` lists them)")
+    return load_profile(None)
+
+
+def plan_recipe(recipe: Recipe, inv: ModelInventory, profile: HardwareProfile) -> Plan:
+    """The plan for a recipe on a machine, given the model's inventory (model.inventory builds it)."""
+    check_offload_applies(recipe)
+    machine, notes = machine_from_profile(profile, recipe.offload.swap_dir)
+    p = make_plan(inv, workload_from_recipe(recipe), machine, options_from_recipe(recipe))
+    return dataclasses.replace(p, notes=notes + p.notes) if notes else p
+
+
+# ---- search ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Best:
+    placement: Placement | None = None
+    est: Estimate | None = None
+    key: tuple = ()
+
+    def offer(self, pl: Placement, est: Estimate, key: tuple) -> None:
+        if self.placement is None or key < self.key:
+            self.placement, self.est, self.key = pl, est, key
+
+
+class _Search:
+    def __init__(self, inv: ModelInventory, wl: Workload, machine: Machine, opts: Options):
+        self.inv, self.wl, self.m, self.o = inv, wl, machine, opts
+        self.cap = capacities(machine, opts)
+        self.zo, self.cpu = wl.method == "zo2", machine.compute_device == "cpu"
+        self.layers = [i for i, b in enumerate(inv.blocks) if b.name.startswith("layers.")]
+        self.n = len(inv.blocks)
+        self.evals = 0
+
+    def run(self, home_dtype: str, micro: int, depth: int, n_res: int, opt_dev: bool,
+            swap_all: bool = False) -> tuple[Placement, Estimate]:
+        pl = self.build(home_dtype, micro, depth, n_res, opt_dev, swap_all)
+        return pl, self.eval(pl)
+
+    def eval(self, pl: Placement) -> Estimate:
+        self.evals += 1
+        return estimate(self.inv, self.wl, self.m, pl)
+
+    def build(self, home_dtype: str, micro: int, depth: int, n_res: int, opt_dev: bool,
+              swap_all: bool = False) -> Placement:
+        """Resident: embed, head and the last n_res layers. Streamed weights fill the fastest host
+        tier first; optimizer states take the host RAM left, then the SSD."""
+        inv, wl, o, cap = self.inv, self.wl, self.o, self.cap
+        hb = home_bytes(inv, wl, home_dtype)
+        resident = set(i for i in range(self.n) if i not in self.layers)
+        resident.update(self.layers[len(self.layers) - n_res:] if n_res else [])
+        streamed = [i for i in range(self.n) if i not in resident]
+        weights = [Tier.DEVICE] * self.n
+        max_stream = max((hb[i] for i in streamed), default=0)
+        opt_pp = 0 if (self.zo or wl.lora) else optimizer_bytes_per_param(wl)
+        grad = max((inv.blocks[i].trainable_params * DTYPE_BYTES[wl.compute_dtype] for i in range(self.n)), default=0)
+        reserve = (depth + 2) * max_stream + (0 if self.zo else 2 * grad)
+        if swap_all:
+            reserve += sum(wl.tokens_per_step * inv.blocks[i].internal_elems_per_token * DTYPE_BYTES[wl.compute_dtype]
+                           for i in self.layers)
+        ssd_ok = cap.ssd > 0
+        opt_stage = 3 * max((b.trainable_params * opt_pp for b in inv.blocks), default=0) if ssd_ok else 0
+        pinned_left = cap.pinned - reserve
+        host_left = max(cap.pageable, cap.pinned) - reserve - opt_stage
+        for i in streamed:
+            b = hb[i]
+            if self.cpu:
+                weights[i] = Tier.SSD
+            elif o.weights_home is not None:
+                weights[i] = o.weights_home
+            elif b <= pinned_left and b <= host_left:
+                weights[i], pinned_left, host_left = Tier.PINNED, pinned_left - b, host_left - b
+            elif b <= host_left:
+                weights[i], host_left = Tier.PAGEABLE, host_left - b
+            elif ssd_ok:
+                weights[i] = Tier.SSD
+            else:
+                weights[i], host_left = Tier.PAGEABLE, host_left - b  # does not fit: reported
+        if o.weights_home is not None and not self.cpu:
+            host_left -= sum(hb[i] for i in streamed if o.weights_home in (Tier.PINNED, Tier.PAGEABLE))
+        if self.cpu:
+            host_left = cap.device - sum(hb[i] for i in resident)
+        optim: list[Tier | None] = [None] * self.n
+        for i, s in enumerate(inv.blocks):
+            if self.zo or not s.trainable_params:
+                continue
+            if wl.lora:
+                optim[i] = Tier.DEVICE
+                continue
+            need = s.trainable_params * opt_pp
+            if o.optimizer_home is not None:
+                optim[i] = o.optimizer_home
+            elif i in resident and opt_dev:
+                optim[i] = Tier.DEVICE
+            elif self.cpu:
+                optim[i] = Tier.DEVICE if need <= host_left or not ssd_ok else Tier.SSD
+                host_left -= need if optim[i] is Tier.DEVICE else 0
+            elif need <= host_left or not ssd_ok:
+                optim[i], host_left = Tier.PAGEABLE, host_left - need
+            else:
+                optim[i] = Tier.SSD
+        act: list[str | None] = [None] * self.n
+        if not self.zo:
+            for i in range(self.n):
+                act[i] = (o.activation or ("swap" if swap_all else "recompute")) if i in self.layers else "keep"
+        return Placement(home_dtype=home_dtype, weights_home=tuple(weights), optimizer_home=tuple(optim),
+                         activation=tuple(act), prefetch_depth=depth if streamed else 0, micro_batch_size=micro)
+
+    def swappable(self, pl: Placement) -> bool:
+        return not self.zo and not self.cpu and self.o.activation is None and bool(self.layers)
+
+    def tune_activations(self, pl: Placement, est: Estimate) -> tuple[Placement, Estimate]:
+        """Keep saved activations on the device while it has room (free in time), then swap the rest
+        to pinned host memory while that lowers the step (convex in the swapped count, as Fuyou
+        observes); the others are recomputed from the block's input."""
+        if self.zo or self.o.activation is not None or not self.layers:
+            return pl, est
+        wl, cb = self.wl, DTYPE_BYTES[self.wl.compute_dtype]
+        order = sorted(self.layers, key=lambda i: -i)  # the backward meets the last layers first
+
+        def with_acts(keep: int, swap: int) -> Placement:
+            act = list(pl.activation)
+            for k, i in enumerate(order):
+                act[i] = "keep" if k < keep else ("swap" if k < keep + swap else "recompute")
+            return dataclasses.replace(pl, activation=tuple(act))
+
+        per = max(1, wl.tokens_per_step * max(self.inv.blocks[i].internal_elems_per_token
+                                               - self.inv.blocks[i].boundary_elems_per_token for i in order) * cb)
+        slack = self.cap.device - est.memory.device
+        keep = max(0, min(len(order), slack // per)) if slack > 0 else 0
+        best_pl, best_est = pl, est
+        while keep > 0:
+            cand = with_acts(keep, 0)
+            e = self.eval(cand)
+            if fits(e.memory, self.cap):
+                best_pl, best_est = cand, e
+                break
+            keep -= 1
+        rest = len(order) - keep
+        if rest == 0 or self.cpu or best_est.times.bottleneck in ("h2d", "d2h"):
+            return best_pl, best_est
+
+        def cost(s: int) -> tuple[float, Placement, Estimate]:
+            cand = with_acts(keep, s)
+            e = self.eval(cand)
+            return (e.times.step_s if fits(e.memory, self.cap) else float("inf")), cand, e
+
+        lo, hi = 0, rest
+        while hi - lo > 32:  # ternary search on an integer, convex step time; exhaustive when small
+            m1, m2 = lo + (hi - lo) // 3, hi - (hi - lo) // 3
+            c1, c2 = cost(m1)[0], cost(m2)[0]
+            if c1 == c2 == float("inf"):
+                lo = m1  # too few swaps leave the device short: the feasible side is above
+            elif c1 <= c2:
+                hi = m2
+            else:
+                lo = m1
+        for s in range(lo, hi + 1):
+            t, cand, e = cost(s)
+            if t < best_est.times.step_s:
+                best_pl, best_est = cand, e
+        return best_pl, best_est
+
+
+def _key(pl: Placement, est: Estimate) -> tuple:
+    """Fastest first; on a tie, fewer streamed blocks (nothing to go wrong on the link), then the larger
+    micro-batch, the smaller prefetch depth and the smaller device footprint."""
+    streamed = sum(1 for t in pl.weights_home if t is not Tier.DEVICE)
+    return (round(est.times.step_s, 9), streamed, -pl.micro_batch_size, pl.prefetch_depth, est.memory.device)
+
+
+def _divisors_desc(n: int) -> list[int]:
+    return [d for d in range(n, 0, -1) if n % d == 0]
+
+
+def _grid(n_layers: int) -> list[int]:
+    if n_layers <= 24:
+        return list(range(n_layers + 1))
+    return sorted({round(k * n_layers / 16) for k in range(17)})
+
+
+def search(inv: ModelInventory, wl: Workload, machine: Machine, opts: Options) -> tuple[Placement, Estimate, bool, list[str]]:
+    """(placement, estimate, feasible, notes): the fastest fitting candidate, else the smallest one."""
+    s = _Search(inv, wl, machine, opts)
+    cd = wl.compute_dtype
+    notes: list[str] = []
+    L = len(s.layers)
+    if opts.home_dtype is not None:
+        home_dtypes = [opts.home_dtype]
+    elif wl.method == "zo2" and not wl.lora:
+        home_dtypes = ["float32"] + ([cd] if cd != "float32" else [])
+    else:
+        home_dtypes = [cd]
+    if opts.mode == "in_memory":
+        n_res_options = [L]
+    elif opts.resident_layers is not None:
+        n_res_options = [min(opts.resident_layers, L)]
+    elif opts.optimizer_home is Tier.DEVICE:
+        n_res_options = [L]
+    elif opts.mode == "stream":
+        n_res_options = [0]
+    else:
+        n_res_options = _grid(L)
+    opt_devs = [True, False] if (wl.method == "adamw" and not wl.lora and opts.optimizer_home is None) else [False]
+    depths = [opts.prefetch_depth] if opts.prefetch_depth is not None else [1, 0]
+
+    for hd in home_dtypes:
+        best = _Best()
+        for micro in _divisors_desc(wl.batch_size):
+            mbest = _Best()  # per micro-batch size: activation tuning depends on it
+            for depth in depths:
+                tried: set[tuple] = set()
+
+                def trial(n_res: int, od: bool) -> None:
+                    if (n_res, od) in tried:
+                        return
+                    tried.add((n_res, od))
+                    pl, est = s.run(hd, micro, depth, n_res, od)
+                    if not fits(est.memory, s.cap) and s.swappable(pl):
+                        # activations do not fit on the device even recomputed: swap them all to pinned
+                        # host memory, reserved before weights and optimizer states take the host
+                        pl, est = s.run(hd, micro, depth, n_res, od, swap_all=True)
+                    if fits(est.memory, s.cap):
+                        mbest.offer(pl, est, _key(pl, est))
+
+                for n_res in n_res_options:
+                    for od in opt_devs:
+                        trial(n_res, od)
+                if len(n_res_options) > 1 and mbest.placement is not None and len(n_res_options) < L + 1:
+                    center = sum(1 for i in s.layers if mbest.placement.weights_home[i] is Tier.DEVICE)
+                    step = max(1, L // 16)
+                    for n_res in range(max(0, center - step), min(L, center + step) + 1):
+                        for od in opt_devs:
+                            trial(n_res, od)
+                if mbest.placement is not None and depth > 0:
+                    break  # a pipelined plan fits: depth 0 (synchronous) is only the fallback
+            if mbest.placement is not None:
+                pl, est = s.tune_activations(mbest.placement, mbest.est)
+                best.offer(pl, est, _key(pl, est))
+        if best.placement is not None:
+            if hd != home_dtypes[0]:
+                notes.append(f"zo2 weights live in {hd} at home: float32 did not fit; updates smaller than "
+                             f"{hd}'s resolution are lost (set offload.home_dtype to choose)")
+            return best.placement, best.est, True, notes
+    # Nothing fits: the smallest candidate, to say what binds and by how much.
+    hd = home_dtypes[-1]
+    n_res = n_res_options[0] if len(n_res_options) == 1 else 0
+    pl, est = s.run(hd, 1, 0 if opts.prefetch_depth is None else opts.prefetch_depth, n_res, False)
+    return pl, est, False, notes
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit, size in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6)):
+        if abs(n) >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+def make_plan(inv: ModelInventory, wl: Workload, machine: Machine, opts: Options, *, suggest: bool = True) -> Plan:
+    """Search, then assemble the Plan; when nothing fits, the reasons and the nearest changes that fit."""
+    pl, est, feasible, notes = search(inv, wl, machine, opts)
+    if (feasible and suggest and wl.method == "zo2" and not wl.lora and opts.home_dtype is None
+            and pl.home_dtype == "float32" and wl.compute_dtype != "float32"):
+        half = search(inv, wl, machine, dataclasses.replace(opts, home_dtype=wl.compute_dtype))
+        if half[2] and half[1].times.step_s < 0.67 * est.times.step_s:
+            notes.append(f"offload.home_dtype: {wl.compute_dtype} would take {half[1].times.step_s:.3g} s/step "
+                         f"instead of {est.times.step_s:.3g} (half the bytes to move; updates below "
+                         f"{wl.compute_dtype}'s resolution are lost)")
+    cap = capacities(machine, opts)
+    hb = home_bytes(inv, wl, pl.home_dtype)
+    opt_pp = optimizer_bytes_per_param(wl)
+    mom = 4 if wl.zo_momentum and wl.method == "zo2" else 0
+    blocks = tuple(
+        BlockPlan(name=b.name, param_bytes=hb[i], weights_home=pl.weights_home[i], optimizer_home=pl.optimizer_home[i],
+                  activation=pl.activation[i], params=b.params, trainable_params=b.trainable_params,
+                  optimizer_bytes=b.trainable_params * (mom if wl.method == "zo2" else opt_pp))
+        for i, b in enumerate(inv.blocks))
+    reasons: tuple[str, ...] = ()
+    suggestions: tuple[str, ...] = ()
+    if not feasible:
+        reasons = tuple(_reasons(est, cap, machine, opts))
+        if suggest:
+            suggestions = tuple(_suggestions(inv, wl, machine, opts, est, cap))
+    step = est.times.step_s
+    best_rate = machine.flops(wl.compute_dtype)
+    micro_batches = wl.batch_size * wl.grad_accum // pl.micro_batch_size
+    return Plan(
+        method=wl.method, compute_device=machine.compute_device, blocks=blocks, prefetch_depth=pl.prefetch_depth,
+        device_buffers=est.device_buffers, home_dtype=pl.home_dtype, wire_dtype=est.wire_dtype,
+        compute_dtype=wl.compute_dtype, pinned_pool_bytes=est.pinned_pool_bytes,
+        swap_dir=opts.swap_dir, device_budget_bytes=cap.device, memory=est.memory, capacity=cap, times=est.times,
+        tokens_per_s=wl.tokens_per_step / step if step > 0 else 0.0, feasible=feasible, reasons=reasons,
+        suggestions=suggestions, micro_batch_size=pl.micro_batch_size, micro_batches=micro_batches,
+        seq_len=wl.seq_len, tokens_per_step=wl.tokens_per_step, flops_per_step=est.flops_per_step,
+        tflops=est.flops_per_step / step / 1e12 if step > 0 else 0.0,
+        gpu_utilization=est.flops_per_step / step / best_rate if step > 0 and best_rate > 0 else 0.0,
+        lora=wl.lora, model=inv.model_type, machine=machine.name, notes=tuple(notes),
+    )
+
+
+def _reasons(est: Estimate, cap: TierBytes, machine: Machine, opts: Options) -> list[str]:
+    out = []
+    for tier, need, have in overflows(est.memory, cap):
+        if tier == "device":
+            parts = ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in sorted(est.device_parts, key=lambda kv: -kv[1])[:3])
+            limit = " (offload.device_memory_limit)" if opts.device_memory_limit_bytes is not None else ""
+            out.append(f"device memory: needs {_fmt_bytes(need)} at the least, the device offers "
+                       f"{_fmt_bytes(cap.device)}{limit} after headroom ({parts})")
+        elif tier == "host":
+            out.append(f"host RAM: needs {_fmt_bytes(need)}, this machine offers {_fmt_bytes(have)} after headroom")
+        elif tier == "pinned":
+            out.append(f"pinned host memory: needs {_fmt_bytes(need)}, {_fmt_bytes(have)} can be pinned")
+        else:
+            where = f"under {opts.swap_dir}" if opts.swap_dir else "(no offload.swap_dir set)"
+            out.append(f"SSD: needs {_fmt_bytes(need)} {where}, has {_fmt_bytes(have)}")
+    if opts.mode == "in_memory" and not out:
+        out.append("offload.mode in_memory keeps everything on the device, and it does not fit")
+    return out or ["no placement fits the capacities above"]
+
+
+def _suggestions(inv: ModelInventory, wl: Workload, machine: Machine, opts: Options, est: Estimate,
+                 cap: TierBytes) -> list[str]:
+    """Nearby changes, each planned again; the ones that fit come first, fastest first."""
+    R = dataclasses.replace
+    tries: list[tuple[str, Workload, Options]] = []
+    over = {t for t, _, _ in overflows(est.memory, cap)}
+    if opts.mode == "in_memory":
+        tries.append(("set offload.mode: auto (stream what does not fit)", wl, R(opts, mode="auto")))
+    forced = [k for k in ("resident_layers", "weights_home", "optimizer_home", "activation", "prefetch_depth",
+                          "home_dtype") if getattr(opts, k) is not None]
+    if forced:
+        names = ", ".join("activations" if k == "activation" else k for k in forced)
+        tries.append((f"let the planner choose offload.{names} (remove the setting)", wl,
+                      R(opts, **{k: None for k in forced})))
+    if not opts.swap_dir and machine.disk_read_bps > 0 and over & {"host", "pinned"}:
+        tries.append((f"set offload.swap_dir to a folder on {machine.disk_path} "
+                      f"({_fmt_bytes(machine.disk_free_bytes)} free)", wl, R(opts, swap_dir=machine.disk_path)))
+    if not wl.lora:
+        tries.append(("use peft.type: lora", R(wl, lora=True), opts))
+    if wl.method == "adamw":
+        tries.append(("use method.name: zo2", R(wl, method="zo2", q=1), opts))
+    if wl.compute_dtype == "float32" and machine.flops("bfloat16") > 0:
+        tries.append(("use model.dtype: bfloat16", R(wl, compute_dtype="bfloat16"), opts))
+    if opts.device_memory_limit_bytes is not None:
+        tries.append(("remove offload.device_memory_limit", wl, R(opts, device_memory_limit_bytes=None)))
+    b = wl.batch_size
+    while b > 1:
+        b //= 2
+        tries.append((f"lower training.batch_size to {b}" + (f" and raise training.grad_accum to "
+                      f"{wl.grad_accum * wl.batch_size // b} (same examples per step)" if wl.method == "adamw" else ""),
+                      R(wl, batch_size=b, grad_accum=wl.grad_accum * (wl.batch_size // b) if wl.method == "adamw"
+                        else wl.grad_accum), opts))
+    if wl.seq_len > 256:
+        tries.append((f"lower data.max_length to {wl.seq_len // 2}", R(wl, seq_len=wl.seq_len // 2), opts))
+    fit, nofit = [], []
+    batch_seen = False
+    for text, w, o in tries:
+        if text.startswith("lower training.batch_size") and batch_seen:
+            continue
+        p = make_plan(inv, w, machine, o, suggest=False)
+        if p.feasible:
+            if text.startswith("lower training.batch_size"):
+                batch_seen = True  # the largest batch that fits is the one worth saying
+            fit.append((p.times.step_s, f"{text}: fits, {p.times.step_s:.3g} s/step ({p.times.bottleneck}-bound)"))
+        elif not text.startswith("lower training.batch_size"):
+            nofit.append(f"{text}: still does not fit")
+    return [t for _, t in sorted(fit)] + nofit[:2]

@@ -1,0 +1,170 @@
+"""The cost model on integer inputs: exact bytes per tier, seconds per resource, the overlap model."""
+
+from __future__ import annotations
+
+import pytest
+
+from fuyoucli.plan.cost import Placement, capacities, estimate, fits, overflows
+from fuyoucli.plan.types import BlockSpec, Machine, ModelInventory, Options, Tier, TierBytes, Workload
+
+D, P, G, S = Tier.DEVICE, Tier.PINNED, Tier.PAGEABLE, Tier.SSD
+
+
+def toy(layers: int = 4, layer_params: int = 1000, hidden: int = 4, internal: int = 16, trainable: bool = True) -> ModelInventory:
+    def spec(name, params, flops, attn=0, boundary=hidden, inner=internal):
+        return BlockSpec(name, params, params if trainable else 0, params // 2, flops, attn, None, boundary, inner)
+
+    blocks = ([spec("embed", 500, 0, inner=hidden)]
+              + [spec(f"layers.{i}", layer_params, 2 * layer_params, attn=8) for i in range(layers)]
+              + [spec("head", 100, 200, boundary=0, inner=40)])
+    return ModelInventory("toy", hidden, layers, 25, False, tuple(blocks))
+
+
+def machine(**kw) -> Machine:
+    base = dict(name="toy", compute_device="cuda", device_bytes=10**6,
+                matmul_flops=(("float32", 1_000_000.0), ("bfloat16", 2_000_000.0), ("float16", 2_000_000.0)),
+                device_mem_bps=10**9, h2d_bps=1000.0, d2h_bps=1000.0, duplex_h2d_bps=800.0, duplex_d2h_bps=800.0,
+                host_ram_bytes=10**6, pinned_bytes=10**6, dram_bps=10**5, cpu_adam_params_per_s=1000.0,
+                disk_path="/nvme", disk_free_bytes=10**7, disk_read_bps=500.0, disk_write_bps=250.0)
+    base.update(kw)
+    return Machine(**base)
+
+
+def placement(inv, homes, *, home_dtype="float32", depth=1, micro=1, optim=None, act=None) -> Placement:
+    n = len(inv.blocks)
+    return Placement(home_dtype, tuple(homes), tuple(optim or [None] * n), tuple(act or [None] * n), depth, micro)
+
+
+ZO = Workload("zo2", False, "float32", batch_size=1, seq_len=8)
+
+
+def test_attention_term_and_window():
+    b = BlockSpec("layers.0", 10, 10, 5, 100, 8, None, 4, 16)
+    assert b.forward_flops_per_token(7) == 100 + 8 * 4  # causal: (7 + 1) // 2 keys on average
+    w = BlockSpec("layers.0", 10, 10, 5, 100, 8, 2, 4, 16)
+    assert w.forward_flops_per_token(1000) == 100 + 8 * 2
+    assert b.param_bytes("bfloat16") == 20
+
+
+def test_zo2_streamed_bytes_and_times():
+    inv = toy()
+    est = estimate(inv, ZO, machine(), placement(inv, [D, P, P, P, P, D]))
+    # resident embed + head (fp32) + 3 buffers (fetching, computing, writing back) of one 4000-byte layer
+    # + work buffers (a layer's compute copy + one tensor's z) + 2q hidden streams + one layer's internals
+    acts = (2 * 1 * 8 * 4 + 8 * 40) * 4
+    assert est.memory == TierBytes(device=600 * 4 + 3 * 4000 + (1000 * 4 + 500 * 4) + acts, pinned=16000, pageable=0, ssd=0)
+    assert est.device_buffers == 3 and est.wire_dtype == "float32" and est.pinned_pool_bytes == 0
+    t = est.times
+    assert t.h2d_s == pytest.approx(16000 / 800) and t.d2h_s == pytest.approx(16000 / 800)  # both ways at once: duplex
+    flops = 2 * 8 * (500 * 0 + 4 * (2000 + 8 * 4) + 200)
+    assert est.flops_per_step == flops
+    assert t.gpu_s == pytest.approx(flops / 1e6 + (4 * 1000 + 600) * 40 / 1e9)  # z drawn, applied 3x per param
+    # pipelined: the busiest resource, plus the first layer's fetch and the last one's write-back, less
+    # what the resident embed (before) and head (after) compute meanwhile
+    embed_s, head_s = 500 * 40 / 1e9, 2 * 8 * 200 / 1e6 + 100 * 40 / 1e9
+    assert t.step_s == pytest.approx(20 + (5 - embed_s) + (5 - head_s))
+    assert t.bottleneck == "h2d"
+
+
+def test_zo2_prefetch_depth_zero_is_serial():
+    inv = toy()
+    est = estimate(inv, ZO, machine(), placement(inv, [D, P, P, P, P, D], depth=0))
+    t = est.times
+    assert t.step_s == pytest.approx(t.gpu_s + t.h2d_s + t.d2h_s)
+    assert est.device_buffers == 1
+
+
+def test_zo2_ssd_home_reads_and_writes_the_drive_and_stages_in_pinned():
+    inv = toy()
+    est = estimate(inv, ZO, machine(), placement(inv, [D, S, S, S, S, D]))
+    assert est.memory.ssd == 16000
+    assert est.pinned_pool_bytes == 3 * 4000 and est.memory.pinned == 3 * 4000
+    assert est.times.ssd_read_s == pytest.approx(16000 / 500) and est.times.ssd_write_s == pytest.approx(16000 / 250)
+    assert est.times.bottleneck == "ssd"
+    # one drive: its reads and writes add up in the step
+    assert est.times.step_s >= 16000 / 500 + 16000 / 250
+
+
+def test_zo2_half_home_halves_the_traffic():
+    inv = toy()
+    wl = Workload("zo2", False, "bfloat16", batch_size=1, seq_len=8)
+    est = estimate(inv, wl, machine(), placement(inv, [D, P, P, P, P, D], home_dtype="bfloat16"))
+    assert est.memory.pinned == 8000 and est.wire_dtype == "bfloat16"
+    assert est.times.h2d_s == pytest.approx(8000 / 800)
+
+
+def test_zo2_lora_base_is_read_only():
+    inv = ModelInventory("toy", 4, 2, 25, False, (
+        BlockSpec("embed", 500, 0, 250, 0, 0, None, 4, 4),
+        BlockSpec("layers.0", 1000, 10, 500, 2000, 8, None, 4, 16),
+        BlockSpec("layers.1", 1000, 10, 500, 2000, 8, None, 4, 16),
+        BlockSpec("head", 100, 0, 50, 200, 0, None, 0, 40)))
+    wl = Workload("zo2", True, "float32", batch_size=1, seq_len=8)
+    est = estimate(inv, wl, machine(), placement(inv, [D, P, P, D]))
+    assert est.memory.pinned == 2 * 990 * 4
+    assert est.times.d2h_s == 0 and est.times.h2d_s == pytest.approx(2 * 3960 / 1000)  # one way only: simplex rate
+    assert est.device_buffers == 2  # fetching + computing, nothing written back
+
+
+def test_first_order_traffic_optimizer_and_activations():
+    inv = toy()
+    wl = Workload("adamw", False, "float32", batch_size=1, seq_len=8)
+    n = len(inv.blocks)
+    optim = [G] * n
+    act = ["keep"] + ["recompute"] * 4 + ["keep"]
+    est = estimate(inv, wl, machine(), placement(inv, [D, P, P, P, P, D], optim=optim, act=act))
+    t = est.times
+    # weights fetched for forward and again for backward; gradients D2H; resident blocks get updated weights back
+    assert t.h2d_s == pytest.approx(4000 / 1000 * 4 + 4000 / 800 * 4 + 600 * 4 / 800)
+    assert t.d2h_s == pytest.approx((4 * 4000 + 600 * 4) / 800)
+    assert t.cpu_optimizer_s == pytest.approx((4 * 1000 + 600) / 1000)
+    # fp32 weights are their own master: m + v on the host
+    assert est.memory.pageable == (4 * 1000 + 600) * 8
+    fwd_flops = 8 * (4 * (2000 + 32) + 200)
+    assert est.flops_per_step == 3 * fwd_flops + 8 * 4 * (2000 + 32)  # forward, 2x backward, recompute
+    swapped = estimate(inv, wl, machine(), placement(inv, [D, P, P, P, P, D], optim=optim,
+                                                       act=["keep"] + ["swap"] * 4 + ["keep"]))
+    assert swapped.memory.pinned == 16000 + 4 * 8 * 16 * 4 + 2 * 4000
+    assert swapped.flops_per_step == 3 * fwd_flops
+
+
+def test_first_order_optimizer_on_ssd():
+    inv = toy(layers=2)
+    wl = Workload("adamw", False, "bfloat16", batch_size=1, seq_len=8)
+    optim = [G, S, S, G]
+    est = estimate(inv, wl, machine(), placement(inv, [D, P, P, D], optim=optim, act=["keep"] * 4))
+    assert est.memory.ssd == 2 * 1000 * 12  # fp32 master + m + v
+    assert est.times.ssd_read_s == pytest.approx(24000 / 500) and est.times.ssd_write_s == pytest.approx(24000 / 250)
+
+
+def test_cpu_device_streams_from_ssd_without_links():
+    inv = toy()
+    m = machine(compute_device="cpu", pinned_bytes=0)
+    est = estimate(inv, ZO, m, placement(inv, [D, S, S, S, S, D]))
+    assert est.times.h2d_s == 0 and est.times.d2h_s == 0 and est.memory.pinned == 0
+    assert est.times.ssd_read_s == pytest.approx(16000 / 500)
+
+
+def test_capacities_and_limits():
+    m = machine(device_bytes=1000, host_ram_bytes=2000, pinned_bytes=500)
+    assert capacities(m, Options()) == TierBytes(device=920, pinned=500, pageable=1800, ssd=0)
+    assert capacities(m, Options(swap_dir="/nvme/x", device_memory_limit_bytes=500)) == \
+        TierBytes(device=460, pinned=500, pageable=1800, ssd=9_500_000)
+    cap = TierBytes(device=10, pinned=10, pageable=15, ssd=0)
+    assert fits(TierBytes(10, 5, 10, 0), cap)
+    assert not fits(TierBytes(10, 10, 10, 0), cap)  # pinned + pageable exceed host RAM
+    assert overflows(TierBytes(11, 10, 10, 1), cap) == [("device", 11, 10), ("host", 20, 15), ("ssd", 1, 0)]
+
+
+def test_plan_package_is_pure():
+    """STYLE.md principle 1: plan/ imports no torch and nothing from the model, engine or train stages."""
+    import ast
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).parents[2] / "fuyoucli" / "plan").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            for name in names:
+                assert name.split(".")[0] != "torch", (path.name, name)
+                assert not name.startswith(("fuyoucli.model", "fuyoucli.engine", "fuyoucli.train")), (path.name, name)

@@ -1,0 +1,136 @@
+"""Model inventory from a config alone: the trainers' blocks, with bytes, FLOPs and activation sizes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fuyoucli.errors import ModelError
+from fuyoucli.model.inventory import inventory, inventory_from_config
+from fuyoucli.recipe import ModelConfig, PeftConfig
+
+COMMON = dict(vocab_size=384, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+CONFIGS = {
+    "llama": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, tie_word_embeddings=False),
+    "mistral": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, sliding_window=16),
+    "qwen2": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, tie_word_embeddings=True),
+    "qwen3": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, tie_word_embeddings=True),
+    "opt": dict(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=16),
+    "gpt2": dict(n_embd=32, n_layer=2, n_head=4),
+    "gpt_neox": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
+    "gemma": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=1, head_dim=8),
+    "gemma3_text": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=1, head_dim=8, sliding_window=8),
+}
+
+
+def config(arch: str):
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(arch, **CONFIGS[arch], **COMMON)
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_blocks_match_the_trainers_split(arch):
+    """Same names, order and parameter assignment (tied weights in 'embed') as model.blocks."""
+    from transformers import AutoModelForCausalLM
+
+    from fuyoucli.model.blocks import param_blocks
+
+    real = AutoModelForCausalLM.from_config(config(arch))
+    expected = [(b.name, b.numel) for b in param_blocks(real, trainable_only=False)]
+    inv = inventory_from_config(config(arch))
+    assert [(b.name, b.params) for b in inv.blocks if b.params] == expected
+    assert inv.params == sum(p.numel() for p in real.parameters())
+    assert inv.trainable_params == inv.params
+    assert inv.num_layers == real.config.num_hidden_layers and inv.hidden_size == 32
+    assert inv.blocks[0].name == "embed" and inv.blocks[-1].name == "head"
+    assert all(b.matmul_flops_per_token > 0 for b in inv.blocks if b.name != "embed")
+
+
+def test_tied_head_weight_lives_in_embed_but_computes_in_head():
+    inv = inventory_from_config(config("qwen2"))
+    head = inv.blocks[-1]
+    assert inv.tied_embeddings
+    assert head.params == 32  # the final norm only
+    assert inv.blocks[0].params == 384 * 32
+    assert head.matmul_flops_per_token == 2 * 32 * 384
+
+
+def test_llama_flops_and_activations_by_formula():
+    inv = inventory_from_config(config("llama"))
+    h, i, heads, kv, hd, v = 32, 64, 4, 2, 8, 384
+    layer = inv.blocks[1]
+    assert layer.matmul_flops_per_token == 2 * (h * heads * hd + 2 * h * kv * hd + heads * hd * h + 3 * h * i)
+    assert layer.attention_flops_per_token_per_key == 4 * heads * hd
+    assert layer.attention_window is None
+    assert layer.forward_flops_per_token(128) == layer.matmul_flops_per_token + 4 * heads * hd * 64
+    assert layer.boundary_elems_per_token == h
+    assert layer.internal_elems_per_token == (heads * hd + 2 * kv * hd + h + 2 * i + h) + 4 * h
+    assert layer.max_tensor_params == h * i
+    assert inv.blocks[-1].matmul_flops_per_token == 2 * h * v
+    assert inv.blocks[0].matmul_flops_per_token == 0
+
+
+def test_sliding_window_caps_the_attention_term():
+    mistral = inventory_from_config(config("mistral")).blocks[1]
+    assert mistral.attention_window == 16
+    assert mistral.forward_flops_per_token(4096) == mistral.forward_flops_per_token(33)
+
+
+def test_lora_trainable_counts_match_peft():
+    from transformers import AutoModelForCausalLM
+
+    from fuyoucli.model.blocks import param_blocks
+    from fuyoucli.model.loading import apply_lora
+
+    peft_cfg = PeftConfig(type="lora", r=4, target_modules=["q_proj", "v_proj"])
+    inv = inventory_from_config(config("llama"), peft_cfg)
+    real = apply_lora(AutoModelForCausalLM.from_config(config("llama")), peft_cfg, head="causal_lm", seed=0)
+    expected = {b.name: (b.numel, sum(p.numel() for _, p in b.params if p.requires_grad))
+                for b in param_blocks(real, trainable_only=False)}
+    assert {b.name: (b.params, b.trainable_params) for b in inv.blocks} == expected
+    assert inv.blocks[1].trainable_params == (4 * 32 + 32 * 4) + (4 * 32 + 16 * 4)  # A and B of q (32->32), v (32->16)
+    assert inv.blocks[0].trainable_params == 0
+
+
+def test_classification_head_is_sized_by_the_labels():
+    inv = inventory_from_config(config("llama"), head="sequence_classification", num_labels=3)
+    assert inv.blocks[-1].params == 32 + 32 * 3  # final norm + score
+    assert inv.blocks[-1].matmul_flops_per_token == 2 * 32 * 3
+
+
+def test_a_folder_with_only_config_json_is_enough(tmp_path):
+    """What-if planning of a model whose weights are not here."""
+    folder = tmp_path / "opt-13b"
+    folder.mkdir()
+    cfg = {"model_type": "opt", "hidden_size": 5120, "ffn_dim": 20480, "num_hidden_layers": 40,
+           "num_attention_heads": 40, "max_position_embeddings": 2048, "word_embed_proj_dim": 5120,
+           "vocab_size": 50272, "do_layer_norm_before": True}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    inv = inventory(ModelConfig(path=str(folder)), PeftConfig())
+    assert inv.num_layers == 40 and len(inv.blocks) == 42
+    assert 12.8e9 < inv.params < 12.9e9  # OPT-13B: 12.85 B parameters
+
+
+def test_planning_does_not_move_the_global_rng():
+    import torch
+
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    inventory_from_config(config("llama"), PeftConfig(type="lora", r=2))
+    assert torch.equal(before, torch.random.get_rng_state())
+
+
+def test_an_architecture_it_cannot_build_names_it():
+    from transformers import AutoConfig
+
+    with pytest.raises(ModelError, match="t5"):
+        inventory_from_config(AutoConfig.for_model("t5", d_model=16, num_layers=1, num_heads=2, d_kv=8, d_ff=32,
+                                                   vocab_size=64))

@@ -1,0 +1,241 @@
+"""The search: integer budgets in, exact placements out; infeasible runs explained; monotone in resources."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from fuyoucli.plan.search import make_plan, machine_from_profile
+from fuyoucli.plan.types import BlockSpec, Machine, ModelInventory, Options, Plan, Tier, Workload
+
+D, P, G, S = Tier.DEVICE, Tier.PINNED, Tier.PAGEABLE, Tier.SSD
+ZO = Workload("zo2", False, "float32", batch_size=1, seq_len=8)
+AD = Workload("adamw", False, "float32", batch_size=1, seq_len=8)
+
+
+def toy(layers: int = 8, layer_params: int = 1000, internal: int = 16) -> ModelInventory:
+    def spec(name, params, flops, attn=0, boundary=4, inner=internal):
+        return BlockSpec(name, params, params, params // 2, flops, attn, None, boundary, inner)
+
+    blocks = ([spec("embed", 500, 0, inner=4)]
+              + [spec(f"layers.{i}", layer_params, 2 * layer_params, attn=8) for i in range(layers)]
+              + [spec("head", 100, 200, boundary=0, inner=40)])
+    return ModelInventory("toy", 4, layers, 25, False, tuple(blocks))
+
+
+def machine(**kw) -> Machine:
+    base = dict(name="toy", compute_device="cuda", device_bytes=10**6,
+                matmul_flops=(("float32", 1_000_000.0), ("bfloat16", 2_000_000.0), ("float16", 2_000_000.0)),
+                device_mem_bps=10**9, h2d_bps=1000.0, d2h_bps=1000.0, duplex_h2d_bps=800.0, duplex_d2h_bps=800.0,
+                host_ram_bytes=10**6, pinned_bytes=10**6, dram_bps=10**5, cpu_adam_params_per_s=1000.0,
+                disk_path="/nvme", disk_free_bytes=10**7, disk_read_bps=500.0, disk_write_bps=250.0)
+    base.update(kw)
+    return Machine(**base)
+
+
+def homes(plan: Plan) -> list[Tier]:
+    return [b.weights_home for b in plan.blocks]
+
+
+# Device use of the toy zo2 run when every layer streams: resident embed + head (2400), three layer
+# buffers (12000), work buffers (6000) and activations (1536); each resident layer adds 4000.
+STREAMING_BASE = 21936
+
+
+def test_everything_resident_when_it_fits():
+    p = make_plan(toy(), ZO, machine(), Options())
+    assert p.feasible and homes(p) == [D] * 10
+    assert p.prefetch_depth == 0 and p.device_buffers == 0 and p.pinned_pool_bytes == 0
+
+
+def test_resident_layers_are_the_last_ones_that_fit():
+    # 35000 bytes of device budget: streaming 5 layers (33936) fits, streaming 4 (37936) does not, and
+    # all resident (41936) does not either.
+    p = make_plan(toy(), ZO, machine(device_bytes=38044), Options())
+    assert p.device_budget_bytes == 35000
+    assert p.feasible and homes(p) == [D, P, P, P, P, P, D, D, D, D]
+    assert p.memory.device == STREAMING_BASE + 3 * 4000
+    assert (p.prefetch_depth, p.device_buffers, p.home_dtype, p.wire_dtype) == (1, 3, "float32", "float32")
+    assert p.times.bottleneck == "h2d"
+
+
+def test_streamed_weights_fill_pinned_then_pageable_then_ssd():
+    small = machine(device_bytes=26000)  # too small for any resident layer
+    p = make_plan(toy(layers=5), ZO, small, Options())
+    assert homes(p) == [D, P, P, P, P, P, D]
+    # pinned: 12000 reserved for staging, room for two layers
+    p = make_plan(toy(layers=5), ZO, machine(device_bytes=26000, pinned_bytes=20000), Options())
+    assert homes(p) == [D, P, P, G, G, G, D]
+    assert p.memory.pinned == 20000 and p.pinned_pool_bytes == 12000 and p.memory.pageable == 12000
+    # host RAM for one more layer; the rest goes to the SSD under swap_dir
+    p = make_plan(toy(layers=5), ZO, machine(device_bytes=26000, pinned_bytes=20000, host_ram_bytes=27000),
+                  Options(swap_dir="/nvme/fuyou"))
+    assert p.feasible and homes(p) == [D, P, P, G, S, S, D]
+    assert (p.memory.ssd, p.swap_dir) == (8000, "/nvme/fuyou")
+
+
+def test_infeasible_says_what_binds_and_what_fits():
+    m = machine(device_bytes=26000, pinned_bytes=20000, host_ram_bytes=20000)
+    p = make_plan(toy(layers=5), ZO, m, Options())
+    assert not p.feasible
+    assert any(r.startswith("host RAM: needs") for r in p.reasons), p.reasons
+    assert any(s.startswith("set offload.swap_dir to a folder on /nvme") and "fits" in s for s in p.suggestions)
+
+
+def test_in_memory_mode_that_does_not_fit_suggests_streaming():
+    p = make_plan(toy(), ZO, machine(device_bytes=38044), Options(mode="in_memory"))
+    assert not p.feasible and homes(p) == [D] * 10
+    assert p.reasons[0].startswith("device memory: needs")
+    assert any(s.startswith("set offload.mode: auto (stream what does not fit): fits") for s in p.suggestions)
+
+
+def test_overrides_are_obeyed():
+    p = make_plan(toy(), ZO, machine(), Options(resident_layers=1, weights_home=G, prefetch_depth=2))
+    assert homes(p) == [D] + [G] * 7 + [D, D]
+    assert p.prefetch_depth == 2 and p.device_buffers == 4
+    p = make_plan(toy(), ZO, machine(), Options(mode="stream"))
+    assert homes(p) == [D] + [P] * 8 + [D]
+
+
+def test_zo2_home_dtype_prefers_float32_and_falls_back_with_a_note():
+    wl = Workload("zo2", False, "bfloat16", batch_size=1, seq_len=8)
+    roomy = make_plan(toy(), wl, machine(), Options())
+    assert roomy.home_dtype == "float32" and roomy.compute_dtype == "bfloat16"
+    tight = make_plan(toy(), wl, machine(device_bytes=30000, host_ram_bytes=20000, pinned_bytes=20000), Options())
+    assert tight.feasible and tight.home_dtype == "bfloat16" and tight.wire_dtype == "bfloat16"
+    assert any("float32 did not fit" in n for n in tight.notes)
+
+
+def test_first_order_activations_keep_then_swap_or_recompute():
+    roomy = make_plan(toy(), AD, machine(), Options())
+    assert roomy.feasible and {b.activation for b in roomy.blocks} == {"keep"}
+    assert {b.optimizer_home for b in roomy.blocks} == {D}
+    # Activations dominate (4 examples x 8 tokens x 4000 elements per layer); the compute device is slow.
+    inv, wl = toy(internal=4000), Workload("adamw", False, "float32", batch_size=4, seq_len=8)
+    slow = dict(device_bytes=10**6, matmul_flops=(("float32", 1000.0),), pinned_bytes=10**7, host_ram_bytes=10**7)
+    fast_link = make_plan(inv, wl, machine(**slow, h2d_bps=1e9, d2h_bps=1e9, duplex_h2d_bps=1e9, duplex_d2h_bps=1e9),
+                          Options())
+    acts = [b.activation for b in fast_link.blocks]
+    # room for one layer's activations on the device (the last: backward meets it first); the link is
+    # idle, so swapping the rest beats recomputing them
+    assert acts == ["keep"] + ["swap"] * 7 + ["keep", "keep"]
+    assert fast_link.micro_batch_size == 1 and fast_link.pinned_pool_bytes == 7 * 32 * 4000 * 4
+    recompute = make_plan(inv, wl, machine(**slow, h2d_bps=1e9, d2h_bps=1e9, duplex_h2d_bps=1e9, duplex_d2h_bps=1e9),
+                          Options(activation="recompute"))
+    assert fast_link.times.step_s < recompute.times.step_s
+    slow_link = make_plan(inv, wl, machine(**slow, h2d_bps=1.0, d2h_bps=1.0, duplex_h2d_bps=1.0, duplex_d2h_bps=1.0),
+                          Options())
+    assert "swap" not in {b.activation for b in slow_link.blocks}
+    assert "recompute" in {b.activation for b in slow_link.blocks}
+
+
+def test_optimizer_states_spill_to_ssd():
+    m = machine(device_bytes=40000, host_ram_bytes=60000, pinned_bytes=30000)
+    p = make_plan(toy(), AD, m, Options(swap_dir="/nvme/x"))
+    assert p.feasible
+    assert S in {b.optimizer_home for b in p.blocks}
+    assert p.memory.ssd == sum(b.optimizer_bytes for b in p.blocks if b.optimizer_home is S) + \
+        sum(b.param_bytes for b in p.blocks if b.weights_home is S)
+
+
+def test_plan_round_trips_through_json():
+    p = make_plan(toy(layers=5), ZO, machine(device_bytes=26000, pinned_bytes=20000), Options())
+    text = json.dumps(p.to_dict())
+    assert Plan.from_dict(json.loads(text)) == p
+    q = make_plan(toy(), AD, machine(device_bytes=40000), Options())
+    assert Plan.from_dict(json.loads(json.dumps(q.to_dict()))) == q
+
+
+# ---- monotonicity --------------------------------------------------------------------------------
+
+
+def _check_monotone(layers, device, host, pinned, ssd_read, faster, method, swap):
+    inv = toy(layers=layers)
+    wl = ZO if method == "zo2" else AD
+    opts = Options(swap_dir="/nvme/x" if swap else None)
+    base = machine(device_bytes=device, host_ram_bytes=host, pinned_bytes=pinned, disk_read_bps=ssd_read,
+                   disk_write_bps=ssd_read / 2)
+    p = make_plan(inv, wl, base, opts, suggest=False)
+    more_ram = make_plan(inv, wl, machine(device_bytes=device, host_ram_bytes=host * 2, pinned_bytes=pinned * 2,
+                                          disk_read_bps=ssd_read, disk_write_bps=ssd_read / 2), opts, suggest=False)
+    fast_ssd = make_plan(inv, wl, machine(device_bytes=device, host_ram_bytes=host, pinned_bytes=pinned,
+                                          disk_read_bps=ssd_read * faster, disk_write_bps=ssd_read * faster / 2),
+                         opts, suggest=False)
+    if p.feasible:
+        assert more_ram.feasible and more_ram.times.step_s <= p.times.step_s * (1 + 1e-9)
+        assert fast_ssd.feasible and fast_ssd.times.step_s <= p.times.step_s * (1 + 1e-9)
+
+
+def test_more_ram_or_a_faster_ssd_never_hurts_seeded_sweep():
+    rng = random.Random(0)
+    for _ in range(40):
+        _check_monotone(rng.randint(1, 8), rng.randint(20000, 80000), rng.randint(5000, 200000),
+                        rng.randint(0, 100000), rng.choice([100.0, 500.0, 2000.0]), rng.choice([1.5, 4.0]),
+                        rng.choice(["zo2", "adamw"]), rng.random() < 0.5)
+
+
+def test_more_ram_or_a_faster_ssd_never_hurts_hypothesis():
+    hyp = pytest.importorskip("hypothesis")
+    st = hyp.strategies
+
+    @hyp.settings(max_examples=60, deadline=None)
+    @hyp.given(st.integers(1, 8), st.integers(20000, 80000), st.integers(5000, 200000), st.integers(0, 100000),
+               st.sampled_from([100.0, 500.0, 2000.0]), st.sampled_from([1.5, 4.0]), st.sampled_from(["zo2", "adamw"]),
+               st.booleans())
+    def check(layers, device, host, pinned, ssd_read, faster, method, swap):
+        _check_monotone(layers, device, host, pinned, ssd_read, faster, method, swap)
+
+    check()
+
+
+# ---- real configurations and presets -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def opt175b():
+    from transformers import AutoConfig
+
+    from fuyoucli.model.inventory import inventory_from_config
+
+    cfg = AutoConfig.for_model("opt", hidden_size=12288, ffn_dim=49152, num_hidden_layers=96, num_attention_heads=96,
+                               max_position_embeddings=2048, word_embed_proj_dim=12288, vocab_size=50272)
+    return inventory_from_config(cfg)
+
+
+def test_opt175b_zo2_fp16_over_pcie4_reproduces_the_transfer_lower_bound(opt175b):
+    """BACKGROUND.md: ~348 GB of fp16 weights each way over ~25 GB/s: about 14 s per step."""
+    from fuyoucli.hardware.presets import get_preset
+
+    m, _ = machine_from_profile(get_preset("rtx4090-768g-12nvme"))
+    wl = Workload("zo2", False, "float16", batch_size=1, seq_len=2048)
+    p = make_plan(opt175b, wl, m, Options(home_dtype="float16", mode="stream"))
+    weights = 2 * opt175b.params
+    bound = max(weights / m.h2d_bps, weights / m.d2h_bps, p.flops_per_step / m.flops("float16"))
+    assert 13.5 < bound < 14.5
+    assert p.feasible and bound <= p.times.step_s <= 1.3 * bound  # duplex PCIe is ~80% of one way
+    assert p.times.bottleneck in ("h2d", "d2h")
+    # ZO2 reports 18.04 GB of GPU memory for this run
+    assert 0.75 * 18.04e9 < p.memory.device < 1.25 * 18.04e9
+
+
+def test_first_order_is_never_faster_than_its_lower_bound(opt175b):
+    from fuyoucli.hardware.presets import get_preset
+
+    m, _ = machine_from_profile(get_preset("rtx4090-768g-12nvme"), "/nvme/swap")
+    wl = Workload("adamw", False, "float16", batch_size=8, seq_len=1024)
+    p = make_plan(opt175b, wl, m, Options(swap_dir="/nvme/swap"), suggest=False)
+    P_, T = opt175b.params, wl.tokens_per_step
+    bound = max(6 * P_ * T / m.flops("float16"), 2 * 2 * P_ / m.h2d_bps, P_ / m.cpu_adam_params_per_s)
+    assert p.feasible and p.times.step_s >= bound
+
+
+def test_machine_from_preset_picks_the_disk_under_swap_dir():
+    from fuyoucli.hardware.presets import get_preset
+
+    m, notes = machine_from_profile(get_preset("rtx4090-pcie4-1nvme-128g"), "/nvme/runs")
+    assert (m.disk_path, notes) == ("/nvme", ())
+    assert m.h2d_bps == 25e9 and m.duplex_h2d_bps == 20e9 and m.compute_device == "cuda"
+    m, notes = machine_from_profile(get_preset("rtx4090-pcie4-1nvme-128g"), "/elsewhere")
+    assert m.disk_path == "/nvme" and "on no profiled disk" in notes[0]
