@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from tiny import ARCHS, CORPUS, make_tokenizer, save_tiny_model, write_jsonl
+
+# The suite never reads or writes the user's cache (saved hardware profile, converted GGUF models):
+# a run that plans measures this machine once per session into a private folder.
+os.environ.setdefault("FUYOU_CACHE_DIR", tempfile.mkdtemp(prefix="fuyou-test-cache-"))
 
 
 @pytest.fixture(scope="session")

@@ -34,7 +34,7 @@ class ConsoleSink:
                         f"{event.train_examples} train / {event.eval_examples} eval examples; "
                         f"{event.total_steps} steps -> {event.output_dir}")
                 for note in event.notes:
-                    c.print(f"  data: {note}")
+                    c.print(f"  {note}")
         elif isinstance(event, StepDone):
             if not self.quiet and (event.step % self.log_every == 0 or event.step == self.total_steps):
                 tok_s = event.tokens / event.step_time_s if event.step_time_s > 0 else math.nan

@@ -21,6 +21,7 @@ from fuyoucli.telemetry.events import EvalDone, RunFinished, RunStarted, Sink, S
 from fuyoucli.telemetry.jsonl import JsonlSink
 from fuyoucli.train.data import Datasets, batches, build_datasets, collate
 from fuyoucli.train.schedule import lr_at
+from fuyoucli.train.planning import plan_for_run
 from fuyoucli.train.trainers import build_trainer, streams
 
 
@@ -97,8 +98,9 @@ def prepare_output_dir(path: Path, overwrite: bool) -> None:
 
 
 def finetune(recipe: Recipe, sinks: list[Sink] | None = None, *, overwrite: bool = False,
-             plan: Plan | None = None) -> RunFinished:
-    """Run a recipe. `plan` (from the planner) decides where weights live; None runs in memory."""
+             plan: Plan | None | str = "auto") -> RunFinished:
+    """Run a recipe. `plan` decides where weights live: "auto" asks the planner (per offload.mode),
+    a Plan is taken as given, None runs everything in memory (the reference path)."""
     check_recipe_for_method(recipe)
     out_dir = Path(recipe.training.output_dir)
     prepare_output_dir(out_dir, overwrite)
@@ -110,6 +112,9 @@ def finetune(recipe: Recipe, sinks: list[Sink] | None = None, *, overwrite: bool
     # Tokenize first (cheap) so that the label count is known when a classification head is built.
     tokenizer = load_tokenizer(recipe.model)
     data = build_datasets(recipe.data, tokenizer, seed=seed, head=recipe.model.head)
+    notes = [f"data: {n}" for n in data.notes]
+    if plan == "auto":
+        plan = plan_for_run(recipe, num_labels=len(data.label_names) or None, note=notes.append)
     # A streamed run loads on the host; the engine moves only resident blocks to the device.
     model = load_model(recipe.model, recipe.peft, seed=seed, pad_token_id=tokenizer.pad_token_id,
                        num_labels=len(data.label_names) or None,
@@ -124,13 +129,15 @@ def finetune(recipe: Recipe, sinks: list[Sink] | None = None, *, overwrite: bool
     try:
         trainer = build_trainer(model, recipe, data, plan, device)
         offload = trainer.where
-        if plan is None and recipe.offload.mode == "auto":
-            offload += " (auto: the planner is not available yet)"
+        if plan is not None:
+            offload += (f"; planned {plan.times.step_s:.2f} s/step, bottleneck {plan.times.bottleneck or 'none'}"
+                        if plan.times.step_s else "")
+            notes += [f"plan: {n}" for n in plan.notes]
         all_sinks.emit(RunStarted(
             name=recipe.name, method=m.name + (" + lora" if recipe.peft.type == "lora" else ""),
             model=recipe.model.path, device=str(device), offload=offload, total_steps=steps,
             trainable_params=trainable, total_params=total,
-            train_examples=len(data.train), eval_examples=len(data.eval), output_dir=str(out_dir), notes=data.notes,
+            train_examples=len(data.train), eval_examples=len(data.eval), output_dir=str(out_dir), notes=tuple(notes),
         ))
         first_eval = last_eval = evaluate(trainer, data, recipe, device, step=0)
         if first_eval:

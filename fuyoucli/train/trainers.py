@@ -58,10 +58,10 @@ class _InMemoryEval:
 class InMemoryZO(_InMemoryEval):
     where = "in_memory"
 
-    def __init__(self, model, recipe: Recipe, data: Datasets):
+    def __init__(self, model, recipe: Recipe, data: Datasets, home_dtype: torch.dtype = torch.float32):
         self.model, self.head, self.label_token_ids = model, recipe.model.head, data.label_token_ids
         self.impl = ZOReference(model, param_blocks(model), recipe.method, seed=recipe.training.seed,
-                                head=self.head, label_token_ids=data.label_token_ids)
+                                head=self.head, label_token_ids=data.label_token_ids, home_dtype=home_dtype)
 
     def step(self, step: int, micro: list[dict], lr: float) -> StepOutcome:
         return _zo_outcome(self.impl.step(step, micro, lr))
@@ -117,5 +117,6 @@ def build_trainer(model, recipe: Recipe, data: Datasets, plan: Plan | None, devi
                              "weights; use method zo2 or set offload.mode: in_memory")
         return StreamedZO(model, recipe, data, plan, device)
     if recipe.method.name == "zo2":
-        return InMemoryZO(model, recipe, data)
+        home = getattr(torch, plan.home_dtype) if plan is not None else torch.float32
+        return InMemoryZO(model, recipe, data, home_dtype=home)
     return InMemoryAdamW(model, recipe, data)
