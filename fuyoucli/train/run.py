@@ -130,8 +130,10 @@ def finetune(recipe: Recipe, sinks: list[Sink] | None = None, *, overwrite: bool
         trainer = build_trainer(model, recipe, data, plan, device)
         offload = trainer.where
         if plan is not None:
-            offload += (f"; planned {plan.times.step_s:.2f} s/step, bottleneck {plan.times.bottleneck or 'none'}"
-                        if plan.times.step_s else "")
+            bottleneck = plan.times.bottleneck or "none"
+            if bottleneck == "gpu" and plan.compute_device == "cpu":
+                bottleneck = "compute (cpu)"
+            offload += f"; planned {plan.times.step_s:.2f} s/step, bottleneck {bottleneck}" if plan.times.step_s else ""
             notes += [f"plan: {n}" for n in plan.notes]
         all_sinks.emit(RunStarted(
             name=recipe.name, method=m.name + (" + lora" if recipe.peft.type == "lora" else ""),
@@ -155,8 +157,11 @@ def finetune(recipe: Recipe, sinks: list[Sink] | None = None, *, overwrite: bool
             if not math.isfinite(res.loss) and not res.skipped:
                 raise TrainingDiverged(f"the loss became {res.loss} at step {step}: lower method.lr "
                                        f"(now {m.lr:g}) or use float32/bfloat16")
-            all_sinks.emit(StepDone(step=step, loss=res.loss, lr=lr, tokens=res.tokens, step_time_s=elapsed,
-                                    extra=res.extra))
+            # tokens: the step's input tokens (padding excluded), what throughput is measured in;
+            # target_tokens: those the loss is over (answers, label words).
+            tokens = int(sum(int(mb["attention_mask"].sum()) for mb in micro))
+            all_sinks.emit(StepDone(step=step, loss=res.loss, lr=lr, tokens=tokens, step_time_s=elapsed,
+                                    extra={"target_tokens": res.tokens, **res.extra}))
             if eval_every and step % eval_every == 0 and step != steps:
                 last_eval = evaluate(trainer, data, recipe, device, step=step)
                 if last_eval:
