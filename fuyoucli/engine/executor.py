@@ -214,6 +214,38 @@ class WeightStore:
             self._settle(u)
         self.lanes.synchronize()
 
+    # -- host-side updates (first-order: the CPU optimizer produces the newest weights) ------------
+
+    def write_home(self, b: int, flat: torch.Tensor) -> Future | None:
+        """Replace block b's home copy with `flat` (host memory, any float dtype: cast to the home
+        dtype). Called from the CPU optimizer's thread while no fetch of b is in flight; for an SSD
+        home it returns the file write's Future. Pass what tracks this write to hold()."""
+        u = self.units[b]
+        if u.home is not Tier.SSD:
+            u.host.copy_(flat)
+            return None
+        if not hasattr(self, "_home_buffers"):
+            import queue
+
+            # Two buffers: one being filled while the other's file write finishes.
+            self._home_buffers: queue.Queue = queue.Queue()
+            for _ in range(2):
+                self._home_buffers.put(aligned_host(self.slot_numel * self.dtype.itemsize))
+        buf = self._home_buffers.get()  # waits for the older write
+        nbytes = u.numel * self.dtype.itemsize
+        buf[:nbytes].view(self.dtype).copy_(flat)
+        return self.ssd.submit(self._write_home_file, u, buf)
+
+    def _write_home_file(self, u: StreamUnit, buf: torch.Tensor) -> None:
+        try:
+            self.ssd.write_sync(self._key(u), buf[: -(-u.numel * self.dtype.itemsize // 4096) * 4096])
+        finally:
+            self._home_buffers.put(buf)
+
+    def hold(self, b: int, ticket: Future) -> None:
+        """Block b's next fetch (and home_weights) waits for `ticket`: an update of its home still running."""
+        self.units[b].pending = ticket
+
     def home_weights(self, b: int) -> torch.Tensor:
         """Block b's flat weights as stored at home (a host copy; read from SSD if homed there)."""
         u = self.units[b]

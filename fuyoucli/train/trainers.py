@@ -1,7 +1,7 @@
 """The step functions a run can use, behind one small interface: step, eval_losses, finalize, close.
 
 Trainer stage. Composition, not inheritance: each wraps one step implementation (in-memory ZO,
-in-memory AdamW, streamed ZO2) and the run loop never asks which it has.
+in-memory AdamW, streamed ZO2, streamed AdamW) and the run loop never asks which it has.
 """
 
 from __future__ import annotations
@@ -75,11 +75,14 @@ class InMemoryAdamW(_InMemoryEval):
         self.impl = AdamWReference(model, recipe.method, head=self.head, label_token_ids=data.label_token_ids)
 
     def step(self, step: int, micro: list[dict], lr: float) -> StepOutcome:
-        res = self.impl.step(micro, lr)
-        extra = {"grad_norm": res.grad_norm}
-        if self.impl.scaler.enabled:
-            extra.update(loss_scale=res.loss_scale, skipped=float(res.skipped))
-        return StepOutcome(res.loss, res.tokens, res.skipped, extra)
+        return _adamw_outcome(self.impl.step(micro, lr), self.impl.scaler.enabled)
+
+
+def _adamw_outcome(res, loss_scaling: bool) -> StepOutcome:
+    extra = {"grad_norm": res.grad_norm}
+    if loss_scaling:
+        extra.update(loss_scale=res.loss_scale, skipped=float(res.skipped))
+    return StepOutcome(res.loss, res.tokens, res.skipped, extra)
 
 
 class StreamedZO:
@@ -104,17 +107,40 @@ class StreamedZO:
         self.impl.close()
 
 
+class StreamedAdamW:
+    def __init__(self, model, recipe: Recipe, data: Datasets, plan: Plan, device: torch.device):
+        from fuyoucli.train.first_order_streamed import AdamWStreamed
+
+        self.impl = AdamWStreamed(model, plan, recipe.method, head=recipe.model.head, lanes=lanes_for(device),
+                                  label_token_ids=data.label_token_ids)
+        homes = sorted({b.weights_home.value for b in plan.blocks if b.weights_home.value != "device"})
+        states = sorted({b.optimizer_home.value for b in plan.blocks if b.optimizer_home is not None})
+        overlap = ("updates wait for the global norm, then overlap the next forward" if self.impl.deferred
+                   else "CPU AdamW overlapped with the backward")
+        self.where = (f"adamw streamed: layers homed on {'/'.join(homes)}, optimizer states on {'/'.join(states)}, "
+                      f"prefetch depth {plan.prefetch_depth}; {overlap}")
+
+    def step(self, step: int, micro: list[dict], lr: float) -> StepOutcome:
+        return _adamw_outcome(self.impl.step(micro, lr), self.impl.scaler.enabled)
+
+    def eval_losses(self, micro: list[dict]) -> list[BatchLoss]:
+        return self.impl.losses(micro)
+
+    def finalize(self) -> None:
+        self.impl.materialize()
+
+    def close(self) -> None:
+        self.impl.close()
+
+
 def streams(plan: Plan | None) -> bool:
     return plan is not None and any(b.weights_home.value != "device" for b in plan.blocks)
 
 
 def build_trainer(model, recipe: Recipe, data: Datasets, plan: Plan | None, device: torch.device):
     if streams(plan):
-        if recipe.method.name != "zo2":
-            from fuyoucli.errors import FuyouError
-
-            raise FuyouError("offloaded first-order training is not implemented yet (issue 6): this plan streams "
-                             "weights; use method zo2 or set offload.mode: in_memory")
+        if recipe.method.name == "adamw":
+            return StreamedAdamW(model, recipe, data, plan, device)
         return StreamedZO(model, recipe, data, plan, device)
     if recipe.method.name == "zo2":
         home = getattr(torch, plan.home_dtype) if plan is not None else torch.float32

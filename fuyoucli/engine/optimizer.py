@@ -1,0 +1,348 @@
+"""The CPU side of offloaded first-order training: per-block AdamW states and the worker that updates them.
+
+Engine stage (Fuyou's out-of-core CPU optimizer). Each trainable block keeps fp32 master weights and
+AdamW's moments m, v at its optimizer home: host RAM, or an SSD file that is read ahead of the
+block's update and written behind it through the engine's SsdStore. One worker thread runs torch's
+own optimizer (the trainer builds it, e.g. fused CPU AdamW) on one block at a time, in the order
+the trainer submits blocks, while the device computes other blocks. No CUDA here: the worker waits
+for gradient copies through `Lanes.host_wait` and hands the new weights to a `publish` callback.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from fuyoucli.engine.lanes import Mark
+from fuyoucli.engine.tiers import ALIGN, SsdStore, aligned_host
+from fuyoucli.plan.types import Tier
+
+
+@dataclass
+class HostGrads:
+    """One block's gradients on the host, laid out flat like the block's parameters (compute dtype)."""
+
+    flat: torch.Tensor
+    present: list[bool]
+    """Which parameters got a gradient this step (AdamW leaves the others untouched, as torch does)."""
+    ready: Mark | None
+    """The copy into `flat` is complete once this mark is (the last device -> host copy)."""
+    keep_alive: list = field(default_factory=list)
+    """Device tensors the copies read from: freed only after `ready` (their memory must not be reused earlier)."""
+    release: Callable[[], None] | None = None
+    """Returns `flat` to its pool once the optimizer has read it."""
+
+    def done(self) -> None:
+        if self.release is not None:
+            self.release()
+            self.release = None
+
+
+@dataclass
+class AdamBlock:
+    """A block as the optimizer sees it: its trainable tensors (initial values) and where its state lives."""
+
+    key: int
+    name: str
+    initial: list[torch.Tensor]
+    home: Tier
+    """PINNED, PAGEABLE or DEVICE (host RAM: a CPU run's device) keep the state in memory; SSD in a file."""
+
+
+@dataclass
+class UpdateResult:
+    norms: list[torch.Tensor | None] | None
+    """Per-tensor gradient norms (fp32, after unscaling) when asked for."""
+    published: Any
+    """What `publish` returned (e.g. a Future of an SSD write, or a lane mark)."""
+    skipped: bool = False
+
+
+@dataclass
+class _State:
+    key: int
+    name: str
+    shapes: list[torch.Size]
+    numel: int
+    home: Tier
+    proxies: list[torch.Tensor]
+    optimizer: torch.optim.Optimizer
+    steps: list[torch.Tensor]
+    buffer: torch.Tensor | None
+    """[master | m | v], fp32, 3 * numel, for states homed in memory."""
+
+
+def views_of(flat: torch.Tensor, shapes: list[torch.Size]) -> list[torch.Tensor]:
+    out, offset = [], 0
+    for shape in shapes:
+        n = shape.numel()
+        out.append(flat[offset: offset + n].view(shape))
+        offset += n
+    return out
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // ALIGN) * ALIGN
+
+
+class CpuAdam:
+    """Per-block optimizer states and the single worker thread that updates them.
+
+    `make_optimizer(tensors)` builds the torch optimizer over one block's fp32 tensors (the trainer
+    passes torch.optim.AdamW(..., fused=True) with its parameter groups). Its tensors are proxies
+    whose storage is bound, per update, to wherever the block's master weights and moments are.
+    """
+
+    STATE_KEYS = ("exp_avg", "exp_avg_sq")
+
+    def __init__(self, blocks: list[AdamBlock], make_optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer],
+                 *, lanes, ssd: SsdStore | None, read_ahead: int = 1,
+                 on_job: Callable[[int], None] | None = None):
+        self.lanes, self.ssd, self.read_ahead, self.on_job = lanes, ssd, read_ahead, on_job
+        self.trace: list[tuple[str, int, float, float]] = []
+        """(what, block key, start, end) in perf_counter seconds: 'adam' (an update), 'norms', 'read', 'write'."""
+        self.busy_s = 0.0
+        """Seconds the worker spent in optimizer arithmetic (not waiting for reads or gradient copies)."""
+        self.ssd_bytes_read = self.ssd_bytes_written = 0
+        self.states: dict[int, _State] = {}
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fuyou-adam")
+        self._lock = threading.Lock()
+        max_numel = max((sum(t.numel() for t in b.initial) for b in blocks), default=0)
+        self._scratch = torch.empty(max_numel, dtype=torch.float32)
+        on_ssd = [b for b in blocks if b.home is Tier.SSD]
+        if on_ssd and ssd is None:
+            raise ValueError("optimizer states homed on SSD need an SsdStore")
+        ssd_numel = max((sum(t.numel() for t in b.initial) for b in on_ssd), default=0)
+        # Read ahead, updating, writing behind: with these many buffers a read never waits for the
+        # update it precedes, and a write only holds back the read `read_ahead + 1` blocks later.
+        self._free: queue.Queue = queue.Queue()
+        for _ in range(read_ahead + 2 if on_ssd else 0):
+            self._free.put(aligned_host(3 * ssd_numel * 4))
+        self._reads: dict[int, tuple[Future, torch.Tensor]] = {}
+        self._writes: set[Future] = set()
+        self._order: list[int] = []
+        self._next = 0
+        self._error: BaseException | None = None
+        for b in blocks:
+            self._add(b, make_optimizer)
+
+    # -- set-up ----------------------------------------------------------------------------------------
+
+    def _add(self, b: AdamBlock, make_optimizer) -> None:
+        shapes = [t.shape for t in b.initial]
+        n = sum(s.numel() for s in shapes)
+        if b.home is Tier.SSD:
+            buf = aligned_host(3 * n * 4)
+            flat = buf[: 3 * n * 4].view(torch.float32)
+        else:
+            flat = torch.empty(3 * n, dtype=torch.float32)
+        master = flat[:n]
+        if b.initial:
+            torch.cat([t.detach().reshape(-1).float() for t in b.initial], out=master)
+        flat[n:].zero_()
+        proxies = views_of(master, shapes)
+        optimizer = make_optimizer(proxies)
+        state = _State(b.key, b.name, shapes, n, b.home, proxies, optimizer,
+                       steps=[torch.zeros((), dtype=torch.float32) for _ in shapes],
+                       buffer=None if b.home is Tier.SSD else flat)
+        if b.home is Tier.SSD:
+            self.ssd.write_sync(self._key(b.key), buf)
+            for p in proxies:  # the file is the state's home; the proxies are bound per update
+                p.data = torch.empty(0)
+        self.states[b.key] = state
+
+    @staticmethod
+    def _key(key: int) -> str:
+        return f"adam-{key:04d}"
+
+    # -- read ahead / write behind (SSD homes) ---------------------------------------------------------
+
+    def begin(self, order: list[int]) -> None:
+        """The order of this step's updates: SSD-homed states are read `read_ahead` blocks ahead of it.
+        Runs on the worker, after the jobs queued before it (they own the read/write bookkeeping)."""
+        self._worker.submit(self._begin, order)
+
+    def _begin(self, order: list[int]) -> None:
+        try:
+            self._raise_write_errors()
+        except BaseException as e:  # noqa: BLE001 - surfaced by the next update or drain
+            self._error = e
+        for key in list(self._reads):
+            fut, buf = self._reads.pop(key)  # left over from a step whose update did not run
+            fut.result()
+            self._free.put(buf)
+        self._order, self._next = list(order), 0
+        self._read_up_to(self.read_ahead)
+
+    def _read_up_to(self, count: int) -> None:
+        while self._next < min(count, len(self._order)):
+            key = self._order[self._next]
+            self._next += 1
+            if self.states[key].home is Tier.SSD and key not in self._reads:
+                buf = self._free.get()  # waits for a write behind to finish
+                self._reads[key] = (self.ssd.submit(self._read, key, buf), buf)
+
+    def _read(self, key: int, buf: torch.Tensor) -> None:
+        t0 = time.perf_counter()
+        nbytes = _aligned(3 * self.states[key].numel * 4)
+        self.ssd.read_sync(self._key(key), buf[:nbytes])
+        self.trace.append(("read", key, t0, time.perf_counter()))
+        with self._lock:
+            self.ssd_bytes_read += nbytes
+
+    def _write(self, key: int, buf: torch.Tensor) -> None:
+        try:
+            t0 = time.perf_counter()
+            nbytes = _aligned(3 * self.states[key].numel * 4)
+            self.ssd.write_sync(self._key(key), buf[:nbytes])
+            self.trace.append(("write", key, t0, time.perf_counter()))
+            with self._lock:
+                self.ssd_bytes_written += nbytes
+        finally:
+            self._free.put(buf)
+
+    def _raise_write_errors(self) -> None:
+        for fut in [f for f in self._writes if f.done()]:
+            self._writes.discard(fut)
+            fut.result()  # re-raises a failed write (disk full...) on the trainer's thread
+
+    def _buffer(self, st: _State) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The block's [master | m | v] in memory, and the SSD staging buffer it sits in (or None)."""
+        if st.home is not Tier.SSD:
+            return st.buffer, None
+        if st.key in self._order:
+            self._read_up_to(self._order.index(st.key) + 1)
+        if st.key not in self._reads:  # not announced by begin(): read it now
+            buf = self._free.get()
+            self._reads[st.key] = (self.ssd.submit(self._read, st.key, buf), buf)
+        fut, buf = self._reads.pop(st.key)
+        fut.result()
+        if st.key in self._order:  # the next reads go out while this block updates
+            self._read_up_to(self._order.index(st.key) + 1 + self.read_ahead)
+        return buf[: 3 * st.numel * 4].view(torch.float32), buf
+
+    # -- the jobs --------------------------------------------------------------------------------------
+
+    def _fp32(self, st: _State, grads: HostGrads, inv_scale: float) -> list[torch.Tensor | None]:
+        """fp32 gradients, unscaled, as the in-memory reference forms them (p.grad.float() * inv_scale)."""
+        views = views_of(grads.flat, st.shapes)
+        if grads.flat.dtype == torch.float32 and inv_scale == 1.0:
+            return [v if ok else None for v, ok in zip(views, grads.present)]
+        out = []
+        for v, s, ok in zip(views, views_of(self._scratch[: st.numel], st.shapes), grads.present):
+            if not ok:
+                out.append(None)
+                continue
+            s.copy_(v)
+            if inv_scale != 1.0:
+                s.mul_(inv_scale)
+            out.append(s)
+        return out
+
+    def norms(self, key: int, grads: HostGrads, inv_scale: float = 1.0) -> Future:
+        """Per-tensor norms of a block's gradients (for the global norm), computed on the worker."""
+        return self._worker.submit(self._norms, key, grads, inv_scale)
+
+    def _norms(self, key: int, grads: HostGrads, inv_scale: float) -> list[torch.Tensor | None]:
+        self.lanes.host_wait(grads.ready)
+        grads.keep_alive.clear()
+        t0 = time.perf_counter()
+        out = [None if g is None else torch.linalg.vector_norm(g)
+               for g in self._fp32(self.states[key], grads, inv_scale)]
+        t1 = time.perf_counter()
+        self.trace.append(("norms", key, t0, t1))
+        self.busy_s += t1 - t0
+        return out
+
+    def update(self, key: int, grads: HostGrads, *, lr: float, publish: Callable[[torch.Tensor], Any],
+               inv_scale: float = 1.0, coef: float | None = None, want_norms: bool = False) -> Future:
+        """Run the optimizer on block `key` from `grads` (clipped by `coef` when given), then call
+        `publish(master_fp32_flat)` on the worker; the Future holds an UpdateResult.
+
+        With `want_norms`, a block whose gradients are not finite is left as it is (skipped=True)."""
+        return self._worker.submit(self._update, key, grads, lr, publish, inv_scale, coef, want_norms)
+
+    def _update(self, key, grads: HostGrads, lr, publish, inv_scale, coef, want_norms) -> UpdateResult:
+        start = time.perf_counter()
+        if self.on_job is not None:
+            self.on_job(key)
+        st = self.states[key]
+        try:
+            if self._error is not None:
+                raise self._error
+            # The gradients' device -> host copy must be complete before they are read; on CUDA it
+            # was queued after the block's backward, which itself waited for the block's upload, so
+            # this wait also means the block's home is no longer being read by the device.
+            self.lanes.host_wait(grads.ready)
+            grads.keep_alive.clear()
+            flat, staging = self._buffer(st)
+            t0 = time.perf_counter()
+            gs = self._fp32(st, grads, inv_scale)
+            norms = [None if g is None else torch.linalg.vector_norm(g) for g in gs] if want_norms else None
+            if norms is not None and not all(bool(torch.isfinite(x)) for x in norms if x is not None):
+                if staging is not None:
+                    self._free.put(staging)
+                return UpdateResult(norms, None, skipped=True)
+            if coef is not None:
+                for g in gs:
+                    if g is not None:
+                        g.mul_(coef)
+            n = st.numel
+            masters, ms, vs = views_of(flat[:n], st.shapes), views_of(flat[n: 2 * n], st.shapes), \
+                views_of(flat[2 * n:], st.shapes)
+            for p, g, w, m, v, step in zip(st.proxies, gs, masters, ms, vs, st.steps):
+                p.data = w
+                p.grad = g
+                st.optimizer.state[p] = {"step": step, self.STATE_KEYS[0]: m, self.STATE_KEYS[1]: v}
+            for group in st.optimizer.param_groups:
+                group["lr"] = lr
+            st.optimizer.step()
+            for p in st.proxies:
+                p.grad = None
+            grads.done()
+            t1 = time.perf_counter()
+            published = publish(flat[:n])
+            if staging is not None:
+                for p in st.proxies:
+                    p.data = torch.empty(0)
+                self._writes.add(self.ssd.submit(self._write, key, staging))
+            self.busy_s += t1 - t0
+            return UpdateResult(norms, published)
+        finally:
+            grads.done()
+            self.trace.append(("adam", key, start, time.perf_counter()))
+
+    # -- settling, reading back, closing ----------------------------------------------------------------
+
+    def drain(self) -> None:
+        """Wait for every queued job and every write behind."""
+        self._worker.submit(lambda: None).result()
+        for fut in list(self._writes):
+            fut.result()
+        self._writes.clear()
+        if self._error is not None:
+            raise self._error
+
+    def master(self, key: int) -> torch.Tensor:
+        """Block `key`'s fp32 master weights (flat copy), read from its home."""
+        self.drain()
+        st = self.states[key]
+        if st.home is not Tier.SSD:
+            return st.buffer[: st.numel].clone()
+        buf = aligned_host(3 * st.numel * 4)
+        self.ssd.read_sync(self._key(key), buf)
+        return buf[: st.numel * 4].view(torch.float32).clone()
+
+    def close(self) -> None:
+        self._worker.shutdown(wait=True, cancel_futures=True)
+        for fut in list(self._writes):
+            try:
+                fut.result()
+            except Exception:  # noqa: BLE001 - closing: the files are removed with the store anyway
+                pass

@@ -1,0 +1,238 @@
+"""Offloaded first-order AdamW equals the in-memory AdamW reference (fp32 on the CPU, 20 steps, the same
+batches): per-step losses within 1e-5 relative and final weights within 1e-5, with weights and
+optimizer states on the host or on SSD, every activation policy, gradient accumulation, clipping
+(updates deferred) or none (updates overlapped with the backward), and LoRA over a streamed base."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from fuyoucli.engine.lanes import CpuLanes
+from fuyoucli.model.loading import load_model, load_tokenizer
+from fuyoucli.plan.manual import fixed_plan
+from fuyoucli.plan.types import Tier
+from fuyoucli.recipe import validate_recipe
+from fuyoucli.train.data import batches, build_datasets, collate
+from fuyoucli.train.first_order import AdamWReference
+from fuyoucli.train.first_order_streamed import AdamWStreamed
+
+STEPS = 20
+LORA = {"type": "lora", "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+
+
+@pytest.fixture(scope="module")
+def models(tiny_models, tmp_path_factory):
+    """Tiny llama, qwen2 (tied embeddings) and opt (tied, learned positions) without dropout: the
+    reference and the layer-major engine draw dropout masks in different orders."""
+    from tiny import make_tokenizer, tiny_config
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path_factory.mktemp("models") / "opt-nodrop"
+    tok = make_tokenizer()
+    config = tiny_config("opt", len(tok))
+    config.dropout = 0.0
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return {"llama": tiny_models["llama"], "qwen2": tiny_models["qwen2"], "opt": folder}
+
+
+def setup(model_dir, data, tmp_path, *, clip=1.0, accum=2, peft=None, lr=1e-2):
+    doc = {"model": {"path": str(model_dir)},
+           "method": {"name": "adamw", "lr": lr, "weight_decay": 0.1, "max_grad_norm": clip},
+           "data": {"train": [str(data)], "max_length": 24, "eval_fraction": 0.0},
+           "training": {"max_steps": STEPS, "batch_size": 3, "grad_accum": accum, "seed": 5,
+                        "output_dir": str(tmp_path / "out")}}
+    if peft:
+        doc["peft"] = peft
+    recipe = validate_recipe(doc)
+    tok = load_tokenizer(recipe.model)
+    ds = build_datasets(recipe.data, tok, seed=5)
+    steps, epoch = [], 0
+    while len(steps) < STEPS:
+        it = iter(batches(ds.train, 3, seed=5, epoch=epoch))
+        try:
+            while len(steps) < STEPS:
+                steps.append([collate(next(it), ds.pad_token_id) for _ in range(accum)])
+        except StopIteration:
+            epoch += 1
+    return recipe, tok, steps
+
+
+def lr_at(t: int) -> float:
+    return 1e-2 * min(1.0, (t + 1) / 5)  # a warmup, so that per-step learning rates reach every block
+
+
+_REFERENCE: dict = {}
+
+
+def reference(key, recipe, tok, steps):
+    """In-memory AdamW; cached per (model, method) for the module: several placements compare with it."""
+    if key not in _REFERENCE:
+        model = load_model(recipe.model, recipe.peft, seed=5, pad_token_id=tok.pad_token_id)
+        ref = AdamWReference(model, recipe.method, head="causal_lm")
+        losses = [ref.step(micro, lr=lr_at(t)).loss for t, micro in enumerate(steps)]
+        _REFERENCE[key] = losses, {n: p.detach().clone() for n, p in model.named_parameters()}
+    return _REFERENCE[key]
+
+
+def streamed(recipe, tok, steps, plan, **kwargs):
+    model = load_model(recipe.model, recipe.peft, seed=5, pad_token_id=tok.pad_token_id)
+    trainer = AdamWStreamed(model, plan, recipe.method, head="causal_lm", lanes=CpuLanes(), **kwargs)
+    try:
+        losses = [trainer.step(micro, lr=lr_at(t)).loss for t, micro in enumerate(steps)]
+        trainer.materialize()
+        return losses, {n: p.detach().clone() for n, p in model.named_parameters()}, trainer
+    finally:
+        trainer.close()
+
+
+def assert_parity(got, want, learned=0.5):
+    losses, weights = got[0], got[1]
+    ref_losses, ref_weights = want
+    assert losses == pytest.approx(ref_losses, rel=1e-5)
+    assert weights.keys() == ref_weights.keys()
+    for name in weights:
+        torch.testing.assert_close(weights[name], ref_weights[name], rtol=1e-5, atol=1e-5, msg=name)
+    # The weights moved: a run that never updated would not match a reference that learned.
+    assert ref_losses[-1] < ref_losses[0] - learned
+
+
+def plan(home, opt, act, tmp_path, **kw):
+    return fixed_plan(2, home, method="adamw", optimizer_home=opt, activation=act, swap_dir=str(tmp_path / "swap"), **kw)
+
+
+# (arch, weights home, optimizer home, activations per layer, clip): every arch on host and on SSD,
+# every activation policy, clipped (deferred updates) and not (updates overlapped with the backward).
+CASES = [
+    ("llama", Tier.PAGEABLE, Tier.PAGEABLE, "recompute", 1.0),
+    ("opt", Tier.PINNED, Tier.PAGEABLE, "keep", 1.0),
+    ("qwen2", Tier.PAGEABLE, Tier.PAGEABLE, "swap", 1.0),
+    ("llama", Tier.SSD, Tier.SSD, ("swap", "keep"), 1.0),
+    ("opt", Tier.SSD, Tier.SSD, "recompute", 1.0),
+    ("qwen2", Tier.SSD, Tier.SSD, ("keep", "recompute"), 1.0),
+    ("llama", Tier.PINNED, Tier.SSD, "keep", None),
+    ("opt", Tier.PAGEABLE, Tier.PAGEABLE, "swap", None),
+    ("qwen2", Tier.SSD, Tier.SSD, "recompute", None),
+]
+
+
+@pytest.mark.parametrize("arch,home,opt,act,clip", CASES,
+                         ids=[f"{a}-{h.value}-{o.value}-{x if isinstance(x, str) else '+'.join(x)}-{'clip' if c else 'noclip'}"
+                              for a, h, o, x, c in CASES])
+def test_streamed_adamw_equals_reference(arch, home, opt, act, clip, models, text_data, tmp_path):
+    recipe, tok, steps = setup(models[arch], text_data, tmp_path, clip=clip)
+    got = streamed(recipe, tok, steps, plan(home, opt, act, tmp_path))
+    assert_parity(got, reference((arch, clip), recipe, tok, steps))
+    trainer = got[2]
+    assert trainer.deferred == (clip is not None)
+    assert trainer.store.stats.fetches == 2 * 2 * STEPS  # each layer up for the forward and the backward
+    assert trainer.store.stats.writebacks == 0  # the CPU optimizer writes homes, the device never does
+    if Tier.SSD in (home, opt):
+        assert not any((tmp_path / "swap").iterdir())  # block and state files removed on close
+    if opt is Tier.SSD:
+        n = sum(p.numel() for name, p in got[1].items() if ".layers." in name)
+        assert trainer.cpu.ssd_bytes_read >= 3 * 4 * n * STEPS  # master, m, v read and written every step
+        assert trainer.cpu.ssd_bytes_written >= 3 * 4 * n * STEPS
+
+
+def test_embeddings_and_head_optimizer_on_ssd(models, text_data, tmp_path):
+    """Resident blocks whose optimizer lives off the device: their new weights are uploaded back, and
+    the forward waits for that (the worker is slowed down so that a missing wait would show)."""
+    recipe, tok, steps = setup(models["qwen2"], text_data, tmp_path)
+    p = plan(Tier.PAGEABLE, Tier.SSD, "recompute", tmp_path, resident_optimizer_home=Tier.SSD)
+    got = streamed(recipe, tok, steps, p, on_job=lambda e: time.sleep(0.005))
+    assert_parity(got, reference(("qwen2", 1.0), recipe, tok, steps))
+    assert set(got[2].cpu.states) == {0, 1, 2, 3}  # embed, both layers, head: all on the CPU worker
+
+
+@pytest.mark.parametrize("home", [Tier.PAGEABLE, Tier.SSD])
+def test_lora_streams_the_frozen_base_read_only(home, models, text_data, tmp_path):
+    recipe, tok, steps = setup(models["llama"], text_data, tmp_path, peft=LORA, lr=5e-2)
+    got = streamed(recipe, tok, steps, plan(home, None, "keep", tmp_path))
+    assert_parity(got, reference(("llama-lora",), recipe, tok, steps), learned=0.03)
+    trainer = got[2]
+    assert trainer.store.stats.writebacks == 0 and not trainer.cpu.states  # adapters: device AdamW
+    assert all(not p.requires_grad for u in trainer.store.units.values() for _, p in u.params)
+
+
+def test_cpu_optimizer_overlaps_backward_of_the_previous_block(models, text_data, tmp_path):
+    """Overlapped updates: the worker is inside block k's AdamW while the device is inside block k-1's
+    backward. Each side waits (inside its interval) for the other to have started, so a design that
+    serialized them would time out here rather than pass."""
+    recipe, tok, steps = setup(models["llama"], text_data, tmp_path, clip=None)
+    started = {("adam", e): threading.Event() for e in range(4)} | {("bwd", e): threading.Event() for e in range(4)}
+    met: list[tuple[int, bool]] = []
+
+    def on_job(e):  # worker, inside block e's update (e = 1, 2: the layers; embed and head update on the device)
+        started[("adam", e)].set()
+        met.append((e, started[("bwd", e - 1)].wait(10)))
+
+    def on_backward(e):  # main thread, inside block e's backward
+        started[("bwd", e)].set()
+        if e in (0, 1):
+            met.append((e + 1, started[("adam", e + 1)].wait(10)))
+
+    got = streamed(recipe, tok, steps[:1], plan(Tier.PAGEABLE, Tier.PAGEABLE, "recompute", tmp_path),
+                   on_job=on_job, on_backward=on_backward)
+    trainer = got[2]
+    assert sorted(met) == [(1, True), (1, True), (2, True), (2, True)]
+    adam = {k: (t0, t1) for what, k, t0, t1 in trainer.cpu.trace if what == "adam"}
+    bwd = {e: (t0, t1) for what, e, t0, t1 in trainer.timeline if what == "bwd"}
+    for k in (1, 2):  # the recorded intervals overlap too
+        assert adam[k][0] < bwd[k - 1][1] and bwd[k - 1][0] < adam[k][1]
+
+
+@pytest.mark.parametrize("clip", [1.0, None], ids=["deferred", "overlapped"])
+def test_slow_optimizer_never_lets_a_forward_read_stale_weights(clip, models, text_data, tmp_path):
+    """The worker is made slow (15 ms per update): every fetch must still wait for its block's update.
+    Dropping that wait (WeightStore.hold) makes the next forward read stale weights and this fails."""
+    recipe, tok, steps = setup(models["opt"], text_data, tmp_path, clip=clip)
+    got = streamed(recipe, tok, steps[:6], plan(Tier.SSD, Tier.SSD, "swap", tmp_path),
+                   on_job=lambda e: time.sleep(0.015))
+    ref_losses, ref_weights = reference(("opt", clip), recipe, tok, steps)
+    assert got[0] == pytest.approx(ref_losses[:6], rel=1e-5)
+
+
+def test_device_budget_is_enforced(models, text_data, tmp_path):
+    from fuyoucli.engine.tiers import DeviceBudgetExceeded
+
+    recipe, tok, steps = setup(models["llama"], text_data, tmp_path)
+    with pytest.raises(DeviceBudgetExceeded, match="budget"):
+        streamed(recipe, tok, steps[:1], plan(Tier.PAGEABLE, Tier.PAGEABLE, "keep", tmp_path,
+                                              device_budget_bytes=200_000))
+
+
+def test_finetune_routes_streamed_adamw_and_matches_in_memory_run(models, text_data, tmp_path):
+    """The whole loop (evals, saving) through build_trainer with a streaming adamw plan."""
+    from safetensors.torch import load_file
+
+    from fuyoucli.telemetry.jsonl import read_metrics
+    from fuyoucli.train.run import finetune
+
+    def recipe(out):
+        return validate_recipe({
+            "model": {"path": str(models["qwen2"])},
+            "method": {"name": "adamw", "lr": 1e-2, "warmup_steps": 2, "schedule": "cosine"},
+            "data": {"train": [str(text_data)], "max_length": 24, "eval_fraction": 0.2},
+            "training": {"max_steps": 6, "batch_size": 3, "grad_accum": 2, "eval_every": 3, "seed": 3,
+                         "output_dir": str(out)},
+            "offload": {"mode": "in_memory"},
+        })
+
+    finetune(recipe(tmp_path / "mem"))
+    finetune(recipe(tmp_path / "ssd"), plan=plan(Tier.SSD, Tier.SSD, "swap", tmp_path))
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("step_time_s", "grad_norm", "loss")}  # noqa: E731
+                          for r in rows]
+    mem, ssd = read_metrics(tmp_path / "mem" / "metrics.jsonl"), read_metrics(tmp_path / "ssd" / "metrics.jsonl")
+    assert strip(ssd) == strip(mem)
+    for a, b in zip(mem, ssd):
+        assert b.get("loss") == pytest.approx(a.get("loss"), rel=1e-5)
+    a, b = load_file(tmp_path / "mem" / "model" / "model.safetensors"), load_file(tmp_path / "ssd" / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-5)
