@@ -24,7 +24,7 @@ from pathlib import Path
 SIZES = {
     "quick": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=6, num_attention_heads=8,
                   num_key_value_heads=8, vocab_size=8000, batch=4, seq=64, steps=3),
-    "full": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=10, num_attention_heads=16,
+    "full": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24, num_attention_heads=16,
                  num_key_value_heads=16, vocab_size=16000, batch=4, seq=128, steps=4),
 }
 
@@ -43,9 +43,16 @@ def build_model(folder: Path, size: dict) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+def rss_anon() -> int:
+    """Anonymous resident memory (bytes): what the process holds, without file pages it merely maps."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def one(args) -> dict:
     """Runs in a subprocess: one configuration, timed steps after one warm-up step."""
-    import psutil
     import torch
 
     from fuyoucli.engine.lanes import lanes_for
@@ -65,8 +72,15 @@ def one(args) -> dict:
                for _ in range(size["steps"] + 1)]
     method = ZO2Method(name="zo2", lr=1e-6, eps=1e-3)
     mode = args.one
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    rss_loaded = psutil.Process().memory_info().rss
+    if mode == "memory":
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    else:  # streamed layers go from the file to their home without loading into the model
+        from fuyoucli.model.loading import load_model
+        from fuyoucli.recipe import ModelConfig, PeftConfig
+
+        model = load_model(ModelConfig(path=args.model), PeftConfig(), seed=0, pad_token_id=0,
+                           streamed_layers=set(range(size["num_hidden_layers"])))
+    rss_loaded = rss_anon()
     store = None
     if mode == "memory":
         model.to(device)
@@ -77,17 +91,20 @@ def one(args) -> dict:
                           compute_device=device.type)
         trainer = ZOStreamed(model, plan, method, seed=0, head="causal_lm", lanes=lanes_for(device))
         store = trainer.store
-    rss_placed = psutil.Process().memory_info().rss
+    rss_placed = rss_anon()
+    peak_anon = rss_placed
     times = []
     for t, micro in enumerate(batches):
         start = time.perf_counter()
         trainer.step(t + 1, micro, lr=1e-6)
+        peak_anon = max(peak_anon, rss_anon())
         if device.type == "cuda":
             torch.cuda.synchronize()
         if t > 0:  # the first step warms up allocators and (streamed) fills the deferred-update pipeline
             times.append(time.perf_counter() - start)
     result = {"mode": mode, "step_s": sorted(times)[len(times) // 2], "rss_loaded": rss_loaded,
-              "rss_placed": rss_placed, "rss_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+              "rss_placed": rss_placed, "rss_steps": peak_anon,
+              "rss_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     if store is not None:
         steps = len(batches)
         result["bytes_read_per_step"] = store.stats.h2d_bytes / steps
@@ -163,10 +180,14 @@ def main() -> None:
     size = SIZES[size_name]
     print(f"ZO2 benchmark ({size_name}): Llama-shaped, {size['num_hidden_layers']} layers, hidden {size['hidden_size']}, "
           f"{model_bytes / 2**20:.0f} MiB fp32; batch {size['batch']}x{size['seq']} tokens, q=1; device {args.device}")
-    print(f"{'mode':<10}{'step s':>9}{'vs memory':>11}{'RSS loaded':>12}{'RSS placed':>12}{'RSS peak':>10}")
+    print("RSS columns: anonymous memory (MiB) after loading, after placing the weights, highest seen during the")
+    print("steps; the last column is the process's peak RSS including mapped file pages.")
+    print(f"{'mode':<10}{'step s':>9}{'vs memory':>11}{'loaded':>9}{'placed':>9}{'steps':>9}{'peak RSS':>10}{'device':>9}")
     for mode, r in results.items():
-        print(f"{mode:<10}{r['step_s']:>9.3f}{r['step_s'] / mem:>10.2f}x{r['rss_loaded'] / 2**20:>10.0f}Mi"
-              f"{r['rss_placed'] / 2**20:>10.0f}Mi{r['rss_peak'] / 2**20:>8.0f}Mi")
+        device = r.get("device_peak_bytes")
+        print(f"{mode:<10}{r['step_s']:>9.3f}{r['step_s'] / mem:>10.2f}x{r['rss_loaded'] / 2**20:>9.0f}"
+              f"{r['rss_placed'] / 2**20:>9.0f}{r['rss_steps'] / 2**20:>9.0f}{r['rss_peak'] / 2**20:>10.0f}"
+              f"{(device or 0) / 2**20:>9.0f}")
     ssd = results["ssd"]
     io_s = ssd["bytes_read_per_step"] / read_bps + ssd["bytes_written_per_step"] / write_bps
     bound = max(io_s, mem)
@@ -174,8 +195,9 @@ def main() -> None:
           f"written per step; disk {read_bps / 1e9:.2f} GB/s read, {write_bps / 1e9:.2f} GB/s write ({source})")
     print(f"SSD tier: I/O bound {io_s:.3f} s, compute bound (in-memory step) {mem:.3f} s; "
           f"measured {ssd['step_s']:.3f} s = {ssd['step_s'] / bound:.2f}x the larger bound")
-    print(f"model bytes {model_bytes / 2**20:.0f} MiB; SSD-homed RSS after placement {ssd['rss_placed'] / 2**20:.0f} MiB "
-          f"(peak {ssd['rss_peak'] / 2**20:.0f} MiB includes loading the whole model once)")
+    print(f"model bytes {model_bytes / 2**20:.0f} MiB; with SSD homing the process holds at most "
+          f"{ssd['rss_steps'] / 2**20:.0f} MiB ({ssd['rss_steps'] / model_bytes:.2f}x the model), of which the "
+          f"engine's device arena (on a CPU device it is host memory) is {ssd['device_peak_bytes'] / 2**20:.0f} MiB")
 
 
 if __name__ == "__main__":

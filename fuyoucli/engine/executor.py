@@ -72,8 +72,9 @@ class TransferStats:
 
 class WeightStore:
     def __init__(self, units: list[StreamUnit], *, lanes, arena: DeviceArena, slots: int,
-                 ssd: SsdStore | None, pin: bool):
+                 ssd: SsdStore | None, pin: bool, source=None):
         self.units = {u.index: u for u in units}
+        self.source = source
         self.lanes, self.arena, self.ssd = lanes, arena, ssd
         self.stats = TransferStats()
         self.residency = Residency([u.name for u in units], max_on_device=slots)
@@ -85,7 +86,8 @@ class WeightStore:
             raise ValueError(f"streamed blocks must share one dtype, got {dtypes}")
         self.dtype = dtypes.pop()
         for u in units:
-            u.shapes = [p.shape for _, p in u.params]
+            # An empty parameter of a lazily loaded layer takes its shape from the model file.
+            u.shapes = [source.shape(n) if (p.numel() == 0 and source is not None) else p.shape for n, p in u.params]
             u.numel = sum(s.numel() for s in u.shapes)
         self.slot_numel = max(u.numel for u in units)
         pin_fn = lanes.pin if pin else None
@@ -102,22 +104,27 @@ class WeightStore:
     # -- set-up: move each streamed block's weights to its home and free the model's copy ----------
 
     def _place_homes(self, units: list[StreamUnit], pin_fn) -> None:
+        """Fill each block's home tensor by tensor: from the parameter, or (an empty parameter of a lazy
+        load; `source` is a model.lazy.TensorSource) straight from the model file."""
         for u in units:
-            flat = torch.cat([p.detach().reshape(-1).to(self.dtype) for _, p in u.params]) if u.params else \
-                torch.empty(0, dtype=self.dtype)
             if u.home is Tier.SSD:
                 buf = aligned_host(u.numel * self.dtype.itemsize)
-                buf[: flat.numel() * self.dtype.itemsize].view(self.dtype).copy_(flat)
-                self.ssd.write_sync(self._key(u), buf)
+                target = buf[: u.numel * self.dtype.itemsize].view(self.dtype)
             else:
-                host = torch.empty(u.numel, dtype=self.dtype)
-                host.copy_(flat)
-                u.host = pin_fn(host) if (pin_fn is not None and u.home is Tier.PINNED) else host
+                target = torch.empty(u.numel, dtype=self.dtype)
+                if pin_fn is not None and u.home is Tier.PINNED:
+                    target = pin_fn(target)
+            for (name, p), view in zip(u.params, u.views(target)):
+                view.copy_(self.source.read(name, p.dtype) if p.numel() != view.numel() else p.detach())
+            if u.home is Tier.SSD:
+                self.ssd.write_sync(self._key(u), buf)
+                del buf
+            else:
+                u.host = target
             for _, p in u.params:
                 # The model keeps the Parameter objects (peft, optimizers and the runner see them);
                 # their storage is swapped in from a slot only while the block computes.
                 p.data = torch.empty(0, dtype=p.dtype, device=self.arena.device)
-            del flat
 
     @staticmethod
     def _key(u: StreamUnit) -> str:

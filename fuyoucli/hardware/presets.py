@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from fuyoucli.errors import InputError
 from fuyoucli.hardware.profile import (
-    SCHEMA_VERSION, BandwidthCurve, BandwidthPoint, ComputeDevice, Disk, DiskPoint, HardwareProfile, Host,
-    Links, MatmulPoint, MatmulRates, Provenance,
+    SCHEMA_VERSION, BandwidthCurve, BandwidthPoint, ComputeDevice, Disk, DiskPoint, ElementwisePoint,
+    HardwareProfile, Host, Links, MatmulPoint, MatmulRates, Provenance,
 )
 
 GB, GIB, MIB = 10**9, 1 << 30, 1 << 20
@@ -25,6 +25,13 @@ ADAMW_PER_CORE_PARAMS_PER_S = 0.8e9
 DRAM_EFFICIENCY = 0.7
 PAGEABLE_FRACTION = 0.5
 DUPLEX_FRACTION = 0.8
+# Elementwise work. A GPU's is memory bound: torch.randn (Philox) writes its 4 bytes per normal at
+# about the copy rate, and adds run at it; the caching allocator makes new tensors free. On a CPU a
+# seeded generator draws normals on one thread whatever the core count (0.1-0.2 G/s on a 2-core Xeon
+# VM, measured by fuyou's probe; assumed 0.25 G/s for a laptop core), and a new tensor over glibc's
+# reuse limit costs page faults: new-tensor adds ran at ~1/3 of the in-place rate on that VM (assumed).
+CPU_RANDN_PARAMS_PER_S = 0.25e9
+CPU_FRESH_FRACTION = 1 / 3
 # BACKGROUND.md: one NVMe Gen4 drive sustains 3-4 GB/s in practice; writes drop when its cache fills.
 NVME_GEN4_READ_GBPS, NVME_GEN4_WRITE_GBPS = 3.5, 3.0
 
@@ -149,6 +156,8 @@ def _build(name: str, box: _Box) -> HardwareProfile:
             kind="cpu", name=box.cpu, count=1, total_memory_bytes=box.ram_bytes,
             free_memory_bytes=int(0.9 * box.ram_bytes), memory_bandwidth_gbps=dram_copy_gbps,
             matmul=_matmul(0.1, 0.1, 0.46, 1024), note="preset: CPU only",
+            elementwise=(ElementwisePoint(params=1 << 24, randn_params_per_s=CPU_RANDN_PARAMS_PER_S,
+                                          inplace_gbps=dram_copy_gbps, fresh_gbps=dram_copy_gbps * CPU_FRESH_FRACTION),),
         )
         memcpy = _curve(dram_copy_gbps / 2)  # a copy moves each byte twice through DRAM
         links = Links(kind="host_memcpy", h2d_pinned=memcpy, h2d_pageable=memcpy, d2h_pinned=memcpy,
@@ -161,6 +170,8 @@ def _build(name: str, box: _Box) -> HardwareProfile:
             free_memory_bytes=g.memory_bytes - GIB // 2,  # ~0.5 GiB goes to the CUDA context
             memory_bandwidth_gbps=g.memory_gbps, matmul=_matmul(g.bf16_tflops, g.fp16_tflops, g.fp32_tflops, 8192),
             note="preset: vendor figures (upper bounds for what a measurement will show)",
+            elementwise=(ElementwisePoint(params=1 << 26, randn_params_per_s=g.memory_gbps * GB / 4,
+                                          inplace_gbps=g.memory_gbps, fresh_gbps=g.memory_gbps),),
         )
         pinned, pageable = _curve(box.link_gbps), _curve(box.link_gbps * PAGEABLE_FRACTION)
         duplex = _curve(box.link_gbps * DUPLEX_FRACTION)

@@ -20,8 +20,8 @@ from typing import Callable, Optional, Sequence
 from fuyoucli.hardware import disk as disk_probe
 from fuyoucli.hardware import hostinfo
 from fuyoucli.hardware.profile import (
-    SCHEMA_VERSION, BandwidthCurve, BandwidthPoint, ComputeDevice, Disk, HardwareProfile, Host, Links,
-    MatmulPoint, MatmulRates, Provenance,
+    SCHEMA_VERSION, BandwidthCurve, BandwidthPoint, ComputeDevice, Disk, ElementwisePoint, HardwareProfile, Host,
+    Links, MatmulPoint, MatmulRates, Provenance,
 )
 
 MIB, GIB = 1 << 20, 1 << 30
@@ -46,13 +46,20 @@ class ProbeSpec:
     pinned_chunk_bytes: int
     pinned_time_s: float
     disk: disk_probe.DiskSpec
+    # fp32 tensor sizes (elements) for randn / in-place / new-tensor elementwise rates. On a CPU they
+    # straddle the cache sizes and glibc's ~32 MB limit above which a freed block goes back to the OS.
+    elementwise_sizes_cpu: tuple[int, ...] = (1 << 18, 1 << 20, 1 << 22, 1 << 24)
+    elementwise_sizes_cuda: tuple[int, ...] = (1 << 20, 1 << 24, 1 << 26)
+    elementwise_time_s: float = 0.1
 
 
 QUICK = ProbeSpec("quick", (256, 512, 1024), (1024, 4096, 8192), 0.1, (MIB, 16 * MIB, 256 * MIB), 0.03,
-                  256 * MIB, 0.2, 4_000_000, 0.3, 2 * GIB, 512 * MIB, 3.0, disk_probe.QUICK)
+                  256 * MIB, 0.2, 4_000_000, 0.3, 2 * GIB, 512 * MIB, 3.0, disk_probe.QUICK,
+                  elementwise_sizes_cpu=(1 << 20, 1 << 24), elementwise_sizes_cuda=(1 << 20, 1 << 26),
+                  elementwise_time_s=0.05)
 FULL = ProbeSpec("full", (256, 512, 1024, 2048), (1024, 2048, 4096, 8192, 16384), 0.3,
                  (MIB, 4 * MIB, 16 * MIB, 64 * MIB, 256 * MIB), 0.1, GIB, 0.5, 16_000_000, 1.0,
-                 None, GIB, 20.0, disk_probe.FULL)
+                 None, GIB, 20.0, disk_probe.FULL, elementwise_time_s=0.15)
 
 OnStep = Callable[[str, int, int], None]  # (label, index, total steps)
 
@@ -79,6 +86,7 @@ def probe(disks: Sequence[str | Path] = (".",), *, quick: bool = False, on_step:
         step(f"disk {p}", lambda p=p: disk_probe.measure_disk(p, spec.disk, on_detail), f"disk{i}")
     for dt in DTYPES:
         step(f"matmul {dt}", lambda dt=dt: measure_matmul(dt, spec, cuda), f"mm_{dt}")
+    step("elementwise (randn, axpy)", lambda: measure_elementwise(spec, cuda), "elementwise")
     step("host memory copy", lambda: measure_copy_gbps("cpu", spec.copy_bytes, spec.copy_time_s), "dram")
     if cuda:
         step("device memory copy", lambda: measure_copy_gbps("cuda", spec.copy_bytes, spec.copy_time_s), "devmem")
@@ -97,10 +105,10 @@ def probe(disks: Sequence[str | Path] = (".",), *, quick: bool = False, on_step:
 
     host = _host(results, all_threads)
     matmul = tuple(results[f"mm_{dt}"] for dt in DTYPES)
-    compute = _cuda_device(matmul, results["devmem"]) if cuda else ComputeDevice(
+    compute = _cuda_device(matmul, results["devmem"], results["elementwise"]) if cuda else ComputeDevice(
         kind="cpu", name=host.cpu_model, count=1, total_memory_bytes=host.ram_total_bytes,
         free_memory_bytes=host.ram_available_bytes, memory_bandwidth_gbps=host.dram_copy_gbps, matmul=matmul,
-        note="no CUDA device: the CPU computes; memory is host RAM",
+        note="no CUDA device: the CPU computes; memory is host RAM", elementwise=results["elementwise"],
     )
     disks_out: tuple[Disk, ...] = tuple(results[f"disk{i}"] for i in range(len(paths)))
     return HardwareProfile(
@@ -184,7 +192,34 @@ def measure_copy_gbps(device: str, nbytes: int, min_time_s: float) -> float:
     return 2 * nbytes / s / 1e9
 
 
-def _cuda_device(matmul: tuple[MatmulRates, ...], devmem_gbps: float) -> ComputeDevice:
+def measure_elementwise(spec: ProbeSpec, cuda: bool) -> tuple[ElementwisePoint, ...]:
+    """fp32 rates at spec's tensor sizes: normals from a seeded generator into an existing tensor
+    (how ZO draws z), y.add_(x, alpha) in place, and the same add into a new tensor each call (every
+    out-of-place op of a forward, and home + s*eps*z). Sizes that do not fit are skipped."""
+    import torch
+
+    device = "cuda" if cuda else "cpu"
+    sync = _sync_for(device)
+    points = []
+    for n in spec.elementwise_sizes_cuda if cuda else spec.elementwise_sizes_cpu:
+        if cuda and 5 * 4 * n > torch.cuda.mem_get_info()[0] // 2:
+            break
+        gen = torch.Generator(device=device).manual_seed(n)
+        x = torch.randn(n, device=device, generator=gen)
+        y = torch.randn(n, device=device, generator=gen)
+        z = torch.empty(n, device=device)
+        randn_s = seconds_per_call(lambda: torch.randn(n, generator=gen, device=device, out=z), sync,
+                                   spec.elementwise_time_s)
+        inplace_s = seconds_per_call(lambda: y.add_(x, alpha=1e-3), sync, spec.elementwise_time_s)
+        fresh_s = seconds_per_call(lambda: torch.add(x, z, alpha=1e-3), sync, spec.elementwise_time_s)
+        points.append(ElementwisePoint(params=n, randn_params_per_s=n / randn_s, inplace_gbps=12 * n / inplace_s / 1e9,
+                                       fresh_gbps=12 * n / fresh_s / 1e9))
+        del x, y, z
+    return tuple(points)
+
+
+def _cuda_device(matmul: tuple[MatmulRates, ...], devmem_gbps: float,
+                 elementwise: tuple[ElementwisePoint, ...] = ()) -> ComputeDevice:
     import torch
 
     free, total = torch.cuda.mem_get_info(0)
@@ -192,7 +227,7 @@ def _cuda_device(matmul: tuple[MatmulRates, ...], devmem_gbps: float) -> Compute
     count = torch.cuda.device_count()
     return ComputeDevice(
         kind="cuda", name=torch.cuda.get_device_name(0), count=count, total_memory_bytes=total,
-        free_memory_bytes=free, memory_bandwidth_gbps=devmem_gbps, matmul=matmul,
+        free_memory_bytes=free, memory_bandwidth_gbps=devmem_gbps, matmul=matmul, elementwise=elementwise,
         note=f"compute capability {major}.{minor}; fp32 without TF32"
         + (f"; measured cuda:0 of {count}" if count > 1 else ""),
     )

@@ -62,6 +62,25 @@ class MatmulRates:
 
 
 @dataclass(frozen=True)
+class ElementwisePoint:
+    """fp32 elementwise rates on the compute device for tensors of `params` elements (ZO's work:
+    drawing z, forming home + s*eps*z, updating; a model's norms, activations and residual adds).
+
+    On a GPU these are memory bound; on a CPU drawing normals is compute bound (a few ns per number
+    per generator) and a new result tensor costs its page faults once it is too big for the
+    allocator to reuse (glibc hands blocks over ~32 MB back to the OS), so the size matters."""
+
+    params: int
+    randn_params_per_s: float  # torch.randn(..., generator=g, out=buf): fp32 normals written per second
+    inplace_gbps: float  # y.add_(x, alpha=a): 12 bytes per element (read x and y, write y)
+    fresh_gbps: float  # torch.add(x, y, alpha=a) into a new tensor each call: the same 12 bytes
+
+    def __post_init__(self) -> None:
+        _require(self.params > 0 and self.randn_params_per_s > 0 and self.inplace_gbps > 0 and self.fresh_gbps > 0,
+                 "params and elementwise rates must be > 0")
+
+
+@dataclass(frozen=True)
 class ComputeDevice:
     """The device that runs forward/backward. kind 'cpu' means no CUDA: the CPU computes, and
     total/free memory are host RAM."""
@@ -74,9 +93,14 @@ class ComputeDevice:
     memory_bandwidth_gbps: float  # large device-to-device copy, bytes read + written per second
     matmul: tuple[MatmulRates, ...]
     note: str = ""
+    elementwise: tuple[ElementwisePoint, ...] = ()
+    """By tensor size, ascending; empty in profiles measured before fuyou timed it (the planner then
+    assumes memory-bound elementwise work at memory_bandwidth_gbps: optimistic on a CPU)."""
 
     def __post_init__(self) -> None:
         _require(self.count >= 1, "count must be >= 1")
+        sizes = [p.params for p in self.elementwise]
+        _require(sizes == sorted(set(sizes)), "elementwise points must have distinct, ascending params")
         _require(0 <= self.free_memory_bytes <= self.total_memory_bytes, "need 0 <= free_memory_bytes <= total")
         _require(self.memory_bandwidth_gbps > 0, "memory_bandwidth_gbps must be > 0")
 
@@ -277,6 +301,7 @@ def summary(profile: HardwareProfile) -> dict:
     return {
         "compute": f"{profile.compute.kind}: {profile.compute.name}",
         "matmul_best_flops": {m.dtype: m.best_flops for m in profile.compute.matmul},
+        "randn_params_per_s": max((p.randn_params_per_s for p in profile.compute.elementwise), default=0.0),
         "link_kind": profile.links.kind,
         "h2d_pinned_peak_gbps": profile.links.h2d_pinned.peak_gbps,
         "d2h_pinned_peak_gbps": profile.links.d2h_pinned.peak_gbps,

@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 
 from fuyoucli.errors import ModelError
+from fuyoucli.model.arithmetic import TRACE_BATCH, TRACE_TOKENS, known_inventory
 from fuyoucli.plan.types import BlockSpec, ModelInventory
 from fuyoucli.recipe import ModelConfig, PeftConfig
 from fuyoucli.resources import resolve_path
@@ -89,8 +90,35 @@ def inventory(cfg: ModelConfig, peft_cfg: PeftConfig, *, num_labels: int | None 
 def _inventory_cached(cfg_json: str, peft_json: str, num_labels: int | None, path: str, stamp: int) -> ModelInventory:
     cfg = ModelConfig.model_validate_json(cfg_json)
     peft_cfg = PeftConfig.model_validate_json(peft_json)
+    fast = _known_from_json(Path(path), cfg, peft_cfg)
+    if fast is not None:
+        return fast
     return inventory_from_config(load_config(cfg), peft_cfg, head=cfg.head, num_labels=num_labels,
                                  trust_remote_code=cfg.trust_remote_code, source=path)
+
+
+def _known_from_json(path: Path, cfg: ModelConfig, peft_cfg: PeftConfig) -> ModelInventory | None:
+    """The config-arithmetic inventory (model.arithmetic) when the folder's config.json (or a GGUF
+    file's cached one) describes an architecture it covers: no torch or transformers import."""
+    import json
+
+    if path.suffix == ".gguf":
+        key = _gguf_key(path)
+        folders = [_cache_dir() / "gguf" / f"{path.stem}-{key}", _cache_dir() / "gguf-config" / f"{path.stem}-{key}"]
+        found = [f / "config.json" for f in folders if (f / "config.json").is_file()]
+        if not found:
+            return None
+        config_file = found[0]
+    else:
+        config_file = path / "config.json"
+    try:
+        data = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # the meta path reports what is wrong with it
+    if not isinstance(data, dict):
+        return None
+    return known_inventory(data, head=cfg.head, lora=peft_cfg.type == "lora",
+                           trust_remote_code=cfg.trust_remote_code, source=str(path))
 
 
 def inventory_from_config(config, peft_cfg: PeftConfig | None = None, *, head: str = "causal_lm",
@@ -108,8 +136,10 @@ def inventory_from_config(config, peft_cfg: PeftConfig | None = None, *, head: s
         config.num_labels = num_labels or 2
     auto = AutoModelForSequenceClassification if head == "sequence_classification" else AutoModelForCausalLM
     try:
+        # fp32 whatever the config's dtype: the counts are per element, and the trace (below) then
+        # sees the ops of the model's arithmetic, not casts that depend on the dtype it was saved in
         with torch.device("meta"):
-            model = auto.from_config(config, trust_remote_code=trust_remote_code)
+            model = auto.from_config(config, trust_remote_code=trust_remote_code, dtype=torch.float32)
     except (ValueError, KeyError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"cannot build a {config.model_type!r} model from its config for planning: {first}") from e
@@ -132,6 +162,10 @@ def inventory_from_config(config, peft_cfg: PeftConfig | None = None, *, head: s
 
     flops = _matmul_flops_by_block(model, layer_path)
     out_elems = _linear_out_elems_by_block(model, layer_path)
+    traced, loss_total = _trace_elementwise(model, layers)
+    elementwise = {k: v // (_TRACE_BATCH * _TRACE_TOKENS) for k, v in traced.items()}
+    positions = _TRACE_BATCH if head == "sequence_classification" else _TRACE_BATCH * (_TRACE_TOKENS - 1)
+    loss_elems = loss_total // positions
     hidden = int(_cfg(config, "hidden_size", "n_embd", "d_model"))
     vocab = int(_cfg(config, "vocab_size"))
     heads = int(_cfg(config, "num_attention_heads", "n_head"))
@@ -159,13 +193,16 @@ def inventory_from_config(config, peft_cfg: PeftConfig | None = None, *, head: s
             attention_window=windows[index] if is_layer else None,
             boundary_elems_per_token=boundary,
             internal_elems_per_token=internal,
+            elementwise_elems_per_token=elementwise.get(b.name, 0),
         ))
     if "head" not in names:  # a tied head with no final norm owns no parameters, but still computes
         logits = config.num_labels if head == "sequence_classification" else vocab
-        specs.append(BlockSpec("head", 0, 0, 0, flops.get("head", 0), 0, None, 0, hidden + 3 * logits))
+        specs.append(BlockSpec("head", 0, 0, 0, flops.get("head", 0), 0, None, 0, hidden + 3 * logits,
+                               elementwise.get("head", 0)))
     tied = bool(getattr(config, "tie_word_embeddings", False)) and head == "causal_lm"
     return ModelInventory(model_type=config.model_type, hidden_size=hidden, num_layers=len(layers),
-                          vocab_size=vocab, tied_embeddings=tied, blocks=tuple(specs), source=source)
+                          vocab_size=vocab, tied_embeddings=tied, blocks=tuple(specs), source=source,
+                          loss_elems_per_position=loss_elems)
 
 
 _EMBED_HINTS = ("embed", "wte", "wpe", "project_in")
@@ -204,6 +241,99 @@ def _linear_out_elems_by_block(model, layer_path: str) -> dict[str, int]:
     for block, _n_in, n_out in _linear_shapes(model, layer_path):
         out[block] = out.get(block, 0) + n_out
     return out
+
+
+_TRACE_BATCH, _TRACE_TOKENS = TRACE_BATCH, TRACE_TOKENS
+# Matrix products are counted as FLOPs (module shapes); attention by its per-key term.
+_MATMUL_OPS = ("mm", "addmm", "bmm", "baddbmm", "addbmm", "matmul", "linear")
+# Ops that move only the elements they produce (a lookup, a gather, the loss's pick of the target).
+_GATHER_OPS = ("embedding", "index", "index_select", "gather", "masked_select", "nll_loss", "nll_loss_forward",
+               "nll_loss_nd")
+# Allocation, metadata and views the schema does not mark as such.
+_FREE_OPS = ("empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach", "lift_fresh",
+             "_local_scalar_dense", "scalar_tensor", "zeros", "ones", "arange", "full", "_unsafe_view",
+             "_assert_tensor_metadata", "alias")
+
+
+def _trace_elementwise(model, layers) -> tuple[dict[str, int], int]:
+    """({block: elements}, elements of the loss) for a forward of _TRACE_BATCH x _TRACE_TOKENS tokens:
+    what every op of an inference forward (dropout off, as ZO runs) other than matrix products and
+    attention reads plus writes, by block; and what train.losses' cross-entropy over the scored
+    positions' logits (all but the last of each row; a classification head's one per row) moves.
+
+    Counted by running the model's own code once on the meta device under a dispatch mode: each aten
+    op that is not a view, a product or attention adds the elements of its tensor inputs and outputs
+    (a gather: twice its output). So RMSNorm written in Python (pow, mean, rsqrt, two muls), rotary
+    embeddings, repeat_kv's copies and GELU's tanh formula count as what they are, per architecture,
+    without a table. A forward that cannot run on meta tensors gives ({}, 0)."""
+    import torch
+    import torch.nn.functional as F
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    state = {"block": "embed", "in_attention": 0}
+    counts: dict[str, int] = {}
+
+    class _Attention(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is F.scaled_dot_product_attention:  # its cost is the per-key FLOP term
+                state["in_attention"] += 1
+                try:
+                    return func(*args, **(kwargs or {}))
+                finally:
+                    state["in_attention"] -= 1
+            return func(*args, **(kwargs or {}))
+
+    class _Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__.rstrip("_")
+            if state["in_attention"] or func.is_view or name in _MATMUL_OPS or name in _FREE_OPS:
+                return out
+            leaves = torch.utils._pytree.tree_leaves
+            outs = sum(t.numel() for t in leaves(out) if isinstance(t, torch.Tensor))
+            if name in _GATHER_OPS:
+                n = 2 * outs
+            else:
+                n = outs + sum(t.numel() for t in leaves((args, kwargs)) if isinstance(t, torch.Tensor))
+            counts[state["block"]] = counts.get(state["block"], 0) + n
+            return out
+
+    def enter(i):
+        return lambda *_: state.__setitem__("block", f"layers.{i}")
+
+    handles = []
+    for i, layer in enumerate(layers):
+        handles.append(layer.register_forward_pre_hook(enter(i)))
+        handles.append(layer.register_forward_hook(lambda *_: state.__setitem__("block", "head")))
+    ids = torch.zeros(_TRACE_BATCH, _TRACE_TOKENS, dtype=torch.long, device="meta")
+    # Some decoders inspect a 2-D mask's values (packed sequences), which meta tensors cannot give;
+    # a ready 4-D causal mask skips that. Mask preparation is per forward, not per layer: negligible.
+    causal = torch.ones(_TRACE_BATCH, 1, _TRACE_TOKENS, _TRACE_TOKENS, dtype=torch.bool, device="meta")
+    was_training = model.training
+    model.eval()
+    try:
+        for kwargs in ({}, {"attention_mask": causal}):
+            counts.clear()
+            state["block"] = "embed"
+            try:
+                with torch.no_grad(), _Attention(), _Count():
+                    logits = model(input_ids=ids, use_cache=False, **kwargs).logits
+                    per_block = dict(counts)
+                    counts.clear()
+                    state["block"] = "loss"
+                    # train.losses gathers the scored positions' logits (here: all but the last, a
+                    # copy), casts them to fp32 and takes the cross-entropy
+                    flat = (logits[:, :-1] if logits.ndim == 3 else logits).reshape(-1, logits.shape[-1])
+                    F.cross_entropy(flat.float(), ids.reshape(-1)[: flat.shape[0]], reduction="sum")
+                return per_block, counts.get("loss", 0)
+            except Exception:  # noqa: BLE001 - a forward that needs real values: try the next way
+                continue
+        return {}, 0
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
 
 
 def _cfg(config, *names: str):

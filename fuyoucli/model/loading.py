@@ -103,16 +103,33 @@ def load_model(
     pad_token_id: int,
     num_labels: int | None = None,
     device: torch.device | str = "cpu",
+    streamed_layers: set[int] | None = None,
 ):
     """Model in cfg.dtype on `device`, LoRA applied if asked.
 
     New weights (a classification head, LoRA adapters) are drawn from `seed`, so a run is repeatable.
+    With `streamed_layers` (full-parameter causal LM), those layers are not read here: their
+    parameters are empty and `model.fuyou_source` gives their shapes and data tensor by tensor to the
+    engine, so a model larger than RAM never has to fit in it.
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     _quiet_transformers()
     folder = model_folder(cfg)
     torch.manual_seed(seed)
+    if streamed_layers and cfg.head == "causal_lm" and peft_cfg.type == "none":
+        from transformers import AutoConfig
+
+        from fuyoucli.model.lazy import lazy_load
+
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code)
+        loaded = lazy_load(folder, config, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code,
+                           streamed_layers=streamed_layers)
+        if loaded is not None:
+            model, source = loaded
+            model.config.use_cache = False
+            model.fuyou_source = source
+            return model
     kwargs = dict(dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code, use_safetensors=True)
     try:
         if cfg.head == "sequence_classification":

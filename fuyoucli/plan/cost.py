@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fuyoucli.plan import work
 from fuyoucli.plan.types import DTYPE_BYTES, Machine, ModelInventory, Options, StepTimes, Tier, TierBytes, Workload
 
 # Headroom: fractions of each capacity the plan leaves free. Device: allocator fragmentation and
@@ -94,6 +95,12 @@ def overflows(memory: TierBytes, cap: TierBytes) -> list[tuple[str, int, int]]:
     if memory.ssd > cap.ssd:
         out.append(("ssd", memory.ssd, cap.ssd))
     return out
+
+
+def _small_product_rate(machine: Machine, wl: Workload) -> float:
+    """Attention's products are per head (head_dim deep): the smallest measured product's rate."""
+    curve = sorted((size, flops) for dtype, size, flops in machine.matmul_points if dtype == wl.compute_dtype)
+    return curve[0][1] if curve else machine.flops(wl.compute_dtype)
 
 
 def compute_rate(machine: Machine, wl: Workload, micro_tokens: int, hidden: int) -> float:
@@ -249,44 +256,56 @@ def estimate(inv: ModelInventory, wl: Workload, machine: Machine, pl: Placement)
             return machine.duplex_h2d_bps or machine.h2d_bps, machine.duplex_d2h_bps or machine.d2h_bps
         return machine.h2d_bps, machine.d2h_bps
 
-    def fetch(i: int, v: list, h2d_bps: float, factor: int = 1) -> None:
-        """Bring block i's weights from home to the device (and, for zo2, count nothing else)."""
-        wh, b = pl.weights_home[i], home_b[i] * factor
+    def fetch(i: int, v: list, h2d_bps: float) -> None:
+        """Bring block i's weights from home to the device. On a CPU the 'device' is host memory: an
+        SSD read lands in a staging buffer and, like a host home, is copied into the block's slot by
+        the CPU itself (compute-device time: the same cores)."""
+        wh, b = pl.weights_home[i], home_b[i]
         if wh is Tier.DEVICE or b == 0:
             return
         if wh is Tier.SSD:
             v[SSD_R] += b / ssd_r_bps
         if cpu:
+            v[GPU] += work.cpu_copy_s(machine, b)
             return
         if wh is Tier.PAGEABLE:
             v[DRAM] += 2 * b / dram  # memcpy into the pinned staging pool (read + write)
         if wh is Tier.SSD or wh is Tier.PINNED or wh is Tier.PAGEABLE:
             v[H2D] += b / h2d_bps
 
+    def write_back(i: int, v: list, d2h_bps: float) -> None:
+        """Send block i's updated weights home (zo2)."""
+        wh, b = pl.weights_home[i], wb_b[i]
+        if wh is Tier.DEVICE or b == 0:
+            return
+        if cpu:
+            v[GPU] += work.cpu_copy_s(machine, b)  # slot -> home (or the SSD write buffer)
+        else:
+            v[D2H] += b / d2h_bps
+            if wh is Tier.PAGEABLE:
+                v[DRAM] += 2 * b / dram
+        if wh is Tier.SSD:
+            v[SSD_W] += b / ssd_w_bps
+
+    small_rate = _small_product_rate(machine, wl) or rate
     flops_step = 0.0
     phases: list[list[list[float]]] = []
     if zo:
         h2d_bps, d2h_bps = link_rates(writeback)
+        engine = bool(streamed)  # the streamed engine runs the step; with nothing streamed, the reference
+        tied_embed = inv.tied_embeddings
         per = []
         for i, s in enumerate(blocks):
             v = [0.0] * _N
             f = passes * T * s.forward_flops_per_token(wl.seq_len)
             flops_step += f
-            v[GPU] = f / rate
-            tr = 0 if wl.lora else s.trainable_params
-            # z drawn and applied per direction for +eps and -eps, and again for the deferred update.
-            elem = tr * (wl.q * (4 + 2 * (hb + 4 + cb)) + wl.q * (4 + 2 * hb) + 2 * mom)
-            if wl.lora:
-                elem = s.trainable_params * wl.q * 3 * (4 + 2 * cb)
-            v[GPU] += elem / mem_bps
+            v[GPU] = passes * (T * s.matmul_flops_per_token / rate
+                               + work.forward_extra_s(machine, wl, inv, s, T, Tm, small_rate))
+            v[GPU] += work.zo_block_s(machine, wl, s, pl.home_dtype, engine=engine,
+                                      streamed=pl.weights_home[i] is not Tier.DEVICE and not wl.lora,
+                                      tied_embed=tied_embed and s.name == "embed")
             fetch(i, v, h2d_bps)
-            if pl.weights_home[i] is not Tier.DEVICE and wb_b[i]:
-                if not cpu:
-                    v[D2H] += wb_b[i] / d2h_bps
-                    if pl.weights_home[i] is Tier.PAGEABLE:
-                        v[DRAM] += 2 * wb_b[i] / dram
-                if pl.weights_home[i] is Tier.SSD:
-                    v[SSD_W] += wb_b[i] / ssd_w_bps
+            write_back(i, v, d2h_bps)
             per.append(v)
         phases.append(per)
     else:
@@ -303,14 +322,18 @@ def estimate(inv: ModelInventory, wl: Workload, machine: Machine, pl: Placement)
             act = pl.activation[i] if s.name.startswith("layers.") else "keep"
             swap_b = T * s.internal_elems_per_token * cb if act == "swap" else 0
             v = [0.0] * _N
-            v[GPU] = fl / rate
+            fwd_s = T * s.matmul_flops_per_token / rate + work.forward_extra_s(machine, wl, inv, s, T, Tm, small_rate)
+            v[GPU] = fwd_s
             fetch(i, v, h2d_f)
             if swap_b and not cpu:
                 v[D2H] += swap_b / d2h_f
             fwd.append(v)
             w = [0.0] * _N
             extra = fl if act == "recompute" else 0.0
-            w[GPU] = (bwd_factor * fl + extra) / rate
+            # Backward: each product twice (input and weight gradients; LoRA: the frozen base's
+            # input gradient only), each elementwise op's gradient about as costly as the op itself
+            # twice over (reads the upstream gradient and its saved inputs, writes one per input).
+            w[GPU] = bwd_factor * fwd_s + (fwd_s if act == "recompute" else 0.0) + work.grad_s(machine, wl, s)
             flops_step += fl * (1 + bwd_factor) + extra
             fetch(i, w, h2d_b)
             if swap_b and not cpu:
@@ -349,7 +372,7 @@ def estimate(inv: ModelInventory, wl: Workload, machine: Machine, pl: Placement)
         for v in per:
             for r in range(_N):
                 totals[r] += v[r]
-        step += _phase_time(per, [pl.weights_home[i] for i in idx], depth)
+        step += _phase_time(per, [pl.weights_home[i] for i in idx], depth, cpu)
 
     names = {"gpu": totals[GPU], "h2d": totals[H2D], "d2h": totals[D2H], "ssd": totals[SSD_R] + totals[SSD_W],
              "cpu_optimizer": totals[CPU_OPT], "dram": totals[DRAM]}
@@ -363,10 +386,13 @@ def estimate(inv: ModelInventory, wl: Workload, machine: Machine, pl: Placement)
                     device_buffers=buffers, wire_dtype=wire, device_parts=parts)
 
 
-def _phase_time(per: list[list[float]], homes: list[Tier], depth: int) -> float:
-    """One phase under the overlap model (module docstring)."""
+def _phase_time(per: list[list[float]], homes: list[Tier], depth: int, cpu: bool = False) -> float:
+    """One phase under the overlap model (module docstring). On a CPU device the compute, the
+    optimizer and host copies share the same cores: they add up, and only the drive overlaps them."""
     if depth == 0:
         return sum(sum(v) for v in per)
+    if cpu:
+        per = [[v[GPU] + v[CPU_OPT] + v[DRAM]] + v[1:CPU_OPT] + [0.0, 0.0] for v in per]
     busy = [sum(v[r] for v in per) for r in range(_N)]
     busy[SSD_R] += busy[SSD_W]  # one drive: reads and writes share it
     busy[SSD_W] = 0.0

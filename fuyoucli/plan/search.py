@@ -72,8 +72,25 @@ def machine_from_profile(profile: HardwareProfile, swap_dir: str | None = None) 
         disk_free_bytes=disk.free_bytes if disk else 0,
         disk_read_bps=disk.read_gbps * GB if disk else 0.0,
         disk_write_bps=disk.write_gbps * GB if disk else 0.0,
+        elementwise_points=tuple((p.params, p.randn_params_per_s, p.inplace_gbps * GB, p.fresh_gbps * GB)
+                                 for p in c.elementwise),
     )
+    if c.kind == "cpu" and not c.elementwise and profile.provenance.source == "measured":
+        notes.append("this profile has no elementwise rates (measured by an older fuyou): the step time "
+                     "leaves out most of zo2's work on a CPU; run `fuyou profile` again")
     return machine, tuple(notes)
+
+
+def loss_positions_fraction(recipe: Recipe) -> float:
+    """Share of the positions the loss scores (train.losses): one per example for label-word
+    classification, none that matter for a classification head (its logits are the labels), and
+    every position otherwise (text; for prompt/answer data, an upper bound: only answers count)."""
+    d = recipe.data
+    if recipe.model.head == "sequence_classification":
+        return 1.0  # the head's logits are num_labels wide: the loss is negligible either way
+    if d.format == "classification":
+        return 1.0 / max(1, d.max_length)
+    return 1.0
 
 
 def workload_from_recipe(recipe: Recipe) -> Workload:
@@ -82,7 +99,8 @@ def workload_from_recipe(recipe: Recipe) -> Workload:
     return Workload(method=m.name, lora=recipe.peft.type == "lora", compute_dtype=recipe.model.dtype,
                     batch_size=recipe.training.batch_size, seq_len=recipe.data.max_length,
                     grad_accum=recipe.training.grad_accum, q=m.q if zo else 1,
-                    zo_momentum=zo and m.variant == "momentum")
+                    zo_momentum=zo and m.variant == "momentum",
+                    loss_positions_fraction=loss_positions_fraction(recipe))
 
 
 _TIERS = {"device": Tier.DEVICE, "pinned": Tier.PINNED, "pageable": Tier.PAGEABLE, "host": Tier.PAGEABLE,
@@ -197,10 +215,10 @@ class _Search:
         host_left = max(cap.pageable, cap.pinned) - reserve - opt_stage
         for i in streamed:
             b = hb[i]
-            if self.cpu:
+            if o.weights_home is not None:
+                weights[i] = o.weights_home  # on a CPU a host home is pointless but valid (benchmarks)
+            elif self.cpu:
                 weights[i] = Tier.SSD
-            elif o.weights_home is not None:
-                weights[i] = o.weights_home
             elif b <= pinned_left and b <= host_left:
                 weights[i], pinned_left, host_left = Tier.PINNED, pinned_left - b, host_left - b
             elif b <= host_left:
@@ -211,8 +229,8 @@ class _Search:
                 weights[i], host_left = Tier.PAGEABLE, host_left - b  # does not fit: reported
         if o.weights_home is not None and not self.cpu:
             host_left -= sum(hb[i] for i in streamed if o.weights_home in (Tier.PINNED, Tier.PAGEABLE))
-        if self.cpu:
-            host_left = cap.device - sum(hb[i] for i in resident)
+        if self.cpu:  # host RAM is the device: resident blocks and host-homed streamed ones use it
+            host_left = cap.device - sum(hb[i] for i in range(self.n) if weights[i] is not Tier.SSD)
         optim: list[Tier | None] = [None] * self.n
         for i, s in enumerate(inv.blocks):
             if self.zo or not s.trainable_params:

@@ -55,6 +55,11 @@ class BlockSpec:
     """Elements per token of the hidden state the block hands on (its output)."""
     internal_elems_per_token: int
     """Elements per token the block keeps for its backward (and allocates at peak in a forward)."""
+    elementwise_elems_per_token: int = 0
+    """Elements read plus written per token by the block's forward outside matrix products and
+    attention (norms, activations, rotary embeddings, residual adds, casts, copies), as traced on the
+    meta device (the loss: ModelInventory.loss_elems_per_position). Memory-bound work, and on a CPU
+    a large share of a forward's time."""
 
     def forward_flops_per_token(self, seq_len: int) -> int:
         """Forward FLOPs per token at this sequence length; causal attention sees (seq+1)/2 keys on average."""
@@ -77,6 +82,9 @@ class ModelInventory:
     blocks: tuple[BlockSpec, ...]
     source: str = ""
     """Where the config came from (for reports)."""
+    loss_elems_per_position: int = 0
+    """Elements the loss (train.losses: fp32 cross-entropy) reads plus writes per scored position,
+    outside the head's product: a few passes over the vocabulary (or the labels)."""
 
     @property
     def params(self) -> int:
@@ -102,6 +110,9 @@ class Workload:
     """zo2: random directions per step (2*q forward passes); 1 for adamw."""
     zo_momentum: bool = False
     """zo2 variant momentum: an fp32 momentum buffer travels with each trainable weight."""
+    loss_positions_fraction: float = 1.0
+    """Share of the positions whose logits go through the loss: 1 for language modelling text, one
+    position per example for label-word classification (the loss then costs next to nothing)."""
 
     @property
     def tokens_per_step(self) -> int:
@@ -136,6 +147,10 @@ class Machine:
     disk_write_bps: float = 0.0
     matmul_points: tuple[tuple[str, int, float], ...] = ()
     """Optional (dtype, square matrix size, FLOP/s) as measured: how fast small products run."""
+    elementwise_points: tuple[tuple[int, float, float, float], ...] = ()
+    """Optional (fp32 tensor elements, randn params/s, in-place bytes/s, new-tensor bytes/s) on the
+    compute device, by size (see hardware.profile.ElementwisePoint). Empty: randn and elementwise
+    work run at device_mem_bps (memory bound, as on a GPU)."""
 
     def flops(self, dtype: str) -> float:
         return dict(self.matmul_flops).get(dtype, 0.0)

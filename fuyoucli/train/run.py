@@ -22,7 +22,7 @@ from fuyoucli.telemetry.jsonl import JsonlSink
 from fuyoucli.train.data import Datasets, batches, build_datasets, collate
 from fuyoucli.train.schedule import lr_at
 from fuyoucli.train.planning import plan_for_run
-from fuyoucli.train.trainers import build_trainer, streams
+from fuyoucli.train.trainers import build_trainer, streamed_layers, streams
 
 
 class TrainingDiverged(FuyouError):
@@ -118,7 +118,8 @@ def finetune(recipe: Recipe, sinks: list[Sink] | None = None, *, overwrite: bool
     # A streamed run loads on the host; the engine moves only resident blocks to the device.
     model = load_model(recipe.model, recipe.peft, seed=seed, pad_token_id=tokenizer.pad_token_id,
                        num_labels=len(data.label_names) or None,
-                       device="cpu" if streams(plan) else device)
+                       device="cpu" if streams(plan) else device,
+                       streamed_layers=streamed_layers(plan) if recipe.method.name == "zo2" else None)
     steps = total_steps(recipe, len(data.train))
     params = list(model.parameters())
     trainable = sum(p.numel() for p in params if p.requires_grad)

@@ -146,3 +146,11 @@ def build_trainer(model, recipe: Recipe, data: Datasets, plan: Plan | None, devi
         home = getattr(torch, plan.home_dtype) if plan is not None else torch.float32
         return InMemoryZO(model, recipe, data, home_dtype=home)
     return InMemoryAdamW(model, recipe, data)
+def streamed_layers(plan: Plan | None) -> set[int]:
+    """Indices of the decoder layers the plan homes off the device (their weights load lazily)."""
+    if plan is None:
+        return set()
+    return {int(b.name.split(".")[1]) for b in plan.blocks
+            if b.name.startswith("layers.") and b.weights_home.value != "device"}
+
+

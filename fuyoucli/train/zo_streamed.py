@@ -62,7 +62,8 @@ class ZOStreamed:
 
         units = []
         for i in self.streamed_layers:
-            layer_params = list(self.runner.layers[i].named_parameters())
+            prefix = f"{self.runner.layer_path}.{i}."
+            layer_params = [(prefix + n, p) for n, p in self.runner.layers[i].named_parameters()]
             params = [(n, p) for n, p in layer_params if p.requires_grad == self.full]
             units.append(StreamUnit(index=i + 1, name=f"layers.{i}", params=params, shapes=[],
                                     dtype=self.home_dtype if self.full else self.compute_dtype,
@@ -82,8 +83,12 @@ class ZOStreamed:
             for b in self.resident:
                 for h in self.home[b]:
                     self.arena.charge(h.numel() * h.element_size(), f"home copy of {self.blocks[b].name}")
+            source = getattr(model, "fuyou_source", None)
             self.store = WeightStore(units, lanes=lanes, arena=self.arena, slots=plan.device_buffers,
-                                     ssd=self.ssd, pin=any(u.home is Tier.PINNED for u in units))
+                                     ssd=self.ssd, pin=any(u.home is Tier.PINNED for u in units),
+                                     source=source)
+            if source is not None:
+                source.close()
             if self.full and units:
                 n = self.store.slot_numel
                 self.work = self.arena.alloc(n, self.compute_dtype, "perturbed weights")

@@ -182,3 +182,25 @@ def test_zo2_bf16_home_weights_equal_reference(home, tiny_models, text_data, tmp
     assert all(torch.equal(weights[n], ref_weights[n]) for n in weights)
     unit = next(iter(trainer.store.units.values()))
     assert trainer.store.stats.h2d_bytes == trainer.store.stats.fetches * unit.numel * 2  # bf16 on the link
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_lazy_load_streams_layers_from_the_file(arch, tiny_models, text_data, tmp_path):
+    """Streamed layers never load into the model: they go from safetensors to their SSD home tensor by
+    tensor. Tied heads (qwen2, gpt2) still tie. Same losses and weights as the reference."""
+    recipe, tok, steps = setup(tiny_models[arch], text_data, tmp_path, ZO)
+    ref_losses, ref_weights = run_reference(recipe, tok, steps)
+    model = load_model(recipe.model, recipe.peft, seed=5, pad_token_id=tok.pad_token_id, streamed_layers={0, 1})
+    layer_params = [p for n, p in model.named_parameters() if ".0." in n or ".1." in n]
+    assert layer_params and all(p.numel() == 0 for p in layer_params)
+    assert all(p.numel() > 0 for n, p in model.named_parameters() if ".0." not in n and ".1." not in n)
+    trainer = ZOStreamed(model, manual_plan(2, Tier.SSD, swap_dir=tmp_path / "swap"), recipe.method, seed=5,
+                         head="causal_lm", lanes=CpuLanes())
+    try:
+        losses = [trainer.step(t + 1, micro, lr=recipe.method.lr).loss for t, micro in enumerate(steps)]
+        trainer.materialize()
+    finally:
+        trainer.close()
+    assert losses == ref_losses
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach(), ref_weights[name]), name

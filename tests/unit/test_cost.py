@@ -58,10 +58,15 @@ def test_zo2_streamed_bytes_and_times():
     assert t.h2d_s == pytest.approx(16000 / 800) and t.d2h_s == pytest.approx(16000 / 800)  # both ways at once: duplex
     flops = 2 * 8 * (500 * 0 + 4 * (2000 + 8 * 4) + 200)
     assert est.flops_per_step == flops
-    assert t.gpu_s == pytest.approx(flops / 1e6 + (4 * 1000 + 600) * 40 / 1e9)  # z drawn, applied 3x per param
+    # Elementwise work at the memory rate (no measured points; a normal costs its 4 bytes), bytes per
+    # parameter: a streamed layer's deferred update (zeros 4, z 4 + axpy 12, axpy 12), its z (4) and
+    # two perturbed copies (28 each); a resident block's z (4), two perturbed copies, the update (32)
+    # and the copy into the model (8).
+    streamed_b, resident_b = 32 + 4 + 2 * 28, 4 + 2 * 28 + 32 + 8
+    assert t.gpu_s == pytest.approx(flops / 1e6 + (4 * 1000 * streamed_b + 600 * resident_b) / 1e9)
     # pipelined: the busiest resource, plus the first layer's fetch and the last one's write-back, less
     # what the resident embed (before) and head (after) compute meanwhile
-    embed_s, head_s = 500 * 40 / 1e9, 2 * 8 * 200 / 1e6 + 100 * 40 / 1e9
+    embed_s, head_s = 500 * resident_b / 1e9, 2 * 8 * 200 / 1e6 + 100 * resident_b / 1e9
     assert t.step_s == pytest.approx(20 + (5 - embed_s) + (5 - head_s))
     assert t.bottleneck == "h2d"
 
@@ -168,3 +173,53 @@ def test_plan_package_is_pure():
             for name in names:
                 assert name.split(".")[0] != "torch", (path.name, name)
                 assert not name.startswith(("fuyoucli.model", "fuyoucli.engine", "fuyoucli.train")), (path.name, name)
+
+
+# ---- elementwise work (plan/work.py) ---------------------------------------------------------------
+
+
+def test_elementwise_rates_interpolate_in_log_size_and_price_new_tensors():
+    from fuyoucli.plan.work import rates_at
+
+    m = machine(elementwise_points=((1000, 1e8, 1e10, 1e10), (4000, 2e8, 1e10, 4e9)))
+    small, big, mid = rates_at(m, 10), rates_at(m, 10**6), rates_at(m, 2000)
+    assert small.randn_s == pytest.approx(1e-8) and small.alloc_s == 0 and small.inplace_s == pytest.approx(1e-10)
+    # a new-tensor add at 4 GB/s vs 10 GB/s in place: the 4 new bytes of each 12 carry the difference
+    assert big.alloc_s == pytest.approx((12 / 4e9 - 12 / 1e10) / 4)
+    assert mid.randn_s == pytest.approx(1 / 1.5e8)  # halfway in log2(size)
+    assert rates_at(machine(), 123).randn_s == pytest.approx(4 / 1e9)  # no points: memory bound
+
+
+def test_zo2_reference_draws_z_three_times_per_direction_the_engine_twice():
+    """Only drawing normals costs here (elementwise ops free): per parameter and direction, the
+    reference draws z for +eps, for -eps and for the update; the streamed engine draws it once for
+    both passes and once for the deferred update; a tied embedding is drawn again for the head."""
+    from fuyoucli.plan.work import zo_block_s
+
+    m = machine(compute_device="cpu", pinned_bytes=0, elementwise_points=((1, 1e6, 1e30, 1e30),))
+    wl = Workload("zo2", False, "float32", batch_size=1, seq_len=8, q=2)
+    layer = toy().blocks[1]
+    kw = dict(streamed=False, tied_embed=False)
+    assert zo_block_s(m, wl, layer, "float32", engine=False, **kw) == pytest.approx(1000 * 3 * 2 / 1e6)
+    assert zo_block_s(m, wl, layer, "float32", engine=True, **kw) == pytest.approx(1000 * 2 * 2 / 1e6)
+    assert zo_block_s(m, wl, layer, "float32", engine=True, streamed=True, tied_embed=False) == \
+        pytest.approx(1000 * 2 * 2 / 1e6)
+    assert zo_block_s(m, wl, layer, "float32", engine=True, streamed=False, tied_embed=True) == \
+        pytest.approx(1000 * (2 * 2 + 2 * 2) / 1e6)  # + once per variant (2 per direction) for the head
+    inv = toy()
+    ref = estimate(inv, wl, m, placement(inv, [D] * 6, depth=0))
+    assert ref.times.gpu_s == pytest.approx(2 * 2 * ref.flops_per_step / (2 * 2) / 1e6 + inv.params * 3 * 2 / 1e6)
+
+
+def test_cpu_streaming_copies_on_the_same_cores_and_only_the_drive_overlaps():
+    inv = toy()
+    m = machine(compute_device="cpu", pinned_bytes=0, dram_bps=1e6, disk_read_bps=1e3, disk_write_bps=1e3)
+    host = estimate(inv, ZO, m, placement(inv, [D, G, G, G, G, D]))
+    ssd = estimate(inv, ZO, m, placement(inv, [D, S, S, S, S, D]))
+    copies = 2 * 2 * 16000 / 1e6  # each streamed layer's 4000 bytes copied in and out (read + write)
+    assert host.times.gpu_s == pytest.approx(ssd.times.gpu_s)
+    resident = estimate(inv, ZO, m, placement(inv, [D] * 6, depth=0)).times.gpu_s
+    assert host.times.gpu_s > copies and host.times.dram_s == 0 and host.times.h2d_s == 0
+    assert host.times.step_s == pytest.approx(host.times.gpu_s)  # nothing to overlap with
+    assert ssd.times.step_s >= ssd.times.ssd_read_s + ssd.times.ssd_write_s >= 32
+    assert resident < host.times.gpu_s  # the reference does no copies (but draws z more often)

@@ -134,3 +134,75 @@ def test_an_architecture_it_cannot_build_names_it():
     with pytest.raises(ModelError, match="t5"):
         inventory_from_config(AutoConfig.for_model("t5", d_model=16, num_layers=1, num_heads=2, d_kv=8, d_ff=32,
                                                    vocab_size=64))
+
+
+# ---- config arithmetic (the fast path): exactly what the meta path measures ----------------------
+
+COVERED = {
+    **{a: CONFIGS[a] for a in ("llama", "mistral", "qwen2", "gpt2")},
+    "llama-gqa-biases-tied": dict(model_type="llama", hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                                  num_attention_heads=6, num_key_value_heads=3, tie_word_embeddings=True,
+                                  attention_bias=True, mlp_bias=True),
+    "llama-mqa": dict(model_type="llama", hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                      num_attention_heads=6, num_key_value_heads=1),
+    "opt-same-width": dict(model_type="opt", hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4,
+                           max_position_embeddings=64, word_embed_proj_dim=64),
+    "gpt2-inner": dict(model_type="gpt2", n_embd=48, n_layer=2, n_head=4, n_positions=64, n_inner=80),
+}
+
+
+def covered_config(name: str):
+    from transformers import AutoConfig
+
+    kw = dict(COVERED[name])
+    arch = kw.pop("model_type", name)
+    return arch, {**kw, **COMMON}, AutoConfig.for_model(arch, **kw, **COMMON)
+
+
+@pytest.mark.parametrize("name", sorted(COVERED))
+def test_config_arithmetic_equals_the_meta_path(name):
+    from fuyoucli.model.arithmetic import known_inventory
+
+    arch, minimal, cfg = covered_config(name)
+    meta = inventory_from_config(cfg)
+    assert known_inventory({"model_type": arch, **minimal}) == meta  # a hand-written config.json: class defaults
+    assert known_inventory(cfg.to_dict()) == meta  # a saved one: every key
+    assert all(b.elementwise_elems_per_token > 0 for b in meta.blocks) and meta.loss_elems_per_position > 0
+
+
+def test_config_arithmetic_declines_what_it_does_not_cover():
+    from fuyoucli.model.arithmetic import known_inventory
+
+    for arch in ("gemma", "qwen3", "gpt_neox", "opt"):  # opt: word_embed_proj_dim 16 != hidden 32
+        assert known_inventory(config(arch).to_dict()) is None, arch
+    llama = config("llama").to_dict()
+    assert known_inventory(llama, lora=True) is None and known_inventory(llama, head="sequence_classification") is None
+    assert known_inventory({**llama, "hidden_act": "gelu"}) is None
+
+
+def test_the_elementwise_trace_counts_the_forward_and_the_loss():
+    """Llama, per token: two RMSNorms (pow, mean, two muls), rotary, SiLU * up, residual adds, ... in the
+    layers; the loss copies each scored position's logits and runs log-softmax over them: 4 x vocab."""
+    inv = inventory_from_config(config("llama"))
+    layer = inv.blocks[1]
+    assert layer.elementwise_elems_per_token > 8 * 32 + 3 * 64  # at least the norms and the MLP's activation
+    assert 4 * 384 <= inv.loss_elems_per_position <= 4 * 384 + 1
+    classifier = inventory_from_config(config("llama"), head="sequence_classification", num_labels=3)
+    assert classifier.loss_elems_per_position < 20
+
+
+def test_planning_a_config_json_folder_of_a_known_architecture_imports_no_torch(tmp_path):
+    """The 175B what-if plans in well under a second: config arithmetic, not a meta-device model."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "opt-175b"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "opt", "hidden_size": 12288, "ffn_dim": 49152, "num_hidden_layers": 96,
+        "num_attention_heads": 96, "word_embed_proj_dim": 12288, "vocab_size": 50272}))
+    code = ("import sys; from fuyoucli.model.inventory import inventory; from fuyoucli.recipe import ModelConfig, "
+            f"PeftConfig; inv = inventory(ModelConfig(path={str(folder)!r}), PeftConfig()); "
+            "assert 174e9 < inv.params < 176e9, inv.params; "
+            "assert not [m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')]")
+    subprocess.run([sys.executable, "-c", code], check=True)

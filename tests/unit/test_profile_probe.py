@@ -18,6 +18,7 @@ TINY = dataclasses.replace(
     link_sizes_bytes=(64 * 1024, MIB), link_time_s=0.01, copy_bytes=4 * MIB, copy_time_s=0.01,
     adamw_params=40_000, adamw_time_s=0.01, pinned_cap_bytes=64 * MIB, pinned_chunk_bytes=16 * MIB,
     pinned_time_s=1.0, disk=DiskSpec(8 * MIB, (MIB,), (1, 2), 0.02),
+    elementwise_sizes_cpu=(1 << 12, 1 << 16), elementwise_sizes_cuda=(1 << 16,), elementwise_time_s=0.01,
 )
 
 
@@ -43,6 +44,12 @@ def test_host_copy_and_memcpy_links() -> None:
     assert links.kind == "host_memcpy" and "host memcpy" in links.note
     for curve in (links.h2d_pinned, links.d2h_pageable, links.duplex_h2d_pinned, links.duplex_d2h_pinned):
         assert [p.size_bytes for p in curve.points] == [64 * 1024, MIB] and min(p.gbps for p in curve.points) > 0
+
+
+def test_elementwise_rates_on_cpu() -> None:
+    points = probe.measure_elementwise(TINY, cuda=False)
+    assert [p.params for p in points] == [1 << 12, 1 << 16]
+    assert all(p.randn_params_per_s > 0 and p.inplace_gbps > 0 and p.fresh_gbps > 0 for p in points)
 
 
 def test_adamw_rate_restores_thread_count() -> None:
@@ -73,6 +80,7 @@ def test_whole_probe_with_tiny_spec(tmp_path: Path) -> None:
         assert prof.links.kind == "host_memcpy" and prof.host.pinned_allocatable_bytes is None
     assert all(prof.compute.matmul_flops(dt) > 0 for dt in probe.DTYPES)
     assert prof.compute.memory_bandwidth_gbps > 0 and prof.host.dram_copy_gbps > 0
+    assert len(prof.compute.elementwise) == (1 if cuda else 2)
     assert prof.host.adamw_1thread_params_per_s > 0 and prof.host.adamw_threads == torch.get_num_threads()
     assert prof.host.physical_cores >= 1 and prof.host.cpu_model
     assert prof.disks[0].read_gbps > 0 and prof.disks[0].write_gbps > 0

@@ -135,3 +135,18 @@ def test_profile_presets_and_disk_modules_import_no_torch() -> None:
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             assert not any(n == "torch" or n.startswith("torch.") for n in names), f"{name} imports torch"
+
+
+def test_a_profile_saved_before_elementwise_rates_still_loads() -> None:
+    data = json.loads(profile_to_json(load_profile("cpu-laptop-8c-32g")))
+    assert data["compute"]["elementwise"]  # presets carry them
+    del data["compute"]["elementwise"]
+    prof = profile_from_json(json.dumps(data))
+    assert prof.compute.elementwise == () and prof.schema_version == SCHEMA_VERSION
+
+
+def test_gpu_presets_draw_normals_at_memory_speed() -> None:
+    prof = load_profile("rtx4090-pcie4-1nvme-128g")
+    (point,) = prof.compute.elementwise
+    assert point.randn_params_per_s == pytest.approx(prof.compute.memory_bandwidth_gbps * 1e9 / 4)
+    assert point.inplace_gbps == point.fresh_gbps == prof.compute.memory_bandwidth_gbps

@@ -205,7 +205,9 @@ def opt175b():
 
 
 def test_opt175b_zo2_fp16_over_pcie4_reproduces_the_transfer_lower_bound(opt175b):
-    """BACKGROUND.md: ~348 GB of fp16 weights each way over ~25 GB/s: about 14 s per step."""
+    """BACKGROUND.md: ~348 GB of fp16 weights each way over ~25 GB/s: about 14 s per step. fuyou's
+    engine also moves ~96 bytes of device memory per parameter in unfused elementwise ops (z twice,
+    two perturbed copies, the update through fp32): on a 4090 that, not PCIe, sets the step."""
     from fuyoucli.hardware.presets import get_preset
 
     m, _ = machine_from_profile(get_preset("rtx4090-768g-12nvme"))
@@ -214,8 +216,9 @@ def test_opt175b_zo2_fp16_over_pcie4_reproduces_the_transfer_lower_bound(opt175b
     weights = 2 * opt175b.params
     bound = max(weights / m.h2d_bps, weights / m.d2h_bps, p.flops_per_step / m.flops("float16"))
     assert 13.5 < bound < 14.5
-    assert p.feasible and bound <= p.times.step_s <= 1.3 * bound  # duplex PCIe is ~80% of one way
-    assert p.times.bottleneck in ("h2d", "d2h")
+    device = p.flops_per_step / m.flops("float16") + 96 * opt175b.trainable_params / m.device_mem_bps
+    assert p.feasible and max(bound, device) <= p.times.step_s <= 1.1 * max(bound, device)
+    assert p.times.bottleneck == "gpu"
     # ZO2 reports 18.04 GB of GPU memory for this run
     assert 0.75 * 18.04e9 < p.memory.device < 1.25 * 18.04e9
 

@@ -1,0 +1,203 @@
+"""The planner's predicted step time against measured steps on this machine (issue 4 acceptance).
+
+For each model size and placement, one subprocess: the real planner (fuyoucli.plan.search.plan_recipe
+on the recipe, the model's config-only inventory and this machine's profile) predicts the step, then
+the trainer fuyou would run for that plan (fuyoucli.train.trainers.build_trainer) runs it on the same
+random-init Llama-shaped model and full-length batches (language-modelling loss on every position,
+as the planner assumes for text). Prints predicted, measured (median after a warm-up step) and ratio:
+
+    .venv/bin/python benchmarks/plan_vs_measured.py                 # measures a profile first (~40 s)
+    .venv/bin/python benchmarks/plan_vs_measured.py --profile FILE  # or plans from a saved one
+    .venv/bin/python benchmarks/plan_vs_measured.py --sizes small --rows zo2-memory,zo2-ssd
+
+Rows: zo2 in memory (the reference), zo2 streamed from host memory (weights_home pageable: on a CPU
+the "device" is host memory too, so this is the engine's own cost) and from SSD (O_DIRECT under a
+temporary swap_dir here), AdamW in memory, and AdamW streamed when build_trainer supports it.
+Sensitive to other processes: the load average before and after each row is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE.parent))
+
+SIZES = {
+    "small": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=6, num_attention_heads=8,
+                  num_key_value_heads=8, vocab_size=8000, tie_word_embeddings=False, batch=4, seq=64),
+    "medium": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=10, num_attention_heads=16,
+                   num_key_value_heads=16, vocab_size=16000, tie_word_embeddings=False, batch=4, seq=128),
+    # SmolLM2-135M's shape (tied embeddings, grouped-query attention) at the zo2-sentiment recipe's batch
+    "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                    num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, batch=16, seq=96),
+}
+# row -> (method, recipe offload overrides)
+ROWS = {
+    "zo2-memory": ("zo2", {"mode": "in_memory"}),
+    "zo2-host": ("zo2", {"mode": "stream", "weights_home": "pageable"}),
+    "zo2-ssd": ("zo2", {"mode": "stream", "weights_home": "ssd"}),
+    "adamw-memory": ("adamw", {"mode": "in_memory"}),
+    "adamw-host": ("adamw", {"mode": "stream", "weights_home": "pageable", "optimizer_home": "host"}),
+    "adamw-ssd": ("adamw", {"mode": "stream", "weights_home": "ssd", "optimizer_home": "ssd"}),
+}
+MODEL_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+              "vocab_size", "tie_word_embeddings")
+
+
+def build_model(folder: Path, size: dict) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("llama", max_position_embeddings=512, **{k: size[k] for k in MODEL_KEYS})
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+
+
+def write_recipe(path: Path, model: Path, data: Path, swap: Path, size: dict, method: str, offload: dict,
+                 profile: Path) -> Path:
+    lines = [f"name: plan-vs-measured", "model:", f"  path: {model}", "  dtype: float32",
+             "method:", f"  name: {method}", f"  lr: {1e-6 if method == 'zo2' else 1e-5}",
+             "data:", "  format: text", f"  train: {data}", f"  max_length: {size['seq']}",
+             "training:", "  max_steps: 4", f"  batch_size: {size['batch']}", "  seed: 0",
+             "hardware:", f"  profile: {profile}", "offload:"]
+    if offload.get("mode") != "in_memory":
+        lines.append(f"  swap_dir: {swap}")
+    lines += [f"  {k}: {v}" for k, v in offload.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def one(args) -> dict:
+    """In a subprocess: plan the recipe, build the trainer that plan gets, time its steps."""
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from fuyoucli.hardware.profile import load_profile
+    from fuyoucli.model.inventory import inventory
+    from fuyoucli.plan.search import plan_recipe
+    from fuyoucli.recipe import load_recipe
+    from fuyoucli.train.trainers import build_trainer, streams
+
+    recipe = load_recipe(args.recipe)
+    size = SIZES[args.size]
+    plan = plan_recipe(recipe, inventory(recipe.model, recipe.peft), load_profile(recipe.hardware.profile))
+    result = {"predicted_s": plan.times.step_s, "bottleneck": plan.times.bottleneck, "feasible": plan.feasible,
+              "times": {k: getattr(plan.times, k) for k in ("gpu_s", "ssd_read_s", "ssd_write_s", "cpu_optimizer_s")},
+              "homes": sorted({b.weights_home.value for b in plan.blocks}), "depth": plan.prefetch_depth,
+              "micro": plan.micro_batch_size}
+    if not plan.feasible:
+        return {**result, "skipped": "; ".join(plan.reasons)}
+    device = torch.device("cpu")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(recipe.model.path, dtype=torch.float32)
+    data = SimpleNamespace(label_token_ids=())
+    try:
+        trainer = build_trainer(model, recipe, data, plan if streams(plan) else None, device)
+    except Exception as exc:  # noqa: BLE001 - e.g. a trainer that does not exist yet for this plan
+        return {**result, "skipped": f"{type(exc).__name__}: {exc}".splitlines()[0][:160]}
+    gen = torch.Generator().manual_seed(1)
+    times = []
+    try:
+        for step in range(1, args.steps + 2):
+            micro = []
+            for _ in range(plan.micro_batches):
+                ids = torch.randint(0, size["vocab_size"], (plan.micro_batch_size, size["seq"]), generator=gen)
+                micro.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+            start = time.perf_counter()
+            trainer.step(step, micro, 1e-6)
+            if step > 1:  # the first step warms allocators up and fills the deferred-update pipeline
+                times.append(time.perf_counter() - start)
+    finally:
+        trainer.close()
+    times.sort()
+    return {**result, "measured_s": times[len(times) // 2], "all_s": times}
+
+
+def load_average() -> float:
+    return os.getloadavg()[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", help="hardware profile JSON to plan from (default: measure one now)")
+    parser.add_argument("--sizes", default="small,medium", help=f"comma-separated, of {', '.join(SIZES)}")
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {', '.join(ROWS)}")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per row (after one warm-up step)")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--recipe", help=argparse.SUPPRESS)
+    parser.add_argument("--size", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(one(args)))
+        return
+
+    with tempfile.TemporaryDirectory(dir=".", prefix="plan-vs-measured-") as tmp:
+        tmp = Path(tmp).resolve()
+        swap = tmp / "swap"
+        swap.mkdir()
+        if args.profile:
+            profile = Path(args.profile).resolve()
+        else:
+            from fuyoucli.hardware.probe import probe
+            from fuyoucli.hardware.profile import save_profile
+
+            print(f"measuring this machine's profile (load average {load_average():.2f}) ...", flush=True)
+            profile = save_profile(probe([swap]), tmp / "profile.json")
+        from fuyoucli.hardware.profile import load_profile
+
+        prof = load_profile(str(profile))
+        data = tmp / "train.txt"
+        data.write_text("unused: the benchmark feeds random full-length batches\n")
+        print(f"profile: {profile if args.profile else 'measured now'}; CPU busy at probe start/end "
+              f"{prof.provenance.cpu_busy_percent_at_start:.0f}%/{prof.provenance.cpu_busy_percent_at_end:.0f}%; "
+              f"randn {max((p.randn_params_per_s for p in prof.compute.elementwise), default=0) / 1e9:.3f} G/s, "
+              f"best fp32 matmul {prof.compute.matmul_flops('fp32') / 1e9:.0f} GFLOP/s")
+        header = (f"{'size':8} {'row':13} {'plan':22} {'predicted s':>11} {'measured s':>10} {'ratio':>6} "
+                  f"{'bottleneck':>10} {'load':>9}")
+        print(header)
+        rows_out = []
+        for size_name in args.sizes.split(","):
+            size = SIZES[size_name]
+            model = tmp / f"model-{size_name}"
+            build_model(model, size)
+            for row in args.rows.split(","):
+                method, offload = ROWS[row]
+                recipe = write_recipe(tmp / f"{size_name}-{row}.yaml", model, data, swap, size, method, offload,
+                                      profile)
+                before = load_average()
+                cmd = [sys.executable, __file__, "--one", row, "--recipe", str(recipe), "--size", size_name,
+                       "--steps", str(args.steps)]
+                out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                after = load_average()
+                if out.returncode != 0:
+                    print(f"{size_name:8} {row:13} failed: {out.stderr.strip().splitlines()[-1][:150]}", flush=True)
+                    continue
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                plan = f"{'/'.join(r['homes'])} d{r['depth']} mb{r['micro']}"
+                if "skipped" in r:
+                    print(f"{size_name:8} {row:13} {plan:22} {r['predicted_s']:11.3f} {'-':>10} {'-':>6} "
+                          f"{r['bottleneck']:>10}  skipped: {r['skipped']}", flush=True)
+                    continue
+                ratio = r["measured_s"] / r["predicted_s"]
+                rows_out.append((size_name, row, ratio))
+                print(f"{size_name:8} {row:13} {plan:22} {r['predicted_s']:11.3f} {r['measured_s']:10.3f} "
+                      f"{ratio:6.2f} {r['bottleneck']:>10} {before:4.1f}-{after:<4.1f}", flush=True)
+        if rows_out:
+            worst = max(rows_out, key=lambda x: abs(x[2] - 1))
+            within = sum(1 for *_, q in rows_out if 0.75 <= q <= 1.25)
+            print(f"{within}/{len(rows_out)} rows within 25% (measured/predicted in [0.75, 1.25]); "
+                  f"worst {worst[0]} {worst[1]} at {worst[2]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

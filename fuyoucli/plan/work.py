@@ -1,0 +1,176 @@
+"""Plan stage, the compute device's work besides matrix products: seconds per block of one step.
+
+Pure arithmetic (no torch). Counts what the trainers do, op by op, and prices it with the profile's
+measured rates (Machine.elementwise_points: drawing normals, in-place ops, ops that write a new
+tensor; by tensor size). On a GPU all of it is memory bound and small next to the products; on a CPU
+drawing z is compute bound (a few ns per number) and, with the forward's norms, activations and
+residual adds, takes as long as the products do. The counts, per trainable parameter:
+
+- zo2 streamed engine (train/zo_streamed.py), a streamed layer: the deferred update (update_home:
+  zeros for the direction, per direction z drawn into the z buffer + one axpy, then one axpy into
+  the weights), z drawn once per direction into the buffer, and per variant (2 per direction) the
+  perturbed copy cast(home + s*eps*z) (a scaled z and a sum, two new tensors, then a copy). On a
+  CPU the fetch and the write-back are host memcpys made by the same cores.
+- zo2 streamed engine, a resident block (embed, head, resident layers; LoRA adapters): z drawn into
+  a new tensor once per direction, the perturbed copy per variant, after the step the update with z
+  drawn anew, and a copy of the updated home into the model. A tied embedding is drawn and perturbed
+  again for the head in every variant.
+- zo2 in-memory reference (train/zo.py): per variant z drawn anew and the perturbed copy for every
+  block, the update (z drawn a third time per direction), and the copy of home into the model.
+- first-order (train/first_order.py): new fp32 gradients, the global norm (one read), and for a
+  half-precision model the fp32 copy of the gradients and the copy of the master weights back.
+- a forward, per block: the traced elementwise elements (inventory), the attention products at the
+  small-product rate, the head's new logits tensor, and the loss over its scored positions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from fuyoucli.plan.types import DTYPE_BYTES, BlockSpec, Machine, ModelInventory, Workload
+
+# Bytes one element of a probe's add moves (read x, read y, write the result): the unit its rates are in.
+_ADD_BYTES = 12
+
+
+@dataclass(frozen=True)
+class Rates:
+    """Seconds per unit of elementwise work at one tensor size."""
+
+    randn_s: float
+    """Per fp32 normal drawn into an existing tensor."""
+    inplace_s: float
+    """Per byte read or written by an op on existing tensors."""
+    alloc_s: float
+    """Extra per byte of a new result tensor (page faults once the allocator stops reusing blocks)."""
+
+    @property
+    def fresh_s(self) -> float:
+        """Per byte moved by an op that writes a new tensor (an add's mix: a third of its bytes new)."""
+        return self.inplace_s + self.alloc_s * 4 / _ADD_BYTES
+
+
+def rates_at(machine: Machine, numel: int) -> Rates:
+    """The profile's elementwise rates for tensors of `numel` elements: linear in log2(size) between
+    measured sizes, clamped outside them. Without points: memory bound at device_mem_bps (a normal
+    costs its 4 bytes written; new tensors cost nothing extra, as with a caching GPU allocator)."""
+    pts = machine.elementwise_points
+    if not pts:
+        per_byte = 1.0 / (machine.device_mem_bps or 1.0)
+        return Rates(randn_s=4 * per_byte, inplace_s=per_byte, alloc_s=0.0)
+    n = max(1, numel)
+    if n <= pts[0][0]:
+        lo = hi = pts[0]
+        t = 0.0
+    elif n >= pts[-1][0]:
+        lo = hi = pts[-1]
+        t = 0.0
+    else:
+        k = next(i for i in range(1, len(pts)) if n <= pts[i][0])
+        lo, hi = pts[k - 1], pts[k]
+        t = math.log2(n / lo[0]) / math.log2(hi[0] / lo[0])
+
+    def mix(a: float, b: float) -> float:
+        return a + t * (b - a)
+
+    randn_ps, inplace_bps, fresh_bps = mix(lo[1], hi[1]), mix(lo[2], hi[2]), mix(lo[3], hi[3])
+    inplace_s = 1.0 / inplace_bps
+    alloc_s = max(0.0, _ADD_BYTES / fresh_bps - _ADD_BYTES / inplace_bps) / 4  # per new byte
+    return Rates(randn_s=1.0 / randn_ps, inplace_s=inplace_s, alloc_s=alloc_s)
+
+
+# ---- zo2: z, perturbations, updates ------------------------------------------------------------
+
+
+def _perturb_s(r: Rates, hb: int, cb: int) -> float:
+    """w.copy_(home + (s*eps) * z) per parameter: s*eps*z (read 4, write 4 new), home + that (read
+    hb + 4, write 4 new), the copy into the compute dtype (read 4, write cb)."""
+    return (8 + hb + 8 + 4 + cb) * r.inplace_s + 8 * r.alloc_s
+
+
+def _update_s(r: Rates, q: int, hb: int, z_new: bool, momentum: bool) -> float:
+    """update_home per parameter: an fp32 working copy of a half-precision home (and the copy back),
+    a new zeroed direction, per direction z drawn and added, momentum, the step into the weights."""
+    s = 4 * r.inplace_s + 4 * r.alloc_s  # direction = zeros_like
+    s += q * (r.randn_s + (4 * r.alloc_s if z_new else 0.0) + 12 * r.inplace_s)
+    s += 12 * r.inplace_s  # h.add_(g, alpha=-lr)
+    if momentum:
+        s += 20 * r.inplace_s  # m.mul_(beta).add_(g)
+    if hb != 4:
+        s += (hb + 4) * r.inplace_s + 4 * r.alloc_s + (4 + hb) * r.inplace_s
+    return s
+
+
+def zo_block_s(machine: Machine, wl: Workload, spec: BlockSpec, home_dtype: str, *, streamed: bool,
+               engine: bool, tied_embed: bool) -> float:
+    """Seconds of a zo2 step's elementwise work on one block's trainable parameters (module docstring).
+    `engine`: the streamed engine runs the step (some block streams); else the in-memory reference."""
+    p = spec.trainable_params
+    if p == 0:
+        return 0.0
+    r = rates_at(machine, spec.max_tensor_params)
+    q, v = wl.q, 2 * wl.q
+    cb = DTYPE_BYTES[wl.compute_dtype]
+    hb = cb if wl.lora else DTYPE_BYTES[home_dtype]
+    mom = wl.zo_momentum
+    copy_home = (hb + cb) * r.inplace_s
+    z_new = r.randn_s + 4 * r.alloc_s
+    if not engine:
+        per = v * (z_new + _perturb_s(r, hb, cb)) + _update_s(r, q, hb, True, mom) + copy_home
+    elif streamed:
+        per = _update_s(r, q, hb, False, mom) + q * r.randn_s + v * _perturb_s(r, hb, cb)
+    else:
+        per = q * z_new + v * _perturb_s(r, hb, cb) + _update_s(r, q, hb, True, mom) + copy_home
+        if tied_embed:
+            per += v * (z_new + _perturb_s(r, hb, cb))
+    return p * per
+
+
+def cpu_copy_s(machine: Machine, nbytes: int) -> float:
+    """A host memcpy of nbytes made by the CPU (dram_bps counts bytes read + written)."""
+    return 2 * nbytes / (machine.dram_bps or 1.0)
+
+
+# ---- first-order: gradients ----------------------------------------------------------------------
+
+
+def grad_s(machine: Machine, wl: Workload, spec: BlockSpec) -> float:
+    """Per step: the new fp32 gradients (their pages), the global norm's read, and with a
+    half-precision model the fp32 gradient copy and the master weights copied back."""
+    p = spec.trainable_params
+    if p == 0:
+        return 0.0
+    r = rates_at(machine, spec.max_tensor_params)
+    cb = DTYPE_BYTES[wl.compute_dtype]
+    s = cb * r.alloc_s + 4 * r.inplace_s
+    if cb != 4:
+        s += (cb + 4) * r.inplace_s + 4 * r.alloc_s + (4 + cb) * r.inplace_s
+    return p * s
+
+
+# ---- a forward's elementwise work ---------------------------------------------------------------
+
+
+def logits_per_token(inv: ModelInventory) -> int:
+    head = next((b for b in inv.blocks if b.name == "head"), None)
+    return head.matmul_flops_per_token // (2 * inv.hidden_size) if head and inv.hidden_size else 0
+
+
+def forward_extra_s(machine: Machine, wl: Workload, inv: ModelInventory, spec: BlockSpec, tokens: int,
+                    micro_tokens: int, attention_rate: float) -> float:
+    """Seconds of one forward over `tokens` tokens of this block besides its matrix products: its
+    elementwise ops (new tensors of about micro_tokens x hidden), attention, and for the head the new
+    logits tensor and the loss over the scored positions (fp32)."""
+    cb = DTYPE_BYTES[wl.compute_dtype]
+    act = rates_at(machine, micro_tokens * inv.hidden_size)
+    s = spec.elementwise_elems_per_token * tokens * cb * act.fresh_s
+    keys = spec.forward_flops_per_token(wl.seq_len) - spec.matmul_flops_per_token
+    if keys and attention_rate > 0:
+        s += keys * tokens / attention_rate
+    if spec.name == "head":
+        vocab = logits_per_token(inv)
+        big = rates_at(machine, micro_tokens * vocab)
+        s += tokens * vocab * cb * big.alloc_s
+        s += wl.loss_positions_fraction * tokens * inv.loss_elems_per_position * 4 * big.fresh_s
+    return s
