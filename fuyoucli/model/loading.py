@@ -15,17 +15,11 @@ from pathlib import Path
 import torch
 
 from fuyoucli.errors import ModelError
+from fuyoucli.hardware.profile import cache_dir
 from fuyoucli.recipe import ModelConfig, PeftConfig
 from fuyoucli.resources import resolve_path
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def cache_dir() -> Path:
-    if os.environ.get("FUYOU_CACHE_DIR"):
-        return Path(os.environ["FUYOU_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "fuyou"
 
 
 def _quiet_transformers() -> None:
