@@ -1,164 +1,41 @@
-"""Offloaded first-order (AdamW) training: layers streamed between their home tier and the device, fp32
-master weights and AdamW states on the host or SSD, updated by a CPU worker (Fuyou's design).
+"""Offloaded first-order (AdamW) training: decoder layers streamed between their home tier and the
+device; fp32 master weights and AdamW states on the host or SSD, updated by a CPU worker (Fuyou).
 
-Trainer stage, over the engine (WeightStore + schedule, lanes, CpuAdam, SavedActivations). One step:
+Trainer stage, over the engine (WeightStore + schedule, lanes, SavedActivations) and the optimizer
+side in first_order_updates.py. One step:
 1. Forward, layer-major (every micro-batch goes through a block while it is on the device), with
-   the plan's prefetch depth. Per the plan, each layer's saved activations are kept on the device
+   the plan's prefetch depth. Per the plan, each layer's saved activations stay on the device
    ('keep': its autograd graph stays; streamed weights in it are re-made from the backward's fetch,
-   never saved), swapped to host memory and brought back ahead of its backward ('swap'), or dropped
-   with only the layer's input kept ('recompute': the backward runs the layer again, with the same
-   random numbers). The head computes the loss and its backward at once.
-2. Backward in reverse block order: fetch, (recompute,) backward for every micro-batch in order
-   (gradients accumulate as in the in-memory reference), then the block's gradients go to host
-   memory at once on the offload lane.
-3. The CPU optimizer (engine/optimizer.py), two ways:
-   - overlapped (no clipping, no fp16 loss scaling): block k's update is queued as soon as its
-     gradients exist, so the worker runs AdamW on block k while the device runs backward on k-1;
-   - deferred (method.max_grad_norm set, or fp16): no weight may change before the global norm (or
-     the overflow check) is known, so the step's gradients are held in host memory, the worker
-     computes their per-tensor norms during the backward, and once the norm is known the updates
-     are queued in *forward* order: they overlap the next step's forward instead of this backward
-     (block k is updated while the device runs block k-1's forward). What is lost is said in
-     CLIP_OVERLAP_NOTE; the clipping is never approximate.
-   The worker writes the updated weights (compute dtype) to the weights' home; the block's next
-   fetch waits for that (WeightStore.hold), so no forward reads stale weights.
-Blocks whose optimizer lives on the device (resident embeddings/head with optimizer_home device,
-LoRA adapters: the frozen base streams read-only) use torch's AdamW there, as the reference does.
+   never saved), go to host memory and come back ahead of its backward ('swap'), or are dropped
+   with only the layer's input kept ('recompute': the backward runs the layer again, with the
+   same random numbers). The head computes the loss and its backward at once.
+2. Backward in reverse block order: fetch, (recompute,) backward for every micro-batch in order, so
+   that gradients accumulate as in the in-memory reference; then the block's gradients go to host
+   memory at once, and the CPU optimizer takes them (overlapped with the backward of the blocks
+   before, or, when clipping, after the global norm: see first_order_updates.py).
+Embeddings and head stay on the device. With LoRA the adapters (and their AdamW) stay on the
+device and the frozen base streams read-only.
 """
 
 from __future__ import annotations
 
-import math
 import time
-from concurrent.futures import Future
 from contextlib import contextmanager
 
 import torch
 
 from fuyoucli.engine.activations import SavedActivations
 from fuyoucli.engine.executor import StreamUnit, WeightStore, run_pass
-from fuyoucli.engine.lanes import Mark
-from fuyoucli.engine.optimizer import AdamBlock, CpuAdam, HostGrads, UpdateResult, views_of
 from fuyoucli.engine.tiers import DeviceArena, SsdStore
-from fuyoucli.errors import FuyouError
 from fuyoucli.model.blocks import param_blocks
 from fuyoucli.model.runner import BlockRunner, Prepared
 from fuyoucli.plan.schedule import pass_schedule
 from fuyoucli.plan.types import Plan, Tier
 from fuyoucli.recipe import AdamWMethod
-from fuyoucli.train.first_order import DynamicLossScale, FirstOrderStepResult, adamw_param_groups
+from fuyoucli.train.first_order import DynamicLossScale, FirstOrderStepResult
+from fuyoucli.train.first_order_updates import BlockUpdates, deferred_updates
 from fuyoucli.train.losses import count_targets, loss_from_logits
 from fuyoucli.train.zo_streamed import DTYPES, UnsupportedPlan
-
-CLIP_OVERLAP_NOTE = (
-    "max_grad_norm (or fp16 loss scaling) defers every CPU AdamW update until the whole backward is "
-    "done: the updates overlap the next step's forward instead of this step's backward, the first "
-    "block's update is not overlapped, and the step's gradients are held in host memory "
-    "(trainable params x compute-dtype bytes)")
-
-
-class NonFiniteGradients(FuyouError):
-    exit_code = 4
-
-
-def deferred_updates(method: AdamWMethod, fp16: bool) -> bool:
-    """Whether updates must wait for the whole backward (exact clipping, or an fp16 overflow check)."""
-    return method.max_grad_norm is not None or fp16
-
-
-def _chain(fut: Future) -> Future:
-    """A Future done when `fut` is and, if `fut`'s result carries a Future (an SSD write), when that is."""
-    out: Future = Future()
-
-    def inner(f: Future) -> None:
-        if f.exception() is not None:
-            out.set_exception(f.exception())
-        else:
-            out.set_result(None)
-
-    def outer(f: Future) -> None:
-        if f.exception() is not None:
-            out.set_exception(f.exception())
-            return
-        published = f.result().published
-        if isinstance(published, Future):
-            published.add_done_callback(inner)
-        else:
-            out.set_result(None)
-
-    fut.add_done_callback(outer)
-    return out
-
-
-class _GradBuffers:
-    """Host memory the gradients land in (pinned where the lanes pin), allocated once. Overlapped
-    updates reuse a few (one filling, one being read, one queued); deferred updates hold every
-    block's gradients until the global norm is known, so each block has its own."""
-
-    def __init__(self, numels: dict[int, int], dtype: torch.dtype, pin, per_block: bool, count: int = 3):
-        new = (lambda n: pin(torch.empty(n, dtype=dtype))) if pin else (lambda n: torch.empty(n, dtype=dtype))
-        self.per_block = per_block
-        self.own = {e: new(n) for e, n in numels.items()} if per_block else {}
-        import queue
-
-        self.free: queue.Queue = queue.Queue()
-        if not per_block and numels:
-            for _ in range(min(count, len(numels))):
-                self.free.put(new(max(numels.values())))
-
-    def acquire(self, e: int, numel: int):
-        if self.per_block:
-            return self.own[e][:numel], None
-        buf = self.free.get()  # waits for the worker to finish reading an earlier block's gradients
-        return buf[:numel], (lambda: self.free.put(buf))
-
-
-class _DeviceAdamW:
-    """AdamW where the weights are (resident blocks with optimizer_home device, LoRA adapters): the
-    in-memory reference's arithmetic, fp32 masters beside compute-dtype weights when they differ."""
-
-    def __init__(self, params: list[torch.nn.Parameter], method: AdamWMethod):
-        self.params = params
-        self.mixed = any(p.dtype != torch.float32 for p in params)
-        self.master = [p.detach().float().clone() for p in params] if self.mixed else params
-        device_type = params[0].device.type if params else "cpu"
-        self.optimizer = torch.optim.AdamW(
-            adamw_param_groups(self.master, method.weight_decay), lr=method.lr, betas=method.betas,
-            eps=method.eps, fused=device_type in ("cpu", "cuda")) if params else None
-
-    def norms(self, inv_scale: float | None) -> dict[int, torch.Tensor]:
-        out = {}
-        for p, m in zip(self.params, self.master):
-            if self.mixed:
-                m.grad = None if p.grad is None else p.grad.float()
-            if m.grad is None:
-                continue
-            if inv_scale is not None:
-                m.grad.mul_(inv_scale)
-            out[id(p)] = torch.linalg.vector_norm(m.grad)
-        return out
-
-    def step(self, lr: float, coef: float | None) -> None:
-        if self.optimizer is None:
-            return
-        if coef is not None:
-            for m in self.master:
-                if m.grad is not None:
-                    m.grad.mul_(coef)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
-        if self.mixed:
-            with torch.no_grad():
-                for p, m in zip(self.params, self.master):
-                    p.copy_(m)
-
-    def clear(self) -> None:
-        for p in self.params:
-            p.grad = None
-        if self.mixed:
-            for m in self.master:
-                m.grad = None
 
 
 def _tensors(obj):
@@ -175,40 +52,37 @@ def _tensors(obj):
 class AdamWStreamed:
     def __init__(self, model, plan: Plan, method: AdamWMethod, *, head: str, lanes,
                  label_token_ids: tuple[int, ...] = (), on_job=None, on_backward=None):
+        """`on_job(block)` (on the CPU worker, inside an update) and `on_backward(block)` (inside a
+        block's backward) are hooks for tests that check what overlaps what."""
         self.model, self.plan, self.method, self.head = model, plan, method, head
         self.label_token_ids, self.lanes, self.on_backward = label_token_ids, lanes, on_backward
         self.device = lanes.device
         self.runner = BlockRunner(model)
-        n_layers = self.runner.n_layers
-        self.names = ["embed"] + [f"layers.{i}" for i in range(n_layers)] + ["head"]
+        self.names = ["embed"] + [f"layers.{i}" for i in range(self.runner.n_layers)] + ["head"]
         self.compute_dtype = DTYPES[plan.compute_dtype]
         bp = {b.name: b for b in plan.blocks}
         self._check(plan, bp)
-        self.trainable = [p for p in model.parameters() if p.requires_grad]
-        self.lora = len(self.trainable) < len(list(model.parameters()))
-        self.scaler = DynamicLossScale(any(p.dtype == torch.float16 for p in self.trainable))
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        self.lora = len(trainable) < len(list(model.parameters()))
+        self.scaler = DynamicLossScale(any(p.dtype == torch.float16 for p in trainable))
         self.deferred = deferred_updates(method, self.scaler.enabled)
         homes = {n: bp[n].weights_home if n in bp else Tier.DEVICE for n in self.names}
         self.streamed = [homes[n] is not Tier.DEVICE for n in self.names]
         self.activation = [(bp[n].activation if n in bp and bp[n].activation else "recompute")
                            if n.startswith("layers.") else "keep" for n in self.names]
-        self.index = {n: e for e, n in enumerate(self.names)}
         blocks = {b.name: b for b in param_blocks(model)}
         self._embed_trains = "embed" in blocks
         self._embed_params = [p for _, p in blocks["embed"].params] if self._embed_trains else []
 
-        # Where each trainable block's optimizer runs.
-        host_opt: dict[int, tuple[list[torch.nn.Parameter], Tier]] = {}
+        # Where each trainable block's optimizer runs: on the device, or on the CPU worker.
+        host: dict[int, tuple[str, list, Tier]] = {}
         device_params: list[torch.nn.Parameter] = []
         for name, blk in blocks.items():
-            e = self.index[name]
+            e = self.names.index(name)
             oh = bp[name].optimizer_home if name in bp else None
-            if self.lora:  # adapters (and a new head) stay on the device, with their optimizer
-                device_params += [p for _, p in blk.params]
-                continue
-            if oh is None:
-                oh = Tier.PAGEABLE if self.streamed[e] else Tier.DEVICE
-            if oh is Tier.DEVICE and self.streamed[e]:
+            if oh is None or self.lora:  # LoRA: adapters (and a new head) train on the device
+                oh = Tier.PAGEABLE if self.streamed[e] and not self.lora else Tier.DEVICE
+            if oh is Tier.DEVICE and self.streamed[e] and not self.lora:
                 if lanes.kind != "cpu":
                     raise UnsupportedPlan(f"{name} streams its weights but homes its optimizer on the device: "
                                           "the first-order engine updates streamed blocks on the CPU")
@@ -216,33 +90,30 @@ class AdamWStreamed:
             if oh is Tier.DEVICE:
                 device_params += [p for _, p in blk.params]
             else:
-                host_opt[e] = ([p for _, p in blk.params], oh)
-        order = {id(p): n for n, p in enumerate(self.trainable)}
+                host[e] = (name, [p for _, p in blk.params], oh)
+        order = {id(p): n for n, p in enumerate(trainable)}
         device_params.sort(key=lambda p: order[id(p)])
-        self.host_params = {e: ps for e, (ps, _) in host_opt.items()}
-        self.host_shapes = {e: [p.shape for p in ps] for e, ps in self.host_params.items()}
-        numels = {e: sum(s.numel() for s in shapes) for e, shapes in self.host_shapes.items()}
 
         units = []
         for e, name in enumerate(self.names):
             if not self.streamed[e]:
                 continue
-            layer = self.runner.layers[e - 1]
-            params = [(n, p) for n, p in layer.named_parameters() if p.requires_grad != self.lora]
+            params = [(n, p) for n, p in self.runner.layers[e - 1].named_parameters() if p.requires_grad != self.lora]
             if any(p.dtype != self.compute_dtype for _, p in params):
                 raise UnsupportedPlan(f"the model's weights are not in the plan's compute dtype {plan.compute_dtype}")
-            if not self.lora and [id(p) for _, p in params] != [id(p) for p in self.host_params[e]]:
+            if not self.lora and [id(p) for _, p in params] != [id(p) for p in host[e][1]]:
                 raise UnsupportedPlan(f"{name}: its parameters are not all trained; stream it only with LoRA")
             units.append(StreamUnit(index=e, name=name, params=params, shapes=[], dtype=self.compute_dtype,
                                     home=homes[name], writable=False))
         ssd_bytes = sum(sum(p.numel() for _, p in u.params) * u.dtype.itemsize for u in units if u.home is Tier.SSD)
-        ssd_bytes += sum(3 * 4 * sum(p.numel() for p in ps) for ps, oh in host_opt.values() if oh is Tier.SSD)
+        ssd_bytes += sum(3 * 4 * sum(p.numel() for p in ps) for _, ps, oh in host.values() if oh is Tier.SSD)
         self.ssd = SsdStore(plan.swap_dir, ssd_bytes) if ssd_bytes else None
-        self.cpu: CpuAdam | None = None
+        self.updates: BlockUpdates | None = None
         try:
             self.arena = DeviceArena(self.device, plan.device_budget_bytes)
-            self.cpu = CpuAdam([AdamBlock(e, self.names[e], ps, oh) for e, (ps, oh) in host_opt.items()],
-                               self._make_optimizer, lanes=lanes, ssd=self.ssd, on_job=on_job)
+            # Before any weight leaves the model: the CPU states copy their fp32 masters from it.
+            self.updates = BlockUpdates(trainable, host, device_params, self.streamed, method, lanes=lanes,
+                                        ssd=self.ssd, deferred=self.deferred, on_job=on_job)
             streamed_ids = {id(p) for u in units for _, p in u.params}
             resident_bytes = 0
             for p in model.parameters():
@@ -253,28 +124,18 @@ class AdamWStreamed:
                 for bname, buf in list(module.named_buffers(recurse=False)):
                     module._buffers[bname] = buf.to(self.device)
             self.arena.charge(resident_bytes, "resident weights")
-            self.device_opt = _DeviceAdamW(device_params, method)
             self.store = WeightStore(units, lanes=lanes, arena=self.arena, slots=plan.device_buffers, ssd=self.ssd,
                                      pin=any(u.home is Tier.PINNED for u in units))
-            self.grads = _GradBuffers(numels, self.compute_dtype, lanes.pin if lanes.kind == "cuda" else None,
-                                      per_block=self.deferred)
-            # Resident blocks updated on the host: their new weights go up from a staging buffer.
-            self._staging = {e: (lanes.pin(torch.empty(numels[e], dtype=self.compute_dtype)) if lanes.kind == "cuda"
-                                 else torch.empty(numels[e], dtype=self.compute_dtype))
-                             for e in self.host_params if not self.streamed[e]}
+            self.updates.attach(self.store, self.compute_dtype)
             resident_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters() if id(p) not in streamed_ids}
             self.acts = SavedActivations(lanes, self.device, [s.device for s in self.store.slots], resident_ptrs,
                                          self.arena)
         except BaseException:
             self.close()
             raise
-        self._ready: dict[int, Future] = {}
-        self._last_upload: dict[int, Mark | None] = {}
-        self._after: dict[int, Mark] = {}
-        """Per block, the compute mark after its backward (its old weights are no longer read after it)."""
+        self.cpu = self.updates.cpu
         self.timeline: list[tuple[str, int, float, float]] = []
-        """('fwd' | 'bwd', block, start, end): device compute of a block (after its weights were ready)."""
-        self.grad_bytes = 0
+        """('fwd' | 'bwd', block, start, end): a block's compute, once its weights were on the device."""
 
     @staticmethod
     def _check(plan: Plan, bp: dict) -> None:
@@ -286,54 +147,16 @@ class AdamWStreamed:
             raise UnsupportedPlan(f"first-order training stores weights at home in the compute dtype "
                                   f"({plan.compute_dtype}); the plan says home {plan.home_dtype}")
 
-    def _make_optimizer(self, tensors: list[torch.Tensor]) -> torch.optim.Optimizer:
-        m = self.method
-        return torch.optim.AdamW(adamw_param_groups(tensors, m.weight_decay), lr=m.lr, betas=m.betas, eps=m.eps,
-                                 fused=True)
-
     def close(self) -> None:
         """Stop the worker and remove the SSD files (safe to call twice, and from a failed __init__)."""
-        if getattr(self, "cpu", None) is not None:
-            self.cpu.close()
+        if getattr(self, "updates", None) is not None:
+            self.updates.close()
         if getattr(self, "ssd", None) is not None:
             self.ssd.close()
-
-    # -- weights on the device --------------------------------------------------------------------------
 
     def _bind(self, e: int, slot: int) -> None:
         for (_, p), view in zip(self.store.units[e].params, self.store.acquire(e, slot)):
             p.data = view
-
-    def _wait_ready(self, e: int) -> None:
-        """A resident block updated on the host: the compute lane waits for its new weights."""
-        fut = self._ready.pop(e, None)
-        if fut is not None:
-            res: UpdateResult = fut.result()
-            if isinstance(res.published, Mark):
-                self.lanes.compute_wait(res.published)
-
-    def _publisher(self, e: int, after: Mark):
-        if self.streamed[e]:
-            return lambda master: self.store.write_home(e, master)
-        staging, params = self._staging[e], self.host_params[e]
-
-        def upload(master: torch.Tensor) -> Mark | None:
-            if self._last_upload.get(e) is not None:
-                self.lanes.host_wait(self._last_upload[e])  # the staging buffer's last upload has read it
-            staging.copy_(master)
-            mark = None
-            for p, view in zip(params, views_of(staging, self.host_shapes[e])):
-                # `after`: the block's backward is done with the old weights.
-                mark = self.lanes.upload(p.data, view, after=after)
-            self._last_upload[e] = mark
-            return mark
-        return upload
-
-    def _register(self, e: int, fut: Future) -> None:
-        if self.streamed[e]:
-            self.store.hold(e, _chain(fut))
-        else:
-            self._ready[e] = fut
 
     # -- forward ------------------------------------------------------------------------------------------
 
@@ -363,7 +186,7 @@ class AdamWStreamed:
         def compute(e: int, slot: int | None) -> bool:
             if slot is not None:
                 self._bind(e, slot)
-            self._wait_ready(e)
+            self.updates.wait_ready(e)
             t0 = time.perf_counter()
             if e == 0:
                 with torch.set_grad_enabled(train and self._embed_trains):
@@ -482,97 +305,24 @@ class AdamWStreamed:
                 self.acts.release(e)
                 self.arena.release(self._charged.pop(e, 0))
             self.timeline.append(("bwd", e, t0, time.perf_counter()))
-            self._ship(e, lr, inv_scale)
+            self.updates.ship(e)  # the block's gradients leave the device now
             return False
 
-        if not self.deferred:
-            self.cpu.begin([e for e in computes if e in self.host_params])
-        self._jobs: dict[int, Future] = {}
-        self._norm_jobs: dict[int, Future] = {}
-        self._held: dict[int, HostGrads] = {}
+        self.updates.begin(lr, inv_scale, computes)
         run_pass(ops, self.store, compute)
 
-    def _ship(self, e: int, lr: float, inv_scale: float | None) -> None:
-        """Block e's gradients to host memory, now; then its update (overlapped) or its norms (deferred)."""
-        params = self.host_params.get(e)
-        if params is None:
-            return
-        shapes = self.host_shapes[e]
-        numel = sum(s.numel() for s in shapes)
-        flat, release = self.grads.acquire(e, numel)
-        done = self.lanes.mark_compute()  # the block's backward (all micro-batches) is complete
-        present, keep, mark = [], [], None
-        for p, view in zip(params, views_of(flat, shapes)):
-            present.append(p.grad is not None)
-            if p.grad is not None:
-                mark = self.lanes.offload(view, p.grad, after=done)
-                keep.append(p.grad)
-                p.grad = None
-        self.grad_bytes += numel * flat.element_size()
-        grads = HostGrads(flat, present, mark, keep, release)
-        if self.deferred:
-            self._held[e] = grads
-            self._norm_jobs[e] = self.cpu.norms(e, grads, 1.0 if inv_scale is None else inv_scale)
-        else:
-            self._jobs[e] = self.cpu.update(e, grads, lr=lr, publish=self._publisher(e, done), want_norms=True)
-        self._after[e] = done
-
-    # -- the step -----------------------------------------------------------------------------------------
-
-    def _global_norm(self, norms: dict[int, torch.Tensor]) -> float:
-        """The reference's norm: of the per-tensor norms, in the model's parameter order."""
-        per = [norms[id(p)].to("cpu") for p in self.trainable if id(p) in norms]
-        return float(torch.linalg.vector_norm(torch.stack(per))) if per else 0.0
+    # -- the step, evaluation and the final weights ----------------------------------------------------
 
     def step(self, micro: list[dict], lr: float) -> FirstOrderStepResult:
         self.model.train()
         self.acts.reset()
         total = sum(count_targets(mb, self.head) for mb in micro)
         scale = self.scaler.scale
-        inv_scale = 1.0 / scale if self.scaler.enabled else None
         outs = self._forward(micro, train=True, scale=scale, total=total)
         loss = sum(float(o.loss_sum) for o in outs) / max(total, 1)
-        self._backward(len(micro), lr, inv_scale)
-        norms = self.device_opt.norms(inv_scale)
-        if not self.deferred:
-            for e, fut in self._jobs.items():
-                self._register(e, fut)
-            results = {e: fut.result() for e, fut in self._jobs.items()}
-            for e, res in results.items():
-                norms.update({id(p): x for p, x in zip(self.host_params[e], res.norms) if x is not None})
-            norm = self._global_norm(norms)
-            if not math.isfinite(norm):
-                self.device_opt.clear()
-                raise NonFiniteGradients(
-                    f"the gradients became {norm} at a step whose updates were already overlapped with the backward "
-                    "(some blocks changed, the non-finite ones did not); set method.max_grad_norm so that such a "
-                    "step is checked before any update and skipped whole, or lower method.lr")
-            self.device_opt.step(lr, None)
-            self.device_opt.clear()
-            return FirstOrderStepResult(loss, norm, total, False, self.scaler.scale)
-        for e, fut in self._norm_jobs.items():
-            norms.update({id(p): x for p, x in zip(self.host_params[e], fut.result()) if x is not None})
-        norm = self._global_norm(norms)
-        overflow = not math.isfinite(norm)
-        self.scaler.update(overflow)
-        if overflow:
-            for grads in self._held.values():
-                grads.done()
-        else:
-            clip = self.method.max_grad_norm
-            coef = clip / (norm + 1e-6) if clip is not None and norm > clip else None
-            self.device_opt.step(lr, coef)
-            order = [e for e in range(len(self.names)) if e in self._held]  # the next forward's order
-            self.cpu.begin(order)
-            for e in order:
-                fut = self.cpu.update(e, self._held[e], lr=lr, publish=self._publisher(e, self._after[e]),
-                                      inv_scale=1.0 if inv_scale is None else inv_scale, coef=coef)
-                self._register(e, fut)
-        self._held = {}
-        self.device_opt.clear()
-        return FirstOrderStepResult(loss, norm, total, overflow, self.scaler.scale)
-
-    # -- evaluation and the final weights -------------------------------------------------------------------
+        self._backward(len(micro), lr, 1.0 / scale if self.scaler.enabled else None)
+        norm, skipped = self.updates.finish(self.scaler)
+        return FirstOrderStepResult(loss, norm, total, skipped, self.scaler.scale)
 
     def losses(self, micro: list[dict]) -> list:
         """Loss of each micro-batch at the current weights (waits for pending updates block by block)."""
@@ -586,10 +336,7 @@ class AdamWStreamed:
 
     def settle(self) -> None:
         """Every queued update done and written home."""
-        if self.cpu is not None:
-            self.cpu.drain()
-        for e in list(self._ready):
-            self._wait_ready(e)
+        self.updates.settle()
         self.store.settle_all()
 
     def materialize(self) -> None:

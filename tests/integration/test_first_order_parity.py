@@ -21,6 +21,7 @@ from fuyoucli.train.first_order import AdamWReference
 from fuyoucli.train.first_order_streamed import AdamWStreamed
 
 STEPS = 20
+DTYPE = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 LORA = {"type": "lora", "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
 
 
@@ -41,8 +42,8 @@ def models(tiny_models, tmp_path_factory):
     return {"llama": tiny_models["llama"], "qwen2": tiny_models["qwen2"], "opt": folder}
 
 
-def setup(model_dir, data, tmp_path, *, clip=1.0, accum=2, peft=None, lr=1e-2):
-    doc = {"model": {"path": str(model_dir)},
+def setup(model_dir, data, tmp_path, *, clip=1.0, accum=2, peft=None, lr=1e-2, dtype="float32"):
+    doc = {"model": {"path": str(model_dir), "dtype": dtype},
            "method": {"name": "adamw", "lr": lr, "weight_decay": 0.1, "max_grad_norm": clip},
            "data": {"train": [str(data)], "max_length": 24, "eval_fraction": 0.0},
            "training": {"max_steps": STEPS, "batch_size": 3, "grad_accum": accum, "seed": 5,
@@ -148,6 +149,35 @@ def test_embeddings_and_head_optimizer_on_ssd(models, text_data, tmp_path):
     got = streamed(recipe, tok, steps, p, on_job=lambda e: time.sleep(0.005))
     assert_parity(got, reference(("qwen2", 1.0), recipe, tok, steps))
     assert set(got[2].cpu.states) == {0, 1, 2, 3}  # embed, both layers, head: all on the CPU worker
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_mixed_precision_equals_reference(dtype, models, text_data, tmp_path):
+    """Compute in bf16/fp16 with fp32 masters and states on SSD; fp16 scales the loss (deferred
+    updates: an overflowing step is skipped whole, as the reference skips it)."""
+    recipe, tok, steps = setup(models["qwen2"], text_data, tmp_path, dtype=dtype)
+    steps = steps[:8]
+    model = load_model(recipe.model, recipe.peft, seed=5, pad_token_id=tok.pad_token_id)
+    ref = AdamWReference(model, recipe.method, head="causal_lm")
+    boost = 2**8 if dtype == "float16" else 1  # fp16: start too high, so that the first steps overflow and are skipped
+    ref.scaler.scale *= boost
+    want = [ref.step(micro, lr=lr_at(t)) for t, micro in enumerate(steps)]
+    ref_weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model = load_model(recipe.model, recipe.peft, seed=5, pad_token_id=tok.pad_token_id)
+    trainer = AdamWStreamed(model, plan(Tier.SSD, Tier.SSD, "swap", tmp_path, compute_dtype=dtype, home_dtype=dtype),
+                            recipe.method, head="causal_lm", lanes=CpuLanes())
+    trainer.scaler.scale *= boost
+    try:
+        got = [trainer.step(micro, lr=lr_at(t)) for t, micro in enumerate(steps)]
+        trainer.materialize()
+    finally:
+        trainer.close()
+    assert [r.loss for r in got] == pytest.approx([r.loss for r in want], rel=1e-5)
+    assert [(r.skipped, r.loss_scale) for r in got] == [(r.skipped, r.loss_scale) for r in want]
+    assert any(r.skipped for r in got) == (dtype == "float16") and not got[-1].skipped
+    for name, p in model.named_parameters():
+        assert p.dtype == DTYPE[dtype]
+        torch.testing.assert_close(p.detach().float(), ref_weights[name].float(), rtol=1e-5, atol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("home", [Tier.PAGEABLE, Tier.SSD])
