@@ -187,6 +187,19 @@ class TrainingConfig(_Config):
     """Print a progress line every N steps (metrics.jsonl always gets every step)."""
     output_dir: str = "runs/fuyou"
     """Where metrics.jsonl and the final model are written."""
+    checkpoint_every: int = Field(0, ge=0)
+    """Write a checkpoint every N steps (0: off) to output_dir/checkpoints/step-NNNNNNNN. A run continues
+    from one exactly with `fuyou finetune RECIPE --resume`."""
+    checkpoint_minutes: float = Field(0.0, ge=0)
+    """Also write a checkpoint when this many minutes have passed since the last one (0: off)."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """Keep the newest N checkpoints (and the full checkpoint a kept seed-ledger checkpoint builds on)."""
+    checkpoint_on_interrupt: bool = True
+    """On Ctrl-C (or SIGTERM) finish the current step, write a checkpoint, then stop; a second Ctrl-C stops at once."""
+    zo_ledger_steps: int = Field(0, ge=0)
+    """zo2 only. 0: every checkpoint holds the full trainable weights. N > 0: a checkpoint written less than
+    N steps after the last full one holds only the seed ledger since it (step, projected gradients, lr per
+    step; kilobytes), which --resume replays exactly on top of that full checkpoint."""
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> "TrainingConfig":
@@ -297,6 +310,9 @@ class Recipe(_Config):
                                  "give the label set as data.labels")
         elif self.data.format == "classification" and not self.data.label_words:
             raise ValueError("data.format: classification with model.head: causal_lm needs data.label_words")
+        if self.training.zo_ledger_steps and self.method.name != "zo2":
+            raise ValueError("training.zo_ledger_steps applies to method zo2 only (a first-order step is not "
+                             "replayable from seeds); remove it")
         return self
 
 

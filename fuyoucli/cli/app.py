@@ -48,6 +48,21 @@ def _message_for(exc: BaseException) -> tuple[str, int] | None:
     return None
 
 
+def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """(aborts, usage errors) of click and of the copy of click that typer >= 0.26 carries (typer._click):
+    a bad option or a missing argument raises the latter's, which is no subclass of click's."""
+    import click
+    import typer
+
+    aborts: tuple[type, ...] = (click.exceptions.Abort, typer.Abort)
+    usage: tuple[type, ...] = (click.ClickException,)
+    try:
+        from typer._click import exceptions as vendored
+    except ImportError:
+        return aborts, usage
+    return aborts, usage + (vendored.ClickException,)
+
+
 def main(argv: list[str] | None = None) -> None:
     debug = os.environ.get("FUYOU_DEBUG", "") not in ("", "0")
     try:
@@ -60,12 +75,11 @@ def main(argv: list[str] | None = None) -> None:
     except SystemExit:
         raise
     except Exception as exc:  # noqa: BLE001 - the one place that turns failures into messages
-        import click
-
-        if isinstance(exc, click.exceptions.Abort):
+        aborts, usage_errors = _click_exception_types()
+        if isinstance(exc, aborts):
             print("fuyou: interrupted", file=sys.stderr)
             sys.exit(130)
-        if isinstance(exc, click.ClickException):
+        if isinstance(exc, usage_errors):
             exc.show()
             sys.exit(exc.exit_code)
         known = _message_for(exc)

@@ -263,6 +263,21 @@ class WeightStore:
             return buf[: u.numel * self.dtype.itemsize].view(self.dtype).clone()
         return u.host.clone()
 
+    def set_home_weights(self, b: int, flat: torch.Tensor) -> None:
+        """Replace block b's home copy with `flat` (host memory, block b's numel, any float dtype), and
+        wait until it is there (loading a checkpoint)."""
+        u = self.units[b]
+        self._settle(u)
+        flat = flat.reshape(-1).to(self.dtype)
+        if flat.numel() != u.numel:
+            raise ValueError(f"{u.name}: {flat.numel()} weights given, the block has {u.numel}")
+        if u.home is Tier.SSD:
+            buf = aligned_host(u.numel * self.dtype.itemsize)
+            buf[: u.numel * self.dtype.itemsize].view(self.dtype).copy_(flat)
+            self.ssd.write_sync(self._key(u), buf)
+        else:
+            u.host.copy_(flat)
+
 
 def run_pass(ops: list[Op], store: WeightStore, compute: Callable[[int, int | None], bool]) -> None:
     """Walk a schedule. `compute(block, slot)` runs the block and returns whether it changed its

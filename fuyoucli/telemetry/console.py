@@ -6,7 +6,8 @@ import math
 
 from rich.console import Console
 
-from fuyoucli.telemetry.events import EvalDone, Event, RunFinished, RunStarted, StepDone
+from fuyoucli.telemetry.events import (CheckpointSaved, EvalDone, Event, RunFinished, RunInterrupted, RunStarted,
+                                       StepDone)
 
 
 def _fmt_eval(e: EvalDone) -> str:
@@ -28,6 +29,8 @@ class ConsoleSink:
         if isinstance(event, RunStarted):
             self.total_steps = event.total_steps
             if not self.quiet:
+                if event.start_step:
+                    c.print(f"[bold]fuyou[/] resuming {event.name} after step {event.start_step}")
                 c.print(f"[bold]fuyou[/] {event.name}: {event.method} on {event.model}")
                 c.print(f"  device {event.device}, offload {event.offload}")
                 c.print(f"  {event.trainable_params:,} trainable of {event.total_params:,} parameters; "
@@ -43,6 +46,14 @@ class ConsoleSink:
         elif isinstance(event, EvalDone):
             if not self.quiet:
                 c.print(f"step {event.step:>5}  {_fmt_eval(event)}")
+        elif isinstance(event, CheckpointSaved):
+            if not self.quiet:
+                c.print(f"step {event.step:>5}  checkpoint ({event.kind}, {event.nbytes / 1e6:,.1f} MB, "
+                        f"{event.seconds:.1f} s) -> {event.path}")
+        elif isinstance(event, RunInterrupted):
+            where = f"; checkpoint {event.checkpoint}" if event.checkpoint else ""
+            hint = f"; {event.resume_hint}" if event.checkpoint and event.resume_hint else ""
+            c.print(f"stopped after step {event.step}{where}{hint}")
         elif isinstance(event, RunFinished):
             line = f"done: {event.steps} steps in {event.wall_time_s:.1f} s; model saved to {event.model_dir}"
             c.print(line)

@@ -25,6 +25,11 @@ class RunStarted:
     output_dir: str
     notes: tuple[str, ...] = ()
     """One-line remarks about the data (records skipped, examples truncated)."""
+    start_step: int = 0
+    """Steps already done (a resumed run continues after them)."""
+    planned: dict[str, float] = field(default_factory=dict)
+    """What the plan predicted, in seconds per step: step_s and the busy time of each resource (gpu_s,
+    h2d_s, d2h_s, ssd_read_s, ssd_write_s, cpu_optimizer_s), and tokens_per_s; empty without a plan."""
 
 
 @dataclass(frozen=True)
@@ -68,7 +73,27 @@ class RunFinished:
     last_eval: EvalDone | None
 
 
-Event = RunStarted | StepDone | EvalDone | RunFinished
+@dataclass(frozen=True)
+class CheckpointSaved:
+    step: int
+    path: str
+    nbytes: int
+    seconds: float
+    kind: str
+    """'full' (trainable weights and optimizer state) or 'ledger' (zo2 seeds since the last full one)."""
+    reason: str = "scheduled"
+    """'scheduled' (checkpoint_every / checkpoint_minutes) or 'interrupt'."""
+
+
+@dataclass(frozen=True)
+class RunInterrupted:
+    step: int
+    """Steps completed (and in the checkpoint, when one was written)."""
+    checkpoint: str | None
+    resume_hint: str = ""
+
+
+Event = RunStarted | StepDone | EvalDone | RunFinished | CheckpointSaved | RunInterrupted
 
 
 class Sink(Protocol):

@@ -106,3 +106,41 @@ class AdamWReference:
             for m in self.master:
                 m.grad = None
         return FirstOrderStepResult(loss_total / max(total_targets, 1), norm, total_targets, overflow, self.scaler.scale)
+
+    # -- checkpoints: fp32 master weights, AdamW moments and step counts, the loss scale ----------------
+
+    def _names(self) -> list[str]:
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        return [names[id(p)] for p in self.params]
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """param.<name>: fp32 master weights (the model's own for fp32); adam.<exp_avg|exp_avg_sq|step>.<name>."""
+        out: dict[str, torch.Tensor] = {}
+        for name, m in zip(self._names(), self.master):
+            out[f"param.{name}"] = m.detach()
+            for key, value in self.optimizer.state.get(m, {}).items():
+                out[f"adam.{key}.{name}"] = value
+        return out
+
+    def state_meta(self) -> dict:
+        return {"loss_scale": self.scaler.scale, "clean_steps": self.scaler.clean}
+
+    @torch.no_grad()
+    def load_state_tensors(self, tensors, meta: dict) -> None:
+        names = self._names()
+        for name, p, m in zip(names, self.params, self.master):
+            m.copy_(tensors[f"param.{name}"])
+            if m is not p:
+                p.copy_(m)
+        order = [m for g in self.optimizer.param_groups for m in g["params"]]
+        index = {id(m): i for i, m in enumerate(order)}
+        state = {}
+        for name, m in zip(names, self.master):
+            keys = [k for k in ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq") if f"adam.{k}.{name}" in tensors]
+            if keys:
+                state[index[id(m)]] = {k: tensors[f"adam.{k}.{name}"] for k in keys}
+        saved = self.optimizer.state_dict()
+        saved["state"] = state
+        self.optimizer.load_state_dict(saved)
+        self.scaler.scale = float(meta.get("loss_scale", self.scaler.scale))
+        self.scaler.clean = int(meta.get("clean_steps", 0))

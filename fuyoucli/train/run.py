@@ -1,27 +1,33 @@
-"""The training run: recipe in, metrics.jsonl and a saved model out.
+"""The training run: recipe in, metrics.jsonl, checkpoints and a saved model out.
 
 Composes the stages: load model -> build data -> pick the step function (zo2 or adamw) -> loop
-(evaluate, step, emit events) -> save. Emits telemetry events only; never imports rich.
+(evaluate, step, emit events, checkpoint) -> save. A run can continue from a checkpoint exactly
+(train/resume.py). Emits telemetry events only; never imports rich.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 
 import torch
 
-from fuyoucli.checkpoint import save_final_model
+from fuyoucli.checkpoint import checkpoint_root, clean_unfinished, crash_point, remove_stale_swap, save_final_model
 from fuyoucli.errors import FuyouError, RecipeError
+from fuyoucli.model.inventory import inventory
 from fuyoucli.model.loading import load_model, load_tokenizer
 from fuyoucli.plan.types import Plan
 from fuyoucli.recipe import Recipe
-from fuyoucli.telemetry.events import EvalDone, RunFinished, RunStarted, Sink, Sinks, StepDone
+from fuyoucli.telemetry.events import EvalDone, RunFinished, RunInterrupted, RunStarted, Sink, Sinks, StepDone
 from fuyoucli.telemetry.jsonl import JsonlSink
 from fuyoucli.train.data import Datasets, batches, build_datasets, collate
 from fuyoucli.train.schedule import lr_at
 from fuyoucli.train.planning import plan_for_run
+from fuyoucli.train.preflight import PreflightError, check_output_dir, preflight
 from fuyoucli.train.trainers import build_trainer, streamed_layers, streams
 
 
@@ -41,14 +47,38 @@ def total_steps(recipe: Recipe, n_train: int) -> int:
     return max(1, math.ceil(t.epochs * n_train / per_step))
 
 
-def micro_batch_stream(data: Datasets, recipe: Recipe, device: torch.device):
-    """Endless micro-batches in a seeded order; each epoch reshuffles with (seed, epoch)."""
-    t = recipe.training
-    epoch = 0
-    while True:
-        for examples in batches(data.train, t.batch_size, seed=t.seed, epoch=epoch, shuffle=True):
-            yield {k: v.to(device) for k, v in collate(examples, data.pad_token_id).items()}
-        epoch += 1
+class MicroBatches:
+    """Endless micro-batches in a seeded order; each epoch reshuffles with (seed, epoch).
+
+    `position` is (epoch, index of the next micro-batch in that epoch): the order is a pure function of
+    (seed, epoch), so a checkpoint stores the position and a resumed run takes the same batches."""
+
+    def __init__(self, data: Datasets, recipe: Recipe, device: torch.device, position: tuple[int, int] = (0, 0)):
+        self.data, self.device = data, device
+        self.batch_size, self.seed = recipe.training.batch_size, recipe.training.seed
+        self.epoch, self.index = position
+        self._it = self._from_position()
+
+    def _from_position(self):
+        order = batches(self.data.train, self.batch_size, seed=self.seed, epoch=self.epoch, shuffle=True)
+        return itertools.islice(order, self.index, None)
+
+    @property
+    def position(self) -> tuple[int, int]:
+        return self.epoch, self.index
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        for _ in range(2):
+            examples = next(self._it, None)
+            if examples is not None:
+                self.index += 1
+                return {k: v.to(self.device) for k, v in collate(examples, self.data.pad_token_id).items()}
+            self.epoch, self.index = self.epoch + 1, 0
+            self._it = self._from_position()
+        raise RuntimeError("the training set is empty")
 
 
 @torch.no_grad()
@@ -90,20 +120,81 @@ def check_recipe_for_method(recipe: Recipe) -> None:
 
 
 def prepare_output_dir(path: Path, overwrite: bool) -> None:
-    if path.exists() and any(path.iterdir()):
-        if not overwrite:
-            raise FuyouError(f"output directory {path} already holds a run; set training.output_dir elsewhere "
-                             "or pass --overwrite to replace it")
+    check_output_dir(path, overwrite=overwrite, resuming=False)
+    if overwrite:
+        # The old run's checkpoints must not be mistaken for this run's by a later --resume.
+        import shutil
+
+        shutil.rmtree(checkpoint_root(path), ignore_errors=True)
     path.mkdir(parents=True, exist_ok=True)
 
 
+def check_checkpoint_support(recipe: Recipe, plan: Plan | None, *, resuming: bool) -> None:
+    """Offloaded first-order training has no checkpoint state yet: say so before anything loads."""
+    if not (streams(plan) and recipe.method.name == "adamw"):
+        return
+    if resuming:
+        raise PreflightError("--resume is not supported yet for offloaded first-order (adamw) training: its "
+                             "checkpoints would miss the CPU optimizer's states; rerun from the start")
+    t = recipe.training
+    if t.checkpoint_every or t.checkpoint_minutes:
+        raise PreflightError("checkpoints are not supported yet for offloaded first-order (adamw) training; set "
+                             "training.checkpoint_every: 0 and training.checkpoint_minutes: 0 (or offload.mode: "
+                             "in_memory)")
+
+
+class StopRequests:
+    """Ctrl-C / SIGTERM during the loop: the first asks the loop to stop after the current step (and write
+    a checkpoint); a second one interrupts at once. Outside the main thread nothing is installed."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.requested: int | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested is not None:
+            raise KeyboardInterrupt
+        self.requested = signum
+
+    def __enter__(self) -> "StopRequests":
+        if self.enabled:
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def _planned(plan: Plan | None) -> dict[str, float]:
+    if plan is None or not plan.times.step_s:
+        return {}
+    t = plan.times
+    return {"step_s": t.step_s, "gpu_s": t.gpu_s, "h2d_s": t.h2d_s, "d2h_s": t.d2h_s, "ssd_read_s": t.ssd_read_s,
+            "ssd_write_s": t.ssd_write_s, "cpu_optimizer_s": t.cpu_optimizer_s, "tokens_per_s": plan.tokens_per_s}
+
+
 def finetune(recipe: Recipe, sinks: list[Sink] | None = None, *, overwrite: bool = False,
-             plan: Plan | None | str = "auto") -> RunFinished:
+             plan: Plan | None | str = "auto", resume: str | Path | bool | None = None,
+             recipe_path: str | None = None) -> RunFinished:
     """Run a recipe. `plan` decides where weights live: "auto" asks the planner (per offload.mode),
-    a Plan is taken as given, None runs everything in memory (the reference path)."""
+    a Plan is taken as given, None runs everything in memory (the reference path). `resume` (True for
+    the newest checkpoint under training.output_dir, or a checkpoint folder) continues a run exactly,
+    with the plan saved in the checkpoint."""
+    from fuyoucli.train import resume as ckpts
+
     check_recipe_for_method(recipe)
     out_dir = Path(recipe.training.output_dir)
-    prepare_output_dir(out_dir, overwrite)
+    check_output_dir(out_dir, overwrite=overwrite, resuming=bool(resume))
+    ckpt = None
+    if resume:
+        ckpt = ckpts.open_for_resume(recipe, resume)
+        if plan == "auto":
+            plan = ckpts.saved_plan(ckpt, recipe)
     t0 = time.perf_counter()
     device = compute_device()
     seed = recipe.training.seed
@@ -113,11 +204,23 @@ def finetune(recipe: Recipe, sinks: list[Sink] | None = None, *, overwrite: bool
     tokenizer = load_tokenizer(recipe.model)
     data = build_datasets(recipe.data, tokenizer, seed=seed, head=recipe.model.head)
     notes = [f"data: {n}" for n in data.notes]
+    num_labels = len(data.label_names) or None
     if plan == "auto":
-        plan = plan_for_run(recipe, num_labels=len(data.label_names) or None, note=notes.append)
+        plan = plan_for_run(recipe, num_labels=num_labels, note=notes.append)
+    check_checkpoint_support(recipe, plan, resuming=ckpt is not None)
+    # Every check that can fail before a weight loads or a file is written (the plan is known now).
+    inv = inventory(recipe.model, recipe.peft, num_labels=num_labels)
+    preflight(recipe, plan, trainable_params=inv.trainable_params, params=inv.params, resuming=ckpt is not None,
+              note=notes.append)
+    if ckpt is None:
+        prepare_output_dir(out_dir, overwrite)
+    clean_unfinished(checkpoint_root(out_dir))
+    if plan is not None:
+        for stale in remove_stale_swap(plan.swap_dir):
+            notes.append(f"removed {stale}, swap files of a run that was killed")
     # A streamed run loads on the host; the engine moves only resident blocks to the device.
     model = load_model(recipe.model, recipe.peft, seed=seed, pad_token_id=tokenizer.pad_token_id,
-                       num_labels=len(data.label_names) or None,
+                       num_labels=num_labels,
                        device="cpu" if streams(plan) else device,
                        streamed_layers=streamed_layers(plan) if recipe.method.name == "zo2" else None)
     steps = total_steps(recipe, len(data.train))
@@ -125,10 +228,23 @@ def finetune(recipe: Recipe, sinks: list[Sink] | None = None, *, overwrite: bool
     trainable = sum(p.numel() for p in params if p.requires_grad)
     total = sum(p.numel() for p in params)
     m = recipe.method
-    all_sinks = Sinks([JsonlSink(out_dir / "metrics.jsonl"), *(sinks or [])])
+    start = ckpt.step if ckpt is not None else 0
+    all_sinks = Sinks([JsonlSink(out_dir / "metrics.jsonl", keep_through_step=start if ckpt else None),
+                       *(sinks or [])])
     trainer = None
     try:
         trainer = build_trainer(model, recipe, data, plan, device)
+        checkpointer = ckpts.Checkpointer(recipe, plan, trainer, total_steps=steps, device=device)
+        if ckpt is not None:
+            if not checkpointer.supported:
+                raise FuyouError(f"--resume is not supported yet for this trainer ({trainer.where})")
+            ledger = ckpts.restore_trainer(trainer, ckpt)
+            checkpointer.resumed(ckpt, ledger)
+            notes.append(f"resumed from {ckpt.path} (step {start} of {steps}"
+                         + (f", {len(ledger)} ledger steps replayed" if ledger else "") + ")")
+        elif (recipe.training.checkpoint_every or recipe.training.checkpoint_minutes) and not checkpointer.supported:
+            raise FuyouError(f"checkpoints are not supported yet for this trainer ({trainer.where}); "
+                             "set training.checkpoint_every: 0 and training.checkpoint_minutes: 0")
         offload = trainer.where
         if plan is not None:
             bottleneck = plan.times.bottleneck or "none"
@@ -141,32 +257,50 @@ def finetune(recipe: Recipe, sinks: list[Sink] | None = None, *, overwrite: bool
             model=recipe.model.path, device=str(device), offload=offload, total_steps=steps,
             trainable_params=trainable, total_params=total,
             train_examples=len(data.train), eval_examples=len(data.eval), output_dir=str(out_dir), notes=tuple(notes),
+            start_step=start, planned=_planned(plan),
         ))
-        first_eval = last_eval = evaluate(trainer, data, recipe, device, step=0)
-        if first_eval:
-            all_sinks.emit(first_eval)
-        stream = micro_batch_stream(data, recipe, device)
+        if ckpt is None:
+            first_eval = last_eval = evaluate(trainer, data, recipe, device, step=0)
+            if first_eval:
+                all_sinks.emit(first_eval)
+            stream = MicroBatches(data, recipe, device)
+        else:
+            first_eval, last_eval = ckpts.eval_from(ckpt.state.get("first_eval")), ckpts.eval_from(ckpt.state.get("last_eval"))
+            stream = MicroBatches(data, recipe, device, (ckpt.state["data"]["epoch"], ckpt.state["data"]["index"]))
+            ckpts.restore_rng(ckpt.run_tensors, ckpt.state.get("rng", {}))
         eval_every = recipe.training.eval_every
-        for step in range(1, steps + 1):
-            micro = [next(stream) for _ in range(recipe.training.grad_accum)]
-            lr = lr_at(step, peak_lr=m.lr, total_steps=steps, warmup_steps=m.warmup_steps, schedule=m.schedule)
-            start = time.perf_counter()
-            res = trainer.step(step, micro, lr)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            elapsed = time.perf_counter() - start
-            if not math.isfinite(res.loss) and not res.skipped:
-                raise TrainingDiverged(f"the loss became {res.loss} at step {step}: lower method.lr "
-                                       f"(now {m.lr:g}) or use float32/bfloat16")
-            # tokens: the step's input tokens (padding excluded), what throughput is measured in;
-            # target_tokens: those the loss is over (answers, label words).
-            tokens = int(sum(int(mb["attention_mask"].sum()) for mb in micro))
-            all_sinks.emit(StepDone(step=step, loss=res.loss, lr=lr, tokens=tokens, step_time_s=elapsed,
-                                    extra={"target_tokens": res.tokens, **res.extra}))
-            if eval_every and step % eval_every == 0 and step != steps:
-                last_eval = evaluate(trainer, data, recipe, device, step=step)
-                if last_eval:
-                    all_sinks.emit(last_eval)
+        with StopRequests(recipe.training.checkpoint_on_interrupt and checkpointer.supported) as stop:
+            for step in range(start + 1, steps + 1):
+                micro = [next(stream) for _ in range(recipe.training.grad_accum)]
+                lr = lr_at(step, peak_lr=m.lr, total_steps=steps, warmup_steps=m.warmup_steps, schedule=m.schedule)
+                began = time.perf_counter()
+                res = trainer.step(step, micro, lr)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                elapsed = time.perf_counter() - began
+                crash_point("step", step)
+                if not math.isfinite(res.loss) and not res.skipped:
+                    raise TrainingDiverged(f"the loss became {res.loss} at step {step}: lower method.lr "
+                                           f"(now {m.lr:g}) or use float32/bfloat16")
+                checkpointer.record(step, res.projected_grads, lr)
+                # tokens: the step's input tokens (padding excluded), what throughput is measured in;
+                # target_tokens: those the loss is over (answers, label words).
+                tokens = int(sum(int(mb["attention_mask"].sum()) for mb in micro))
+                all_sinks.emit(StepDone(step=step, loss=res.loss, lr=lr, tokens=tokens, step_time_s=elapsed,
+                                        extra={"target_tokens": res.tokens, **res.extra}))
+                if eval_every and step % eval_every == 0 and step != steps:
+                    last_eval = evaluate(trainer, data, recipe, device, step=step) or last_eval
+                    if last_eval and last_eval.step == step:
+                        all_sinks.emit(last_eval)
+                # The last step needs no scheduled checkpoint: the final model is saved right after.
+                if (checkpointer.due(step) and step != steps) or stop.requested:
+                    reason = "interrupt" if stop.requested else "scheduled"
+                    all_sinks.emit(checkpointer.save(step, position=stream.position, first_eval=first_eval,
+                                                     last_eval=last_eval, reason=reason))
+                if stop.requested:
+                    all_sinks.emit(RunInterrupted(step=step, checkpoint=str(checkpointer.last_saved),
+                                                  resume_hint=f"fuyou finetune {recipe_path or 'RECIPE'} --resume"))
+                    raise KeyboardInterrupt
         last_eval = evaluate(trainer, data, recipe, device, step=steps)
         if last_eval:
             all_sinks.emit(last_eval)

@@ -26,12 +26,25 @@ class StepOutcome:
     tokens: int
     skipped: bool = False
     extra: dict[str, float] = field(default_factory=dict)
+    projected_grads: tuple[float, ...] = ()
+    """zo2: the step's projected gradient per direction (with the lr, all a seed ledger records)."""
 
 
 def _zo_outcome(res: ZOStepResult) -> StepOutcome:
     grads = res.projected_grads
     extra = {"projected_grad": grads[0]} if len(grads) == 1 else {"projected_grad_mean": sum(grads) / len(grads)}
-    return StepOutcome(res.loss, res.tokens, False, extra)
+    return StepOutcome(res.loss, res.tokens, False, extra, tuple(grads))
+
+
+# Checkpoint state, the same in every adapter: state_dict() -> (tensors, meta) and load_state_dict(tensors,
+# meta). Tensor names are trainer-independent where the meaning is: param.<qualified name> is a trainable
+# parameter's current value as the optimizer holds it (zo2 home copy, AdamW fp32 master), so an in-memory
+# zo2 checkpoint resumes on the streamed engine and export reads any of them. state_shards() yields the
+# tensors a block at a time (what the checkpoint writer uses); state_dict() joins them.
+
+
+def _joined(adapter) -> tuple[dict[str, torch.Tensor], dict]:
+    return {k: v for _, shard in adapter.state_shards() for k, v in shard.items()}, adapter.state_meta()
 
 
 class _InMemoryEval:
@@ -66,6 +79,23 @@ class InMemoryZO(_InMemoryEval):
     def step(self, step: int, micro: list[dict], lr: float) -> StepOutcome:
         return _zo_outcome(self.impl.step(step, micro, lr))
 
+    def state_shards(self):
+        yield "", self.impl.state_tensors()
+
+    def state_meta(self) -> dict:
+        home = self.impl.home[0][0].dtype if self.impl.home else torch.float32
+        return {"trainer": "zo2", "home_dtype": str(home).removeprefix("torch.")}
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        return _joined(self)
+
+    def load_state_dict(self, tensors, meta: dict) -> None:
+        self.impl.load_state_tensors(tensors)
+
+    def replay(self, step: int, grads: list[float], lr: float) -> None:
+        """Seed ledger: re-apply a recorded step's update."""
+        self.impl.replay(step, grads, lr)
+
 
 class InMemoryAdamW(_InMemoryEval):
     where = "in_memory"
@@ -76,6 +106,18 @@ class InMemoryAdamW(_InMemoryEval):
 
     def step(self, step: int, micro: list[dict], lr: float) -> StepOutcome:
         return _adamw_outcome(self.impl.step(micro, lr), self.impl.scaler.enabled)
+
+    def state_shards(self):
+        yield "", self.impl.state_tensors()
+
+    def state_meta(self) -> dict:
+        return {"trainer": "adamw", **self.impl.state_meta()}
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        return _joined(self)
+
+    def load_state_dict(self, tensors, meta: dict) -> None:
+        self.impl.load_state_tensors(tensors, meta)
 
 
 def _adamw_outcome(res, loss_scaling: bool) -> StepOutcome:
@@ -105,6 +147,21 @@ class StreamedZO:
 
     def close(self) -> None:
         self.impl.close()
+
+    def state_shards(self):
+        return self.impl.state_shards()
+
+    def state_meta(self) -> dict:
+        return {"trainer": "zo2", "home_dtype": str(self.impl.home_dtype).removeprefix("torch.")}
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        return _joined(self)
+
+    def load_state_dict(self, tensors, meta: dict) -> None:
+        self.impl.load_state(tensors)
+
+    def replay(self, step: int, grads: list[float], lr: float) -> None:
+        self.impl.replay(step, grads, lr)
 
 
 class StreamedAdamW:
@@ -137,6 +194,14 @@ def streams(plan: Plan | None) -> bool:
     return plan is not None and any(b.weights_home.value != "device" for b in plan.blocks)
 
 
+def streamed_layers(plan: Plan | None) -> set[int]:
+    """Indices of the decoder layers the plan homes off the device (their weights load lazily)."""
+    if plan is None:
+        return set()
+    return {int(b.name.split(".")[1]) for b in plan.blocks
+            if b.name.startswith("layers.") and b.weights_home.value != "device"}
+
+
 def build_trainer(model, recipe: Recipe, data: Datasets, plan: Plan | None, device: torch.device):
     if streams(plan):
         if recipe.method.name == "adamw":
@@ -146,11 +211,3 @@ def build_trainer(model, recipe: Recipe, data: Datasets, plan: Plan | None, devi
         home = getattr(torch, plan.home_dtype) if plan is not None else torch.float32
         return InMemoryZO(model, recipe, data, home_dtype=home)
     return InMemoryAdamW(model, recipe, data)
-def streamed_layers(plan: Plan | None) -> set[int]:
-    """Indices of the decoder layers the plan homes off the device (their weights load lazily)."""
-    if plan is None:
-        return set()
-    return {int(b.name.split(".")[1]) for b in plan.blocks
-            if b.name.startswith("layers.") and b.weights_home.value != "device"}
-
-

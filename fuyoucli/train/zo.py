@@ -123,3 +123,29 @@ class ZOReference:
         for b in range(len(self.blocks)):
             update_home(self.home[b], lambda d, b=b: self._z(step, d, b), grads, lr, self.method,
                         self.momentum[b] if self.momentum else None)
+
+    # -- checkpoints: the state is the home copy (and momentum); z comes back from the seed ----------
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """param.<name>: the home copy (what the optimizer updates); momentum.<name> for variant momentum."""
+        out: dict[str, torch.Tensor] = {}
+        for b, block in enumerate(self.blocks):
+            for i, (name, _) in enumerate(block.params):
+                out[f"param.{name}"] = self.home[b][i]
+                if self.momentum is not None:
+                    out[f"momentum.{name}"] = self.momentum[b][i]
+        return out
+
+    @torch.no_grad()
+    def load_state_tensors(self, tensors) -> None:
+        for b, block in enumerate(self.blocks):
+            for i, (name, _) in enumerate(block.params):
+                self.home[b][i].copy_(tensors[f"param.{name}"])
+                if self.momentum is not None:
+                    self.momentum[b][i].copy_(tensors[f"momentum.{name}"])
+        self._load(0, 0, 0.0)
+
+    def replay(self, step: int, grads: list[float], lr: float) -> None:
+        """Apply a recorded step's update (its projected gradients, its lr) exactly as step() did."""
+        self._update(step, grads, lr)
+        self._load(step, 0, 0.0)

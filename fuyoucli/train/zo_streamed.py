@@ -320,3 +320,45 @@ class ZOStreamed:
             flat = self.store.home_weights(e)
             for (_, p), view in zip(unit.params, unit.views(flat)):
                 p.data = view.to(dtype=p.dtype)
+
+    # -- checkpoints: home weights (the deferred update applied first); z comes back from the seed -------
+
+    def _names(self) -> dict[int, str]:
+        return {id(p): n for n, p in self.model.named_parameters()}
+
+    def state_shards(self):
+        """(shard, tensors) one block at a time, so that a model homed on SSD is never whole in memory:
+        param.<name> for the resident homes, then each streamed layer's home as read from its tier."""
+        self.flush()
+        names = self._names()
+        resident = {f"param.{name}": h for b in self.resident for (name, _), h in zip(self.blocks[b].params, self.home[b])}
+        yield "resident", resident
+        if self.full:
+            for e, unit in self.store.units.items():
+                flat = self.store.home_weights(e)
+                yield unit.name, {f"param.{names[id(p)]}": v for (_, p), v in zip(unit.params, unit.views(flat))}
+
+    @torch.no_grad()
+    def load_state(self, tensors) -> None:
+        """Put checkpointed home weights back (resident ones in place, streamed ones to their tier)."""
+        names = self._names()
+        for b in self.resident:
+            for (name, _), h in zip(self.blocks[b].params, self.home[b]):
+                h.copy_(tensors[f"param.{name}"])
+            self._bind_resident(self.blocks[b].name, 0, None, 0.0)
+        if self.full:
+            for e, unit in self.store.units.items():
+                flat = torch.cat([tensors[f"param.{names[id(p)]}"].reshape(-1).to(self.home_dtype) for _, p in unit.params])
+                self.store.set_home_weights(e, flat)
+        self.pending = None
+
+    @torch.no_grad()
+    def replay(self, step: int, grads: list[float], lr: float) -> None:
+        """Apply a recorded step's update exactly as step() does: resident blocks now, streamed layers on
+        the next pass (flushed first, so that updates land in order)."""
+        self.flush()
+        for b in self.resident:
+            update_home(self.home[b], lambda d, b=b: draw_z(self.seed, step, d, b, [h.shape for h in self.home[b]], self.device),
+                        grads, lr, self.method)
+            self._bind_resident(self.blocks[b].name, step, None, 0.0)
+        self.pending = _Pending(step, grads, lr) if (self.full and self.streamed_layers) else None

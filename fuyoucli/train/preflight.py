@@ -1,0 +1,164 @@
+"""Preflight: what a run must pass before any weight loads and before anything is written.
+
+Trainer-side glue between the plan and the run loop: CUDA requested but absent, the memlock limit
+against the bytes the plan pins, free RAM against the plan's host memory, free space in swap_dir and
+output_dir against the swap files and the checkpoints the run will write, swap_dir writable (and
+whether it takes O_DIRECT), and an output folder holding another run. A failure is one line
+(PreflightError, exit 2); what is only slower becomes a note. Never imports rich.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from fuyoucli.errors import FuyouError
+from fuyoucli.plan.types import DTYPE_BYTES, Plan, Tier
+from fuyoucli.recipe import Recipe
+
+GiB = 1 << 30
+RAM_MARGIN = 0.05
+"""Share of available RAM left for the allocator, the tokenizer and the Python heap."""
+DISK_MARGIN_BYTES = 64 << 20
+
+
+class PreflightError(FuyouError):
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What preflight reads about this machine now (tests pass their own)."""
+
+    cuda: bool
+    available_ram_bytes: int
+    memlock_bytes: int | None
+    """Soft RLIMIT_MEMLOCK; None: unlimited or unknown."""
+    free_bytes: Callable[[Path], int]
+    device_id: Callable[[Path], int]
+
+
+def this_machine() -> Machine:
+    import psutil
+    import torch
+
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+        memlock = None if soft == resource.RLIM_INFINITY else int(soft)
+    except (ImportError, ValueError, OSError):
+        memlock = None
+    return Machine(cuda=torch.cuda.is_available(), available_ram_bytes=int(psutil.virtual_memory().available),
+                   memlock_bytes=memlock, free_bytes=lambda p: shutil.disk_usage(p).free,
+                   device_id=lambda p: os.stat(p).st_dev)
+
+
+def _existing(path: Path) -> Path:
+    """The nearest folder that exists at or above `path` (where a new folder would be made)."""
+    path = path.expanduser().absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _gib(n: float) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
+def check_output_dir(out_dir: Path, *, overwrite: bool, resuming: bool) -> None:
+    """An output folder that holds another run is refused (nothing is written to decide that)."""
+    if resuming or overwrite or not out_dir.exists():
+        return
+    if out_dir.is_file():
+        raise PreflightError(f"training.output_dir {out_dir} is a file; point it at a folder")
+    if any(out_dir.iterdir()):
+        raise PreflightError(f"output directory {out_dir} already holds a run; set training.output_dir elsewhere, "
+                             "pass --overwrite to replace it, or --resume to continue it")
+
+
+def checkpoint_bytes(recipe: Recipe, trainable_params: int, params: int) -> tuple[int, int]:
+    """(bytes of one full checkpoint, bytes of the final model) from the recipe and the parameter counts."""
+    t = recipe.training
+    if recipe.method.name == "zo2":
+        home = 4 if recipe.offload.home_dtype in ("auto", "float32") else DTYPE_BYTES[recipe.offload.home_dtype]
+        per = home * (2 if recipe.method.variant == "momentum" else 1)
+    else:
+        per = 4 * 3  # fp32 master + exp_avg + exp_avg_sq
+    one = trainable_params * per if (t.checkpoint_every or t.checkpoint_minutes or t.checkpoint_on_interrupt) else 0
+    final_params = trainable_params if recipe.peft.type == "lora" else params
+    return one, final_params * DTYPE_BYTES[recipe.model.dtype]
+
+
+def preflight(recipe: Recipe, plan: Plan | None, *, trainable_params: int, params: int, resuming: bool,
+              note: Callable[[str], None], machine: Machine | None = None) -> None:
+    machine = machine or this_machine()
+    out_dir = Path(recipe.training.output_dir)
+    if plan is not None and plan.compute_device == "cuda" and not machine.cuda:
+        raise PreflightError(f"the plan computes on a CUDA GPU ({plan.machine or 'its hardware profile'}) but this "
+                             "machine has none available; plan with this machine's profile (`fuyou profile`) "
+                             "or set hardware.preset to a CPU machine")
+
+    pinned = (plan.pinned_pool_bytes + plan.memory.pinned) if plan is not None and plan.compute_device == "cuda" else 0
+    if pinned and machine.memlock_bytes is not None and pinned > machine.memlock_bytes and not _pins_past_limit(machine):
+        raise PreflightError(f"the plan pins {_gib(pinned)} of host memory but the locked-memory limit is "
+                             f"{_gib(machine.memlock_bytes)} (ulimit -l); raise it (ulimit -l unlimited, or "
+                             "memlock in /etc/security/limits.conf) or lower offload.host_memory_limit")
+
+    if plan is not None:
+        host = plan.memory.pinned + plan.memory.pageable + (plan.memory.device if plan.compute_device == "cpu" else 0)
+        room = int(machine.available_ram_bytes * (1 - RAM_MARGIN))
+        if host > room:
+            raise PreflightError(f"not enough free RAM: the plan needs {_gib(host)} of host memory, "
+                                 f"{_gib(machine.available_ram_bytes)} is available now; close other programs, "
+                                 "set offload.host_memory_limit (the planner then uses swap_dir), or use a smaller model")
+
+    one_ckpt, final = checkpoint_bytes(recipe, trainable_params, params)
+    t = recipe.training
+    ledger_only = recipe.method.name == "zo2" and t.zo_ledger_steps > 0
+    # Checkpoints kept, plus the one being written; a resumed run's are there already.
+    ckpt_bytes = one_ckpt * (1 if resuming else (t.keep_checkpoints + (0 if ledger_only else 1)))
+    needs: dict[int, list[tuple[str, Path, int]]] = {}
+    out_base = _existing(out_dir)
+    needs.setdefault(machine.device_id(out_base), []).append(
+        ("output_dir", out_base, ckpt_bytes + final))
+    if plan is not None and plan.memory.ssd:
+        if not plan.swap_dir:
+            raise PreflightError("the plan homes data on SSD but sets no swap_dir; set offload.swap_dir")
+        swap_base = _existing(Path(plan.swap_dir))
+        needs.setdefault(machine.device_id(swap_base), []).append(("swap_dir", swap_base, plan.memory.ssd))
+    for entries in needs.values():
+        total = sum(n for _, _, n in entries)
+        free = machine.free_bytes(entries[0][1])
+        if total + DISK_MARGIN_BYTES > free:
+            what = " and ".join(f"{name} {path} ({_gib(n)})" for name, path, n in entries)
+            raise PreflightError(f"not enough free disk space: {what} need {_gib(total)}, {_gib(free)} is free; "
+                                 "free space, point them at a larger disk, or lower training.keep_checkpoints")
+
+    if plan is not None and any(b.weights_home is Tier.SSD or b.optimizer_home is Tier.SSD for b in plan.blocks):
+        _check_swap_dir(Path(plan.swap_dir), note)
+
+
+def _pins_past_limit(machine: Machine) -> bool:
+    """Whether this CUDA driver pins more than RLIMIT_MEMLOCK (it usually does: the limit then binds nothing)."""
+    import torch
+
+    try:
+        torch.empty(machine.memlock_bytes + (1 << 20), dtype=torch.uint8).pin_memory()
+        return True
+    except RuntimeError:
+        return False
+
+
+def _check_swap_dir(swap: Path, note: Callable[[str], None]) -> None:
+    from fuyoucli.engine.tiers import _o_direct_works
+
+    base = _existing(swap)
+    if not os.access(base, os.W_OK):
+        raise PreflightError(f"offload.swap_dir {swap} is not writable; choose a folder on an SSD you can write")
+    if base == swap and not _o_direct_works(swap):
+        note(f"swap_dir {swap} does not take O_DIRECT (tmpfs or a network filesystem?): SSD I/O goes through the "
+             "page cache, slower and using RAM; put swap_dir on a local ext4/xfs SSD")
