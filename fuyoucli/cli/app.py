@@ -12,7 +12,7 @@ import sys
 
 import typer
 
-from fuyoucli.cli import finetune, plan, profile
+from fuyoucli.cli import export, finetune, plan, profile
 from fuyoucli.errors import FuyouError
 
 app = typer.Typer(
@@ -26,6 +26,7 @@ app = typer.Typer(
 app.command(name="finetune", no_args_is_help=True)(finetune.finetune)
 app.command(name="profile")(profile.profile)
 app.command(name="plan", no_args_is_help=True)(plan.plan)
+app.command(name="export", no_args_is_help=True)(export.export)
 
 
 @app.callback()
