@@ -346,3 +346,35 @@ class CpuAdam:
                 fut.result()
             except Exception:  # noqa: BLE001 - closing: the files are removed with the store anyway
                 pass
+
+    # -- checkpoints ----------------------------------------------------------------------------------
+
+    def state_tensors(self, key: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Block `key`'s [master | exp_avg | exp_avg_sq] (fp32, flat copy, read from its home) and its
+        per-tensor step counts, once every queued update is done."""
+        self.drain()
+        st = self.states[key]
+        n3 = 3 * st.numel
+        if st.home is not Tier.SSD:
+            flat = st.buffer[:n3].clone()
+        else:
+            buf = aligned_host(n3 * 4)
+            self.ssd.read_sync(self._key(key), buf)
+            flat = buf[: n3 * 4].view(torch.float32).clone()
+        return flat, [s.clone() for s in st.steps]
+
+    def load_state_tensors(self, key: int, flat: torch.Tensor, steps: list[torch.Tensor]) -> None:
+        """Replace block `key`'s state (the layout state_tensors returns), at its home."""
+        self.drain()
+        st = self.states[key]
+        n3 = 3 * st.numel
+        if flat.numel() != n3:
+            raise ValueError(f"{st.name}: {flat.numel()} state values given, the block has {n3}")
+        if st.home is not Tier.SSD:
+            st.buffer[:n3].copy_(flat)
+        else:
+            buf = aligned_host(n3 * 4)
+            buf[: n3 * 4].view(torch.float32).copy_(flat)
+            self.ssd.write_sync(self._key(key), buf)
+        for s, value in zip(st.steps, steps):
+            s.copy_(value)

@@ -346,3 +346,77 @@ class AdamWStreamed:
             flat = self.store.home_weights(e)
             for (_, p), view in zip(unit.params, unit.views(flat)):
                 p.data = view.to(dtype=p.dtype)
+
+    # -- checkpoints: fp32 masters, AdamW moments and step counts (host or SSD), the loss scale ---------
+    # Tensor names are the in-memory reference's (param./adam.<key>.<qualified name>), so either
+    # trainer resumes the other's checkpoint. Streamed weights at home are cast(master): rewritten on load.
+
+    def _names(self) -> dict[int, str]:
+        return {id(p): n for n, p in self.model.named_parameters()}
+
+    def state_shards(self):
+        """(shard, tensors): the device-side AdamW's, then each host-optimized block's, one at a time."""
+        from fuyoucli.engine.optimizer import views_of
+
+        self.settle()
+        names, u = self._names(), self.updates
+        dev, shard = u.device, {}
+        for p, m in zip(dev.params, dev.master):
+            shard[f"param.{names[id(p)]}"] = m.detach()
+            if dev.optimizer is not None:
+                for key, value in dev.optimizer.state.get(m, {}).items():
+                    shard[f"adam.{key}.{names[id(p)]}"] = value
+        yield "device", shard
+        for e, params in u.host_params.items():
+            flat, steps = u.cpu.state_tensors(e)
+            n, shapes = u.numels[e], u.host_shapes[e]
+            parts = zip(params, views_of(flat[:n], shapes), views_of(flat[n: 2 * n], shapes),
+                        views_of(flat[2 * n:], shapes), steps)
+            out = {}
+            for p, w, m, v, s in parts:
+                name = names[id(p)]
+                out.update({f"param.{name}": w, f"adam.exp_avg.{name}": m, f"adam.exp_avg_sq.{name}": v,
+                            f"adam.step.{name}": s})
+            yield self.names[e], out
+
+    def state_meta(self) -> dict:
+        return {"loss_scale": self.scaler.scale, "clean_steps": self.scaler.clean}
+
+    @torch.no_grad()
+    def load_state(self, tensors, meta: dict) -> None:
+        from fuyoucli.engine.optimizer import views_of
+
+        self.settle()
+        names, u = self._names(), self.updates
+        dev = u.device
+        for p, m in zip(dev.params, dev.master):
+            m.copy_(tensors[f"param.{names[id(p)]}"])
+            if m is not p:
+                p.copy_(m)
+        if dev.optimizer is not None:
+            order = [m for g in dev.optimizer.param_groups for m in g["params"]]
+            index = {id(m): i for i, m in enumerate(order)}
+            state = {}
+            for p, m in zip(dev.params, dev.master):
+                keys = [k for k in ("step", "exp_avg", "exp_avg_sq") if f"adam.{k}.{names[id(p)]}" in tensors]
+                if keys:
+                    state[index[id(m)]] = {k: tensors[f"adam.{k}.{names[id(p)]}"] for k in keys}
+            saved = dev.optimizer.state_dict()
+            saved["state"] = state
+            dev.optimizer.load_state_dict(saved)
+        for e, params in u.host_params.items():
+            pnames = [names[id(p)] for p in params]
+            zeros = [torch.zeros(p.shape) for p in params]
+            flat = torch.cat([tensors[f"param.{n}"].reshape(-1).float() for n in pnames]
+                             + [tensors.get(f"adam.exp_avg.{n}", z).reshape(-1).float() for n, z in zip(pnames, zeros)]
+                             + [tensors.get(f"adam.exp_avg_sq.{n}", z).reshape(-1).float() for n, z in zip(pnames, zeros)])
+            steps = [tensors[f"adam.step.{n}"] if f"adam.step.{n}" in tensors else torch.zeros(()) for n in pnames]
+            u.cpu.load_state_tensors(e, flat, steps)
+            master = flat[: u.numels[e]]
+            if self.streamed[e]:
+                self.store.set_home_weights(e, master)
+            else:
+                for p, view in zip(params, views_of(master, u.host_shapes[e])):
+                    p.data.copy_(view)
+        self.scaler.scale = float(meta.get("loss_scale", self.scaler.scale))
+        self.scaler.clean = int(meta.get("clean_steps", 0))

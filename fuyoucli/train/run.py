@@ -27,7 +27,7 @@ from fuyoucli.telemetry.jsonl import JsonlSink
 from fuyoucli.train.data import Datasets, batches, build_datasets, collate
 from fuyoucli.train.schedule import lr_at
 from fuyoucli.train.planning import plan_for_run
-from fuyoucli.train.preflight import PreflightError, check_output_dir, preflight
+from fuyoucli.train.preflight import check_output_dir, preflight
 from fuyoucli.train.trainers import build_trainer, streamed_layers, streams
 
 
@@ -129,20 +129,6 @@ def prepare_output_dir(path: Path, overwrite: bool) -> None:
     path.mkdir(parents=True, exist_ok=True)
 
 
-def check_checkpoint_support(recipe: Recipe, plan: Plan | None, *, resuming: bool) -> None:
-    """Offloaded first-order training has no checkpoint state yet: say so before anything loads."""
-    if not (streams(plan) and recipe.method.name == "adamw"):
-        return
-    if resuming:
-        raise PreflightError("--resume is not supported yet for offloaded first-order (adamw) training: its "
-                             "checkpoints would miss the CPU optimizer's states; rerun from the start")
-    t = recipe.training
-    if t.checkpoint_every or t.checkpoint_minutes:
-        raise PreflightError("checkpoints are not supported yet for offloaded first-order (adamw) training; set "
-                             "training.checkpoint_every: 0 and training.checkpoint_minutes: 0 (or offload.mode: "
-                             "in_memory)")
-
-
 class StopRequests:
     """Ctrl-C / SIGTERM during the loop: the first asks the loop to stop after the current step (and write
     a checkpoint); a second one interrupts at once. Outside the main thread nothing is installed."""
@@ -207,7 +193,6 @@ def finetune(recipe: Recipe, sinks: list[Sink] | None = None, *, overwrite: bool
     num_labels = len(data.label_names) or None
     if plan == "auto":
         plan = plan_for_run(recipe, num_labels=num_labels, note=notes.append)
-    check_checkpoint_support(recipe, plan, resuming=ckpt is not None)
     # Every check that can fail before a weight loads or a file is written (the plan is known now).
     inv = inventory(recipe.model, recipe.peft, num_labels=num_labels)
     preflight(recipe, plan, trainable_params=inv.trainable_params, params=inv.params, resuming=ckpt is not None,

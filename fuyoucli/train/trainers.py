@@ -189,6 +189,18 @@ class StreamedAdamW:
     def close(self) -> None:
         self.impl.close()
 
+    def state_shards(self):
+        return self.impl.state_shards()
+
+    def state_meta(self) -> dict:
+        return {"trainer": "adamw", **self.impl.state_meta()}
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        return _joined(self)
+
+    def load_state_dict(self, tensors, meta: dict) -> None:
+        self.impl.load_state(tensors, meta)
+
 
 def streams(plan: Plan | None) -> bool:
     return plan is not None and any(b.weights_home.value != "device" for b in plan.blocks)

@@ -39,6 +39,7 @@ def write_recipe(path: Path, model: Path, data: Path, out: Path, method: str, ex
 
 
 STREAM_SSD = "offload:\n  mode: stream\n  swap_dir: {swap}\n  weights_home: ssd\nhardware:\n  preset: cpu-laptop-8c-32g\n"
+OPT_SSD = "  optimizer_home: ssd\n"
 
 
 def launch(recipe: Path, *args: str, crash_at: str | None = None) -> subprocess.Popen:
@@ -90,6 +91,8 @@ CASES = {
     "zo2-in-memory": ("zo2", "", [("crash", "checkpoint:4")]),
     "adamw-in-memory": ("adamw", "", [("sigint", 3), ("sigkill", 6)]),
     "zo2-streamed-ssd": ("zo2", STREAM_SSD, [("crash", "step:5"), ("crash", "checkpoint:8")]),
+    # Weights and AdamW states on SSD, clipping on (updates deferred past the step's end), dropout.
+    "adamw-streamed-ssd": ("adamw", STREAM_SSD.replace("hardware", OPT_SSD + "hardware"), [("crash", "step:5")]),
 }
 
 
@@ -121,8 +124,8 @@ def interrupt(case: str, recipe: Path, out: Path, swap: Path) -> None:
 
 
 def test_killed_runs_resume_to_the_same_weights_and_losses(tmp_path, tiny_models, text_data):
-    """In-memory zo2 and AdamW (gpt2: dropout, so the RNG state must resume too) and zo2 streamed from SSD,
-    each stopped mid-step or mid-checkpoint-write (the cases run side by side to save wall time)."""
+    """In-memory zo2 and AdamW (gpt2: dropout, so the RNG state must resume too), zo2 and AdamW streamed from
+    SSD, each stopped mid-step or mid-checkpoint-write (the cases run side by side to save wall time)."""
     from concurrent.futures import ThreadPoolExecutor
 
     setups = {}
