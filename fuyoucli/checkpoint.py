@@ -86,13 +86,29 @@ def atomic_dir(target: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _disk_full(exc: BaseException) -> bool:
+    import errno
+
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(exc)  # safetensors: "I/O error: No space left on device (os error 28)"
+    return "No space left on device" in text or "Disk quota exceeded" in text
+
+
 def save_final_model(model, tokenizer, target: Path, *, recipe=None) -> Path:
     """A Hugging Face folder `from_pretrained` loads: full weights in safetensors, or the LoRA adapter."""
-    with atomic_dir(target) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        if recipe is not None:
-            (tmp / "fuyou_recipe.json").write_text(json.dumps(recipe.model_dump(mode="json"), indent=2), encoding="utf-8")
+    try:
+        with atomic_dir(target) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            if recipe is not None:
+                (tmp / "fuyou_recipe.json").write_text(json.dumps(recipe.model_dump(mode="json"), indent=2),
+                                                       encoding="utf-8")
+    except Exception as e:  # noqa: BLE001
+        if _disk_full(e):
+            raise ResourceError(f"disk full writing the final model to {target}: free space there (the run's "
+                                "checkpoints are intact: finish with --resume)") from e
+        raise
     return target
 
 
@@ -190,10 +206,8 @@ def save_checkpoint(root: Path, step: int, shards: Iterable[tuple[str, Mapping]]
                 nbytes += files[name]["bytes"]
             doc = {"format": FORMAT_VERSION, "step": step, **state, "files": files, "keys": keys}
             (tmp / STATE_FILE).write_text(json.dumps(doc, indent=1, allow_nan=True), encoding="utf-8")
-    except OSError as e:
-        import errno
-
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+    except Exception as e:  # noqa: BLE001 - safetensors reports a full disk as its own error type
+        if _disk_full(e):
             previous = [p for p in list_checkpoints(root) if p != target]
             last = f"the last complete checkpoint, {previous[-1]}, is intact" if previous else "no earlier checkpoint exists"
             raise ResourceError(f"disk full writing checkpoint {target.name} in {root}: {last}; free space "
