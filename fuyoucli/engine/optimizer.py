@@ -46,11 +46,13 @@ class HostGrads:
 
 @dataclass
 class AdamBlock:
-    """A block as the optimizer sees it: its trainable tensors (initial values) and where its state lives."""
+    """A block as the optimizer sees it: its trainable tensors' shapes, how to get their initial
+    values (called once, one block at a time), and where its state lives."""
 
     key: int
     name: str
-    initial: list[torch.Tensor]
+    shapes: list[torch.Size]
+    initial: Callable[[], list[torch.Tensor]]
     home: Tier
     """PINNED, PAGEABLE or DEVICE (host RAM: a CPU run's device) keep the state in memory; SSD in a file."""
 
@@ -113,12 +115,12 @@ class CpuAdam:
         self.states: dict[int, _State] = {}
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fuyou-adam")
         self._lock = threading.Lock()
-        max_numel = max((sum(t.numel() for t in b.initial) for b in blocks), default=0)
+        max_numel = max((sum(x.numel() for x in b.shapes) for b in blocks), default=0)
         self._scratch = torch.empty(max_numel, dtype=torch.float32)
         on_ssd = [b for b in blocks if b.home is Tier.SSD]
         if on_ssd and ssd is None:
             raise ValueError("optimizer states homed on SSD need an SsdStore")
-        ssd_numel = max((sum(t.numel() for t in b.initial) for b in on_ssd), default=0)
+        ssd_numel = max((sum(x.numel() for x in b.shapes) for b in on_ssd), default=0)
         # Read ahead, updating, writing behind: with these many buffers a read never waits for the
         # update it precedes, and a write only holds back the read `read_ahead + 1` blocks later.
         self._free: queue.Queue = queue.Queue()
@@ -135,7 +137,7 @@ class CpuAdam:
     # -- set-up ----------------------------------------------------------------------------------------
 
     def _add(self, b: AdamBlock, make_optimizer) -> None:
-        shapes = [t.shape for t in b.initial]
+        shapes = list(b.shapes)
         n = sum(s.numel() for s in shapes)
         if b.home is Tier.SSD:
             buf = aligned_host(3 * n * 4)
@@ -143,8 +145,8 @@ class CpuAdam:
         else:
             flat = torch.empty(3 * n, dtype=torch.float32)
         master = flat[:n]
-        if b.initial:
-            torch.cat([t.detach().reshape(-1).float() for t in b.initial], out=master)
+        for view, t in zip(views_of(master, shapes), b.initial()):
+            view.copy_(t.detach())  # as the reference: p.detach().float()
         flat[n:].zero_()
         proxies = views_of(master, shapes)
         optimizer = make_optimizer(proxies)

@@ -94,26 +94,41 @@ class AdamWStreamed:
         order = {id(p): n for n, p in enumerate(trainable)}
         device_params.sort(key=lambda p: order[id(p)])
 
+        # A lazily loaded model (model.lazy) leaves streamed layers' parameters empty: their shapes and
+        # values come from the model file, by qualified name, a tensor at a time.
+        source = getattr(model, "fuyou_source", None)
+        qualified = {id(p): n for n, p in model.named_parameters()}
+
+        def lazy(p) -> bool:
+            return source is not None and p.numel() == 0
+
         units = []
         for e, name in enumerate(self.names):
             if not self.streamed[e]:
                 continue
-            params = [(n, p) for n, p in self.runner.layers[e - 1].named_parameters() if p.requires_grad != self.lora]
+            params = [(qualified[id(p)], p) for p in self.runner.layers[e - 1].parameters() if p.requires_grad != self.lora]
             if any(p.dtype != self.compute_dtype for _, p in params):
                 raise UnsupportedPlan(f"the model's weights are not in the plan's compute dtype {plan.compute_dtype}")
             if not self.lora and [id(p) for _, p in params] != [id(p) for p in host[e][1]]:
                 raise UnsupportedPlan(f"{name}: its parameters are not all trained; stream it only with LoRA")
             units.append(StreamUnit(index=e, name=name, params=params, shapes=[], dtype=self.compute_dtype,
                                     home=homes[name], writable=False))
-        ssd_bytes = sum(sum(p.numel() for _, p in u.params) * u.dtype.itemsize for u in units if u.home is Tier.SSD)
-        ssd_bytes += sum(3 * 4 * sum(p.numel() for p in ps) for _, ps, oh in host.values() if oh is Tier.SSD)
+        def shape(p) -> torch.Size:
+            return source.shape(qualified[id(p)]) if lazy(p) else p.shape
+
+        def value(p) -> torch.Tensor:
+            return source.read(qualified[id(p)], p.dtype) if lazy(p) else p
+
+        ssd_bytes = sum(sum(shape(p).numel() for _, p in u.params) * u.dtype.itemsize for u in units
+                        if u.home is Tier.SSD)
+        ssd_bytes += sum(3 * 4 * sum(shape(p).numel() for p in ps) for _, ps, oh in host.values() if oh is Tier.SSD)
         self.ssd = SsdStore(plan.swap_dir, ssd_bytes) if ssd_bytes else None
         self.updates: BlockUpdates | None = None
         try:
             self.arena = DeviceArena(self.device, plan.device_budget_bytes)
             # Before any weight leaves the model: the CPU states copy their fp32 masters from it.
             self.updates = BlockUpdates(trainable, host, device_params, self.streamed, method, lanes=lanes,
-                                        ssd=self.ssd, deferred=self.deferred, on_job=on_job)
+                                        ssd=self.ssd, deferred=self.deferred, shape=shape, value=value, on_job=on_job)
             streamed_ids = {id(p) for u in units for _, p in u.params}
             resident_bytes = 0
             for p in model.parameters():
@@ -125,7 +140,7 @@ class AdamWStreamed:
                     module._buffers[bname] = buf.to(self.device)
             self.arena.charge(resident_bytes, "resident weights")
             self.store = WeightStore(units, lanes=lanes, arena=self.arena, slots=plan.device_buffers, ssd=self.ssd,
-                                     pin=any(u.home is Tier.PINNED for u in units))
+                                     pin=any(u.home is Tier.PINNED for u in units), source=source)
             self.updates.attach(self.store, self.compute_dtype)
             resident_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters() if id(p) not in streamed_ids}
             self.acts = SavedActivations(lanes, self.device, [s.device for s in self.store.slots], resident_ptrs,
@@ -406,7 +421,7 @@ class AdamWStreamed:
             dev.optimizer.load_state_dict(saved)
         for e, params in u.host_params.items():
             pnames = [names[id(p)] for p in params]
-            zeros = [torch.zeros(p.shape) for p in params]
+            zeros = [torch.zeros(shape) for shape in u.host_shapes[e]]  # (a lazily loaded param is empty)
             flat = torch.cat([tensors[f"param.{n}"].reshape(-1).float() for n in pnames]
                              + [tensors.get(f"adam.exp_avg.{n}", z).reshape(-1).float() for n, z in zip(pnames, zeros)]
                              + [tensors.get(f"adam.exp_avg_sq.{n}", z).reshape(-1).float() for n, z in zip(pnames, zeros)])

@@ -147,13 +147,19 @@ class BlockUpdates:
 
     def __init__(self, trainable: list[torch.nn.Parameter], host: dict[int, tuple[str, list, Tier]],
                  device_params: list[torch.nn.Parameter], streamed: list[bool], method: AdamWMethod, *,
-                 lanes, ssd, deferred: bool, on_job=None):
+                 lanes, ssd, deferred: bool, shape=None, value=None, on_job=None):
+        """`host`: block -> (name, params, optimizer home) for the CPU worker. `shape(p)` and `value(p)`
+        give a parameter's shape and initial value (default: its own; a lazily loaded model's empty
+        streamed parameters read them from the model file)."""
         self.trainable, self.method, self.lanes, self.deferred = trainable, method, lanes, deferred
         self.streamed = streamed
+        shape = shape or (lambda p: p.shape)
+        value = value or (lambda p: p)
         self.host_params = {e: ps for e, (_, ps, _) in host.items()}
-        self.host_shapes = {e: [p.shape for p in ps] for e, ps in self.host_params.items()}
+        self.host_shapes = {e: [shape(p) for p in ps] for e, ps in self.host_params.items()}
         self.numels = {e: sum(s.numel() for s in shapes) for e, shapes in self.host_shapes.items()}
-        self.cpu = CpuAdam([AdamBlock(e, name, ps, home) for e, (name, ps, home) in host.items()],
+        self.cpu = CpuAdam([AdamBlock(e, name, self.host_shapes[e], (lambda ps=ps: [value(p) for p in ps]), home)
+                            for e, (name, ps, home) in host.items()],
                            self._make_optimizer, lanes=lanes, ssd=ssd, on_job=on_job)
         self._device_params = device_params
         self._ready: dict[int, Future] = {}
