@@ -10,8 +10,9 @@ Parts of a streamed step, measured in the same run:
   transfer   time in lane copies (weights up, gradients down, swapped activations), CPU runs;
              on CUDA, bytes over the link at a pinned-copy bandwidth measured here;
   cpu_adam   the CPU worker's time in AdamW arithmetic (and gradient norms);
-  ssd        bytes read and written on the swap disk at its bandwidth (saved hardware profile, else
-             measured now, as benchmarks/zo2.py does).
+  ssd        wall time with at least one read or write in flight on the swap disk (measured), and
+             the bytes moved against the disk's bandwidth (saved hardware profile, else measured now,
+             as benchmarks/zo2.py does) for comparison.
 If the parts overlapped perfectly the step would take their max; with no overlap, their sum. On a
 CPU-only machine compute and cpu_adam share the same cores, so their max is not reachable there.
 """
@@ -40,6 +41,7 @@ SIZES = {
 # mode: (weights home, optimizer home, activation, max_grad_norm)
 MODES = {
     "host": ("pageable", "pageable", "recompute", None),
+    "host-keep": ("pageable", "pageable", "keep", None),
     "host-clip": ("pageable", "pageable", "recompute", 1.0),
     "ssd": ("ssd", "ssd", "recompute", None),
     "ssd-clip": ("ssd", "ssd", "recompute", 1.0),
@@ -69,6 +71,30 @@ class TimedLanes:
 
     def offload(self, dst, src, after=None):
         return self._timed(self.inner.offload, dst, src, after)
+
+
+def time_ssd(store) -> list[tuple[float, float]]:
+    """Record (start, end) of every read and write on `store` (benchmark instrumentation)."""
+    spans: list[tuple[float, float]] = []
+    for name in ("read_sync", "write_sync"):
+        def timed(key, buf, _fn=getattr(store, name)):
+            t0 = time.perf_counter()
+            try:
+                return _fn(key, buf)
+            finally:
+                spans.append((t0, time.perf_counter()))
+        setattr(store, name, timed)
+    return spans
+
+
+def busy_s(spans: list[tuple[float, float]], start: float, end: float) -> float:
+    """Seconds within [start, end] covered by at least one span (concurrent I/O counts once)."""
+    total, reach = 0.0, start
+    for a, b in sorted((max(a, start), min(b, end)) for a, b in spans if b > start and a < end):
+        if b > reach:
+            total += b - max(a, reach)
+            reach = b
+    return total
 
 
 def one(args) -> dict:
@@ -102,35 +128,37 @@ def one(args) -> dict:
                           activation=act, prefetch_depth=1, swap_dir=args.swap, compute_device=device.type)
         lanes = TimedLanes(lanes_for(device))
         trainer = AdamWStreamed(model, plan, method, head="causal_lm", lanes=lanes)
-    times, parts = [], []
-    for t, micro in enumerate(batches):
-        if mode != "memory":
-            trainer.settle()  # each timed step starts with nothing queued from the one before
-            before = dict(copy=lanes.copy_s, adam=trainer.cpu.busy_s, n=len(trainer.timeline),
-                          ssd=(trainer.ssd.bytes_read + trainer.ssd.bytes_written) if trainer.ssd else 0,
-                          h2d=trainer.store.stats.h2d_bytes, grads=trainer.updates.grad_bytes,
-                          acts=trainer.acts.swapped_bytes)
-        start = time.perf_counter()
-        trainer.step(micro, lr=1e-5)
-        if mode != "memory":
-            trainer.settle()  # the step's updates belong to it
+        spans = time_ssd(trainer.ssd) if trainer.ssd is not None else []
+    def counters() -> dict:
+        return dict(t=time.perf_counter(), copy=lanes.copy_s, adam=trainer.cpu.busy_s, n=len(trainer.timeline),
+                    ssd=(trainer.ssd.bytes_read + trainer.ssd.bytes_written) if trainer.ssd else 0,
+                    link=trainer.store.stats.h2d_bytes + trainer.updates.grad_bytes + 2 * trainer.acts.swapped_bytes)
+
+    # One warm-up step (allocators, first touch of host buffers and optimizer states), then a window
+    # of consecutive steps: a deferred update overlaps the next step's forward, so steps are not
+    # separated; the window ends when the last step's updates are written home.
+    trainer.step(batches[0], lr=1e-5)
+    if mode == "memory":
         sync()
-        elapsed = time.perf_counter() - start
-        if t == 0:
-            continue  # warm-up: allocators, first-touch of host buffers
-        times.append(elapsed)
-        if mode != "memory":
-            compute = sum(t1 - t0 for _, _, t0, t1 in trainer.timeline[before["n"]:])
-            ssd = ((trainer.ssd.bytes_read + trainer.ssd.bytes_written) if trainer.ssd else 0) - before["ssd"]
-            link = (trainer.store.stats.h2d_bytes - before["h2d"] + trainer.updates.grad_bytes - before["grads"]
-                    + 2 * (trainer.acts.swapped_bytes - before["acts"]))
-            parts.append(dict(compute=compute, copy=lanes.copy_s - before["copy"],
-                              cpu_adam=trainer.cpu.busy_s - before["adam"], ssd_bytes=ssd, link_bytes=link))
-    result = {"mode": mode, "step_s": sorted(times)[len(times) // 2]}
-    if parts:
-        mid = sorted(range(len(times)), key=lambda i: times[i])[len(times) // 2]
-        result.update(parts[mid])
-        trainer.close()
+        start = time.perf_counter()
+        for micro in batches[1:]:
+            trainer.step(micro, lr=1e-5)
+        sync()
+        return {"mode": mode, "step_s": (time.perf_counter() - start) / (len(batches) - 1)}
+    trainer.settle()
+    sync()
+    a = counters()
+    for micro in batches[1:]:
+        trainer.step(micro, lr=1e-5)
+    trainer.settle()
+    sync()
+    b, steps = counters(), len(batches) - 1
+    compute = sum(t1 - t0 for _, _, t0, t1 in trainer.timeline[a["n"]:])
+    result = {"mode": mode, "step_s": (b["t"] - a["t"]) / steps, "compute": compute / steps,
+              "copy": (b["copy"] - a["copy"]) / steps, "cpu_adam": (b["adam"] - a["adam"]) / steps,
+              "ssd_bytes": (b["ssd"] - a["ssd"]) / steps, "link_bytes": (b["link"] - a["link"]) / steps,
+              "ssd_busy": busy_s(spans, a["t"], b["t"]) / steps}
+    trainer.close()
     return result
 
 
@@ -183,19 +211,23 @@ def main() -> None:
     mem = results.get("memory", {}).get("step_s")
     print(f"First-order benchmark ({size_name}): Llama-shaped, {size['num_hidden_layers']} layers, hidden "
           f"{size['hidden_size']}, {model_bytes / 2**20:.0f} MiB fp32; batch {size['batch']}x{size['seq']} tokens; "
-          f"device {args.device}; prefetch depth 1, activations recomputed")
+          f"device {args.device}; prefetch depth 1; activations recomputed unless -keep; "
+          f"{size['steps']} consecutive steps after a warm-up")
     if source:
         print(f"SSD: {read_bps / 1e9:.2f} GB/s read, {write_bps / 1e9:.2f} GB/s write ({source})")
     print(f"{'mode':<11}{'step s':>8}{'vs mem':>8}{'compute':>9}{'transfer':>9}{'cpu_adam':>9}{'ssd':>7}"
-          f"{'sum':>7}{'max':>7}{'step/sum':>9}{'step/max':>9}")
+          f"{'sum':>7}{'max':>7}{'step/sum':>9}{'step/max':>9}{'ssd GB':>8}{'at bw s':>8}")
     for mode, r in results.items():
         line = f"{mode:<11}{r['step_s']:>8.3f}" + (f"{r['step_s'] / mem:>7.2f}x" if mem else f"{'':>8}")
         if mode != "memory":
             transfer = r["copy"] if link_bps is None else r["link_bytes"] / link_bps
-            ssd = r["ssd_bytes"] / (2 / (1 / read_bps + 1 / write_bps)) if r["ssd_bytes"] else 0.0
+            ssd = r["ssd_busy"]
             parts = [r["compute"], transfer, r["cpu_adam"], ssd]
             line += "".join(f"{p:>9.3f}" for p in parts[:3]) + f"{ssd:>7.3f}{sum(parts):>7.3f}{max(parts):>7.3f}"
             line += f"{r['step_s'] / sum(parts):>8.2f}x{r['step_s'] / max(parts):>8.2f}x"
+            if r["ssd_bytes"]:
+                at_bw = r["ssd_bytes"] / (2 / (1 / read_bps + 1 / write_bps))
+                line += f"{r['ssd_bytes'] / 1e9:>8.3f}{at_bw:>8.3f}"
         print(line)
     print("step/max <= 1.2 means the parts overlap almost perfectly; step/sum < 1 means some overlap at all. "
           "-clip modes defer every update until the global norm is known (they overlap the next forward).")

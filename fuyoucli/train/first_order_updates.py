@@ -192,8 +192,11 @@ class BlockUpdates:
         self._jobs: dict[int, Future] = {}
         self._norm_jobs: dict[int, Future] = {}
         self._held: dict[int, HostGrads] = {}
-        if not self.deferred:
-            self.cpu.begin([e for e in backward_order if e in self.host_params])
+        # The worker reads SSD-homed states ahead in the order it will update them: as the backward
+        # produces gradients (overlapped), or, deferred, in the next forward's order; then the first
+        # block's states are read during this backward instead of after it.
+        order = [e for e in backward_order if e in self.host_params]
+        self.cpu.begin(order[::-1] if self.deferred else order)
 
     def ship(self, e: int) -> None:
         """Block e's backward is done: its gradients go to host memory now; then its update
@@ -282,9 +285,7 @@ class BlockUpdates:
             clip = self.method.max_grad_norm
             coef = clip / (norm + 1e-6) if clip is not None and norm > clip else None
             self.device.step(self.lr, coef)
-            order = sorted(self._held)  # the next forward's order
-            self.cpu.begin(order)
-            for e in order:
+            for e in sorted(self._held):  # the next forward's order, announced by begin()
                 self._register(e, self.cpu.update(e, self._held[e], lr=self.lr, publish=self._publisher(e),
                                                   inv_scale=1.0 if self.inv_scale is None else self.inv_scale,
                                                   coef=coef))
