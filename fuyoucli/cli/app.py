@@ -12,7 +12,7 @@ import sys
 
 import typer
 
-from fuyoucli.cli import export, finetune, plan, profile
+from fuyoucli.cli import export, finetune, plan, profile, report
 from fuyoucli.errors import FuyouError
 
 app = typer.Typer(
@@ -27,6 +27,7 @@ app.command(name="finetune", no_args_is_help=True)(finetune.finetune)
 app.command(name="profile")(profile.profile)
 app.command(name="plan", no_args_is_help=True)(plan.plan)
 app.command(name="export", no_args_is_help=True)(export.export)
+app.command(name="report", no_args_is_help=True)(report.report)
 
 
 @app.callback()

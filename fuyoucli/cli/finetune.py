@@ -1,8 +1,13 @@
-"""`fuyou finetune RECIPE`: validate the recipe, then run it. Imports torch only after validation."""
+"""`fuyou finetune RECIPE`: validate the recipe, then run it. Imports torch only after validation.
+
+Picks the sinks: the live dashboard on a terminal, plain log lines when stdout is piped, JSON lines
+with --json-logs, only the summary with --quiet; --trace FILE adds a Perfetto trace of a few steps.
+"""
 
 from __future__ import annotations
 
 import shlex
+import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -11,13 +16,13 @@ import typer
 
 def finetune(
     recipe: Path = typer.Argument(..., help="Recipe YAML file (see recipes/)."),
-    set_: Optional[List[str]] = typer.Option(
-        None, "--set", "-s", metavar="KEY=VALUE",
-        help="Override a recipe field, e.g. --set training.max_steps=10 --set method.lr=1e-5. Repeatable.",
-    ),
     checkpoint: Optional[Path] = typer.Argument(
         None, metavar="CHECKPOINT_DIR", show_default=False,
         help="With --resume: the checkpoint to continue from (default: the newest under training.output_dir).",
+    ),
+    set_: Optional[List[str]] = typer.Option(
+        None, "--set", "-s", metavar="KEY=VALUE",
+        help="Override a recipe field, e.g. --set training.max_steps=10 --set method.lr=1e-5. Repeatable.",
     ),
     resume: bool = typer.Option(
         False, "--resume",
@@ -25,6 +30,11 @@ def finetune(
              "training.output_dir/checkpoints, `--resume CHECKPOINT_DIR` the one given.",
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the final summary."),
+    json_logs: bool = typer.Option(False, "--json-logs", help="Print every event as one JSON object per line."),
+    plain: bool = typer.Option(False, "--plain", help="Plain log lines even on a terminal (no live dashboard)."),
+    trace: Optional[Path] = typer.Option(None, "--trace", metavar="FILE",
+                                         help="Write a Chrome/Perfetto trace (JSON) of a few steps: one track per "
+                                              "lane (compute, upload, offload, SSD read/write, CPU optimizer)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in training.output_dir."),
 ) -> None:
     """Fine-tune a model as a recipe describes; writes metrics.jsonl, checkpoints and the final model to training.output_dir."""
@@ -37,8 +47,29 @@ def finetune(
     if resume and overwrite:
         raise typer.BadParameter("--resume continues the run in training.output_dir; --overwrite would replace it",
                                  param_hint="--resume / --overwrite")
-    from fuyoucli.telemetry.console import ConsoleSink
+    if json_logs and quiet:
+        raise typer.BadParameter("give one of --json-logs and --quiet", param_hint="--json-logs / --quiet")
     from fuyoucli.train.run import finetune as run_finetune
 
-    run_finetune(loaded, sinks=[ConsoleSink(quiet=quiet, log_every=loaded.training.log_every)], overwrite=overwrite,
-                 resume=(str(checkpoint) if checkpoint else True) if resume else None, recipe_path=str(recipe) + "".join(f" --set {shlex.quote(s)}" for s in set_ or []))
+    sinks = [_display(loaded, quiet=quiet, json_logs=json_logs, plain=plain)]
+    if trace is not None:
+        from fuyoucli.telemetry.trace import TraceSink
+
+        sinks.append(TraceSink(trace))
+    command = str(recipe) + "".join(f" --set {shlex.quote(s)}" for s in set_ or [])
+    run_finetune(loaded, sinks=sinks, overwrite=overwrite,
+                 resume=(str(checkpoint) if checkpoint else True) if resume else None, recipe_path=command)
+
+
+def _display(recipe, *, quiet: bool, json_logs: bool, plain: bool):
+    if json_logs:
+        from fuyoucli.telemetry.jsonl import JsonLogSink
+
+        return JsonLogSink(sys.stdout)
+    if not quiet and not plain and sys.stdout.isatty():
+        from fuyoucli.telemetry.dashboard import DashboardSink
+
+        return DashboardSink(swap_dir=recipe.offload.swap_dir)
+    from fuyoucli.telemetry.console import ConsoleSink
+
+    return ConsoleSink(quiet=quiet, log_every=recipe.training.log_every)

@@ -8,6 +8,7 @@ plan/schedule.py and calls the trainer's compute function with each block's devi
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
@@ -20,6 +21,7 @@ from fuyoucli.engine.residency import Residency, State
 from fuyoucli.engine.tiers import DeviceArena, SsdStore, aligned_host
 from fuyoucli.plan.schedule import Op
 from fuyoucli.plan.types import Tier
+from fuyoucli.telemetry.timeline import NULL
 
 
 @dataclass
@@ -71,6 +73,9 @@ class TransferStats:
 
 
 class WeightStore:
+    recorder = NULL
+    """Where timed spans go (a telemetry Timeline the trainer sets); NULL records nothing."""
+
     def __init__(self, units: list[StreamUnit], *, lanes, arena: DeviceArena, slots: int,
                  ssd: SsdStore | None, pin: bool, source=None):
         self.units = {u.index: u for u in units}
@@ -158,8 +163,11 @@ class WeightStore:
     def acquire(self, b: int, slot: int) -> list[torch.Tensor]:
         """Views of block b's weights in its slot, ready for the compute lane."""
         u, s = self.units[b], self.slots[slot]
+        on_ssd = isinstance(s.ticket, Future) and not s.ticket.done()
+        start = time.perf_counter()
         mark = s.ticket.result() if isinstance(s.ticket, Future) else s.ticket
         self.lanes.compute_wait(mark)
+        self.recorder.span("wait_ssd" if on_ssd else "wait_fetch", u.name, start, time.perf_counter())
         self.residency.move(u.name, State.RESIDENT)
         self.stats.trace.append(("compute", u.name))
         return u.views(s.device[: u.numel])
@@ -287,6 +295,9 @@ def run_pass(ops: list[Op], store: WeightStore, compute: Callable[[int, int | No
         if op.kind == "fetch":
             store.fetch(op.block, op.slot)
         elif op.kind == "compute":
+            start = time.perf_counter()
             dirty[op.block] = compute(op.block, op.slot)
+            unit = store.units.get(op.block)
+            store.recorder.span("compute", unit.name if unit else f"block {op.block}", start, time.perf_counter())
         elif op.kind == "evict":
             store.release(op.block, op.slot, dirty.pop(op.block, False))

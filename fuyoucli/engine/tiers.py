@@ -15,12 +15,14 @@ import errno
 import os
 import shutil
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
 from fuyoucli.errors import FuyouError, ResourceError
+from fuyoucli.telemetry.timeline import NULL
 
 ALIGN = 4096
 
@@ -93,6 +95,9 @@ def _o_direct_works(directory: Path) -> bool:
 class SsdStore:
     """One file per key under `swap_dir/fuyou-<pid>/`; async reads and writes on a thread pool."""
 
+    recorder = NULL
+    """Where timed spans of file reads and writes go (a telemetry Timeline); NULL records nothing."""
+
     def __init__(self, swap_dir: str | Path, needed_bytes: int, threads: int = 4):
         base = Path(swap_dir).expanduser()
         base.mkdir(parents=True, exist_ok=True)
@@ -121,6 +126,7 @@ class SsdStore:
         return os.open(self._path(key), flags, 0o600)
 
     def write_sync(self, key: str, buf: torch.Tensor) -> None:
+        start = time.perf_counter()
         fd = self._open(key, write=True)
         try:
             view = memoryview(buf.numpy())
@@ -138,8 +144,10 @@ class SsdStore:
             os.close(fd)
         with self._lock:
             self.bytes_written += len(view)
+        self.recorder.span("ssd_write", key, start, time.perf_counter())
 
     def read_sync(self, key: str, buf: torch.Tensor) -> None:
+        start = time.perf_counter()
         fd = self._open(key, write=False)
         try:
             view = memoryview(buf.numpy())
@@ -153,6 +161,7 @@ class SsdStore:
             os.close(fd)
         with self._lock:
             self.bytes_read += len(view)
+        self.recorder.span("ssd_read", key, start, time.perf_counter())
 
     def submit(self, fn, *args) -> Future:
         """Run an I/O job (a chain of read/upload or offload/write) on the store's threads."""

@@ -40,7 +40,13 @@ class StepDone:
     tokens: int
     step_time_s: float
     extra: dict[str, float] = field(default_factory=dict)
-    """Method-specific figures (projected gradient, grad norm, loss scale...)."""
+    """Method-specific figures (projected gradient, grad norm, loss scale...) and, for streamed trainers,
+    where the step's time went (compute_s, wait_fetch_s, wait_ssd_s, h2d_s, ..., cpu_optimizer_s) and the
+    bytes each link moved (h2d_bytes, ...)."""
+    spans: tuple = ()
+    """Timed spans (telemetry.timeline.Span) of what each lane did: for the trace, not for metrics.jsonl."""
+    started_s: float = 0.0
+    """time.perf_counter() when the step began (the clock the spans use)."""
 
     def row(self) -> dict[str, Any]:
         row = {"kind": "train", "step": self.step, "loss": self.loss, "lr": self.lr,

@@ -6,11 +6,13 @@ by a kill), so the file reads as one uninterrupted run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import sys
 from pathlib import Path
 
-from fuyoucli.telemetry.events import EvalDone, Event, StepDone
+from fuyoucli.telemetry.events import EvalDone, Event, RunFinished, StepDone
 
 
 def _rows_through(path: Path, step: int) -> list[str]:
@@ -47,6 +49,42 @@ class JsonlSink:
     def close(self) -> None:
         if not self._file.closed:
             self._file.close()
+
+
+class JsonLogSink:
+    """`--json-logs`: every event as one JSON object per line on stdout, {"event": "<kind>", ...}."""
+
+    NAMES = {"RunStarted": "run_started", "StepDone": "step", "EvalDone": "eval", "RunFinished": "run_finished",
+             "CheckpointSaved": "checkpoint", "RunInterrupted": "interrupted"}
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stdout
+
+    def handle(self, event: Event) -> None:
+        kind = self.NAMES.get(type(event).__name__, type(event).__name__)
+        if isinstance(event, (StepDone, EvalDone)):
+            doc = event.row()
+            doc.pop("kind", None)
+        elif isinstance(event, RunFinished):
+            doc = {"steps": event.steps, "wall_time_s": event.wall_time_s, "model_dir": event.model_dir,
+                   "first_eval": event.first_eval.row() if event.first_eval else None,
+                   "last_eval": event.last_eval.row() if event.last_eval else None}
+        else:
+            doc = dataclasses.asdict(event)
+        self.stream.write(json.dumps({"event": kind, **doc}, default=str) + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        pass
+
+
+MEASURED_SUFFIXES = ("_s", "_bytes")
+
+
+def comparable(row: dict) -> dict:
+    """A metrics row without what the clock and the engine measured (step_time_s, compute_s, h2d_bytes...):
+    what two runs of one recipe share, whatever the placement and however busy the machine."""
+    return {k: v for k, v in row.items() if not k.endswith(MEASURED_SUFFIXES)}
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -122,10 +122,12 @@ def check_recipe_for_method(recipe: Recipe) -> None:
 def prepare_output_dir(path: Path, overwrite: bool) -> None:
     check_output_dir(path, overwrite=overwrite, resuming=False)
     if overwrite:
-        # The old run's checkpoints must not be mistaken for this run's by a later --resume.
+        # The old run's checkpoints and model must not be mistaken for this run's (by --resume, by a reader).
         import shutil
 
         shutil.rmtree(checkpoint_root(path), ignore_errors=True)
+        shutil.rmtree(path / "model", ignore_errors=True)
+        (path / "report.png").unlink(missing_ok=True)
     path.mkdir(parents=True, exist_ok=True)
 
 
@@ -161,7 +163,8 @@ def _planned(plan: Plan | None) -> dict[str, float]:
         return {}
     t = plan.times
     return {"step_s": t.step_s, "gpu_s": t.gpu_s, "h2d_s": t.h2d_s, "d2h_s": t.d2h_s, "ssd_read_s": t.ssd_read_s,
-            "ssd_write_s": t.ssd_write_s, "cpu_optimizer_s": t.cpu_optimizer_s, "tokens_per_s": plan.tokens_per_s}
+            "ssd_write_s": t.ssd_write_s, "cpu_optimizer_s": t.cpu_optimizer_s, "tokens_per_s": plan.tokens_per_s,
+            "device_bytes": float(plan.memory.device), "pinned_bytes": float(plan.pinned_pool_bytes + plan.memory.pinned)}
 
 
 def finetune(recipe: Recipe, sinks: list[Sink] | None = None, *, overwrite: bool = False,
@@ -235,7 +238,9 @@ def finetune(recipe: Recipe, sinks: list[Sink] | None = None, *, overwrite: bool
             bottleneck = plan.times.bottleneck or "none"
             if bottleneck == "gpu" and plan.compute_device == "cpu":
                 bottleneck = "compute (cpu)"
-            offload += f"; planned {plan.times.step_s:.2f} s/step, bottleneck {bottleneck}" if plan.times.step_s else ""
+            step_s = plan.times.step_s
+            planned_s = f"{step_s:.2f} s" if step_s >= 0.1 else f"{step_s * 1000:.1f} ms"
+            offload += f"; planned {planned_s}/step, bottleneck {bottleneck}" if step_s else ""
             notes += [f"plan: {n}" for n in plan.notes]
         all_sinks.emit(RunStarted(
             name=recipe.name, method=m.name + (" + lora" if recipe.peft.type == "lora" else ""),
@@ -271,8 +276,11 @@ def finetune(recipe: Recipe, sinks: list[Sink] | None = None, *, overwrite: bool
                 # tokens: the step's input tokens (padding excluded), what throughput is measured in;
                 # target_tokens: those the loss is over (answers, label words).
                 tokens = int(sum(int(mb["attention_mask"].sum()) for mb in micro))
+                extra = {"target_tokens": res.tokens, **res.extra}
+                if "wait_fetch_s" in extra:  # compute: the rest of the step, when the lane was not blocked
+                    extra["compute_s"] = max(0.0, elapsed - extra["wait_fetch_s"] - extra["wait_ssd_s"])
                 all_sinks.emit(StepDone(step=step, loss=res.loss, lr=lr, tokens=tokens, step_time_s=elapsed,
-                                        extra={"target_tokens": res.tokens, **res.extra}))
+                                        extra=extra, spans=res.spans, started_s=began))
                 if eval_every and step % eval_every == 0 and step != steps:
                     last_eval = evaluate(trainer, data, recipe, device, step=step) or last_eval
                     if last_eval and last_eval.step == step:

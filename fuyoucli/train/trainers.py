@@ -6,6 +6,7 @@ in-memory AdamW, streamed ZO2, streamed AdamW) and the run loop never asks which
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -14,6 +15,7 @@ from fuyoucli.engine.lanes import lanes_for
 from fuyoucli.model.blocks import param_blocks
 from fuyoucli.plan.types import Plan
 from fuyoucli.recipe import Recipe
+from fuyoucli.telemetry.timeline import Span, TimedLanes, Timeline, busy_seconds
 from fuyoucli.train.data import Datasets
 from fuyoucli.train.first_order import AdamWReference
 from fuyoucli.train.losses import BatchLoss, batch_loss
@@ -28,6 +30,61 @@ class StepOutcome:
     extra: dict[str, float] = field(default_factory=dict)
     projected_grads: tuple[float, ...] = ()
     """zo2: the step's projected gradient per direction (with the lr, all a seed ledger records)."""
+    spans: tuple[Span, ...] = ()
+    """What each lane did during the step (compute, copies, SSD, CPU optimizer, waits), for the trace."""
+
+
+class _Measure:
+    """Per-step figures of a streamed trainer: the engine's timed spans and its byte counters.
+
+    Seconds (in StepOutcome.extra, named like the plan's StepTimes): wait_fetch_s / wait_ssd_s, the compute
+    lane blocked on a block's weights (still in the upload, or still being read from SSD); h2d_s, d2h_s,
+    ssd_read_s, ssd_write_s, cpu_optimizer_s, each lane's busy time. Bytes: h2d_bytes, d2h_bytes,
+    ssd_read_bytes, ssd_write_bytes."""
+
+    def __init__(self, timeline: Timeline, store, ssd, cpu=None):
+        self.timeline, self.store, self.ssd, self.cpu = timeline, store, ssd, cpu
+        store.recorder = timeline
+        if ssd is not None:
+            ssd.recorder = timeline
+        self._cpu_seen = 0
+
+    def _counters(self) -> tuple[int, int, int, int]:
+        st = self.store.stats
+        return (st.h2d_bytes, st.d2h_bytes, self.ssd.bytes_read if self.ssd else 0,
+                self.ssd.bytes_written if self.ssd else 0)
+
+    def begin(self) -> None:
+        self.timeline.take()  # what evaluation and flushes did belongs to no step
+        self._before = self._counters()
+        if self.cpu is not None:
+            self._cpu_seen = len(self.cpu.trace)
+
+    def end(self, out: StepOutcome) -> StepOutcome:
+        spans = self.timeline.take()
+        if self.cpu is not None:
+            done = self.cpu.trace[self._cpu_seen:]
+            self._cpu_seen += len(done)
+            spans += [Span("cpu_optimizer", f"{what} block {key}", t0, t1) for what, key, t0, t1 in done
+                      if what in ("adam", "norms")]
+        after = self._counters()
+        out.extra.update({
+            "wait_fetch_s": sum(s.seconds for s in spans if s.lane == "wait_fetch"),
+            "wait_ssd_s": sum(s.seconds for s in spans if s.lane == "wait_ssd"),
+            **{f"{name}_s": busy_seconds(spans, lane) for name, lane in (
+                ("h2d", "upload"), ("d2h", "offload"), ("ssd_read", "ssd_read"), ("ssd_write", "ssd_write"),
+                ("cpu_optimizer", "cpu_optimizer"))},
+            **{key: float(b - a) for key, a, b in zip(("h2d_bytes", "d2h_bytes", "ssd_read_bytes", "ssd_write_bytes"),
+                                                        self._before, after)},
+        })
+        out.spans = tuple(spans)
+        return out
+
+
+def _timed_compute(out: StepOutcome, step: int, start: float) -> StepOutcome:
+    """An in-memory step is all compute: one span."""
+    out.spans = (Span("compute", f"step {step}", start, time.perf_counter()),)
+    return out
 
 
 def _zo_outcome(res: ZOStepResult) -> StepOutcome:
@@ -77,7 +134,8 @@ class InMemoryZO(_InMemoryEval):
                                 head=self.head, label_token_ids=data.label_token_ids, home_dtype=home_dtype)
 
     def step(self, step: int, micro: list[dict], lr: float) -> StepOutcome:
-        return _zo_outcome(self.impl.step(step, micro, lr))
+        start = time.perf_counter()
+        return _timed_compute(_zo_outcome(self.impl.step(step, micro, lr)), step, start)
 
     def state_shards(self):
         yield "", self.impl.state_tensors()
@@ -105,7 +163,8 @@ class InMemoryAdamW(_InMemoryEval):
         self.impl = AdamWReference(model, recipe.method, head=self.head, label_token_ids=data.label_token_ids)
 
     def step(self, step: int, micro: list[dict], lr: float) -> StepOutcome:
-        return _adamw_outcome(self.impl.step(micro, lr), self.impl.scaler.enabled)
+        start = time.perf_counter()
+        return _timed_compute(_adamw_outcome(self.impl.step(micro, lr), self.impl.scaler.enabled), step, start)
 
     def state_shards(self):
         yield "", self.impl.state_tensors()
@@ -131,13 +190,17 @@ class StreamedZO:
     def __init__(self, model, recipe: Recipe, data: Datasets, plan: Plan, device: torch.device):
         from fuyoucli.train.zo_streamed import ZOStreamed
 
+        timeline = Timeline()
+        self.lanes = TimedLanes(lanes_for(device), timeline)
         self.impl = ZOStreamed(model, plan, recipe.method, seed=recipe.training.seed, head=recipe.model.head,
-                               lanes=lanes_for(device), label_token_ids=data.label_token_ids)
+                               lanes=self.lanes, label_token_ids=data.label_token_ids)
+        self.measure = _Measure(timeline, self.impl.store, self.impl.ssd)
         homes = sorted({b.weights_home.value for b in plan.blocks if b.weights_home.value != "device"})
         self.where = f"zo2 streamed: layers homed on {'/'.join(homes)}, prefetch depth {plan.prefetch_depth}"
 
     def step(self, step: int, micro: list[dict], lr: float) -> StepOutcome:
-        return _zo_outcome(self.impl.step(step, micro, lr))
+        self.measure.begin()
+        return self.measure.end(_zo_outcome(self.impl.step(step, micro, lr)))
 
     def eval_losses(self, micro: list[dict]) -> list[BatchLoss]:
         return self.impl.losses(micro)
@@ -147,6 +210,7 @@ class StreamedZO:
 
     def close(self) -> None:
         self.impl.close()
+        self.lanes.close()
 
     def state_shards(self):
         return self.impl.state_shards()
@@ -168,8 +232,11 @@ class StreamedAdamW:
     def __init__(self, model, recipe: Recipe, data: Datasets, plan: Plan, device: torch.device):
         from fuyoucli.train.first_order_streamed import AdamWStreamed
 
-        self.impl = AdamWStreamed(model, plan, recipe.method, head=recipe.model.head, lanes=lanes_for(device),
+        timeline = Timeline()
+        self.lanes = TimedLanes(lanes_for(device), timeline)
+        self.impl = AdamWStreamed(model, plan, recipe.method, head=recipe.model.head, lanes=self.lanes,
                                   label_token_ids=data.label_token_ids)
+        self.measure = _Measure(timeline, self.impl.store, self.impl.ssd, self.impl.cpu)
         homes = sorted({b.weights_home.value for b in plan.blocks if b.weights_home.value != "device"})
         states = sorted({b.optimizer_home.value for b in plan.blocks if b.optimizer_home is not None})
         overlap = ("updates wait for the global norm, then overlap the next forward" if self.impl.deferred
@@ -178,7 +245,8 @@ class StreamedAdamW:
                       f"prefetch depth {plan.prefetch_depth}; {overlap}")
 
     def step(self, step: int, micro: list[dict], lr: float) -> StepOutcome:
-        return _adamw_outcome(self.impl.step(micro, lr), self.impl.scaler.enabled)
+        self.measure.begin()
+        return self.measure.end(_adamw_outcome(self.impl.step(micro, lr), self.impl.scaler.enabled))
 
     def eval_losses(self, micro: list[dict]) -> list[BatchLoss]:
         return self.impl.losses(micro)
@@ -188,6 +256,7 @@ class StreamedAdamW:
 
     def close(self) -> None:
         self.impl.close()
+        self.lanes.close()
 
     def state_shards(self):
         return self.impl.state_shards()

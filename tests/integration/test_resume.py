@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from fuyoucli.checkpoint import CheckpointError, list_checkpoints
 from fuyoucli.recipe import load_recipe
-from fuyoucli.telemetry.jsonl import read_metrics
+from fuyoucli.telemetry.jsonl import comparable, read_metrics
 from fuyoucli.train.run import finetune
 
 STEPS = 10
@@ -73,12 +73,12 @@ def wait_for_step(proc: subprocess.Popen, out: Path, step: int) -> None:
     assert proc.poll() is None, proc.communicate()
 
 
-def comparable(out: Path) -> list[dict]:
-    return [{k: v for k, v in r.items() if k != "step_time_s"} for r in read_metrics(out / "metrics.jsonl")]
+def comparable_rows(out: Path) -> list[dict]:
+    return [comparable(r) for r in read_metrics(out / "metrics.jsonl")]
 
 
 def assert_same_run(a: Path, b: Path) -> None:
-    assert comparable(b) == comparable(a)
+    assert comparable_rows(b) == comparable_rows(a)
     wa, wb = load_file(a / "model" / "model.safetensors"), load_file(b / "model" / "model.safetensors")
     assert wa.keys() == wb.keys()
     for k in wa:
