@@ -107,32 +107,34 @@ def plan(home, opt, act, tmp_path, **kw):
     return fixed_plan(2, home, method="adamw", optimizer_home=opt, activation=act, swap_dir=str(tmp_path / "swap"), **kw)
 
 
-# (arch, weights home, optimizer home, activations per layer, clip): every arch on host and on SSD,
-# every activation policy, clipped (deferred updates) and not (updates overlapped with the backward).
+# (arch, weights home, optimizer home, activations per layer, clip, prefetch depth): every arch on host
+# and on SSD, every activation policy, clipped (deferred updates) and not (updates overlapped with the
+# backward), no prefetch to two blocks ahead.
 CASES = [
-    ("llama", Tier.PAGEABLE, Tier.PAGEABLE, "recompute", 1.0),
-    ("opt", Tier.PINNED, Tier.PAGEABLE, "keep", 1.0),
-    ("qwen2", Tier.PAGEABLE, Tier.PAGEABLE, "swap", 1.0),
-    ("llama", Tier.SSD, Tier.SSD, ("swap", "keep"), 1.0),
-    ("opt", Tier.SSD, Tier.SSD, "recompute", 1.0),
-    ("qwen2", Tier.SSD, Tier.SSD, ("keep", "recompute"), 1.0),
-    ("llama", Tier.PINNED, Tier.SSD, "keep", None),
-    ("opt", Tier.PAGEABLE, Tier.PAGEABLE, "swap", None),
-    ("qwen2", Tier.SSD, Tier.SSD, "recompute", None),
+    ("llama", Tier.PAGEABLE, Tier.PAGEABLE, "recompute", 1.0, 1),
+    ("opt", Tier.PINNED, Tier.PAGEABLE, "keep", 1.0, 0),
+    ("qwen2", Tier.PAGEABLE, Tier.PAGEABLE, "swap", 1.0, 2),
+    ("llama", Tier.SSD, Tier.SSD, ("swap", "keep"), 1.0, 1),
+    ("opt", Tier.SSD, Tier.SSD, "recompute", 1.0, 2),
+    ("qwen2", Tier.SSD, Tier.SSD, ("keep", "recompute"), 1.0, 0),
+    ("llama", Tier.PINNED, Tier.SSD, "keep", None, 2),
+    ("opt", Tier.PAGEABLE, Tier.PAGEABLE, "swap", None, 1),
+    ("qwen2", Tier.SSD, Tier.SSD, "recompute", None, 1),
 ]
 
 
-@pytest.mark.parametrize("arch,home,opt,act,clip", CASES,
-                         ids=[f"{a}-{h.value}-{o.value}-{x if isinstance(x, str) else '+'.join(x)}-{'clip' if c else 'noclip'}"
-                              for a, h, o, x, c in CASES])
-def test_streamed_adamw_equals_reference(arch, home, opt, act, clip, models, text_data, tmp_path):
+@pytest.mark.parametrize("arch,home,opt,act,clip,depth", CASES,
+                         ids=[f"{a}-{h.value}-{o.value}-{x if isinstance(x, str) else '+'.join(x)}-"
+                              f"{'clip' if c else 'noclip'}-depth{d}" for a, h, o, x, c, d in CASES])
+def test_streamed_adamw_equals_reference(arch, home, opt, act, clip, depth, models, text_data, tmp_path):
     recipe, tok, steps = setup(models[arch], text_data, tmp_path, clip=clip)
-    got = streamed(recipe, tok, steps, plan(home, opt, act, tmp_path))
+    got = streamed(recipe, tok, steps, plan(home, opt, act, tmp_path, prefetch_depth=depth))
     assert_parity(got, reference((arch, clip), recipe, tok, steps))
     trainer = got[2]
     assert trainer.deferred == (clip is not None)
     assert trainer.store.stats.fetches == 2 * 2 * STEPS  # each layer up for the forward and the backward
     assert trainer.store.stats.writebacks == 0  # the CPU optimizer writes homes, the device never does
+    assert trainer.store.residency.peak_on_device <= depth + 1
     if Tier.SSD in (home, opt):
         assert not any((tmp_path / "swap").iterdir())  # block and state files removed on close
     if opt is Tier.SSD:
@@ -156,10 +158,10 @@ def test_mixed_precision_equals_reference(dtype, models, text_data, tmp_path):
     """Compute in bf16/fp16 with fp32 masters and states on SSD; fp16 scales the loss (deferred
     updates: an overflowing step is skipped whole, as the reference skips it)."""
     recipe, tok, steps = setup(models["qwen2"], text_data, tmp_path, dtype=dtype)
-    steps = steps[:8]
+    steps = steps[:6]
     model = load_model(recipe.model, recipe.peft, seed=5, pad_token_id=tok.pad_token_id)
     ref = AdamWReference(model, recipe.method, head="causal_lm")
-    boost = 2**8 if dtype == "float16" else 1  # fp16: start too high, so that the first steps overflow and are skipped
+    boost = 2**4 if dtype == "float16" else 1  # fp16: start too high, so that the first steps overflow and are skipped
     ref.scaler.scale *= boost
     want = [ref.step(micro, lr=lr_at(t)) for t, micro in enumerate(steps)]
     ref_weights = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -174,7 +176,8 @@ def test_mixed_precision_equals_reference(dtype, models, text_data, tmp_path):
         trainer.close()
     assert [r.loss for r in got] == pytest.approx([r.loss for r in want], rel=1e-5)
     assert [(r.skipped, r.loss_scale) for r in got] == [(r.skipped, r.loss_scale) for r in want]
-    assert any(r.skipped for r in got) == (dtype == "float16") and not got[-1].skipped
+    skipped = [r.skipped for r in got]
+    assert (any(skipped) and not all(skipped)) if dtype == "float16" else not any(skipped)
     for name, p in model.named_parameters():
         assert p.dtype == DTYPE[dtype]
         torch.testing.assert_close(p.detach().float(), ref_weights[name].float(), rtol=1e-5, atol=1e-5, msg=name)
