@@ -130,7 +130,7 @@ def one(args) -> dict:
         trainer = AdamWStreamed(model, plan, method, head="causal_lm", lanes=lanes)
         spans = time_ssd(trainer.ssd) if trainer.ssd is not None else []
     def counters() -> dict:
-        return dict(t=time.perf_counter(), copy=lanes.copy_s, adam=trainer.cpu.busy_s, n=len(trainer.timeline),
+        return dict(t=time.perf_counter(), copy=lanes.copy_s, adam=trainer.cpu.busy_s,
                     ssd=(trainer.ssd.bytes_read + trainer.ssd.bytes_written) if trainer.ssd else 0,
                     link=trainer.store.stats.h2d_bytes + trainer.updates.grad_bytes + 2 * trainer.acts.swapped_bytes)
 
@@ -148,12 +148,13 @@ def one(args) -> dict:
     trainer.settle()
     sync()
     a = counters()
+    compute = 0.0
     for micro in batches[1:]:
         trainer.step(micro, lr=1e-5)
+        compute += sum(t1 - t0 for _, _, t0, t1 in trainer.timeline)  # the timeline holds the last step
     trainer.settle()
     sync()
     b, steps = counters(), len(batches) - 1
-    compute = sum(t1 - t0 for _, _, t0, t1 in trainer.timeline[a["n"]:])
     result = {"mode": mode, "step_s": (b["t"] - a["t"]) / steps, "compute": compute / steps,
               "copy": (b["copy"] - a["copy"]) / steps, "cpu_adam": (b["adam"] - a["adam"]) / steps,
               "ssd_bytes": (b["ssd"] - a["ssd"]) / steps, "link_bytes": (b["link"] - a["link"]) / steps,

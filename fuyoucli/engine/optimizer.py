@@ -102,13 +102,16 @@ class CpuAdam:
     """
 
     STATE_KEYS = ("exp_avg", "exp_avg_sq")
+    TRACE_CAP = 100_000
 
     def __init__(self, blocks: list[AdamBlock], make_optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer],
                  *, lanes, ssd: SsdStore | None, read_ahead: int = 1,
                  on_job: Callable[[int], None] | None = None):
         self.lanes, self.ssd, self.read_ahead, self.on_job = lanes, ssd, read_ahead, on_job
         self.trace: list[tuple[str, int, float, float]] = []
-        """(what, block key, start, end) in perf_counter seconds: 'adam' (an update), 'norms', 'read', 'write'."""
+        """(what, block key, start, end) in perf_counter seconds: 'job' (a whole update, waits included),
+        'adam' and 'norms' (the worker's arithmetic), 'read' / 'write' (SSD states). Drained by
+        take_trace(); the oldest half is dropped past TRACE_CAP entries, so a long run stays bounded."""
         self.busy_s = 0.0
         """Seconds the worker spent in optimizer arithmetic (not waiting for reads or gradient copies)."""
         self.ssd_bytes_read = self.ssd_bytes_written = 0
@@ -194,7 +197,7 @@ class CpuAdam:
         t0 = time.perf_counter()
         nbytes = _aligned(3 * self.states[key].numel * 4)
         self.ssd.read_sync(self._key(key), buf[:nbytes])
-        self.trace.append(("read", key, t0, time.perf_counter()))
+        self._record("read", key, t0, time.perf_counter())
         with self._lock:
             self.ssd_bytes_read += nbytes
 
@@ -203,7 +206,7 @@ class CpuAdam:
             t0 = time.perf_counter()
             nbytes = _aligned(3 * self.states[key].numel * 4)
             self.ssd.write_sync(self._key(key), buf[:nbytes])
-            self.trace.append(("write", key, t0, time.perf_counter()))
+            self._record("write", key, t0, time.perf_counter())
             with self._lock:
                 self.ssd_bytes_written += nbytes
         finally:
@@ -258,7 +261,7 @@ class CpuAdam:
         out = [None if g is None else torch.linalg.vector_norm(g)
                for g in self._fp32(self.states[key], grads, inv_scale)]
         t1 = time.perf_counter()
-        self.trace.append(("norms", key, t0, t1))
+        self._record("norms", key, t0, t1)
         self.busy_s += t1 - t0
         return out
 
@@ -309,6 +312,7 @@ class CpuAdam:
                 p.grad = None
             grads.done()
             t1 = time.perf_counter()
+            self._record("adam", key, t0, t1)
             published = publish(flat[:n])
             if staging is not None:
                 for p in st.proxies:
@@ -318,7 +322,19 @@ class CpuAdam:
             return UpdateResult(norms, published)
         finally:
             grads.done()
-            self.trace.append(("adam", key, start, time.perf_counter()))
+            self._record("job", key, start, time.perf_counter())
+
+    def _record(self, what: str, key: int, t0: float, t1: float) -> None:
+        with self._lock:
+            self.trace.append((what, key, t0, t1))
+            if len(self.trace) > self.TRACE_CAP:
+                del self.trace[: self.TRACE_CAP // 2]
+
+    def take_trace(self) -> list[tuple[str, int, float, float]]:
+        """What was recorded since the last call (and forget it)."""
+        with self._lock:
+            out, self.trace = self.trace, []
+        return out
 
     # -- settling, reading back, closing ----------------------------------------------------------------
 

@@ -150,7 +150,8 @@ class AdamWStreamed:
             raise
         self.cpu = self.updates.cpu
         self.timeline: list[tuple[str, int, float, float]] = []
-        """('fwd' | 'bwd', block, start, end): a block's compute, once its weights were on the device."""
+        """('fwd' | 'bwd', block, start, end) of the last step: a block's compute, once its weights were
+        on the device."""
 
     @staticmethod
     def _check(plan: Plan, bp: dict) -> None:
@@ -331,6 +332,7 @@ class AdamWStreamed:
     def step(self, micro: list[dict], lr: float) -> FirstOrderStepResult:
         self.model.train()
         self.acts.reset()
+        self.timeline.clear()  # it holds the last step (and what evaluation did since)
         total = sum(count_targets(mb, self.head) for mb in micro)
         scale = self.scaler.scale
         outs = self._forward(micro, train=True, scale=scale, total=total)

@@ -47,7 +47,6 @@ class _Measure:
         store.recorder = timeline
         if ssd is not None:
             ssd.recorder = timeline
-        self._cpu_seen = 0
 
     def _counters(self) -> tuple[int, int, int, int]:
         st = self.store.stats
@@ -58,13 +57,12 @@ class _Measure:
         self.timeline.take()  # what evaluation and flushes did belongs to no step
         self._before = self._counters()
         if self.cpu is not None:
-            self._cpu_seen = len(self.cpu.trace)
+            self.cpu.take_trace()
 
     def end(self, out: StepOutcome) -> StepOutcome:
         spans = self.timeline.take()
         if self.cpu is not None:
-            done = self.cpu.trace[self._cpu_seen:]
-            self._cpu_seen += len(done)
+            done = self.cpu.take_trace()  # drained, so that a long run's trace stays bounded
             spans += [Span("cpu_optimizer", f"{what} block {key}", t0, t1) for what, key, t0, t1 in done
                       if what in ("adam", "norms")]
         after = self._counters()

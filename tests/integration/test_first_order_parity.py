@@ -258,7 +258,7 @@ def test_cpu_optimizer_overlaps_backward_of_the_previous_block(models, text_data
                    on_job=on_job, on_backward=on_backward)
     trainer = got[2]
     assert sorted(met) == [(1, True), (1, True), (2, True), (2, True)]
-    adam = {k: (t0, t1) for what, k, t0, t1 in trainer.cpu.trace if what == "adam"}
+    adam = {k: (t0, t1) for what, k, t0, t1 in trainer.cpu.trace if what == "job"}
     bwd = {e: (t0, t1) for what, e, t0, t1 in trainer.timeline if what == "bwd"}
     for k in (1, 2):  # the recorded intervals overlap too
         assert adam[k][0] < bwd[k - 1][1] and bwd[k - 1][0] < adam[k][1]
