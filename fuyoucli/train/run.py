@@ -210,7 +210,7 @@ def finetune(recipe: Recipe, sinks: list[Sink] | None = None, *, overwrite: bool
     model = load_model(recipe.model, recipe.peft, seed=seed, pad_token_id=tokenizer.pad_token_id,
                        num_labels=num_labels,
                        device="cpu" if streams(plan) else device,
-                       streamed_layers=streamed_layers(plan) if recipe.method.name == "zo2" else None)
+                       streamed_layers=streamed_layers(plan))
     steps = total_steps(recipe, len(data.train))
     params = list(model.parameters())
     trainable = sum(p.numel() for p in params if p.requires_grad)
