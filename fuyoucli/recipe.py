@@ -19,7 +19,8 @@ from fuyoucli.resources import resolve_path
 
 
 class _Config(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    # allow_inf_nan=False: an infinite or NaN number (lr: .inf) is a mistake, never a setting.
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Config):
@@ -432,7 +433,12 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path}: not a UTF-8 text file (byte {e.start}); a recipe is YAML text") from None
+    except OSError as e:
+        raise RecipeError(f"{path}: cannot read the recipe: {e.strerror or e}") from None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -461,7 +467,8 @@ def validate_recipe(data: dict, located: _Located | None = None) -> Recipe:
         lines = [_describe(err, data, located) for err in e.errors()]
         if len(lines) > 5:
             lines = lines[:5] + [f"... and {len(lines) - 5} more problems"]
-        raise RecipeError("\n".join(lines)) from None
+        # One line, however many problems: the first names file:line, the others follow it.
+        raise RecipeError("; ".join(lines)) from None
     _check_paths(recipe, located)
     return recipe
 

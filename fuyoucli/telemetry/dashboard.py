@@ -220,6 +220,12 @@ class DashboardSink:
         return {k: statistics.median(e[k] for e in extras if k in e) for k in keys}
 
     def render(self):
+        try:
+            return self._render()
+        except Exception as e:  # noqa: BLE001 - the display must never stop a run
+            return Text(f"(dashboard: {type(e).__name__}: {e}; the run goes on, metrics.jsonl has every step)")
+
+    def _render(self):
         s = self.started
         if s is None:
             return Text("")
