@@ -120,3 +120,27 @@ def test_json_logs_are_one_object_per_line():
     rows = [json.loads(line) for line in out.getvalue().splitlines()]
     assert [r["event"] for r in rows] == ["run_started", "step", "eval", "run_finished"]
     assert rows[1]["step"] == 1 and "spans" not in rows[1] and rows[1]["compute_s"] > 0
+
+
+def test_only_the_dashboard_draws_and_the_timeline_is_plain_python():
+    """STYLE.md 10: the engine and the trainers emit; the dashboard (and the CLI) draw."""
+    import ast
+    from pathlib import Path
+
+    pkg = Path(__file__).parents[2] / "fuyoucli"
+
+    def imports(path: Path) -> set[str]:
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names.update(a.name.split(".")[0] for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module.split(".")[0])
+        return names
+
+    for path in [*pkg.joinpath("engine").rglob("*.py"), *pkg.joinpath("telemetry").glob("*.py"),
+                 pkg / "export.py", pkg / "checkpoint.py"]:
+        if path.name not in ("dashboard.py", "console.py"):
+            assert "rich" not in imports(path), path
+    for name in ("timeline.py", "events.py", "trace.py", "report.py"):
+        assert "torch" not in imports(pkg / "telemetry" / name), name
