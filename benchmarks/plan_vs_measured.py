@@ -77,7 +77,10 @@ def write_recipe(path: Path, model: Path, data: Path, swap: Path, size: dict, me
 
 def one(args) -> dict:
     """In a subprocess: plan the recipe, build the trainer that plan gets, time its steps."""
+    import faulthandler
     from types import SimpleNamespace
+
+    faulthandler.dump_traceback_later(args.row_timeout - 10, exit=True)  # a hang leaves its stacks on stderr
 
     import torch
     from transformers import AutoModelForCausalLM
@@ -118,7 +121,15 @@ def one(args) -> dict:
             if step > 1:  # the first step warms allocators up and fills the deferred-update pipeline
                 times.append(time.perf_counter() - start)
     finally:
-        trainer.close()
+        # A trainer whose close() hangs (seen: the streamed AdamW engine with states on SSD, its
+        # pool waiting on a read-ahead queue) must not lose the row: close in a thread, with a limit.
+        import threading
+
+        closer = threading.Thread(target=trainer.close, daemon=True)
+        closer.start()
+        closer.join(60)
+        if closer.is_alive():
+            result["note"] = "trainer.close() hung"
     times.sort()
     return {**result, "measured_s": times[len(times) // 2], "all_s": times}
 
@@ -133,13 +144,22 @@ def main() -> None:
     parser.add_argument("--sizes", default="small,medium", help=f"comma-separated, of {', '.join(SIZES)}")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {', '.join(ROWS)}")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per row (after one warm-up step)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads for the profile and the runs (default: torch's own choice); on a "
+                             "shared machine 1 avoids timing how long a busy core takes to wake a second thread")
+    parser.add_argument("--row-timeout", type=int, default=900, help="seconds before a row is abandoned")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--recipe", help=argparse.SUPPRESS)
     parser.add_argument("--size", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the row subprocesses inherit it
+        torch.set_num_threads(args.threads)
     if args.one:
-        print(json.dumps(one(args)))
-        return
+        print(json.dumps(one(args)), flush=True)
+        os._exit(0)  # worker threads of a trainer that did not close must not hold the exit
 
     with tempfile.TemporaryDirectory(dir=".", prefix="plan-vs-measured-") as tmp:
         tmp = Path(tmp).resolve()
@@ -158,6 +178,9 @@ def main() -> None:
         prof = load_profile(str(profile))
         data = tmp / "train.txt"
         data.write_text("unused: the benchmark feeds random full-length batches\n")
+        import torch
+
+        print(f"torch threads {torch.get_num_threads()}; niceness {os.nice(0)}")
         print(f"profile: {profile if args.profile else 'measured now'}; CPU busy at probe start/end "
               f"{prof.provenance.cpu_busy_percent_at_start:.0f}%/{prof.provenance.cpu_busy_percent_at_end:.0f}%; "
               f"randn {max((p.randn_params_per_s for p in prof.compute.elementwise), default=0) / 1e9:.3f} G/s, "
@@ -176,11 +199,20 @@ def main() -> None:
                                       profile)
                 before = load_average()
                 cmd = [sys.executable, __file__, "--one", row, "--recipe", str(recipe), "--size", size_name,
-                       "--steps", str(args.steps)]
-                out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                       "--steps", str(args.steps), "--threads", str(args.threads), "--row-timeout", str(args.row_timeout)]
+                try:
+                    out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.row_timeout,
+                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                except subprocess.TimeoutExpired as exc:
+                    err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr or ""
+                    print(f"{size_name:8} {row:13} timed out after {args.row_timeout} s; its threads' stacks:\n{err[-4000:]}",
+                          flush=True)
+                    continue
                 after = load_average()
                 if out.returncode != 0:
-                    print(f"{size_name:8} {row:13} failed: {out.stderr.strip().splitlines()[-1][:150]}", flush=True)
+                    hung = "Timeout (0:" in out.stderr  # faulthandler's dump of a hang
+                    print(f"{size_name:8} {row:13} {'hung; stacks:' if hung else 'failed:'} "
+                          f"{out.stderr[-4000:] if hung else out.stderr.strip().splitlines()[-1][:150]}", flush=True)
                     continue
                 r = json.loads(out.stdout.strip().splitlines()[-1])
                 plan = f"{'/'.join(r['homes'])} d{r['depth']} mb{r['micro']}"
@@ -191,7 +223,7 @@ def main() -> None:
                 ratio = r["measured_s"] / r["predicted_s"]
                 rows_out.append((size_name, row, ratio))
                 print(f"{size_name:8} {row:13} {plan:22} {r['predicted_s']:11.3f} {r['measured_s']:10.3f} "
-                      f"{ratio:6.2f} {r['bottleneck']:>10} {before:4.1f}-{after:<4.1f}", flush=True)
+                      f"{ratio:6.2f} {r['bottleneck']:>10} {before:4.1f}-{after:<4.1f} {r.get('note', '')}", flush=True)
         if rows_out:
             worst = max(rows_out, key=lambda x: abs(x[2] - 1))
             within = sum(1 for *_, q in rows_out if 0.75 <= q <= 1.25)

@@ -7,8 +7,11 @@ timing is in disk.py; nothing here knows about plans, engines or rich.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import os
 import platform
+import shutil
 import socket
 import threading
 import time
@@ -51,13 +54,20 @@ class ProbeSpec:
     elementwise_sizes_cpu: tuple[int, ...] = (1 << 18, 1 << 20, 1 << 22, 1 << 24)
     elementwise_sizes_cuda: tuple[int, ...] = (1 << 20, 1 << 24, 1 << 26)
     elementwise_time_s: float = 0.1
+    # Operands span this much memory (more than the last-level cache): streamed from memory, as in a step.
+    elementwise_footprint_bytes: int = 512 * MIB
+    matmul_footprint_bytes: int = 256 * MIB
+    # Interference: how much a host computation loses to work in another thread (bursty torch work,
+    # disk I/O), each timed against the computation alone for this long.
+    interference_time_s: float = 1.0
+    interference_file_bytes: int = 256 * MIB
 
 
-QUICK = ProbeSpec("quick", (256, 512, 1024), (1024, 4096, 8192), 0.1, (MIB, 16 * MIB, 256 * MIB), 0.03,
+QUICK = ProbeSpec("quick", (128, 256, 512, 1024), (1024, 4096, 8192), 0.1, (MIB, 16 * MIB, 256 * MIB), 0.03,
                   256 * MIB, 0.2, 4_000_000, 0.3, 2 * GIB, 512 * MIB, 3.0, disk_probe.QUICK,
                   elementwise_sizes_cpu=(1 << 20, 1 << 24), elementwise_sizes_cuda=(1 << 20, 1 << 26),
-                  elementwise_time_s=0.05)
-FULL = ProbeSpec("full", (256, 512, 1024, 2048), (1024, 2048, 4096, 8192, 16384), 0.3,
+                  elementwise_time_s=0.05, interference_time_s=0.5, interference_file_bytes=128 * MIB)
+FULL = ProbeSpec("full", (128, 256, 512, 1024, 2048), (1024, 2048, 4096, 8192, 16384), 0.3,
                  (MIB, 4 * MIB, 16 * MIB, 64 * MIB, 256 * MIB), 0.1, GIB, 0.5, 16_000_000, 1.0,
                  None, GIB, 20.0, disk_probe.FULL, elementwise_time_s=0.15)
 
@@ -84,6 +94,7 @@ def probe(disks: Sequence[str | Path] = (".",), *, quick: bool = False, on_step:
 
     for i, p in enumerate(paths):
         step(f"disk {p}", lambda p=p: disk_probe.measure_disk(p, spec.disk, on_detail), f"disk{i}")
+        step(f"disk {p}: its I/O's cost to computing", lambda p=p: measure_io_loss(p, spec), f"diskloss{i}")
     for dt in DTYPES:
         step(f"matmul {dt}", lambda dt=dt: measure_matmul(dt, spec, cuda), f"mm_{dt}")
     step("elementwise (randn, axpy)", lambda: measure_elementwise(spec, cuda), "elementwise")
@@ -95,6 +106,7 @@ def probe(disks: Sequence[str | Path] = (".",), *, quick: bool = False, on_step:
     step("AdamW 1 thread", lambda: measure_adamw(spec.adamw_params, 1, spec.adamw_time_s), "adam1")
     step(f"AdamW {all_threads} threads",
          lambda: measure_adamw(spec.adamw_params, all_threads, spec.adamw_time_s), "adamN")
+    step("computing beside bursts of other work", lambda: measure_burst_loss(spec), "burst")
 
     for index, (label, run) in enumerate(steps):
         if on_step:
@@ -110,7 +122,9 @@ def probe(disks: Sequence[str | Path] = (".",), *, quick: bool = False, on_step:
         free_memory_bytes=host.ram_available_bytes, memory_bandwidth_gbps=host.dram_copy_gbps, matmul=matmul,
         note="no CUDA device: the CPU computes; memory is host RAM", elementwise=results["elementwise"],
     )
-    disks_out: tuple[Disk, ...] = tuple(results[f"disk{i}"] for i in range(len(paths)))
+    disks_out: tuple[Disk, ...] = tuple(
+        dataclasses.replace(results[f"disk{i}"], read_compute_loss_s_per_gb=results[f"diskloss{i}"][0],
+                            write_compute_loss_s_per_gb=results[f"diskloss{i}"][1]) for i in range(len(paths)))
     return HardwareProfile(
         schema_version=SCHEMA_VERSION, compute=compute, links=results["links"], host=host, disks=disks_out,
         provenance=_provenance(spec.mode, time.perf_counter() - started, torch.__version__, busy_percent,
@@ -146,6 +160,14 @@ def seconds_per_call(fn: Callable[[], object], sync: Callable[[], None], min_tim
         batch = max(1, min(int((min_time_s - elapsed) / (elapsed / calls)) + 1, 4 * calls))
 
 
+def best_seconds_per_call(fn: Callable[[], object], sync: Callable[[], None], min_time_s: float,
+                          repeats: int = 3) -> float:
+    """The fastest of `repeats` means over min_time_s / repeats each: what the hardware does when
+    nothing else runs. Short ops on a shared CPU otherwise absorb other processes' time slices (an
+    OpenMP team waits for its slowest thread), which says more about the neighbours than the machine."""
+    return min(seconds_per_call(fn, sync, min_time_s / repeats) for _ in range(repeats))
+
+
 # ---- compute --------------------------------------------------------------------------------
 
 
@@ -164,18 +186,26 @@ def measure_matmul(dtype: str, spec: ProbeSpec, cuda: bool) -> MatmulRates:
         for n in sizes:
             if points and 2 * n**3 / points[-1].flops > 4 * spec.matmul_time_s:
                 break
-            if cuda and 3 * n * n * torch_dtype.itemsize > torch.cuda.mem_get_info()[0] // 2:
+            if cuda and 4 * n * n * torch_dtype.itemsize > torch.cuda.mem_get_info()[0] // 2:
                 break
             try:
                 gen = torch.Generator(device=device).manual_seed(n)
                 a = torch.randn(n, n, device=device, generator=gen).to(torch_dtype)
-                b = torch.randn(n, n, device=device, generator=gen).to(torch_dtype)
+                # The right operand cycles through copies spanning more than the caches: a model's
+                # weights stream from memory, each used once per pass, and a product whose operand
+                # stays cached runs faster than any layer will (by ~10-30% on a CPU).
+                count = max(2, min(4096, spec.matmul_footprint_bytes // (n * n * torch_dtype.itemsize)))
+                if cuda:
+                    count = min(count, max(2, torch.cuda.mem_get_info()[0] // 4 // (n * n * torch_dtype.itemsize)))
+                bs = torch.randn(count, n, n, device=device, generator=gen).to(torch_dtype)
                 c = torch.empty(n, n, device=device, dtype=torch_dtype)
-                s = seconds_per_call(lambda: torch.mm(a, b, out=c), _sync_for(device), spec.matmul_time_s)
+                turn = itertools.cycle(range(count))
+                s = best_seconds_per_call(lambda: torch.mm(a, bs[next(turn)], out=c), _sync_for(device),
+                                          spec.matmul_time_s)
             except RuntimeError:  # dtype without a kernel on this device, or out of memory
                 break
             points.append(MatmulPoint(size=n, flops=2 * n**3 / s))
-            del a, b, c
+            del a, bs, c
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
     return MatmulRates(dtype=dtype, points=tuple(points))
@@ -195,26 +225,34 @@ def measure_copy_gbps(device: str, nbytes: int, min_time_s: float) -> float:
 def measure_elementwise(spec: ProbeSpec, cuda: bool) -> tuple[ElementwisePoint, ...]:
     """fp32 rates at spec's tensor sizes: normals from a seeded generator into an existing tensor
     (how ZO draws z), y.add_(x, alpha) in place, and the same add into a new tensor each call (every
-    out-of-place op of a forward, and home + s*eps*z). Sizes that do not fit are skipped."""
+    out-of-place op of a forward, and home + s*eps*z). Each call takes the next of several tensors
+    spanning more than the caches, as a step over a model's weights does. Sizes that do not fit
+    are skipped."""
     import torch
 
     device = "cuda" if cuda else "cpu"
     sync = _sync_for(device)
     points = []
     for n in spec.elementwise_sizes_cuda if cuda else spec.elementwise_sizes_cpu:
-        if cuda and 5 * 4 * n > torch.cuda.mem_get_info()[0] // 2:
-            break
+        count = max(2, spec.elementwise_footprint_bytes // (3 * 4 * n))
+        if cuda and 5 * 4 * n * count > torch.cuda.mem_get_info()[0] // 2:
+            count = 2
+            if 5 * 4 * n * count > torch.cuda.mem_get_info()[0] // 2:
+                break
         gen = torch.Generator(device=device).manual_seed(n)
-        x = torch.randn(n, device=device, generator=gen)
-        y = torch.randn(n, device=device, generator=gen)
-        z = torch.empty(n, device=device)
-        randn_s = seconds_per_call(lambda: torch.randn(n, generator=gen, device=device, out=z), sync,
-                                   spec.elementwise_time_s)
-        inplace_s = seconds_per_call(lambda: y.add_(x, alpha=1e-3), sync, spec.elementwise_time_s)
-        fresh_s = seconds_per_call(lambda: torch.add(x, z, alpha=1e-3), sync, spec.elementwise_time_s)
+        xs = torch.randn(count, n, device=device, generator=gen)
+        ys = torch.randn(count, n, device=device, generator=gen)
+        zs = torch.empty(count, n, device=device)
+        turn = itertools.cycle(range(count))
+        randn_s = best_seconds_per_call(lambda: torch.randn(n, generator=gen, device=device, out=zs[next(turn)]),
+                                        sync, spec.elementwise_time_s)
+        inplace_s = best_seconds_per_call(lambda: ys[(i := next(turn))].add_(xs[i], alpha=1e-3), sync,
+                                          spec.elementwise_time_s)
+        fresh_s = best_seconds_per_call(lambda: torch.add(xs[(i := next(turn))], zs[i], alpha=1e-3), sync,
+                                        spec.elementwise_time_s)
         points.append(ElementwisePoint(params=n, randn_params_per_s=n / randn_s, inplace_gbps=12 * n / inplace_s / 1e9,
                                        fresh_gbps=12 * n / fresh_s / 1e9))
-        del x, y, z
+        del xs, ys, zs
     return tuple(points)
 
 
@@ -417,6 +455,93 @@ def measure_adamw(n_params: int, threads: int, min_time_s: float) -> tuple[float
     return 4 * (n_params // 4) / s, impl
 
 
+# ---- interference: what work in another thread costs a host computation ----------------------
+
+
+def _products_per_s(stop_after_s: float) -> int:
+    """Count 512-square fp32 products (a small layer's) done in stop_after_s on the host."""
+    import torch
+
+    a, b = torch.randn(512, 512), torch.randn(512, 512)
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < stop_after_s:
+        torch.mm(a, b)
+        n += 1
+    return n
+
+
+def _lost_s(background: Callable[[threading.Event], float], time_s: float) -> tuple[float, float]:
+    """(host compute seconds lost, what background() returned) when background runs in a thread
+    (until the event is set) while the host multiplies for time_s; against multiplying alone."""
+    _products_per_s(0.1)  # warm
+    alone = _products_per_s(time_s) / time_s
+    stop = threading.Event()
+    out: list[float] = []
+    worker = threading.Thread(target=lambda: out.append(background(stop)), daemon=True)
+    worker.start()
+    try:
+        together = _products_per_s(time_s)
+    finally:
+        stop.set()
+        worker.join()
+    return max(0.0, time_s - together / alone), out[0] if out else 0.0
+
+
+def measure_burst_loss(spec: ProbeSpec) -> float:
+    """Host compute seconds lost per second of bursty torch work in another thread: AdamW steps on
+    4M parameters with 10 ms pauses, like an engine's CPU optimizer taking one block at a time."""
+    import torch
+
+    params = [torch.nn.Parameter(torch.randn(1 << 20)) for _ in range(4)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    step_s = seconds_per_call(opt.step, lambda: None, 0.1)
+
+    def bursts(stop: threading.Event) -> float:
+        steps = 0
+        while not stop.is_set():
+            opt.step()
+            steps += 1
+            time.sleep(0.01)
+        return steps * step_s  # the work done, in seconds it takes alone
+
+    lost, work_s = _lost_s(bursts, spec.interference_time_s)
+    return max(0.0, lost - work_s) / work_s if work_s > 0 else 0.0
+
+
+def measure_io_loss(path: str | Path, spec: ProbeSpec) -> tuple[float, float]:
+    """(s per GB read, s per GB written): host compute seconds lost while another thread reads or
+    writes 8 MiB blocks of a test file in `path` (O_DIRECT where it works), per GB moved."""
+    import mmap
+
+    directory = disk_probe.check_disk_path(path)
+    size = min(spec.interference_file_bytes, disk_probe.test_file_bytes(shutil.disk_usage(directory).free, spec.disk))
+    block = 8 * MIB
+    if size < 4 * block:
+        return 0.0, 0.0
+    fd = disk_probe._open_test_file(directory)
+    src = mmap.mmap(-1, block)
+    src.write(os.urandom(block))
+    try:
+        disk_probe._enable_o_direct(fd)
+        disk_probe._run_io(fd, True, size, block, 1, None, src)  # the file's blocks exist before reads
+        out = []
+        for write in (False, True):
+            def io(stop: threading.Event, write: bool = write) -> float:
+                moved = 0
+                while not stop.is_set():
+                    moved += disk_probe._run_io(fd, write, size, block, 1, 0.05, src)[0]
+                return moved
+
+            lost, moved = _lost_s(io, spec.interference_time_s)
+            out.append(lost / (moved / 1e9) if moved else 0.0)
+        return out[0], out[1]
+    finally:
+        os.close(fd)
+        src.close()
+
+
 def _host(results: dict[str, object], all_threads: int) -> Host:
     import psutil
 
@@ -432,7 +557,7 @@ def _host(results: dict[str, object], all_threads: int) -> Host:
         ram_available_bytes=vm.available, memlock_limit_bytes=hostinfo.memlock_limit_bytes(),
         pinned_allocatable_bytes=pinned, pinned_probe_capped=capped, dram_copy_gbps=results["dram"],
         adamw_impl=impl, adamw_1thread_params_per_s=rate1, adamw_all_threads_params_per_s=rate_all,
-        adamw_threads=all_threads, note=note,
+        adamw_threads=all_threads, note=note, burst_compute_loss=results["burst"],
     )
 
 

@@ -186,6 +186,10 @@ class Host:
     adamw_all_threads_params_per_s: float
     adamw_threads: int  # threads used for the 'all threads' figure
     note: str = ""
+    burst_compute_loss: float = 0.0
+    """Seconds a torch computation on the host loses per second of work another thread does in
+    bursts (an engine's CPU optimizer worker, its SSD staging copies): beyond the work itself, what
+    waking and sharing the cores costs. ~0 on an idle many-core host; several on a busy 2-core VM."""
 
     def __post_init__(self) -> None:
         _require(self.physical_cores >= 1 and self.logical_cores >= self.physical_cores,
@@ -232,6 +236,10 @@ class Disk:
     read: tuple[DiskPoint, ...]
     write: tuple[DiskPoint, ...]
     note: str = ""
+    read_compute_loss_s_per_gb: float = 0.0
+    """Seconds a host torch computation loses per GB another thread reads from this disk (the I/O's
+    own CPU time: syscalls, interrupts, a VM's block emulation). 0: not measured."""
+    write_compute_loss_s_per_gb: float = 0.0
 
     def __post_init__(self) -> None:
         _require(len(self.read) > 0 and len(self.write) > 0, "a disk needs read and write points")

@@ -17,10 +17,13 @@ micro-batches of a step pass through a block while it is on the device.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from fuyoucli.plan import work
-from fuyoucli.plan.types import DTYPE_BYTES, Machine, ModelInventory, Options, StepTimes, Tier, TierBytes, Workload
+from fuyoucli.plan.types import (
+    DTYPE_BYTES, BlockSpec, Machine, ModelInventory, Options, StepTimes, Tier, TierBytes, Workload,
+)
 
 # Headroom: fractions of each capacity the plan leaves free. Device: allocator fragmentation and
 # library workspaces (cuBLAS, attention kernels) that no block accounts for. Host: the OS, Python,
@@ -103,20 +106,29 @@ def _small_product_rate(machine: Machine, wl: Workload) -> float:
     return curve[0][1] if curve else machine.flops(wl.compute_dtype)
 
 
-def compute_rate(machine: Machine, wl: Workload, micro_tokens: int, hidden: int) -> float:
-    """Achieved FLOP/s for this micro-batch: the best matmul rate, scaled down by the measured
-    size curve when the products are small (size = the smaller of tokens and hidden size)."""
+def compute_rate(machine: Machine, wl: Workload, hidden: int) -> float:
+    """FLOP/s of a layer's products: the measured square-product rate at the hidden size (the
+    products' depth, which sets how their blocks fit the caches), between measured sizes linear in
+    log2(size), clamped at the ends. The probe streams the right operand from memory, as a layer's
+    weights are; reading them is the other term of a product's time (product_s)."""
     best = machine.flops(wl.compute_dtype)
     curve = sorted((size, flops) for dtype, size, flops in machine.matmul_points if dtype == wl.compute_dtype)
     if best <= 0 or not curve:
         return best
-    size = min(micro_tokens, hidden)
-    if size <= curve[0][0]:
+    if hidden <= curve[0][0]:
         return curve[0][1]
     for (s0, f0), (s1, f1) in zip(curve, curve[1:]):
-        if size <= s1:
-            return f0 + (f1 - f0) * (size - s0) / (s1 - s0)
-    return best
+        if hidden <= s1:
+            return f0 + (f1 - f0) * math.log2(hidden / s0) / math.log2(s1 / s0)
+    return curve[-1][1]
+
+
+def product_s(machine: Machine, wl: Workload, spec: BlockSpec, tokens: int, micro_batches: int, rate: float) -> float:
+    """One forward's matrix products of a block: their FLOPs at the rate, plus reading the weights
+    (matmul_flops_per_token / 2 elements: 2 FLOPs per weight element per token) from memory once per
+    micro-batch. With few tokens per micro-batch the second term is what makes small batches slow."""
+    weights_bytes = spec.matmul_flops_per_token // 2 * DTYPE_BYTES[wl.compute_dtype]
+    return tokens * spec.matmul_flops_per_token / rate + micro_batches * weights_bytes / (machine.device_mem_bps or 1.0)
 
 
 def home_bytes(inv: ModelInventory, wl: Workload, home_dtype: str) -> list[int]:
@@ -146,7 +158,8 @@ def estimate(inv: ModelInventory, wl: Workload, machine: Machine, pl: Placement)
     cpu = machine.compute_device == "cpu"
     cb, hb = DTYPE_BYTES[wl.compute_dtype], DTYPE_BYTES[pl.home_dtype]
     T, Tm, h = wl.tokens_per_step, pl.micro_batch_size * wl.seq_len, inv.hidden_size
-    rate = compute_rate(machine, wl, Tm, h) or 1.0
+    rate = compute_rate(machine, wl, h) or 1.0
+    micro_batches = max(1, T // max(1, Tm))
     mem_bps = machine.device_mem_bps
     mom = 4 if (zo and wl.zo_momentum) else 0
     opt_per_param = optimizer_bytes_per_param(wl)
@@ -267,6 +280,8 @@ def estimate(inv: ModelInventory, wl: Workload, machine: Machine, pl: Placement)
             v[SSD_R] += b / ssd_r_bps
         if cpu:
             v[GPU] += work.cpu_copy_s(machine, b)
+            if wh is Tier.SSD:  # read and copied out of the staging buffer by the I/O thread
+                v[GPU] += b * machine.disk_read_loss_s_per_byte + machine.cpu_burst_loss * work.cpu_copy_s(machine, b)
             return
         if wh is Tier.PAGEABLE:
             v[DRAM] += 2 * b / dram  # memcpy into the pinned staging pool (read + write)
@@ -286,6 +301,8 @@ def estimate(inv: ModelInventory, wl: Workload, machine: Machine, pl: Placement)
                 v[DRAM] += 2 * b / dram
         if wh is Tier.SSD:
             v[SSD_W] += b / ssd_w_bps
+            if cpu:
+                v[GPU] += b * machine.disk_write_loss_s_per_byte
 
     small_rate = _small_product_rate(machine, wl) or rate
     flops_step = 0.0
@@ -299,7 +316,7 @@ def estimate(inv: ModelInventory, wl: Workload, machine: Machine, pl: Placement)
             v = [0.0] * _N
             f = passes * T * s.forward_flops_per_token(wl.seq_len)
             flops_step += f
-            v[GPU] = passes * (T * s.matmul_flops_per_token / rate
+            v[GPU] = passes * (product_s(machine, wl, s, T, micro_batches, rate)
                                + work.forward_extra_s(machine, wl, inv, s, T, Tm, small_rate))
             v[GPU] += work.zo_block_s(machine, wl, s, pl.home_dtype, engine=engine,
                                       streamed=pl.weights_home[i] is not Tier.DEVICE and not wl.lora,
@@ -322,7 +339,8 @@ def estimate(inv: ModelInventory, wl: Workload, machine: Machine, pl: Placement)
             act = pl.activation[i] if s.name.startswith("layers.") else "keep"
             swap_b = T * s.internal_elems_per_token * cb if act == "swap" else 0
             v = [0.0] * _N
-            fwd_s = T * s.matmul_flops_per_token / rate + work.forward_extra_s(machine, wl, inv, s, T, Tm, small_rate)
+            fwd_s = product_s(machine, wl, s, T, micro_batches, rate) + work.forward_extra_s(machine, wl, inv, s, T, Tm,
+                                                                                            small_rate)
             v[GPU] = fwd_s
             fetch(i, v, h2d_f)
             if swap_b and not cpu:
@@ -348,6 +366,15 @@ def estimate(inv: ModelInventory, wl: Workload, machine: Machine, pl: Placement)
                 else:
                     if not cpu:
                         w[D2H] += wb_b[i] / d2h_b
+                    else:  # the gradients copied to the worker's buffers; the worker (another
+                        # thread on the same cores) updates and writes the new weights home
+                        w[GPU] += work.cpu_copy_s(machine, wb_b[i])
+                        worker_s = tr / adam + (work.cpu_copy_s(machine, home_b[i])
+                                                if pl.weights_home[i] is not Tier.DEVICE else 0.0)
+                        w[GPU] += worker_s - tr / adam + machine.cpu_burst_loss * worker_s
+                        if oh is Tier.SSD:
+                            w[GPU] += tr * opt_per_param * (machine.disk_read_loss_s_per_byte
+                                                            + machine.disk_write_loss_s_per_byte)
                     w[CPU_OPT] += tr / adam
                     if oh is Tier.SSD:
                         w[SSD_R] += tr * opt_per_param / ssd_r_bps

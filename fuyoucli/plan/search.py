@@ -74,6 +74,9 @@ def machine_from_profile(profile: HardwareProfile, swap_dir: str | None = None) 
         disk_write_bps=disk.write_gbps * GB if disk else 0.0,
         elementwise_points=tuple((p.params, p.randn_params_per_s, p.inplace_gbps * GB, p.fresh_gbps * GB)
                                  for p in c.elementwise),
+        cpu_burst_loss=h.burst_compute_loss,
+        disk_read_loss_s_per_byte=disk.read_compute_loss_s_per_gb / GB if disk else 0.0,
+        disk_write_loss_s_per_byte=disk.write_compute_loss_s_per_gb / GB if disk else 0.0,
     )
     if c.kind == "cpu" and not c.elementwise and profile.provenance.source == "measured":
         notes.append("this profile has no elementwise rates (measured by an older fuyou): the step time "
@@ -100,6 +103,7 @@ def workload_from_recipe(recipe: Recipe) -> Workload:
                     batch_size=recipe.training.batch_size, seq_len=recipe.data.max_length,
                     grad_accum=recipe.training.grad_accum, q=m.q if zo else 1,
                     zo_momentum=zo and m.variant == "momentum",
+                    clips_grads=not zo and m.max_grad_norm is not None,
                     loss_positions_fraction=loss_positions_fraction(recipe))
 
 
@@ -383,8 +387,6 @@ def search(inv: ModelInventory, wl: Workload, machine: Machine, opts: Options) -
                     for n_res in range(max(0, center - step), min(L, center + step) + 1):
                         for od in opt_devs:
                             trial(n_res, od)
-                if mbest.placement is not None and depth > 0:
-                    break  # a pipelined plan fits: depth 0 (synchronous) is only the fallback
             if mbest.placement is not None:
                 pl, est = s.tune_activations(mbest.placement, mbest.est)
                 best.offer(pl, est, _key(pl, est))

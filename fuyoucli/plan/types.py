@@ -110,6 +110,9 @@ class Workload:
     """zo2: random directions per step (2*q forward passes); 1 for adamw."""
     zo_momentum: bool = False
     """zo2 variant momentum: an fp32 momentum buffer travels with each trainable weight."""
+    clips_grads: bool = False
+    """first-order: max_grad_norm is set (the gradients are scaled in place when the norm exceeds it,
+    as it does in most steps early on)."""
     loss_positions_fraction: float = 1.0
     """Share of the positions whose logits go through the loss: 1 for language modelling text, one
     position per example for label-word classification (the loss then costs next to nothing)."""
@@ -147,6 +150,12 @@ class Machine:
     disk_write_bps: float = 0.0
     matmul_points: tuple[tuple[str, int, float], ...] = ()
     """Optional (dtype, square matrix size, FLOP/s) as measured: how fast small products run."""
+    cpu_burst_loss: float = 0.0
+    """Host compute seconds lost per second of bursty work in another thread (HardwareProfile
+    host.burst_compute_loss); counted when the CPU is the compute device."""
+    disk_read_loss_s_per_byte: float = 0.0
+    """Host compute seconds lost per byte read from the swap disk by another thread."""
+    disk_write_loss_s_per_byte: float = 0.0
     elementwise_points: tuple[tuple[int, float, float, float], ...] = ()
     """Optional (fp32 tensor elements, randn params/s, in-place bytes/s, new-tensor bytes/s) on the
     compute device, by size (see hardware.profile.ElementwisePoint). Empty: randn and elementwise

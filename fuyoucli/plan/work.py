@@ -136,14 +136,19 @@ def cpu_copy_s(machine: Machine, nbytes: int) -> float:
 
 
 def grad_s(machine: Machine, wl: Workload, spec: BlockSpec) -> float:
-    """Per step: the new fp32 gradients (their pages), the global norm's read, and with a
-    half-precision model the fp32 gradient copy and the master weights copied back."""
+    """Per step: the new gradients (their pages; an embedding's is zero-filled, then its rows
+    added), the global norm's read, clipping in place, and with a half-precision model the fp32
+    gradient copy and the master weights copied back."""
     p = spec.trainable_params
     if p == 0:
         return 0.0
     r = rates_at(machine, spec.max_tensor_params)
     cb = DTYPE_BYTES[wl.compute_dtype]
     s = cb * r.alloc_s + 4 * r.inplace_s
+    if spec.name == "embed":
+        s += cb * r.inplace_s
+    if wl.clips_grads:
+        s += 8 * r.inplace_s
     if cb != 4:
         s += (cb + 4) * r.inplace_s + 4 * r.alloc_s + (4 + cb) * r.inplace_s
     return p * s

@@ -63,10 +63,12 @@ def test_zo2_streamed_bytes_and_times():
     # two perturbed copies (28 each); a resident block's z (4), two perturbed copies, the update (32)
     # and the copy into the model (8).
     streamed_b, resident_b = 32 + 4 + 2 * 28, 4 + 2 * 28 + 32 + 8
-    assert t.gpu_s == pytest.approx(flops / 1e6 + (4 * 1000 * streamed_b + 600 * resident_b) / 1e9)
+    # Each pass also reads every product's weights once (flops per token / 2 elements): 4 x 4000 + 400 bytes.
+    weights_b = 2 * (4 * 4000 + 400)
+    assert t.gpu_s == pytest.approx(flops / 1e6 + (4 * 1000 * streamed_b + 600 * resident_b + weights_b) / 1e9)
     # pipelined: the busiest resource, plus the first layer's fetch and the last one's write-back, less
     # what the resident embed (before) and head (after) compute meanwhile
-    embed_s, head_s = 500 * resident_b / 1e9, 2 * 8 * 200 / 1e6 + 100 * resident_b / 1e9
+    embed_s, head_s = 500 * resident_b / 1e9, 2 * 8 * 200 / 1e6 + (100 * resident_b + 2 * 400) / 1e9
     assert t.step_s == pytest.approx(20 + (5 - embed_s) + (5 - head_s))
     assert t.bottleneck == "h2d"
 
@@ -208,7 +210,8 @@ def test_zo2_reference_draws_z_three_times_per_direction_the_engine_twice():
         pytest.approx(1000 * (2 * 2 + 2 * 2) / 1e6)  # + once per variant (2 per direction) for the head
     inv = toy()
     ref = estimate(inv, wl, m, placement(inv, [D] * 6, depth=0))
-    assert ref.times.gpu_s == pytest.approx(2 * 2 * ref.flops_per_step / (2 * 2) / 1e6 + inv.params * 3 * 2 / 1e6)
+    weights_s = 2 * 2 * (4 * 4000 + 400) / 1e9  # each of the 4 passes reads the products' weights
+    assert ref.times.gpu_s == pytest.approx(ref.flops_per_step / 1e6 + weights_s + inv.params * 3 * 2 / 1e6)
 
 
 def test_cpu_streaming_copies_on_the_same_cores_and_only_the_drive_overlaps():

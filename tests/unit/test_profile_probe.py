@@ -19,6 +19,8 @@ TINY = dataclasses.replace(
     adamw_params=40_000, adamw_time_s=0.01, pinned_cap_bytes=64 * MIB, pinned_chunk_bytes=16 * MIB,
     pinned_time_s=1.0, disk=DiskSpec(8 * MIB, (MIB,), (1, 2), 0.02),
     elementwise_sizes_cpu=(1 << 12, 1 << 16), elementwise_sizes_cuda=(1 << 16,), elementwise_time_s=0.01,
+    elementwise_footprint_bytes=4 * MIB, matmul_footprint_bytes=MIB, interference_time_s=0.05,
+    interference_file_bytes=32 * MIB,
 )
 
 
@@ -88,3 +90,12 @@ def test_whole_probe_with_tiny_spec(tmp_path: Path) -> None:
     assert prof.provenance.torch_version == torch.__version__
     assert profile_from_json(profile_to_json(prof)) == prof
     assert list(tmp_path.iterdir()) == []
+
+
+def test_interference_measurements(tmp_path: Path) -> None:
+    assert probe.measure_burst_loss(TINY) >= 0
+    spec = dataclasses.replace(TINY, interference_file_bytes=64 * MIB,
+                               disk=DiskSpec(64 * MIB, (MIB,), (1,), 0.02))
+    read_loss, write_loss = probe.measure_io_loss(tmp_path, spec)
+    assert read_loss >= 0 and write_loss >= 0
+    assert list(tmp_path.iterdir()) == []  # the test file has no name and is gone

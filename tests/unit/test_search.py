@@ -51,27 +51,33 @@ def test_everything_resident_when_it_fits():
 
 
 def test_resident_layers_are_the_last_ones_that_fit():
-    # 35000 bytes of device budget: streaming 5 layers (33936) fits, streaming 4 (37936) does not, and
-    # all resident (41936) does not either.
-    p = make_plan(toy(), ZO, machine(device_bytes=38044), Options())
+    # 35000 bytes of device budget: pipelined (depth 1), streaming 5 layers (33936) fits, streaming 4
+    # (37936) does not, and all resident (41936) does not either.
+    p = make_plan(toy(), ZO, machine(device_bytes=38044), Options(prefetch_depth=1))
     assert p.device_budget_bytes == 35000
     assert p.feasible and homes(p) == [D, P, P, P, P, P, D, D, D, D]
     assert p.memory.device == STREAMING_BASE + 3 * 4000
     assert (p.prefetch_depth, p.device_buffers, p.home_dtype, p.wire_dtype) == (1, 3, "float32", "float32")
     assert p.times.bottleneck == "h2d"
+    # unpipelined, one buffer instead of three leaves room for two more resident layers: on this
+    # transfer-bound toy that is faster, and the search compares both depths
+    free = make_plan(toy(), ZO, machine(device_bytes=38044), Options())
+    assert free.prefetch_depth == 0 and homes(free) == [D, P, P, P, D, D, D, D, D, D]
+    assert free.times.step_s < p.times.step_s
 
 
 def test_streamed_weights_fill_pinned_then_pageable_then_ssd():
-    small = machine(device_bytes=26000)  # too small for any resident layer
-    p = make_plan(toy(layers=5), ZO, small, Options())
+    small = machine(device_bytes=26000)  # pipelined, too small for any resident layer
+    depth1 = Options(prefetch_depth=1)
+    p = make_plan(toy(layers=5), ZO, small, depth1)
     assert homes(p) == [D, P, P, P, P, P, D]
     # pinned: 12000 reserved for staging, room for two layers
-    p = make_plan(toy(layers=5), ZO, machine(device_bytes=26000, pinned_bytes=20000), Options())
+    p = make_plan(toy(layers=5), ZO, machine(device_bytes=26000, pinned_bytes=20000), depth1)
     assert homes(p) == [D, P, P, G, G, G, D]
     assert p.memory.pinned == 20000 and p.pinned_pool_bytes == 12000 and p.memory.pageable == 12000
     # host RAM for one more layer; the rest goes to the SSD under swap_dir
     p = make_plan(toy(layers=5), ZO, machine(device_bytes=26000, pinned_bytes=20000, host_ram_bytes=27000),
-                  Options(swap_dir="/nvme/fuyou"))
+                  Options(swap_dir="/nvme/fuyou", prefetch_depth=1))
     assert p.feasible and homes(p) == [D, P, P, G, S, S, D]
     assert (p.memory.ssd, p.swap_dir) == (8000, "/nvme/fuyou")
 
