@@ -11,7 +11,6 @@ import dataclasses
 import itertools
 import os
 import platform
-import shutil
 import socket
 import threading
 import time
@@ -22,6 +21,7 @@ from typing import Callable, Optional, Sequence
 
 from fuyoucli.hardware import disk as disk_probe
 from fuyoucli.hardware import hostinfo
+from fuyoucli.hardware.interference import measure_burst_loss, measure_io_loss
 from fuyoucli.hardware.profile import (
     SCHEMA_VERSION, BandwidthCurve, BandwidthPoint, ComputeDevice, Disk, ElementwisePoint, HardwareProfile, Host,
     Links, MatmulPoint, MatmulRates, Provenance,
@@ -59,6 +59,7 @@ class ProbeSpec:
     matmul_footprint_bytes: int = 256 * MIB
     # Interference: how much a host computation loses to work in another thread (bursty torch work,
     # disk I/O), each timed against the computation alone for this long.
+    log_softmax_rows: int = 128
     interference_time_s: float = 1.0
     interference_file_bytes: int = 256 * MIB
 
@@ -98,6 +99,7 @@ def probe(disks: Sequence[str | Path] = (".",), *, quick: bool = False, on_step:
     for dt in DTYPES:
         step(f"matmul {dt}", lambda dt=dt: measure_matmul(dt, spec, cuda), f"mm_{dt}")
     step("elementwise (randn, axpy)", lambda: measure_elementwise(spec, cuda), "elementwise")
+    step("log-softmax", lambda: measure_log_softmax(spec, cuda), "log_softmax")
     step("host memory copy", lambda: measure_copy_gbps("cpu", spec.copy_bytes, spec.copy_time_s), "dram")
     if cuda:
         step("device memory copy", lambda: measure_copy_gbps("cuda", spec.copy_bytes, spec.copy_time_s), "devmem")
@@ -122,6 +124,8 @@ def probe(disks: Sequence[str | Path] = (".",), *, quick: bool = False, on_step:
         free_memory_bytes=host.ram_available_bytes, memory_bandwidth_gbps=host.dram_copy_gbps, matmul=matmul,
         note="no CUDA device: the CPU computes; memory is host RAM", elementwise=results["elementwise"],
     )
+    fwd_lsm, bwd_lsm = results["log_softmax"]
+    compute = dataclasses.replace(compute, log_softmax_elems_per_s=fwd_lsm, log_softmax_backward_elems_per_s=bwd_lsm)
     disks_out: tuple[Disk, ...] = tuple(
         dataclasses.replace(results[f"disk{i}"], read_compute_loss_s_per_gb=results[f"diskloss{i}"][0],
                             write_compute_loss_s_per_gb=results[f"diskloss{i}"][1]) for i in range(len(paths)))
@@ -162,10 +166,10 @@ def seconds_per_call(fn: Callable[[], object], sync: Callable[[], None], min_tim
 
 def best_seconds_per_call(fn: Callable[[], object], sync: Callable[[], None], min_time_s: float,
                           repeats: int = 3) -> float:
-    """The fastest of `repeats` means over min_time_s / repeats each: what the hardware does when
-    nothing else runs. Short ops on a shared CPU otherwise absorb other processes' time slices (an
-    OpenMP team waits for its slowest thread), which says more about the neighbours than the machine."""
-    return min(seconds_per_call(fn, sync, min_time_s / repeats) for _ in range(repeats))
+    """The median of `repeats` means over min_time_s / repeats each: the sustained rate a run will
+    see, robust to one window that caught another process's time slice (an OpenMP team waits for
+    its slowest thread) or a burst of turbo. The fastest window overstated a VM's CPU by 10-20%."""
+    return sorted(seconds_per_call(fn, sync, min_time_s / repeats) for _ in range(repeats))[repeats // 2]
 
 
 # ---- compute --------------------------------------------------------------------------------
@@ -254,6 +258,24 @@ def measure_elementwise(spec: ProbeSpec, cuda: bool) -> tuple[ElementwisePoint, 
                                        fresh_gbps=12 * n / fresh_s / 1e9))
         del xs, ys, zs
     return tuple(points)
+
+
+def measure_log_softmax(spec: ProbeSpec, cuda: bool) -> tuple[float, float]:
+    """(forward, backward) fp32 log-softmax elements per second over 32768-wide rows, as the loss
+    runs over a vocabulary: an exp and a log per element, which a CPU computes far below its
+    memory rate."""
+    import torch
+
+    device = "cuda" if cuda else "cpu"
+    sync = _sync_for(device)
+    x = torch.randn(spec.log_softmax_rows, 32768, device=device, requires_grad=True)
+    grad = torch.randn(spec.log_softmax_rows, 32768, device=device)
+    with torch.no_grad():
+        fwd_s = best_seconds_per_call(lambda: torch.log_softmax(x, dim=-1), sync, spec.elementwise_time_s)
+    y = torch.log_softmax(x, dim=-1)
+    bwd_s = best_seconds_per_call(lambda: torch.autograd.grad(y, x, grad, retain_graph=True), sync,
+                                  spec.elementwise_time_s)
+    return x.numel() / fwd_s, x.numel() / bwd_s
 
 
 def _cuda_device(matmul: tuple[MatmulRates, ...], devmem_gbps: float,
@@ -453,93 +475,6 @@ def measure_adamw(n_params: int, threads: int, min_time_s: float) -> tuple[float
     finally:
         torch.set_num_threads(old)
     return 4 * (n_params // 4) / s, impl
-
-
-# ---- interference: what work in another thread costs a host computation ----------------------
-
-
-def _products_per_s(stop_after_s: float) -> int:
-    """Count 512-square fp32 products (a small layer's) done in stop_after_s on the host."""
-    import torch
-
-    a, b = torch.randn(512, 512), torch.randn(512, 512)
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < stop_after_s:
-        torch.mm(a, b)
-        n += 1
-    return n
-
-
-def _lost_s(background: Callable[[threading.Event], float], time_s: float) -> tuple[float, float]:
-    """(host compute seconds lost, what background() returned) when background runs in a thread
-    (until the event is set) while the host multiplies for time_s; against multiplying alone."""
-    _products_per_s(0.1)  # warm
-    alone = _products_per_s(time_s) / time_s
-    stop = threading.Event()
-    out: list[float] = []
-    worker = threading.Thread(target=lambda: out.append(background(stop)), daemon=True)
-    worker.start()
-    try:
-        together = _products_per_s(time_s)
-    finally:
-        stop.set()
-        worker.join()
-    return max(0.0, time_s - together / alone), out[0] if out else 0.0
-
-
-def measure_burst_loss(spec: ProbeSpec) -> float:
-    """Host compute seconds lost per second of bursty torch work in another thread: AdamW steps on
-    4M parameters with 10 ms pauses, like an engine's CPU optimizer taking one block at a time."""
-    import torch
-
-    params = [torch.nn.Parameter(torch.randn(1 << 20)) for _ in range(4)]
-    for p in params:
-        p.grad = torch.randn_like(p)
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    step_s = seconds_per_call(opt.step, lambda: None, 0.1)
-
-    def bursts(stop: threading.Event) -> float:
-        steps = 0
-        while not stop.is_set():
-            opt.step()
-            steps += 1
-            time.sleep(0.01)
-        return steps * step_s  # the work done, in seconds it takes alone
-
-    lost, work_s = _lost_s(bursts, spec.interference_time_s)
-    return max(0.0, lost - work_s) / work_s if work_s > 0 else 0.0
-
-
-def measure_io_loss(path: str | Path, spec: ProbeSpec) -> tuple[float, float]:
-    """(s per GB read, s per GB written): host compute seconds lost while another thread reads or
-    writes 8 MiB blocks of a test file in `path` (O_DIRECT where it works), per GB moved."""
-    import mmap
-
-    directory = disk_probe.check_disk_path(path)
-    size = min(spec.interference_file_bytes, disk_probe.test_file_bytes(shutil.disk_usage(directory).free, spec.disk))
-    block = 8 * MIB
-    if size < 4 * block:
-        return 0.0, 0.0
-    fd = disk_probe._open_test_file(directory)
-    src = mmap.mmap(-1, block)
-    src.write(os.urandom(block))
-    try:
-        disk_probe._enable_o_direct(fd)
-        disk_probe._run_io(fd, True, size, block, 1, None, src)  # the file's blocks exist before reads
-        out = []
-        for write in (False, True):
-            def io(stop: threading.Event, write: bool = write) -> float:
-                moved = 0
-                while not stop.is_set():
-                    moved += disk_probe._run_io(fd, write, size, block, 1, 0.05, src)[0]
-                return moved
-
-            lost, moved = _lost_s(io, spec.interference_time_s)
-            out.append(lost / (moved / 1e9) if moved else 0.0)
-        return out[0], out[1]
-    finally:
-        os.close(fd)
-        src.close()
 
 
 def _host(results: dict[str, object], all_threads: int) -> Host:

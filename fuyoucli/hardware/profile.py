@@ -96,6 +96,10 @@ class ComputeDevice:
     elementwise: tuple[ElementwisePoint, ...] = ()
     """By tensor size, ascending; empty in profiles measured before fuyou timed it (the planner then
     assumes memory-bound elementwise work at memory_bandwidth_gbps: optimistic on a CPU)."""
+    log_softmax_elems_per_s: float = 0.0
+    """fp32 log-softmax over a vocabulary-wide row (the loss over logits), elements per second; an
+    exp and a log per element: compute bound on a CPU. 0: not measured (memory bound assumed)."""
+    log_softmax_backward_elems_per_s: float = 0.0
 
     def __post_init__(self) -> None:
         _require(self.count >= 1, "count must be >= 1")

@@ -352,6 +352,8 @@ def estimate(inv: ModelInventory, wl: Workload, machine: Machine, pl: Placement)
             # input gradient only), each elementwise op's gradient about as costly as the op itself
             # twice over (reads the upstream gradient and its saved inputs, writes one per input).
             w[GPU] = bwd_factor * fwd_s + (fwd_s if act == "recompute" else 0.0) + work.grad_s(machine, wl, s)
+            if s.name == "head":
+                w[GPU] += work.loss_backward_s(machine, wl, inv, T)
             flops_step += fl * (1 + bwd_factor) + extra
             fetch(i, w, h2d_b)
             if swap_b and not cpu:

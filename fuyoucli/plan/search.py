@@ -75,6 +75,8 @@ def machine_from_profile(profile: HardwareProfile, swap_dir: str | None = None) 
         elementwise_points=tuple((p.params, p.randn_params_per_s, p.inplace_gbps * GB, p.fresh_gbps * GB)
                                  for p in c.elementwise),
         cpu_burst_loss=h.burst_compute_loss,
+        log_softmax_elems_per_s=c.log_softmax_elems_per_s,
+        log_softmax_backward_elems_per_s=c.log_softmax_backward_elems_per_s,
         disk_read_loss_s_per_byte=disk.read_compute_loss_s_per_gb / GB if disk else 0.0,
         disk_write_loss_s_per_byte=disk.write_compute_loss_s_per_gb / GB if disk else 0.0,
     )

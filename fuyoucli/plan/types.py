@@ -150,6 +150,9 @@ class Machine:
     disk_write_bps: float = 0.0
     matmul_points: tuple[tuple[str, int, float], ...] = ()
     """Optional (dtype, square matrix size, FLOP/s) as measured: how fast small products run."""
+    log_softmax_elems_per_s: float = 0.0
+    """The loss's log-softmax (and its backward) over logits on the compute device; 0: memory bound."""
+    log_softmax_backward_elems_per_s: float = 0.0
     cpu_burst_loss: float = 0.0
     """Host compute seconds lost per second of bursty work in another thread (HardwareProfile
     host.burst_compute_loss); counted when the CPU is the compute device."""

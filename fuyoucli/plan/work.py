@@ -177,5 +177,15 @@ def forward_extra_s(machine: Machine, wl: Workload, inv: ModelInventory, spec: B
         vocab = logits_per_token(inv)
         big = rates_at(machine, micro_tokens * vocab)
         s += tokens * vocab * cb * big.alloc_s
-        s += wl.loss_positions_fraction * tokens * inv.loss_elems_per_position * 4 * big.fresh_s
+        scored = wl.loss_positions_fraction * tokens
+        s += scored * inv.loss_elems_per_position * 4 * big.fresh_s
+        if machine.log_softmax_elems_per_s:  # its exp and log per element, beyond the bytes
+            s += scored * vocab / machine.log_softmax_elems_per_s
     return s
+
+
+def loss_backward_s(machine: Machine, wl: Workload, inv: ModelInventory, tokens: int) -> float:
+    """First-order: the log-softmax's backward over the scored positions (its exp again)."""
+    if not machine.log_softmax_backward_elems_per_s:
+        return 0.0
+    return wl.loss_positions_fraction * tokens * logits_per_token(inv) / machine.log_softmax_backward_elems_per_s

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fuyoucli.hardware import hostinfo, probe
+from fuyoucli.hardware import hostinfo, interference, probe
 from fuyoucli.hardware.disk import MIB, DiskSpec
 from fuyoucli.hardware.profile import profile_from_json, profile_to_json
 
@@ -19,7 +19,7 @@ TINY = dataclasses.replace(
     adamw_params=40_000, adamw_time_s=0.01, pinned_cap_bytes=64 * MIB, pinned_chunk_bytes=16 * MIB,
     pinned_time_s=1.0, disk=DiskSpec(8 * MIB, (MIB,), (1, 2), 0.02),
     elementwise_sizes_cpu=(1 << 12, 1 << 16), elementwise_sizes_cuda=(1 << 16,), elementwise_time_s=0.01,
-    elementwise_footprint_bytes=4 * MIB, matmul_footprint_bytes=MIB, interference_time_s=0.05,
+    elementwise_footprint_bytes=4 * MIB, matmul_footprint_bytes=MIB, interference_time_s=0.05, log_softmax_rows=2,
     interference_file_bytes=32 * MIB,
 )
 
@@ -82,7 +82,7 @@ def test_whole_probe_with_tiny_spec(tmp_path: Path) -> None:
         assert prof.links.kind == "host_memcpy" and prof.host.pinned_allocatable_bytes is None
     assert all(prof.compute.matmul_flops(dt) > 0 for dt in probe.DTYPES)
     assert prof.compute.memory_bandwidth_gbps > 0 and prof.host.dram_copy_gbps > 0
-    assert len(prof.compute.elementwise) == (1 if cuda else 2)
+    assert len(prof.compute.elementwise) == (1 if cuda else 2) and prof.compute.log_softmax_elems_per_s > 0
     assert prof.host.adamw_1thread_params_per_s > 0 and prof.host.adamw_threads == torch.get_num_threads()
     assert prof.host.physical_cores >= 1 and prof.host.cpu_model
     assert prof.disks[0].read_gbps > 0 and prof.disks[0].write_gbps > 0
@@ -93,9 +93,9 @@ def test_whole_probe_with_tiny_spec(tmp_path: Path) -> None:
 
 
 def test_interference_measurements(tmp_path: Path) -> None:
-    assert probe.measure_burst_loss(TINY) >= 0
+    assert interference.measure_burst_loss(TINY) >= 0
     spec = dataclasses.replace(TINY, interference_file_bytes=64 * MIB,
                                disk=DiskSpec(64 * MIB, (MIB,), (1,), 0.02))
-    read_loss, write_loss = probe.measure_io_loss(tmp_path, spec)
+    read_loss, write_loss = interference.measure_io_loss(tmp_path, spec)
     assert read_loss >= 0 and write_loss >= 0
     assert list(tmp_path.iterdir()) == []  # the test file has no name and is gone
