@@ -144,6 +144,13 @@ class DataConfig(_Config):
     """Use at most this many training examples (after the seeded shuffle)."""
     max_eval_examples: int | None = Field(None, ge=1)
     """Evaluate on at most this many held-out examples."""
+    split_seed: int | None = None
+    """Seed of the example order and the held-out split; default training.seed. Fix it to compare runs
+    of several training seeds on the same held-out examples."""
+    validation_fraction: float = Field(0.0, ge=0, lt=1)
+    """Share of the training examples (after the held-out split) set aside as a validation split. When
+    > 0 the run trains without them and evaluates on them instead of the held-out set: tune
+    hyperparameters here, then report the held-out metric of a run with validation_fraction: 0."""
 
     @model_validator(mode="before")
     @classmethod

@@ -429,7 +429,8 @@ def _split(examples: list[Example], fraction: float, by_class: bool) -> tuple[li
 
 
 def build_datasets(cfg: DataConfig, tokenizer, *, seed: int, head: str = "causal_lm") -> Datasets:
-    """Train and eval examples for a recipe's data section, in an order fixed by `seed`."""
+    """Train and eval examples for a recipe's data section, in an order fixed by data.split_seed, else `seed`."""
+    seed = cfg.split_seed if cfg.split_seed is not None else seed
     if head not in ("causal_lm", "sequence_classification"):
         raise ValueError(f"head must be causal_lm or sequence_classification, got {head!r}")
     if head == "sequence_classification" and cfg.format != "classification":
@@ -457,6 +458,13 @@ def build_datasets(cfg: DataConfig, tokenizer, *, seed: int, head: str = "causal
         evals = prepare(cfg.eval, "eval", random.Random(f"fuyou-eval:{seed}"))
     else:
         train, evals = _split(train, cfg.eval_fraction, by_class=cfg.format == "classification")
+    if cfg.validation_fraction:  # evaluate on a slice of the training examples; the held-out set stays unseen
+        train, evals = _split(train, cfg.validation_fraction, by_class=cfg.format == "classification")
+        if not evals:
+            raise DataError(f"data.validation_fraction {cfg.validation_fraction}: too few training examples "
+                            f"({len(train)}) to set any aside")
+        notes.append(f"evaluating on a validation split of {len(evals)} training examples (the held-out set is "
+                     "not used)")
     if cfg.packing:
         train, evals = _pack(train, cfg.max_length), _pack(evals, cfg.max_length)
         before = len(train) + len(evals)

@@ -192,6 +192,19 @@ def test_eval_split_is_disjoint_and_deterministic(tmp_path, tiny_tokenizer):
     assert capped.train == a.train[:7] and capped.eval == a.eval[:3]
 
 
+def test_split_seed_fixes_the_held_out_set_and_validation_never_touches_it(tmp_path, tiny_tokenizer):
+    rows = [{"text": f"the lazy dog number {i}"} for i in range(50)]
+    c = cfg(write_jsonl(tmp_path / "s.jsonl", rows), eval_fraction=0.2, split_seed=7)
+    a, b = build_datasets(c, tiny_tokenizer, seed=1), build_datasets(c, tiny_tokenizer, seed=2)
+    assert (a.train, a.eval) == (b.train, b.eval)  # training seeds differ, the split does not
+    v = build_datasets(c.model_copy(update={"validation_fraction": 0.25}), tiny_tokenizer, seed=3)
+    held_out, train_ids = {e.input_ids for e in a.eval}, {e.input_ids for e in a.train}
+    assert len(v.eval) == 10 and len(v.train) == 30
+    assert {e.input_ids for e in v.eval} <= train_ids and not {e.input_ids for e in v.eval} & held_out
+    assert not {e.input_ids for e in v.train} & (held_out | {e.input_ids for e in v.eval})
+    assert any("validation split of 10" in n for n in v.notes)
+
+
 def test_classification_split_holds_every_label(tmp_path, tiny_tokenizer):
     rows = [{"text": f"story {i}", "label": "positive" if i < 3 else "negative"} for i in range(40)]
     c = cfg(write_jsonl(tmp_path / "s.jsonl", rows), format="classification", eval_fraction=0.1,
