@@ -2,6 +2,7 @@
 
 Thin: recipe + hardware profile -> model inventory (config only, no weights) -> plan.search -> a
 rich report or one JSON document. An infeasible plan is reported, then exits 2 (InfeasiblePlan).
+`--export deepspeed OUT.json` also writes the plan as a DeepSpeed config (fuyoucli.distributed).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import typer
 
@@ -27,6 +28,13 @@ def plan(
                                                "else this machine's saved profile)."),
     preset: Optional[str] = typer.Option(None, "--preset", metavar="NAME",
                                          help="Plan for a named what-if machine (`fuyou profile --list-presets`)."),
+    export: Optional[Tuple[str, Path]] = typer.Option(
+        None, "--export", metavar="FORMAT FILE",
+        help="Also write the plan as another engine's config: `--export deepspeed OUT.json` writes a DeepSpeed "
+             "config (ZeRO-3, offload, aio from the profile) and OUT.notes.md explaining each key."),
+    world_size: int = typer.Option(1, "--world-size", min=1, metavar="N",
+                                   help="With --export deepspeed: data-parallel ranks (GPUs in all) the config is "
+                                        "for; the examples per step stay the recipe's."),
 ) -> None:
     """Plan a recipe on a machine without loading weights: placement, peak memory per tier, step time, bottleneck."""
     import click
@@ -35,12 +43,19 @@ def plan(
         raise click.UsageError("fuyou plan only predicts for now: add --dry-run (to run a recipe: fuyou finetune RECIPE)")
     if profile and preset:
         raise click.UsageError("give one of --profile and --preset")
+    if export is not None and export[0] != "deepspeed":
+        raise click.UsageError(f"--export {export[0]}: the formats are: deepspeed")
     from fuyoucli.errors import InfeasiblePlan
     from fuyoucli.model.inventory import inventory
     from fuyoucli.plan.search import hardware_for_recipe, plan_recipe
     from fuyoucli.recipe import load_recipe
 
     loaded = load_recipe(recipe, set_ or [])
+    if export is not None and loaded.method.name != "adamw":
+        from fuyoucli.distributed.deepspeed_config import ZO_ON_DEEPSPEED
+        from fuyoucli.errors import RecipeError
+
+        raise RecipeError(ZO_ON_DEEPSPEED)
     hw = hardware_for_recipe(loaded, profile=profile, preset=preset)
     d = loaded.data
     labels = len(d.labels or d.label_words) or None
@@ -54,7 +69,17 @@ def plan(
         render(Console(soft_wrap=False), result, inv, loaded.name)
     if not result.feasible:
         raise InfeasiblePlan(f"{result.reasons[0] if result.reasons else 'it does not fit'}"
-                             + (f"; try: {result.suggestions[0]}" if result.suggestions else ""))
+                             + (f"; try: {result.suggestions[0]}" if result.suggestions else "")
+                             + ("; no DeepSpeed config written" if export is not None else ""))
+    if export is not None:
+        from fuyoucli.distributed.deepspeed_config import deepspeed_config, write_export
+
+        max_tensor = max((b.max_tensor_params for b in inv.blocks), default=0)
+        ds = deepspeed_config(loaded, result, hw, world_size=world_size, max_tensor_params=max_tensor)
+        written = write_export(ds, export[1], recipe=loaded, plan=result, world_size=world_size)
+        # stdout may be the plan's JSON document: the note goes to stderr.
+        print(f"wrote {written[0]} and {written[1]} (DeepSpeed ZeRO-3, {world_size} rank"
+              f"{'s' * (world_size > 1)})", file=sys.stderr)
 
 
 def to_json(p, inv) -> dict:
