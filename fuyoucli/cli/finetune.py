@@ -36,6 +36,16 @@ def finetune(
                                          help="Write a Chrome/Perfetto trace (JSON) of a few steps: one track per "
                                               "lane (compute, upload, offload, SSD read/write, CPU optimizer)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in training.output_dir."),
+    engine: str = typer.Option("fuyou", "--engine", metavar="fuyou|deepspeed",
+                               help="fuyou: this package's engine (one process, or --nproc zo2 ranks). deepspeed: "
+                                    "DeepSpeed ZeRO-3 through its own launcher, with the config `fuyou plan "
+                                    "--export deepspeed` writes (first-order only; the [deepspeed] extra)."),
+    nproc: int = typer.Option(1, "--nproc", min=1, metavar="N",
+                              help="Processes (ranks) on this machine: zo2 data-parallel ranks with the fuyou engine "
+                                   "(only loss scalars are exchanged), GPUs per node with --engine deepspeed."),
+    hostfile: Optional[Path] = typer.Option(None, "--hostfile", metavar="FILE",
+                                            help="--engine deepspeed across machines: DeepSpeed's hostfile "
+                                                 "(`host slots=N` per line)."),
 ) -> None:
     """Fine-tune a model as a recipe describes; writes metrics.jsonl, checkpoints and the final model to training.output_dir."""
     from fuyoucli.recipe import load_recipe
@@ -49,6 +59,20 @@ def finetune(
                                  param_hint="--resume / --overwrite")
     if json_logs and quiet:
         raise typer.BadParameter("give one of --json-logs and --quiet", param_hint="--json-logs / --quiet")
+    if engine not in ("fuyou", "deepspeed"):
+        raise typer.BadParameter(f"{engine!r}: the engines are fuyou and deepspeed", param_hint="--engine")
+    if engine == "deepspeed" or nproc > 1:
+        from fuyoucli.distributed.launch import launch
+
+        display = "json" if json_logs else "quiet" if quiet else "plain"
+        code = launch(loaded, recipe_path=str(recipe), sets=set_ or [], engine=engine, nproc=nproc, hostfile=hostfile,
+                      overwrite=overwrite, resume=(str(checkpoint) if checkpoint else True) if resume else None,
+                      display=display, trace=trace)
+        if code:
+            raise typer.Exit(code)
+        return
+    if hostfile is not None:
+        raise typer.BadParameter("--hostfile is for --engine deepspeed", param_hint="--hostfile")
     from fuyoucli.train.run import finetune as run_finetune
 
     sinks = [_display(loaded, quiet=quiet, json_logs=json_logs, plain=plain)]
