@@ -1,5 +1,5 @@
 """`fuyou export CHECKPOINT_DIR OUT_DIR [--merge]`: a checkpoint as a Hugging Face folder. Thin: one call
-to fuyoucli.export."""
+to fuyoucli.export, or to fuyoucli.distributed.deepspeed_export for a DeepSpeed run's checkpoint."""
 
 from __future__ import annotations
 
@@ -18,8 +18,14 @@ def export(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT_DIR if it holds files."),
 ) -> None:
     """Export a checkpoint as a Hugging Face folder (config, tokenizer, safetensors) that
-    AutoModelForCausalLM.from_pretrained loads, or a peft adapter for LoRA runs."""
-    from fuyoucli.export import export_checkpoint
+    AutoModelForCausalLM.from_pretrained loads, or a peft adapter for LoRA runs. A DeepSpeed run's
+    checkpoint (`fuyou finetune --engine deepspeed`) is consolidated with DeepSpeed's zero_to_fp32."""
+    from fuyoucli.distributed.deepspeed_export import export_deepspeed_checkpoint, is_deepspeed_checkpoint
+    from fuyoucli.export import export_checkpoint, resolve_checkpoint
 
-    written = export_checkpoint(checkpoint, out_dir, merge=merge, overwrite=overwrite)
+    if is_deepspeed_checkpoint(resolve_checkpoint(checkpoint)):
+        written = export_deepspeed_checkpoint(resolve_checkpoint(checkpoint), out_dir, merge=merge,
+                                              overwrite=overwrite)
+    else:
+        written = export_checkpoint(checkpoint, out_dir, merge=merge, overwrite=overwrite)
     typer.echo(f"exported {checkpoint} -> {written}")

@@ -1,0 +1,85 @@
+"""A DeepSpeed ZeRO checkpoint of a fuyou run as a Hugging Face folder (or a peft adapter).
+
+After the checkpoint stage, like fuyoucli.export: DeepSpeed's own zero_to_fp32 consolidates the
+partitioned fp32 weights on the host; the recipe saved beside them (fuyou_deepspeed.json) rebuilds the
+model, whose parameters take the consolidated values. Needs the [deepspeed] extra. Never imports rich.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from fuyoucli.checkpoint import CheckpointError, atomic_dir
+from fuyoucli.errors import FuyouError
+from fuyoucli.recipe import Recipe, validate_recipe
+
+STATE_FILE = "fuyou_deepspeed.json"
+
+
+def is_deepspeed_checkpoint(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / STATE_FILE).is_file() or any(path.glob("*_model_states.pt"))
+
+
+def _recipe(ckpt: Path) -> tuple[Recipe, dict]:
+    state_path = ckpt / STATE_FILE
+    if not state_path.is_file():
+        raise CheckpointError(f"{ckpt} is a DeepSpeed checkpoint without {STATE_FILE}: it was not written by "
+                              "`fuyou finetune --engine deepspeed`, so the model it belongs to is unknown")
+    state = json.loads(state_path.read_text(encoding="utf-8"))
+    try:
+        return validate_recipe(state["recipe"]), state
+    except FuyouError as e:
+        raise CheckpointError(f"checkpoint {ckpt}: its recipe no longer validates here: {str(e).splitlines()[0]}") from e
+
+
+def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
+    """name -> fp32 tensor, gathered from the ZeRO partitions of every rank (DeepSpeed's zero_to_fp32)."""
+    try:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    except ImportError:
+        from fuyoucli.distributed.deepspeed_config import INSTALL_HINT
+
+        raise FuyouError(f"{ckpt} is a DeepSpeed checkpoint; reading it needs DeepSpeed: {INSTALL_HINT}") from None
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+
+
+def export_deepspeed_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, merge: bool = False,
+                                overwrite: bool = False) -> Path:
+    """Write the checkpoint's model to out_dir (atomically), as fuyoucli.export does for fuyou's own."""
+    from fuyoucli.model.loading import load_model, load_tokenizer
+
+    ckpt, out_dir = Path(checkpoint), Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise FuyouError(f"{out_dir} is not empty; choose another folder or pass --overwrite")
+    recipe, state = _recipe(ckpt)
+    lora = recipe.peft.type == "lora"
+    if merge and not lora:
+        raise FuyouError("--merge folds LoRA adapters into the base; this checkpoint trained every parameter "
+                         "(export it without --merge)")
+    tokenizer = load_tokenizer(recipe.model)
+    labels = (len(recipe.data.labels) or None) if recipe.model.head == "sequence_classification" else None
+    model = load_model(recipe.model, recipe.peft, seed=recipe.training.seed, pad_token_id=tokenizer.pad_token_id,
+                       num_labels=labels, device="cpu")
+    tensors = consolidated_state_dict(ckpt)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in tensors:
+                p.copy_(tensors[name])
+            elif p.requires_grad:
+                raise CheckpointError(f"checkpoint {ckpt} has no weights for {name}; it does not match the model "
+                                      "its recipe builds")
+    if merge:
+        model = model.merge_and_unload()
+    model.eval()
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "fuyou_export.json").write_text(json.dumps({
+            "checkpoint": str(ckpt.resolve()), "step": state.get("step"), "merged": merge, "engine": "deepspeed",
+            "kind": "peft adapter" if lora and not merge else "full model",
+            "recipe": recipe.model_dump(mode="json")}, indent=2), encoding="utf-8")
+    return out_dir
