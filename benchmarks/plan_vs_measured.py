@@ -129,6 +129,9 @@ def one(args) -> dict:
         closer.start()
         closer.join(60)
         if closer.is_alive():
+            import faulthandler
+
+            faulthandler.dump_traceback(all_threads=True)  # to stderr: where it waits
             result["note"] = "trainer.close() hung"
     times.sort()
     return {**result, "measured_s": times[len(times) // 2], "all_s": times}
@@ -141,6 +144,7 @@ def load_average() -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", help="hardware profile JSON to plan from (default: measure one now)")
+    parser.add_argument("--save-profile", help="also save the profile measured now to this file")
     parser.add_argument("--sizes", default="small,medium", help=f"comma-separated, of {', '.join(SIZES)}")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {', '.join(ROWS)}")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per row (after one warm-up step)")
@@ -165,6 +169,8 @@ def main() -> None:
         tmp = Path(tmp).resolve()
         swap = tmp / "swap"
         swap.mkdir()
+        from fuyoucli.hardware.profile import load_profile
+
         if args.profile:
             profile = Path(args.profile).resolve()
         else:
@@ -173,8 +179,8 @@ def main() -> None:
 
             print(f"measuring this machine's profile (load average {load_average():.2f}) ...", flush=True)
             profile = save_profile(probe([swap]), tmp / "profile.json")
-        from fuyoucli.hardware.profile import load_profile
-
+            if args.save_profile:
+                save_profile(load_profile(str(profile)), Path(args.save_profile))
         prof = load_profile(str(profile))
         data = tmp / "train.txt"
         data.write_text("unused: the benchmark feeds random full-length batches\n")
@@ -224,6 +230,8 @@ def main() -> None:
                 rows_out.append((size_name, row, ratio))
                 print(f"{size_name:8} {row:13} {plan:22} {r['predicted_s']:11.3f} {r['measured_s']:10.3f} "
                       f"{ratio:6.2f} {r['bottleneck']:>10} {before:4.1f}-{after:<4.1f} {r.get('note', '')}", flush=True)
+                if "hung" in r.get("note", ""):
+                    print(out.stderr[-8000:], flush=True)
         if rows_out:
             worst = max(rows_out, key=lambda x: abs(x[2] - 1))
             within = sum(1 for *_, q in rows_out if 0.75 <= q <= 1.25)

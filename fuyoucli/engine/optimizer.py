@@ -24,6 +24,10 @@ from fuyoucli.engine.tiers import ALIGN, SsdStore, aligned_host
 from fuyoucli.plan.types import Tier
 
 
+class Closed(RuntimeError):
+    """An update that did not run because the optimizer was closed (e.g. on Ctrl-C)."""
+
+
 @dataclass
 class HostGrads:
     """One block's gradients on the host, laid out flat like the block's parameters (compute dtype)."""
@@ -134,6 +138,7 @@ class CpuAdam:
         self._order: list[int] = []
         self._next = 0
         self._error: BaseException | None = None
+        self._closing = threading.Event()
         for b in blocks:
             self._add(b, make_optimizer)
 
@@ -190,8 +195,19 @@ class CpuAdam:
             key = self._order[self._next]
             self._next += 1
             if self.states[key].home is Tier.SSD and key not in self._reads:
-                buf = self._free.get()  # waits for a write behind to finish
+                buf = self._take_buffer()  # waits for a write behind to finish
                 self._reads[key] = (self.ssd.submit(self._read, key, buf), buf)
+
+    def _take_buffer(self) -> torch.Tensor:
+        """A free staging buffer; raises Closed once close() began (the buffers it waits for may be held
+        by reads for updates that close() will never run)."""
+        while True:
+            if self._closing.is_set():
+                raise Closed("the CPU optimizer was closed")
+            try:
+                return self._free.get(timeout=0.05)
+            except queue.Empty:
+                continue
 
     def _read(self, key: int, buf: torch.Tensor) -> None:
         t0 = time.perf_counter()
@@ -224,7 +240,7 @@ class CpuAdam:
         if st.key in self._order:
             self._read_up_to(self._order.index(st.key) + 1)
         if st.key not in self._reads:  # not announced by begin(): read it now
-            buf = self._free.get()
+            buf = self._take_buffer()
             self._reads[st.key] = (self.ssd.submit(self._read, st.key, buf), buf)
         fut, buf = self._reads.pop(st.key)
         fut.result()
@@ -279,6 +295,8 @@ class CpuAdam:
             self.on_job(key)
         st = self.states[key]
         try:
+            if self._closing.is_set():
+                raise Closed("the CPU optimizer was closed")
             if self._error is not None:
                 raise self._error
             # The gradients' device -> host copy must be complete before they are read; on CUDA it
@@ -358,7 +376,11 @@ class CpuAdam:
         return buf[: st.numel * 4].view(torch.float32).clone()
 
     def close(self) -> None:
-        self._worker.shutdown(wait=True, cancel_futures=True)
+        """Stop: jobs still queued end at once with Closed, a job waiting for a staging buffer too. (Not
+        shutdown(cancel_futures=True): the worker can take a later job while the queue is being
+        drained, and that job would wait forever for buffers held by reads for cancelled ones.)"""
+        self._closing.set()
+        self._worker.shutdown(wait=True)
         for fut in list(self._writes):
             try:
                 fut.result()

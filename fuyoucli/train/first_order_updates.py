@@ -51,13 +51,17 @@ def _chain(fut: Future) -> Future:
     out: Future = Future()
 
     def inner(f: Future) -> None:
-        if f.exception() is not None:
+        if f.cancelled():
+            out.cancel()
+        elif f.exception() is not None:
             out.set_exception(f.exception())
         else:
             out.set_result(None)
 
     def outer(f: Future) -> None:
-        if f.exception() is not None:
+        if f.cancelled():
+            out.cancel()
+        elif f.exception() is not None:
             out.set_exception(f.exception())
         elif isinstance(f.result().published, Future):
             f.result().published.add_done_callback(inner)
