@@ -33,7 +33,8 @@ def write_recipe(path: Path, model: Path, data: Path, out: Path, *, accum: int =
 model: {{path: {model}}}
 method: {{name: zo2, lr: 1.0e-2, eps: 1.0e-2, q: 2, variant: {variant}}}
 data: {{train: {data}, max_length: 24, max_eval_examples: 8}}
-training: {{max_steps: 4, batch_size: 2, grad_accum: {accum}, seed: 3, eval_every: 2, output_dir: {out}}}
+training: {{max_steps: 4, batch_size: 2, grad_accum: {accum}, seed: 3, eval_every: 2, checkpoint_every: 2,
+           output_dir: {out}}}
 offload: {{mode: in_memory}}
 """)
     return path
@@ -46,14 +47,14 @@ def run_ranks(recipe: Path, nproc: int, *sets: str) -> subprocess.CompletedProce
     return subprocess.run(args, env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
 
 
-def reference(recipe_path: Path) -> Path:
+def reference(recipe_path: Path, *sets: str, resume: str | None = None) -> Path:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        finetune(load_recipe(recipe_path), sinks=[])
+        finetune(load_recipe(recipe_path, list(sets)), sinks=[], resume=resume)
     finally:
         torch.set_num_threads(threads)
-    return Path(load_recipe(recipe_path).training.output_dir)
+    return Path(load_recipe(recipe_path, list(sets)).training.output_dir)
 
 
 def test_two_gloo_ranks_equal_one_process(tiny_models, text_data, tmp_path):
@@ -82,6 +83,13 @@ def test_two_gloo_ranks_equal_one_process(tiny_models, text_data, tmp_path):
     w_got = load_file(str(tmp_path / "two" / "model" / "model.safetensors"))
     assert w_ref.keys() == w_got.keys()
     assert all(torch.equal(w_ref[k], w_got[k]) for k in w_ref)
+
+    # The ranks' checkpoint is the in-memory zo2 format: one process resumes it and ends where both runs did.
+    two = reference(recipe, f"training.output_dir={tmp_path / 'two'}",
+                    resume=str(tmp_path / "two" / "checkpoints" / "step-00000002"))
+    assert [comparable(r) for r in read_metrics(two / "metrics.jsonl")] == [comparable(r) for r in ref]
+    w_resumed = load_file(str(two / "model" / "model.safetensors"))
+    assert all(torch.equal(w_ref[k], w_resumed[k]) for k in w_ref)
 
 
 def test_ranks_share_micro_batches_contiguously_and_unevenly():

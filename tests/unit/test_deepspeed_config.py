@@ -260,3 +260,25 @@ def test_deepspeeds_parser_rejects_an_unknown_zero_key(files):
     cfg["zero_optimization"]["offload_params"] = {"device": "cpu"}
     with pytest.raises(Exception, match="offload_params"):
         DeepSpeedConfig(cfg)
+
+
+def test_the_mapping_imports_no_torch_and_the_launcher_none_at_import():
+    """The mapping is pure like plan/ (tested without torch or DeepSpeed); the launcher imports torch only
+    inside the function that plans a DeepSpeed run."""
+    import ast
+
+    pkg = Path(__file__).parents[2] / "fuyoucli" / "distributed"
+
+    def imports(path: Path, top_level_only: bool) -> set[str]:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        nodes = tree.body if top_level_only else list(ast.walk(tree))
+        names = set()
+        for node in nodes:
+            if isinstance(node, ast.Import):
+                names.update(a.name.split(".")[0] for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module.split(".")[0])
+        return names
+
+    assert not imports(pkg / "deepspeed_config.py", top_level_only=False) & {"torch", "deepspeed", "rich"}
+    assert not imports(pkg / "launch.py", top_level_only=True) & {"torch", "deepspeed", "rich"}
