@@ -67,7 +67,7 @@ def check_batch(config: dict, recipe: Recipe, world: int) -> tuple[int, int]:
 
 
 def run(recipe: Recipe, config: dict, sinks: list, *, overwrite: bool = False, resume: str | bool | None = None,
-        recipe_path: str | None = None):
+        recipe_path: str | None = None, gradient_checkpointing: bool = False):
     import deepspeed
     import torch.distributed as dist
 
@@ -115,6 +115,8 @@ def run(recipe: Recipe, config: dict, sinks: list, *, overwrite: bool = False, r
     # Every rank builds the model on the host; deepspeed.initialize partitions it (ZeRO-3) and places it.
     model = load_model(recipe.model, recipe.peft, seed=seed, pad_token_id=tokenizer.pad_token_id,
                        num_labels=num_labels, device="cpu")
+    if gradient_checkpointing:  # the plan recomputes activations in the backward rather than keeping them
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable, n_total = sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
     engine, _, _, _ = deepspeed.initialize(model=model, config=config,
@@ -226,6 +228,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--resume", nargs="?", const="newest", default=None)
     p.add_argument("--display", choices=("plain", "quiet", "json"), default="plain")
+    p.add_argument("--gradient-checkpointing", action="store_true")
     return p
 
 
@@ -249,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         resume = None if args.resume is None else (True if args.resume == "newest" else args.resume)
         command = args.recipe + "".join(f" --set {s}" for s in args.set_)
         run(recipe, config, _sinks(recipe, args.display) if rank == 0 else [], overwrite=args.overwrite,
-            resume=resume, recipe_path=command)
+            resume=resume, recipe_path=command, gradient_checkpointing=args.gradient_checkpointing)
     except KeyboardInterrupt:
         if rank == 0:
             print("fuyou: interrupted", file=sys.stderr)

@@ -114,7 +114,8 @@ def deepspeed_launcher() -> str:
 
 def deepspeed_command(launcher: str, *, nproc: int, config: Path, recipe: str, sets: list[str],
                       hostfile: Path | None = None, port: int | None = None, overwrite: bool = False,
-                      resume: str | bool | None = None, display: str = "plain") -> list[str]:
+                      resume: str | bool | None = None, display: str = "plain",
+                      gradient_checkpointing: bool = False) -> list[str]:
     """`deepspeed [--hostfile H] --num_gpus N --module fuyoucli.distributed.deepspeed_train ...`.
     LOCAL_RANK comes from the environment (--no_local_rank), as torchrun passes it."""
     cmd = [launcher]
@@ -125,6 +126,8 @@ def deepspeed_command(launcher: str, *, nproc: int, config: Path, recipe: str, s
         cmd += ["--master_port", str(port)]
     cmd += ["--no_local_rank", "--module", DEEPSPEED_ENTRY, "--deepspeed-config", str(config),
             *worker_args(recipe, sets, overwrite=overwrite, resume=resume, display=display)]
+    if gradient_checkpointing:
+        cmd.append("--gradient-checkpointing")
     return cmd
 
 
@@ -153,8 +156,9 @@ def hostfile_hosts(path: Path) -> int:
     return len(hosts)
 
 
-def write_run_config(recipe, *, world: int) -> Path:
-    """Plan the recipe on this machine and write OUTPUT_DIR/deepspeed/ds_config.json (+ .notes.md)."""
+def write_run_config(recipe, *, world: int):
+    """Plan the recipe on this machine and write OUTPUT_DIR/deepspeed/ds_config.json (+ .notes.md).
+    Returns (the config's path, the plan or None)."""
     from fuyoucli.distributed.deepspeed_config import deepspeed_config, write_export
     from fuyoucli.model.inventory import inventory
     from fuyoucli.train.planning import plan_for_run
@@ -170,7 +174,7 @@ def write_run_config(recipe, *, world: int) -> Path:
                               compute_device="cuda" if torch.cuda.is_available() else "cpu")
     path, _ = write_export(export, Path(recipe.training.output_dir) / "deepspeed" / "ds_config.json",
                            recipe=recipe, plan=plan, world_size=world)
-    return path
+    return path, plan
 
 
 def _profile_or_none(recipe):
@@ -196,10 +200,13 @@ def launch(recipe, *, recipe_path: str, sets: list[str], engine: str, nproc: int
             raise FuyouError(f"output directory {out_dir} already holds a run; set training.output_dir elsewhere, "
                              "pass --overwrite to replace it, or --resume to continue it")
         world = nproc * (hostfile_hosts(hostfile) if hostfile is not None else 1)
-        config = write_run_config(recipe, world=world)
+        config, plan = write_run_config(recipe, world=world)
+        # The plan's recomputed activations become the model's gradient checkpointing (DeepSpeed's own
+        # activation_checkpointing section only serves models written for deepspeed.checkpointing).
+        recompute = plan is not None and any(b.activation == "recompute" for b in plan.blocks)
         cmd = deepspeed_command(launcher, nproc=nproc, config=config, recipe=recipe_path, sets=sets,
                                 hostfile=hostfile, port=None if hostfile else free_port(), overwrite=overwrite,
-                                resume=resume, display=display)
+                                resume=resume, display=display, gradient_checkpointing=recompute)
         return run_deepspeed(cmd)
     if hostfile is not None:
         raise FuyouError("--hostfile is for --engine deepspeed; the fuyou engine's --nproc ranks run on this "

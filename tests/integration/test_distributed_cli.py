@@ -100,8 +100,13 @@ def test_deepspeed_launch_command():
                    "out/deepspeed/ds_config.json", "r.yaml", "--set", "training.max_steps=5", "--display", "quiet",
                    "--resume"]
     multi = launch.deepspeed_command("ds", nproc=8, config=Path("c.json"), recipe="r.yaml", sets=[],
-                                     hostfile=Path("hosts"), overwrite=True)
+                                     hostfile=Path("hosts"), overwrite=True, gradient_checkpointing=True)
     assert multi[:5] == ["ds", "--hostfile", "hosts", "--num_gpus", "8"] and "--overwrite" in multi
+    assert multi[-1] == "--gradient-checkpointing"
+    from fuyoucli.distributed.deepspeed_train import _parser
+
+    parsed = _parser().parse_args(multi[multi.index("--deepspeed-config"):])
+    assert parsed.recipe == "r.yaml" and parsed.overwrite and parsed.gradient_checkpointing
 
 
 def test_rank_environment_and_hostfile(tmp_path):
