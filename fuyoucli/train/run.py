@@ -250,7 +250,8 @@ def finetune(recipe: Recipe, sinks: list[Sink] | None = None, *, overwrite: bool
             start_step=start, planned=_planned(plan),
         ))
         if ckpt is None:
-            first_eval = last_eval = evaluate(trainer, data, recipe, device, step=0)
+            first_eval = last_eval = (evaluate(trainer, data, recipe, device, step=0)
+                                      if recipe.training.eval_before else None)
             if first_eval:
                 all_sinks.emit(first_eval)
             stream = MicroBatches(data, recipe, device)

@@ -49,7 +49,11 @@ def test_finetune_end_to_end_and_refuses_to_clobber(tmp_path, tiny_models, text_
     assert "already holds a run" in again.stderr and "--overwrite" in again.stderr
     assert "Traceback" not in again.stderr
     assert (out / "metrics.jsonl").read_bytes() == before  # nothing lost
-    assert fuyou("finetune", str(recipe), "--overwrite", "--quiet").returncode == 0
+    assert [r["step"] for r in rows if r["kind"] == "eval"] == [0, 4]  # before and after
+    # --overwrite replaces the run; eval_before: false skips the starting model's evaluation.
+    assert fuyou("finetune", str(recipe), "--overwrite", "--quiet", "--set", "training.eval_before=false").returncode == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "eval"] == [3]
 
 
 BAD = {
