@@ -158,7 +158,8 @@ def run(recipe: Recipe, config: dict, sinks: list, *, overwrite: bool = False, r
                     f"micro-batch {micro_size} x {accum} per rank",
             total_steps=steps, trainable_params=n_trainable, total_params=n_total, train_examples=len(data.train),
             eval_examples=len(data.eval), output_dir=str(out_dir), start_step=start))
-        first_eval = last_eval = evaluate(evaluator, data, recipe, engine.device, step=start) if not start else None
+        first_eval = last_eval = (evaluate(evaluator, data, recipe, engine.device, step=0)
+                                  if not start and t.eval_before else None)
         if first_eval:
             all_sinks.emit(first_eval)
         with StopRequests(t.checkpoint_on_interrupt) as stop:

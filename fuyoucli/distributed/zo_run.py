@@ -115,7 +115,8 @@ def finetune_data_parallel(recipe: Recipe, ranks, sinks: list | None = None, *, 
             total_params=sum(p.numel() for p in params), train_examples=len(data.train),
             eval_examples=len(data.eval), output_dir=str(out_dir), notes=tuple(notes), start_step=start))
         if ckpt is None:
-            first_eval = last_eval = evaluate(trainer, data, recipe, device, step=0)
+            first_eval = last_eval = (evaluate(trainer, data, recipe, device, step=0)
+                                      if recipe.training.eval_before else None)
             if first_eval:
                 all_sinks.emit(first_eval)
             stream = MicroBatches(data, recipe, device)
