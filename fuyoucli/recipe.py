@@ -189,12 +189,12 @@ class TrainingConfig(_Config):
     """Seeds the data order, the LoRA/head init and every zeroth-order perturbation."""
     eval_every: int = Field(0, ge=0)
     """Evaluate every N steps (0: only before and after training)."""
-    eval_batch_size: int | None = Field(None, ge=1)
-    """Micro-batch size for evaluation (default: batch_size)."""
-    log_every: int = Field(1, ge=1)
     eval_before: bool = True
     """Evaluate the starting model before the first step (false: skip it, e.g. when several seeds of
     one recipe start from the same weights and its figure is known)."""
+    eval_batch_size: int | None = Field(None, ge=1)
+    """Micro-batch size for evaluation (default: batch_size)."""
+    log_every: int = Field(1, ge=1)
     """Print a progress line every N steps (metrics.jsonl always gets every step)."""
     output_dir: str = "runs/fuyou"
     """Where metrics.jsonl and the final model are written."""
