@@ -5,6 +5,7 @@ Llama-shaped model and the same batches, and the ratios are printed side by side
   python benchmarks/zo2.py            # ~0.5 GB model
   python benchmarks/zo2.py --quick    # ~0.1 GB model, a minute on 2 cores
   python benchmarks/zo2.py --device cuda
+  python benchmarks/zo2.py --quick --variant conservative   # or momentum, sign
 The SSD bound uses the disk figures of the saved hardware profile when one exists (`fuyou profile`),
 else a short sequential read/write measurement in the swap directory.
 """
@@ -70,7 +71,7 @@ def one(args) -> dict:
     batches = [[{"input_ids": (ids := torch.randint(0, size["vocab_size"], (size["batch"], size["seq"]))).to(device),
                  "attention_mask": torch.ones_like(ids).to(device), "labels": ids.to(device)}]
                for _ in range(size["steps"] + 1)]
-    method = ZO2Method(name="zo2", lr=1e-6, eps=1e-3)
+    method = ZO2Method(name="zo2", lr=1e-6, eps=1e-3, variant=args.variant)
     mode = args.one
     if mode == "memory":
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
@@ -152,6 +153,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--swap", default=None, help="swap directory for the SSD tier (default: a temp dir here)")
+    parser.add_argument("--variant", default="sgd", choices=["sgd", "sign", "momentum", "conservative"],
+                        help="the zo2 variant every mode runs (default sgd)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--size", help=argparse.SUPPRESS)
@@ -168,7 +171,7 @@ def main() -> None:
         results = {}
         for mode in modes:
             cmd = [sys.executable, __file__, "--one", mode, "--model", str(model_dir), "--size", size_name,
-                   "--device", args.device, "--swap", str(swap)]
+                   "--device", args.device, "--swap", str(swap), "--variant", args.variant]
             out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
             if out.returncode != 0:
                 print(out.stderr[-3000:], file=sys.stderr)
@@ -179,7 +182,8 @@ def main() -> None:
     mem = results["memory"]["step_s"]
     size = SIZES[size_name]
     print(f"ZO2 benchmark ({size_name}): Llama-shaped, {size['num_hidden_layers']} layers, hidden {size['hidden_size']}, "
-          f"{model_bytes / 2**20:.0f} MiB fp32; batch {size['batch']}x{size['seq']} tokens, q=1; device {args.device}")
+          f"{model_bytes / 2**20:.0f} MiB fp32; batch {size['batch']}x{size['seq']} tokens, q=1, variant {args.variant}; "
+          f"device {args.device}")
     print("RSS columns: anonymous memory (MiB) after loading, after placing the weights, highest seen during the")
     print("steps; the last column is the process's peak RSS including mapped file pages.")
     print(f"{'mode':<10}{'step s':>9}{'vs memory':>11}{'loaded':>9}{'placed':>9}{'steps':>9}{'peak RSS':>10}{'device':>9}")

@@ -59,8 +59,11 @@ class ZO2Method(_MethodBase):
     """Perturbation scale. MeZO: 1e-3 full-parameter, 1e-2 with LoRA."""
     q: int = Field(1, ge=1, le=64)
     """Random directions per step; the update averages their projected gradients."""
-    variant: Literal["sgd", "sign", "momentum"] = "sgd"
-    """sgd: w -= lr*g*z. sign: w -= lr*sign(g*z). momentum: m = beta*m + g*z; w -= lr*m."""
+    variant: Literal["sgd", "sign", "momentum", "conservative"] = "sgd"
+    """sgd: w -= lr*g*z. sign: w -= lr*sign(g*z). momentum: m = beta*m + g*z (fp32, kept beside the weights);
+    w -= lr*m. conservative (ZO-Bench's ZO-SGD-Cons): with u = lr*g*z, also evaluate the loss at w, w - u
+    and w + u on the step's batches and keep the lowest (ties: w - u, then w): 3 more forward passes
+    per step (streamed: a second pass over the layers, read-only)."""
     momentum: float = Field(0.9, ge=0, lt=1)
     """beta of the momentum variant (only allowed with variant: momentum)."""
 

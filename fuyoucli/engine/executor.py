@@ -77,8 +77,10 @@ class WeightStore:
     """Where timed spans go (a telemetry Timeline the trainer sets); NULL records nothing."""
 
     def __init__(self, units: list[StreamUnit], *, lanes, arena: DeviceArena, slots: int,
-                 ssd: SsdStore | None, pin: bool, source=None):
+                 ssd: SsdStore | None, pin: bool, source=None, key_prefix: str = "block"):
         self.units = {u.index: u for u in units}
+        self.key_prefix = key_prefix
+        """Names this store's SSD files (two stores may share one SsdStore: weights and zo2 momentum)."""
         self.source = source
         self.lanes, self.arena, self.ssd = lanes, arena, ssd
         self.stats = TransferStats()
@@ -131,9 +133,8 @@ class WeightStore:
                 # their storage is swapped in from a slot only while the block computes.
                 p.data = torch.empty(0, dtype=p.dtype, device=self.arena.device)
 
-    @staticmethod
-    def _key(u: StreamUnit) -> str:
-        return f"block-{u.index:04d}"
+    def _key(self, u: StreamUnit) -> str:
+        return f"{self.key_prefix}-{u.index:04d}"
 
     # -- the three operations the schedule names --------------------------------------------------
 

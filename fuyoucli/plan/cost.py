@@ -9,7 +9,9 @@ Overlap model (pipelined per block, as Fuyou and ZO2 run it): within a phase, a 
 one before, so a phase takes the busiest resource's total plus a fill (the first streamed block's
 fetch, less the compute of resident blocks before it) and a drain (the last streamed block's
 write-back). With prefetch depth 0 nothing overlaps: the phase is the sum of everything. A zo2 step
-is one phase (all 2*q forward passes run while each block is resident); a first-order step is a
+is one phase (all 2*q forward passes run while each block is resident), plus for the conservative
+variant a second, read-only one (each streamed block fetched again, 3 forward passes: w, w - u,
+w + u); a first-order step is a
 forward phase and a backward phase (blocks re-fetched in reverse, gradients D2H as produced, CPU
 AdamW of block i overlapped with the backward of block i-1). Execution is layer-major: all
 micro-batches of a step pass through a block while it is on the device.
@@ -164,6 +166,7 @@ def estimate(inv: ModelInventory, wl: Workload, machine: Machine, pl: Placement)
     mom = 4 if (zo and wl.zo_momentum) else 0
     opt_per_param = optimizer_bytes_per_param(wl)
     passes = 2 * wl.q if zo else 1
+    cons = zo and wl.zo_conservative  # 3 more passes, in a second phase over the blocks
 
     # Per-block byte counts. Under LoRA the trainable adapters (and a new head) stay on the device;
     # only the frozen base streams, read-only, in the compute dtype.
@@ -228,14 +231,19 @@ def estimate(inv: ModelInventory, wl: Workload, machine: Machine, pl: Placement)
             dev["streaming buffers"] += 2 * grad_buf  # gradients of one block filling, one draining
             if not cpu:
                 pool += 2 * grad_buf  # where they land on the host
-    # Work buffers: the compute-dtype copy a block computes with (zo2 forms cast(home +/- eps*z)
-    # there; a cast when home and compute dtypes differ) and one tensor's z in fp32.
-    if zo and not wl.lora:
-        dev["work buffers"] = max(s.params for s in blocks) * cb + max(s.max_tensor_params for s in blocks) * 4
+    # Work buffers (zo2, allocated once by the engine): the compute-dtype copy a streamed block computes
+    # with (cast(home +/- eps*z) is formed there), z for the largest trainable block in fp32 (one
+    # direction's z serves both its passes), and for the largest trainable tensor the update direction
+    # (plus the fp32 working copy of a half-precision home): updates go tensor by tensor.
+    if zo:
+        largest = max((s.trainable_params for s in blocks), default=0)
+        tensor = max((min(s.max_tensor_params, s.trainable_params) for s in blocks), default=0)
+        compute_copy = 0 if wl.lora else max((blocks[i].params for i in streamed), default=0) * cb
+        dev["work buffers"] = compute_copy + largest * 4 + (2 if hb != 4 else 1) * tensor * 4
     # Activations.
     layer_internal = max((s.internal_elems_per_token for s in blocks), default=0)
     if zo:
-        dev["activations"] = (2 * wl.q * T * h + Tm * layer_internal) * cb
+        dev["activations"] = (max(2 * wl.q, 3 if cons else 0) * T * h + Tm * layer_internal) * cb
     else:
         saved, transient = 0, Tm * layer_internal * cb
         for i, s in enumerate(blocks):
@@ -307,6 +315,7 @@ def estimate(inv: ModelInventory, wl: Workload, machine: Machine, pl: Placement)
     small_rate = _small_product_rate(machine, wl) or rate
     flops_step = 0.0
     phases: list[list[list[float]]] = []
+    reversed_phase: list[bool] = []
     if zo:
         h2d_bps, d2h_bps = link_rates(writeback)
         engine = bool(streamed)  # the streamed engine runs the step; with nothing streamed, the reference
@@ -325,6 +334,20 @@ def estimate(inv: ModelInventory, wl: Workload, machine: Machine, pl: Placement)
             write_back(i, v, d2h_bps)
             per.append(v)
         phases.append(per)
+        reversed_phase.append(False)
+        if cons:
+            second = []
+            for i, s in enumerate(blocks):
+                v = [0.0] * _N
+                flops_step += 3 * T * s.forward_flops_per_token(wl.seq_len)
+                v[GPU] = 3 * (product_s(machine, wl, s, T, micro_batches, rate)
+                              + work.forward_extra_s(machine, wl, inv, s, T, Tm, small_rate))
+                v[GPU] += work.zo_candidates_s(machine, wl, s, pl.home_dtype, engine=engine,
+                                               tied_embed=tied_embed and s.name == "embed")
+                fetch(i, v, machine.h2d_bps)  # read-only: nothing goes back
+                second.append(v)
+            phases.append(second)
+            reversed_phase.append(False)
     else:
         swaps = any(a == "swap" for a in pl.activation)
         fwd, bwd = [], []
@@ -392,12 +415,13 @@ def estimate(inv: ModelInventory, wl: Workload, machine: Machine, pl: Placement)
             bwd.append(w)
         phases.append(fwd)
         phases.append(list(reversed(bwd)))
+        reversed_phase += [False, True]
 
     totals = [0.0] * _N
     step = 0.0
     order = list(range(n))
     for p, per in enumerate(phases):
-        idx = order if p == 0 else list(reversed(order))
+        idx = list(reversed(order)) if reversed_phase[p] else order
         for v in per:
             for r in range(_N):
                 totals[r] += v[r]

@@ -105,6 +105,7 @@ def workload_from_recipe(recipe: Recipe) -> Workload:
                     batch_size=recipe.training.batch_size, seq_len=recipe.data.max_length,
                     grad_accum=recipe.training.grad_accum, q=m.q if zo else 1,
                     zo_momentum=zo and m.variant == "momentum",
+                    zo_conservative=zo and m.variant == "conservative",
                     clips_grads=not zo and m.max_grad_norm is not None,
                     loss_positions_fraction=loss_positions_fraction(recipe))
 

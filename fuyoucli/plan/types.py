@@ -110,6 +110,9 @@ class Workload:
     """zo2: random directions per step (2*q forward passes); 1 for adamw."""
     zo_momentum: bool = False
     """zo2 variant momentum: an fp32 momentum buffer travels with each trainable weight."""
+    zo_conservative: bool = False
+    """zo2 variant conservative: 3 more forward passes per step (at w, w - u, w + u), a second pass over
+    the streamed layers (read-only)."""
     clips_grads: bool = False
     """first-order: max_grad_norm is set (the gradients are scaled in place when the norm exceeds it,
     as it does in most steps early on)."""

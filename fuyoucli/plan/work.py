@@ -6,17 +6,21 @@ tensor; by tensor size). On a GPU all of it is memory bound and small next to th
 drawing z is compute bound (a few ns per number) and, with the forward's norms, activations and
 residual adds, takes as long as the products do. The counts, per trainable parameter:
 
-- zo2 streamed engine (train/zo_streamed.py), a streamed layer: the deferred update (update_home:
-  zeros for the direction, per direction z drawn into the z buffer + one axpy, then one axpy into
-  the weights), z drawn once per direction into the buffer, and per variant (2 per direction) the
-  perturbed copy cast(home + s*eps*z) (a scaled z and a sum, two new tensors, then a copy). On a
-  CPU the fetch and the write-back are host memcpys made by the same cores.
+- zo2 streamed engine (train/zo_streamed.py), a streamed layer: the deferred update (update_home into
+  the engine's buffers: the direction zeroed, per direction z drawn into the z buffer + one axpy, then
+  one axpy into the weights), z drawn once per direction into the buffer, and per variant (2 per
+  direction) the perturbed copy cast(home + s*eps*z) (the scaled z into the direction buffer, the sum
+  into the compute copy, or into the buffer and then cast). Nothing is allocated: every buffer is the
+  engine's, made once. On a CPU the fetch and the write-back are host memcpys made by the same cores.
 - zo2 streamed engine, a resident block (embed, head, resident layers; LoRA adapters): z drawn into
-  a new tensor once per direction, the perturbed copy per variant, after the step the update with z
+  the z buffer once per direction, the perturbed copy per variant, after the step the update with z
   drawn anew, and a copy of the updated home into the model. A tied embedding is drawn and perturbed
   again for the head in every variant.
 - zo2 in-memory reference (train/zo.py): per variant z drawn anew and the perturbed copy for every
-  block, the update (z drawn a third time per direction), and the copy of home into the model.
+  block (new tensors), the update (z drawn a third time per direction), and the copy of home into the
+  model.
+- zo2 variant conservative (zo_candidates_s): for w - u and w + u each, the step's direction formed
+  again (z drawn again per direction) and the candidate from it; w copied; three more forward passes.
 - first-order (train/first_order.py): new fp32 gradients, the global norm (one read), and for a
   half-precision model the fp32 copy of the gradients and the copy of the master weights back.
 - a forward, per block: the traced elementwise elements (inventory), the attention products at the
@@ -83,22 +87,30 @@ def rates_at(machine: Machine, numel: int) -> Rates:
 # ---- zo2: z, perturbations, updates ------------------------------------------------------------
 
 
-def _perturb_s(r: Rates, hb: int, cb: int) -> float:
-    """w.copy_(home + (s*eps) * z) per parameter: s*eps*z (read 4, write 4 new), home + that (read
-    hb + 4, write 4 new), the copy into the compute dtype (read 4, write cb)."""
-    return (8 + hb + 8 + 4 + cb) * r.inplace_s + 8 * r.alloc_s
+def _perturb_s(r: Rates, hb: int, cb: int, fresh: bool) -> float:
+    """w.copy_(home + (s*eps) * z) per parameter. `fresh` (the reference): s*eps*z (read 4, write 4
+    new), home + that (read hb + 4, write 4 new), the copy into the compute dtype (read 4, write cb).
+    The engine writes the same into its buffers: the scaled z (8), a half-precision home widened into
+    the fp32 working buffer (hb + 4), the sum straight into fp32 weights (hb + 8, or 12 from the
+    widened copy), else into the buffer and then cast (4 + cb)."""
+    if fresh:
+        return (8 + hb + 8 + 4 + cb) * r.inplace_s + 8 * r.alloc_s
+    home = hb + 8 if hb == 4 else hb + 4 + 12
+    return (8 + home + (0 if cb == 4 else 4 + cb)) * r.inplace_s
 
 
-def _update_s(r: Rates, q: int, hb: int, z_new: bool, momentum: bool) -> float:
+def _update_s(r: Rates, q: int, hb: int, z_new: bool, momentum: bool, fresh: bool) -> float:
     """update_home per parameter: an fp32 working copy of a half-precision home (and the copy back),
-    a new zeroed direction, per direction z drawn and added, momentum, the step into the weights."""
-    s = 4 * r.inplace_s + 4 * r.alloc_s  # direction = zeros_like
+    the direction zeroed, per direction z drawn and added, momentum, the step into the weights.
+    `fresh`: the direction and the working copy are new tensors (the reference), else buffers."""
+    new = 4 * r.alloc_s if fresh else 0.0
+    s = 4 * r.inplace_s + new  # the direction, zeroed
     s += q * (r.randn_s + (4 * r.alloc_s if z_new else 0.0) + 12 * r.inplace_s)
     s += 12 * r.inplace_s  # h.add_(g, alpha=-lr)
     if momentum:
         s += 20 * r.inplace_s  # m.mul_(beta).add_(g)
     if hb != 4:
-        s += (hb + 4) * r.inplace_s + 4 * r.alloc_s + (4 + hb) * r.inplace_s
+        s += (hb + 4) * r.inplace_s + new + (4 + hb) * r.inplace_s
     return s
 
 
@@ -115,15 +127,41 @@ def zo_block_s(machine: Machine, wl: Workload, spec: BlockSpec, home_dtype: str,
     hb = cb if wl.lora else DTYPE_BYTES[home_dtype]
     mom = wl.zo_momentum
     copy_home = (hb + cb) * r.inplace_s
-    z_new = r.randn_s + 4 * r.alloc_s
     if not engine:
-        per = v * (z_new + _perturb_s(r, hb, cb)) + _update_s(r, q, hb, True, mom) + copy_home
+        z_new = r.randn_s + 4 * r.alloc_s
+        per = v * (z_new + _perturb_s(r, hb, cb, True)) + _update_s(r, q, hb, True, mom, True) + copy_home
     elif streamed:
-        per = _update_s(r, q, hb, False, mom) + q * r.randn_s + v * _perturb_s(r, hb, cb)
+        per = _update_s(r, q, hb, False, mom, False) + q * r.randn_s + v * _perturb_s(r, hb, cb, False)
     else:
-        per = q * z_new + v * _perturb_s(r, hb, cb) + _update_s(r, q, hb, True, mom) + copy_home
+        per = q * r.randn_s + v * _perturb_s(r, hb, cb, False) + _update_s(r, q, hb, False, mom, False) + copy_home
         if tied_embed:
-            per += v * (z_new + _perturb_s(r, hb, cb))
+            per += v * (r.randn_s + _perturb_s(r, hb, cb, False))
+    return p * per
+
+
+def zo_candidates_s(machine: Machine, wl: Workload, spec: BlockSpec, home_dtype: str, *, engine: bool,
+                    tied_embed: bool) -> float:
+    """Seconds of the conservative variant's candidates on one block's trainable parameters: for each of
+    w - u and w + u the step's direction formed again tensor by tensor (z drawn again per direction;
+    the engine in its buffers, the reference in new tensors) and an axpy cast into the compute dtype;
+    and w copied. A tied embedding is formed again for the head, per candidate."""
+    p = spec.trainable_params
+    if p == 0 or not wl.zo_conservative:
+        return 0.0
+    r = rates_at(machine, spec.max_tensor_params)
+    q, cb = wl.q, DTYPE_BYTES[wl.compute_dtype]
+    hb = cb if wl.lora else DTYPE_BYTES[home_dtype]
+    half = (hb + 4) * r.inplace_s if hb != 4 else 0.0  # the fp32 working copy of a half home
+    copy_home = (hb + cb) * r.inplace_s
+    if not engine:
+        direction = 4 * (r.inplace_s + r.alloc_s) + q * (r.randn_s + 4 * r.alloc_s + 12 * r.inplace_s)
+        cand = half + 12 * r.inplace_s + 4 * r.alloc_s + (4 + cb) * r.inplace_s
+        return p * (2 * (direction + cand) + copy_home)
+    direction = 4 * r.inplace_s + q * (r.randn_s + 12 * r.inplace_s)
+    cand = half + 12 * r.inplace_s + (0.0 if cb == 4 else (4 + cb) * r.inplace_s)
+    per = 2 * (direction + cand) + copy_home
+    if tied_embed:
+        per += 2 * (direction + cand) + copy_home
     return p * per
 
 

@@ -85,7 +85,7 @@ def checkpoint_bytes(recipe: Recipe, trainable_params: int, params: int) -> tupl
     t = recipe.training
     if recipe.method.name == "zo2":
         home = 4 if recipe.offload.home_dtype in ("auto", "float32") else DTYPE_BYTES[recipe.offload.home_dtype]
-        per = home * (2 if recipe.method.variant == "momentum" else 1)
+        per = home + (4 if recipe.method.variant == "momentum" else 0)  # the momentum is fp32
     else:
         per = 4 * 3  # fp32 master + exp_avg + exp_avg_sq
     one = trainable_params * per if (t.checkpoint_every or t.checkpoint_minutes or t.checkpoint_on_interrupt) else 0

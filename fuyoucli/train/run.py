@@ -273,7 +273,7 @@ def finetune(recipe: Recipe, sinks: list[Sink] | None = None, *, overwrite: bool
                 if not math.isfinite(res.loss) and not res.skipped:
                     raise TrainingDiverged(f"the loss became {res.loss} at step {step}: lower method.lr "
                                            f"(now {m.lr:g}) or use float32/bfloat16")
-                checkpointer.record(step, res.projected_grads, lr)
+                checkpointer.record(step, res.projected_grads, lr if res.applied_lr is None else res.applied_lr)
                 # tokens: the step's input tokens (padding excluded), what throughput is measured in;
                 # target_tokens: those the loss is over (answers, label words).
                 tokens = int(sum(int(mb["attention_mask"].sum()) for mb in micro))

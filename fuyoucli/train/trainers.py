@@ -30,6 +30,9 @@ class StepOutcome:
     extra: dict[str, float] = field(default_factory=dict)
     projected_grads: tuple[float, ...] = ()
     """zo2: the step's projected gradient per direction (with the lr, all a seed ledger records)."""
+    applied_lr: float | None = None
+    """zo2: the lr the update was applied with, when it is not the scheduled one (conservative variant:
+    c * lr, 0 for a rejected step); what the seed ledger records."""
     spans: tuple[Span, ...] = ()
     """What each lane did during the step (compute, copies, SSD, CPU optimizer, waits), for the trace."""
 
@@ -88,7 +91,11 @@ def _timed_compute(out: StepOutcome, step: int, start: float) -> StepOutcome:
 def _zo_outcome(res: ZOStepResult) -> StepOutcome:
     grads = res.projected_grads
     extra = {"projected_grad": grads[0]} if len(grads) == 1 else {"projected_grad_mean": sum(grads) / len(grads)}
-    return StepOutcome(res.loss, res.tokens, False, extra, tuple(grads))
+    if res.candidate_losses is not None:
+        # conservative variant: which candidate was kept (+1: w - u, the normal step; 0: w; -1: w + u)
+        extra["zo_candidate"] = float(res.candidate)
+        extra.update(zip(("loss_w_minus_u", "loss_w", "loss_w_plus_u"), res.candidate_losses))
+    return StepOutcome(res.loss, res.tokens, False, extra, tuple(grads), applied_lr=res.applied_lr)
 
 
 # Checkpoint state, the same in every adapter: state_dict() -> (tensors, meta) and load_state_dict(tensors,

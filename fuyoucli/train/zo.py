@@ -6,12 +6,18 @@ The arithmetic is defined block by block so that a streamed implementation can r
 - the weights a forward pass sees are cast(home +/- eps * z), always computed from the unperturbed
   fp32 home copy, so nothing drifts (no in-place perturb/restore round-off, MeZO issue 42);
 - the update is home -= lr * (direction term + weight_decay * home), in fp32 (decay on matrices only);
-  the home copy is fp32 unless the plan stores it in bfloat16/float16 (then rounded once per update).
+  the home copy is fp32 unless the plan stores it in bfloat16/float16 (then rounded once per update);
+  the momentum buffer (variant momentum) is fp32 whatever the home dtype;
+- variant conservative (ZO-Bench's ZO-SGD-Cons): with u = lr * (direction + weight_decay * home), the
+  step also evaluates the loss at w, w - u and w + u on the same micro-batches and keeps the lowest
+  (ties: w - u, then w), i.e. the update is applied with c * lr, c in {+1, 0, -1}. The candidates'
+  weights are computed exactly as the update would compute them, so the kept one is what was evaluated.
 Dropout is off (model.eval()): both passes of a direction must compute the same function.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +26,9 @@ from fuyoucli.model.blocks import ParamBlock, block_generator, block_seed
 from fuyoucli.recipe import ZO2Method
 from fuyoucli.train.losses import batch_loss
 
+CANDIDATES = (1, 0, -1)
+"""Conservative variant: the update multipliers c (w - c*u), in the order ties are broken."""
+
 
 @dataclass
 class ZOStepResult:
@@ -27,6 +36,24 @@ class ZOStepResult:
     """Mean of the +eps and -eps losses over all directions (an estimate of the loss at w)."""
     projected_grads: list[float]
     tokens: int
+    applied_lr: float | None = None
+    """The lr the update was applied with: c * lr for the conservative variant (0: step rejected,
+    negative: reversed); None means the lr given. What a seed ledger must record to replay the step."""
+    candidate: int | None = None
+    """Conservative variant: the kept candidate's c (+1: w - u, the normal step; 0: w; -1: w + u)."""
+    candidate_losses: tuple[float, float, float] | None = None
+    """Conservative variant: the losses at w - u, w and w + u."""
+
+
+def choose_candidate(losses: dict[int, float]) -> int:
+    """The multiplier c whose candidate has the lowest loss; ties (and NaN, treated as +inf) keep the
+    earlier one in CANDIDATES, so an all-NaN step still takes the normal step (and diverges loudly)."""
+    best = CANDIDATES[0]
+    key = lambda c: math.inf if math.isnan(losses[c]) else losses[c]  # noqa: E731
+    for c in CANDIDATES[1:]:
+        if key(c) < key(best):
+            best = c
+    return best
 
 
 def draw_z(seed: int, step: int, direction: int, block: int, shapes, device: torch.device, out=None):
@@ -42,33 +69,96 @@ def draw_z(seed: int, step: int, direction: int, block: int, shapes, device: tor
     return out
 
 
-@torch.no_grad()
-def update_home(home: list[torch.Tensor], z_of: "callable", grads: list[float], lr: float, method: ZO2Method,
-                momentum: list[torch.Tensor] | None = None) -> None:
-    """home -= lr * (sum_d g_d z_d / q [sign / momentum] + weight_decay * home), in place, in fp32.
+class ZStreams:
+    """z of one (step, block) for every direction, tensor by tensor: direction d's generator draws the
+    block's tensors in order, so each tensor's numbers are the ones draw_z makes for it (all at once).
+    What lets an update or a candidate work one tensor at a time, in tensor-sized buffers."""
 
-    `z_of(d)` returns direction d's z for these tensors. A bfloat16/float16 home is updated through
-    an fp32 copy and rounded once. Shared by the in-memory reference and the streamed engine, so both
-    do the same operations in the same order (bit-identical on one device).
+    def __init__(self, seed: int, step: int, block: int, q: int, device: torch.device):
+        self.device = device
+        self.gens = [block_generator(device, block_seed(seed, step, d, block)) for d in range(q)]
+
+    def draw(self, d: int, shape, out: torch.Tensor | None = None) -> torch.Tensor:
+        if out is None:
+            return torch.randn(shape, generator=self.gens[d], device=self.device, dtype=torch.float32)
+        return torch.randn(shape, generator=self.gens[d], device=self.device, dtype=torch.float32, out=out)
+
+
+@torch.no_grad()
+def tensor_direction(acc: torch.Tensor, home32: torch.Tensor, z_of: "callable", grads: list[float], method: ZO2Method,
+                     momentum: torch.Tensor | None = None, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """One tensor's update direction: sum_d g_d z_d / q [sign / momentum] + weight_decay * home.
+
+    `acc` (fp32, the tensor's shape) accumulates the sum and ends up holding the direction, except for
+    momentum without decay (then it is the momentum buffer itself, updated in place). `z_of(d)` gives
+    direction d's z of this tensor (called in order d = 0, 1, ...). `scratch` (fp32; may be z's own
+    buffer: z is dead once summed) holds weight_decay * home; without it a new tensor is made. Shared by
+    the update and the conservative candidates, so that both (and the streamed engine) do the same
+    operations in the same order.
     """
-    stored = home
-    home = [h if h.dtype == torch.float32 else h.float() for h in stored]
-    direction = [torch.zeros_like(h) for h in home]
+    acc.zero_()
     for d, g in enumerate(grads):
-        for acc, z in zip(direction, z_of(d)):
-            acc.add_(z, alpha=g / method.q)
+        acc.add_(z_of(d), alpha=g / method.q)
+    g_est = acc
+    if method.variant == "sign":
+        acc.sign_()
+    elif method.variant == "momentum":
+        momentum.mul_(method.momentum).add_(acc)
+        g_est = momentum
+    if method.weight_decay and home32.ndim >= 2:  # as in AdamW: no decay on biases and norms
+        if scratch is not None:
+            decay = torch.mul(home32, method.weight_decay, out=scratch)
+        else:
+            decay = home32 * method.weight_decay
+        g_est = torch.add(g_est, decay, out=acc)
+    return g_est
+
+
+def _buffer(flat: torch.Tensor | None, shape) -> torch.Tensor | None:
+    return None if flat is None else flat[: shape.numel()].view(shape)
+
+
+@torch.no_grad()
+def update_home(home: list[torch.Tensor], zs: ZStreams, grads: list[float], lr: float, method: ZO2Method,
+                momentum: list[torch.Tensor] | None = None, *, acc: torch.Tensor | None = None,
+                home32: torch.Tensor | None = None, zbuf: torch.Tensor | None = None) -> bool:
+    """home -= lr * (sum_d g_d z_d / q [sign / momentum] + weight_decay * home), in place, in fp32,
+    tensor by tensor (z from `zs`).
+
+    A bfloat16/float16 home is updated through an fp32 copy and rounded once. `acc`, `home32`, `zbuf`:
+    flat fp32 buffers at least as large as the largest tensor, for the direction, the fp32 copy and z;
+    without them new tensors are made. Shared by the in-memory reference and the streamed engine, so
+    both do the same operations in the same order (bit-identical on one device). A conservative step
+    applied with lr 0 (rejected) changes nothing and returns False.
+    """
+    if lr == 0 and method.variant == "conservative":
+        return False
     for i, h in enumerate(home):
-        g_est = direction[i]
-        if method.variant == "sign":
-            g_est = torch.sign(g_est)
-        elif method.variant == "momentum":
-            momentum[i].mul_(method.momentum).add_(g_est)
-            g_est = momentum[i]
-        if method.weight_decay and h.ndim >= 2:  # as in AdamW: no decay on biases and norms
-            g_est = g_est + method.weight_decay * h
-        h.add_(g_est, alpha=-lr)
-        if h is not stored[i]:
-            stored[i].copy_(h)
+        if h.dtype == torch.float32:
+            h32 = h
+        else:
+            h32 = h.float() if home32 is None else _buffer(home32, h.shape).copy_(h)
+        a = torch.empty_like(h32) if acc is None else _buffer(acc, h.shape)
+        z = _buffer(zbuf, h.shape)
+        g = tensor_direction(a, h32, lambda d: zs.draw(d, h.shape, out=z), grads, method,
+                             momentum[i] if momentum is not None else None, scratch=z)
+        h32.add_(g, alpha=-lr)
+        if h32 is not h:
+            h.copy_(h32)
+    return True
+
+
+@torch.no_grad()
+def candidate_into(dst: torch.Tensor, home32: torch.Tensor, g_est: torch.Tensor, alpha: float,
+                   home_dtype: torch.dtype, out32: torch.Tensor | None = None) -> None:
+    """dst := cast(home + alpha * g_est) as update_home with lr = -alpha would store it (rounded to the
+    home dtype first when that is neither fp32 nor dst's dtype). `out32`: an fp32 buffer for the sum
+    (may be dst itself when dst is fp32)."""
+    t = torch.add(home32, g_est, alpha=alpha) if out32 is None else torch.add(home32, g_est, alpha=alpha, out=out32)
+    if home_dtype != torch.float32 and home_dtype != dst.dtype:
+        t = t.to(home_dtype)
+    if t is not dst:
+        dst.copy_(t)
 
 
 class ZOReference:
@@ -81,7 +171,7 @@ class ZOReference:
         # The home copy is what the optimizer updates: fp32 by default (exact small updates), or the
         # plan's home dtype (half the bytes, updates rounded once per step).
         self.home = [[p.detach().to(home_dtype, copy=True) for _, p in b.params] for b in blocks]
-        self.momentum = ([[torch.zeros_like(h) for h in hb] for hb in self.home]
+        self.momentum = ([[torch.zeros_like(h, dtype=torch.float32) for h in hb] for hb in self.home]
                          if method.variant == "momentum" else None)
 
     def _z(self, step: int, direction: int, b: int):
@@ -94,6 +184,16 @@ class ZOReference:
             zs = self._z(step, direction, b) if scale else (None for _ in self.home[b])
             for (_, p), h, z in zip(block.params, self.home[b], zs):
                 p.copy_(h if z is None else h + scale * z)
+
+    @torch.no_grad()
+    def _load_candidate(self, step: int, grads: list[float], alpha: float) -> None:
+        """Model weights := cast(home + alpha * direction): the conservative variant's w -/+ u."""
+        for b, block in enumerate(self.blocks):
+            zs = ZStreams(self.seed, step, b, len(grads), self.home[b][0].device)
+            for (_, p), h in zip(block.params, self.home[b]):
+                h32 = h if h.dtype == torch.float32 else h.float()
+                g = tensor_direction(torch.empty_like(h32), h32, lambda d: zs.draw(d, h.shape), grads, self.method)
+                candidate_into(p, h32, g, alpha, h.dtype)
 
     @torch.no_grad()
     def _losses(self, micro_batches: list[dict]) -> tuple[float, int]:
@@ -115,14 +215,25 @@ class ZOReference:
             loss_minus, _ = self._losses(micro_batches)
             grads.append((loss_plus - loss_minus) / (2 * m.eps))
             losses += [loss_plus, loss_minus]
-        self._update(step, grads, lr)
+        applied, kept, candidates = lr, None, None
+        if m.variant == "conservative":
+            found = {}
+            for c in CANDIDATES:
+                if c == 0:
+                    self._load(step, 0, 0.0)
+                else:
+                    self._load_candidate(step, grads, -(c * lr))
+                found[c] = self._losses(micro_batches)[0]
+            kept = choose_candidate(found)
+            applied, candidates = kept * lr, (found[1], found[0], found[-1])
+        self._update(step, grads, applied)
         self._load(step, 0, 0.0)
-        return ZOStepResult(sum(losses) / len(losses), grads, tokens)
+        return ZOStepResult(sum(losses) / len(losses), grads, tokens, applied, kept, candidates)
 
     def _update(self, step: int, grads: list[float], lr: float) -> None:
         for b in range(len(self.blocks)):
-            update_home(self.home[b], lambda d, b=b: self._z(step, d, b), grads, lr, self.method,
-                        self.momentum[b] if self.momentum else None)
+            update_home(self.home[b], ZStreams(self.seed, step, b, len(grads), self.home[b][0].device), grads, lr,
+                        self.method, self.momentum[b] if self.momentum else None)
 
     # -- checkpoints: the state is the home copy (and momentum); z comes back from the seed ----------
 
@@ -146,6 +257,7 @@ class ZOReference:
         self._load(0, 0, 0.0)
 
     def replay(self, step: int, grads: list[float], lr: float) -> None:
-        """Apply a recorded step's update (its projected gradients, its lr) exactly as step() did."""
+        """Apply a recorded step's update (its projected gradients, the lr it was applied with: c * lr
+        for the conservative variant) exactly as step() did."""
         self._update(step, grads, lr)
         self._load(step, 0, 0.0)

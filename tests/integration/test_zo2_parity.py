@@ -204,3 +204,229 @@ def test_lazy_load_streams_layers_from_the_file(arch, tiny_models, text_data, tm
     assert losses == ref_losses
     for name, p in model.named_parameters():
         assert torch.equal(p.detach(), ref_weights[name]), name
+
+
+# ---- variants conservative and momentum, streamed -----------------------------------------------------
+
+
+def run_both(recipe, tok, steps, plan, home_dtype=torch.float32):
+    """(reference results, streamed results, streamed trainer) for the same steps: every ZOStepResult."""
+    model = load_model(recipe.model, recipe.peft, seed=5, pad_token_id=tok.pad_token_id)
+    ref = ZOReference(model, param_blocks(model), recipe.method, seed=5, head="causal_lm", home_dtype=home_dtype)
+    ref_out = [ref.step(t + 1, micro, lr=recipe.method.lr) for t, micro in enumerate(steps)]
+    ref_weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model = load_model(recipe.model, recipe.peft, seed=5, pad_token_id=tok.pad_token_id)
+    trainer = ZOStreamed(model, plan, recipe.method, seed=5, head="causal_lm", lanes=CpuLanes())
+    try:
+        out = [trainer.step(t + 1, micro, lr=recipe.method.lr) for t, micro in enumerate(steps)]
+        trainer.materialize()
+        weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    finally:
+        trainer.close()
+    return (ref_out, ref_weights), (out, weights), trainer
+
+
+def assert_same(ref, streamed):
+    (ref_out, ref_weights), (out, weights) = ref, streamed
+    assert [r.loss for r in out] == [r.loss for r in ref_out]
+    assert [r.projected_grads for r in out] == [r.projected_grads for r in ref_out]
+    assert [(r.applied_lr, r.candidate, r.candidate_losses) for r in out] == \
+        [(r.applied_lr, r.candidate, r.candidate_losses) for r in ref_out]
+    assert weights.keys() == ref_weights.keys()
+    for name in weights:
+        assert torch.equal(weights[name], ref_weights[name]), name
+
+
+# lr large enough that some steps are rejected (here about half) and some reversed
+CONS = {**ZO, "variant": "conservative", "lr": 5e-2, "weight_decay": 0.1}
+CONS_ALL = {**CONS, "lr": 3e-2, "q": 1}  # on qwen2, 8 steps reach all three outcomes
+
+
+@pytest.mark.parametrize("arch,home,method,accum,outcomes", [
+    ("llama", Tier.PAGEABLE, CONS, 2, {0, 1}), ("opt", Tier.SSD, CONS, 2, {0, 1}),
+    ("qwen2", Tier.PINNED, CONS_ALL, 1, {0, 1, -1})])
+def test_zo2_conservative_streamed_equals_reference(arch, home, method, accum, outcomes, tiny_models, text_data,
+                                                    tmp_path):
+    """Conservative ZO-SGD: the second streamed pass (w, w - u, w + u; candidates formed from the home
+    copy and z from the seed) gives the reference's candidate losses, choices and weights, bit for bit."""
+    recipe, tok, steps = setup(tiny_models[arch], text_data, tmp_path, method, accum=accum)
+    ref, streamed, trainer = run_both(recipe, tok, steps, manual_plan(2, home, swap_dir=tmp_path / "swap"))
+    assert_same(ref, streamed)
+    out = streamed[0]
+    assert all(r.applied_lr == r.candidate * recipe.method.lr for r in out)
+    assert {r.candidate for r in out} == outcomes
+    applied = sum(1 for r in out[:-1] if r.candidate != 0)
+    stats = trainer.store.stats
+    assert stats.fetches == 2 * 2 * 4 + 2 * (out[-1].candidate != 0)  # two passes a step, plus the final flush
+    assert stats.writebacks == 2 * (applied + (out[-1].candidate != 0))  # a rejected step writes nothing back
+
+
+def test_zo2_conservative_takes_every_candidate(tiny_models, text_data, tmp_path):
+    """Over steps with a large lr, the conservative step keeps w - u, rejects and reverses: each outcome
+    is reached (so the parity tests cover all three), and the kept loss is the lowest candidate's."""
+    recipe, tok, steps = setup(tiny_models["qwen2"], text_data, tmp_path, CONS_ALL)
+    model = load_model(recipe.model, recipe.peft, seed=5, pad_token_id=tok.pad_token_id)
+    ref = ZOReference(model, param_blocks(model), recipe.method, seed=5, head="causal_lm")
+    seen = set()
+    for t in range(8):
+        r = ref.step(t + 1, steps[t % 4], lr=recipe.method.lr)
+        minus, home, plus = r.candidate_losses
+        assert {1: minus, 0: home, -1: plus}[r.candidate] == min(r.candidate_losses)
+        seen.add(r.candidate)
+    assert seen == {1, 0, -1}
+
+
+def test_zo2_conservative_replays_from_the_ledger(tiny_models, text_data, tmp_path):
+    """The ledger records c * lr: replaying it (reference and streamed) rebuilds the weights exactly, and
+    a rejected step (lr 0) replays as a no-op."""
+    recipe, tok, steps = setup(tiny_models["qwen2"], text_data, tmp_path, CONS_ALL)
+    model = load_model(recipe.model, recipe.peft, seed=5, pad_token_id=tok.pad_token_id)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ref = ZOReference(model, param_blocks(model), recipe.method, seed=5, head="causal_lm")
+    ledger = []
+    for t in range(8):
+        r = ref.step(t + 1, steps[t % 4], lr=recipe.method.lr)
+        ledger.append((t + 1, r.projected_grads, r.applied_lr))
+    assert any(lr == 0 for _, _, lr in ledger) and any(lr < 0 for _, _, lr in ledger)
+    final = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    fresh = load_model(recipe.model, recipe.peft, seed=5, pad_token_id=tok.pad_token_id)
+    again = ZOReference(fresh, param_blocks(fresh), recipe.method, seed=5, head="causal_lm")
+    for entry in ledger:
+        before = {n: p.detach().clone() for n, p in fresh.named_parameters()}
+        again.replay(*entry)
+        if entry[2] == 0:
+            assert all(torch.equal(p.detach(), before[n]) for n, p in fresh.named_parameters())
+    assert all(torch.equal(p.detach(), final[n]) for n, p in fresh.named_parameters())
+
+    fresh = load_model(recipe.model, recipe.peft, seed=5, pad_token_id=tok.pad_token_id)
+    streamed = ZOStreamed(fresh, manual_plan(2, Tier.SSD, swap_dir=tmp_path / "swap"), recipe.method, seed=5,
+                          head="causal_lm", lanes=CpuLanes())
+    try:
+        streamed.load_state({f"param.{n}": t for n, t in start.items()})
+        for entry in ledger:
+            streamed.replay(*entry)
+        streamed.materialize()
+    finally:
+        streamed.close()
+    assert all(torch.equal(p.detach(), final[n]) for n, p in fresh.named_parameters())
+
+
+MOMENTUM = {**ZO, "variant": "momentum", "momentum": 0.8, "weight_decay": 0.1}
+
+
+@pytest.mark.parametrize("arch,home", [("llama", Tier.PAGEABLE), ("qwen2", Tier.SSD), ("opt", Tier.PINNED)])
+def test_zo2_momentum_streamed_equals_reference(arch, home, tiny_models, text_data, tmp_path):
+    """Variant momentum streamed: each layer's fp32 momentum lives at the layer's home (SSD files beside
+    the weights), fetched and written back with it; losses, weights and momentum equal the reference's."""
+    recipe, tok, steps = setup(tiny_models[arch], text_data, tmp_path, MOMENTUM)
+    model = load_model(recipe.model, recipe.peft, seed=5, pad_token_id=tok.pad_token_id)
+    ref = ZOReference(model, param_blocks(model), recipe.method, seed=5, head="causal_lm")
+    ref_losses = [ref.step(t + 1, micro, lr=recipe.method.lr).loss for t, micro in enumerate(steps)]
+    ref_state = {k: v.clone() for k, v in ref.state_tensors().items()}
+    model = load_model(recipe.model, recipe.peft, seed=5, pad_token_id=tok.pad_token_id)
+    swap = tmp_path / "swap"
+    trainer = ZOStreamed(model, manual_plan(2, home, swap_dir=swap), recipe.method, seed=5, head="causal_lm",
+                         lanes=CpuLanes())
+    try:
+        losses = [trainer.step(t + 1, micro, lr=recipe.method.lr).loss for t, micro in enumerate(steps)]
+        if home is Tier.SSD:
+            files = sorted(p.name for p in next(swap.iterdir()).iterdir())
+            assert files == ["block-0001.bin", "block-0002.bin", "momentum-0001.bin", "momentum-0002.bin"]
+        state = {k: v for _, shard in trainer.state_shards() for k, v in shard.items()}
+        stats = trainer.store.stats
+    finally:
+        trainer.close()
+    assert losses == ref_losses
+    assert state.keys() == ref_state.keys() and any(k.startswith("momentum.") for k in state)
+    for k in state:
+        assert torch.equal(state[k], ref_state[k]), k
+    # weights and momentum cross together once an update is pending (steps 2-4 and the checkpoint's flush):
+    # 2 layers x (weights + momentum) up and down; step 1 fetches the weights alone
+    assert stats.fetches == 2 + 4 * 3 + 4 and stats.writebacks == 4 * 3 + 4
+
+
+def test_zo2_momentum_streamed_resumes_from_a_checkpoint(tiny_models, text_data, tmp_path):
+    """A streamed momentum run loads a checkpoint (weights and momentum, here the reference's after 2
+    steps) and continues exactly as the reference does."""
+    recipe, tok, steps = setup(tiny_models["llama"], text_data, tmp_path, MOMENTUM)
+    model = load_model(recipe.model, recipe.peft, seed=5, pad_token_id=tok.pad_token_id)
+    ref = ZOReference(model, param_blocks(model), recipe.method, seed=5, head="causal_lm")
+    for t in range(2):
+        ref.step(t + 1, steps[t], lr=recipe.method.lr)
+    saved = {k: v.clone() for k, v in ref.state_tensors().items()}
+    ref_losses = [ref.step(t + 1, steps[t], lr=recipe.method.lr).loss for t in (2, 3)]
+    ref_state = ref.state_tensors()
+    model = load_model(recipe.model, recipe.peft, seed=5, pad_token_id=tok.pad_token_id)
+    trainer = ZOStreamed(model, manual_plan(2, Tier.SSD, swap_dir=tmp_path / "swap"), recipe.method, seed=5,
+                         head="causal_lm", lanes=CpuLanes())
+    try:
+        trainer.load_state(saved)
+        losses = [trainer.step(t + 1, steps[t], lr=recipe.method.lr).loss for t in (2, 3)]
+        state = {k: v for _, shard in trainer.state_shards() for k, v in shard.items()}
+    finally:
+        trainer.close()
+    assert losses == ref_losses
+    assert all(torch.equal(state[k], ref_state[k]) for k in ref_state)
+
+
+@pytest.mark.parametrize("variant", ["momentum", "conservative"])
+def test_lora_zo2_variants_streamed(variant, tiny_models, text_data, tmp_path):
+    """LoRA: adapters (and their momentum) resident, the frozen base streamed read-only, both passes."""
+    peft = {"type": "lora", "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    method = {**(MOMENTUM if variant == "momentum" else CONS), "lr": 5e-2}
+    recipe, tok, steps = setup(tiny_models["llama"], text_data, tmp_path, method, peft=peft)
+    ref, streamed, trainer = run_both(recipe, tok, steps, manual_plan(2, Tier.PAGEABLE))
+    assert_same(ref, streamed)
+    assert trainer.store.stats.writebacks == 0
+
+
+@pytest.mark.parametrize("variant", ["momentum", "conservative"])
+def test_zo2_variants_with_bf16_home(variant, tiny_models, text_data, tmp_path):
+    """bf16 compute and home: the update and the candidates go through the fp32 working copy, rounded
+    once, as in the reference; the momentum stays fp32."""
+    method = {**(MOMENTUM if variant == "momentum" else CONS)}
+    recipe, tok, steps = setup(tiny_models["llama"], text_data, tmp_path, method, dtype="bfloat16")
+    plan = manual_plan(2, Tier.SSD, swap_dir=tmp_path / "swap", compute_dtype="bfloat16", home_dtype="bfloat16")
+    ref, streamed, _ = run_both(recipe, tok, steps, plan, home_dtype=torch.bfloat16)
+    assert_same(ref, streamed)
+
+
+@pytest.mark.parametrize("variant", ["conservative", "momentum"])
+def test_zo2_variant_runs_resume_from_a_seed_ledger(variant, tiny_models, text_data, tmp_path):
+    """Whole runs streamed from SSD: checkpoints every 2 steps, seed ledgers in between (conservative: the
+    ledger holds c * lr, rejected steps 0); resumed from a ledger, the run ends with the same metrics
+    and the same saved weights as a run never stopped."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from fuyoucli.checkpoint import list_checkpoints
+    from fuyoucli.telemetry.jsonl import comparable, read_metrics
+    from fuyoucli.train.run import finetune
+
+    method = CONS_ALL if variant == "conservative" else MOMENTUM
+
+    def recipe(out):
+        return validate_recipe({
+            "model": {"path": str(tiny_models["llama"])}, "method": method,
+            "data": {"train": [str(text_data)], "max_length": 24, "eval_fraction": 0.1},
+            "training": {"max_steps": 8, "batch_size": 4, "seed": 3, "eval_every": 4, "checkpoint_every": 2,
+                         "keep_checkpoints": 2, "zo_ledger_steps": 5, "output_dir": str(out)}})
+
+    plan = manual_plan(2, Tier.SSD, swap_dir=tmp_path / "swap")
+    finetune(recipe(tmp_path / "ref"), plan=plan)
+    finetune(recipe(tmp_path / "run"), plan=plan)
+    ledger = json.loads((tmp_path / "run" / "checkpoints" / "step-00000006" / "state.json").read_text())["ledger"]
+    assert [e[0] for e in ledger] == [3, 4, 5, 6]
+    rows = read_metrics(tmp_path / "ref" / "metrics.jsonl")
+    if variant == "conservative":
+        kept = {int(r["step"]): r["zo_candidate"] for r in rows if r["kind"] == "train"}
+        assert [e[2] for e in ledger] == [kept[s] * method["lr"] for s in (3, 4, 5, 6)]
+        assert set(kept.values()) - {1.0}  # some step rejected or reversed
+    finetune(recipe(tmp_path / "run"), plan=plan, resume=str(tmp_path / "run" / "checkpoints" / "step-00000006"))
+    assert [comparable(r) for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [comparable(r) for r in rows]
+    a = load_file(tmp_path / "ref" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "run" / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert len(list_checkpoints(tmp_path / "run" / "checkpoints")) <= 3

@@ -50,19 +50,21 @@ def test_zo2_streamed_bytes_and_times():
     inv = toy()
     est = estimate(inv, ZO, machine(), placement(inv, [D, P, P, P, P, D]))
     # resident embed + head (fp32) + 3 buffers (fetching, computing, writing back) of one 4000-byte layer
-    # + work buffers (a layer's compute copy + one tensor's z) + 2q hidden streams + one layer's internals
+    # + work buffers (a layer's compute copy, z of the largest block and the update direction of the
+    # largest tensor, both fp32) + 2q hidden streams + one layer's internals
     acts = (2 * 1 * 8 * 4 + 8 * 40) * 4
-    assert est.memory == TierBytes(device=600 * 4 + 3 * 4000 + (1000 * 4 + 500 * 4) + acts, pinned=16000, pageable=0, ssd=0)
+    assert est.memory == TierBytes(device=600 * 4 + 3 * 4000 + (1000 * 4 + 1000 * 4 + 500 * 4) + acts, pinned=16000,
+                                   pageable=0, ssd=0)
     assert est.device_buffers == 3 and est.wire_dtype == "float32" and est.pinned_pool_bytes == 0
     t = est.times
     assert t.h2d_s == pytest.approx(16000 / 800) and t.d2h_s == pytest.approx(16000 / 800)  # both ways at once: duplex
     flops = 2 * 8 * (500 * 0 + 4 * (2000 + 8 * 4) + 200)
     assert est.flops_per_step == flops
     # Elementwise work at the memory rate (no measured points; a normal costs its 4 bytes), bytes per
-    # parameter: a streamed layer's deferred update (zeros 4, z 4 + axpy 12, axpy 12), its z (4) and
-    # two perturbed copies (28 each); a resident block's z (4), two perturbed copies, the update (32)
-    # and the copy into the model (8).
-    streamed_b, resident_b = 32 + 4 + 2 * 28, 4 + 2 * 28 + 32 + 8
+    # parameter: a streamed layer's deferred update (zeroing 4, z 4 + axpy 12, axpy 12), its z (4) and
+    # two perturbed copies (20 each: the scaled z into a buffer, the sum into the fp32 weights); a
+    # resident block's z (4), two perturbed copies, the update (32) and the copy into the model (8).
+    streamed_b, resident_b = 32 + 4 + 2 * 20, 4 + 2 * 20 + 32 + 8
     # Each pass also reads every product's weights once (flops per token / 2 elements): 4 x 4000 + 400 bytes.
     weights_b = 2 * (4 * 4000 + 400)
     assert t.gpu_s == pytest.approx(flops / 1e6 + (4 * 1000 * streamed_b + 600 * resident_b + weights_b) / 1e9)
@@ -226,3 +228,58 @@ def test_cpu_streaming_copies_on_the_same_cores_and_only_the_drive_overlaps():
     assert host.times.step_s == pytest.approx(host.times.gpu_s)  # nothing to overlap with
     assert ssd.times.step_s >= ssd.times.ssd_read_s + ssd.times.ssd_write_s >= 32
     assert resident < host.times.gpu_s  # the reference does no copies (but draws z more often)
+
+
+# ---- zo2 variants: conservative (3 more passes) and momentum (bytes beside the weights) -------------
+
+
+def test_zo2_conservative_adds_three_passes_and_a_read_only_second_fetch():
+    inv = toy()
+    homes = [D, P, P, P, P, D]
+    base = estimate(inv, ZO, machine(), placement(inv, homes))
+    cons_wl = Workload("zo2", False, "float32", batch_size=1, seq_len=8, zo_conservative=True)
+    cons = estimate(inv, cons_wl, machine(), placement(inv, homes))
+    assert cons.flops_per_step == pytest.approx(base.flops_per_step * (2 + 3) / 2)
+    # phase 1 as before (both ways at once: duplex); phase 2 fetches every layer again, one way only
+    assert cons.times.h2d_s == pytest.approx(16000 / 800 + 16000 / 1000)
+    assert cons.times.d2h_s == pytest.approx(base.times.d2h_s)
+    assert cons.memory.device == base.memory.device + (3 - 2) * 8 * 4 * 4  # 3 hidden streams in phase 2
+    assert cons.memory.pinned == base.memory.pinned and cons.device_buffers == base.device_buffers
+    assert cons.times.step_s > base.times.step_s + 16000 / 1000 * 0.9
+
+
+def test_zo2_conservative_candidates_draw_z_again_for_each_candidate():
+    from fuyoucli.plan.work import zo_candidates_s
+
+    m = machine(compute_device="cpu", pinned_bytes=0, elementwise_points=((1, 1e6, 1e30, 1e30),))
+    layer = toy().blocks[1]
+    plain = Workload("zo2", False, "float32", batch_size=1, seq_len=8, q=2)
+    cons = Workload("zo2", False, "float32", batch_size=1, seq_len=8, q=2, zo_conservative=True)
+    assert zo_candidates_s(m, plain, layer, "float32", engine=True, tied_embed=False) == 0
+    # per parameter: q = 2 normals for each of the two candidates (updates go tensor by tensor, so the
+    # direction is formed again rather than kept for the block)
+    assert zo_candidates_s(m, cons, layer, "float32", engine=True, tied_embed=False) == \
+        pytest.approx(1000 * 2 * 2 / 1e6)
+    assert zo_candidates_s(m, cons, layer, "float32", engine=False, tied_embed=False) == \
+        pytest.approx(1000 * 2 * 2 / 1e6)
+    assert zo_candidates_s(m, cons, layer, "float32", engine=True, tied_embed=True) == \
+        pytest.approx(1000 * 4 * 2 / 1e6)  # the head forms a tied embedding again for each candidate
+
+
+@pytest.mark.parametrize("home,tier", [(P, "pinned"), (S, "ssd")])
+def test_zo2_momentum_lives_beside_the_weights_and_travels_with_them(home, tier):
+    inv = toy()
+    homes = [D, home, home, home, home, D]
+    base = estimate(inv, ZO, machine(), placement(inv, homes))
+    mom_wl = Workload("zo2", False, "float32", batch_size=1, seq_len=8, zo_momentum=True)
+    mom = estimate(inv, mom_wl, machine(), placement(inv, homes))
+    assert getattr(mom.memory, tier) - getattr(base.memory, tier) == 16000  # 4 layers x 1000 x fp32
+    if home is S:  # and 3 staging buffers of a layer's weights and momentum in pinned memory
+        assert mom.memory.pinned - base.memory.pinned == 3 * 4000
+    # streaming buffers hold a layer's weights and momentum; resident blocks keep their momentum too
+    assert mom.memory.device - base.memory.device == 3 * 4000 + 600 * 4
+    if home is S:
+        assert mom.times.ssd_read_s == pytest.approx(2 * base.times.ssd_read_s)
+        assert mom.times.ssd_write_s == pytest.approx(2 * base.times.ssd_write_s)
+    assert mom.times.h2d_s == pytest.approx(2 * base.times.h2d_s)
+    assert mom.times.d2h_s == pytest.approx(2 * base.times.d2h_s)
