@@ -54,7 +54,7 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, no GPU"
 
 
-def run_one(recipe: str, seed: int, sets: list[str], out: Path, fresh: bool) -> dict:
+def run_one(recipe: str, seed: int, sets: list[str], out: Path, fresh: bool, cached_only: bool = False) -> dict | None:
     cmd = [sys.executable, "-m", "fuyoucli", "finetune", str(ROOT / "recipes" / f"{recipe}.yaml"), "--plain",
            "--set", f"training.seed={seed}", "--set", f"training.output_dir={out}", "--overwrite"]
     for s in sets:
@@ -66,6 +66,8 @@ def run_one(recipe: str, seed: int, sets: list[str], out: Path, fresh: bool) -> 
         evals = [r for r in rows if r.get("kind") == "eval"]
         if evals and (out / "model").exists():
             return summarize(rows, json.loads(stamp.read_text())["wall_s"], json.loads(stamp.read_text())["load"])
+    if cached_only:
+        return None
     load0 = os.getloadavg()[0]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -119,6 +121,7 @@ def main() -> None:
     parser.add_argument("--runs", default=str(ROOT / "runs" / "quality"), help="where the runs' folders go")
     parser.add_argument("--fresh", action="store_true", help="rerun runs already done")
     parser.add_argument("--json", help="also write the results as JSON here")
+    parser.add_argument("--cached-only", action="store_true", help="tabulate the runs already done; start none")
     args = parser.parse_args()
     seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
     results = {}
@@ -131,13 +134,16 @@ def main() -> None:
             sets = list(quick if args.quick else [])
             if runs:  # the same starting weights (LoRA starts as the identity): evaluated once, by the first seed
                 sets.append("training.eval_before=false")
-            r = run_one(recipe, seed, sets, out, args.fresh)
+            r = run_one(recipe, seed, sets, out, args.fresh, args.cached_only)
+            if r is None:
+                continue
             if runs:
                 r["before"] = runs[0]["before"]
             runs.append(r)
             print(f"{recipe} seed {seed}: {metric} {r['before'][metric]:.4f} -> {r['after'][metric]:.4f} "
                   f"({r['steps']} steps, {r['wall_s'] / 60:.1f} min, load {r['load']:.1f})", flush=True)
-        results[recipe] = {"metric": metric, "runs": runs}
+        if runs:
+            results[recipe] = {"metric": metric, "runs": runs}
     where = machine()
     print()
     print(table(results, where))
