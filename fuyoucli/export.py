@@ -68,21 +68,12 @@ def _trained_tensors(ckpt: Checkpoint, model, recipe: Recipe):
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, merge: bool = False,
                       overwrite: bool = False) -> Path:
     """Write the checkpoint's model to out_dir (atomically). Returns out_dir."""
-    from fuyoucli.model.loading import load_model, load_tokenizer
-
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FuyouError(f"{out_dir} is not empty; choose another folder or pass --overwrite")
     ckpt = load_checkpoint(resolve_checkpoint(checkpoint))
     recipe = _recipe_of(ckpt)
-    lora = recipe.peft.type == "lora"
-    if merge and not lora:
-        raise FuyouError("--merge folds LoRA adapters into the base; this checkpoint trained every parameter "
-                         "(export it without --merge)")
-    tokenizer = load_tokenizer(recipe.model)
-    labels = (len(recipe.data.labels) or None) if recipe.model.head == "sequence_classification" else None
-    model = load_model(recipe.model, recipe.peft, seed=recipe.training.seed, pad_token_id=tokenizer.pad_token_id,
-                       num_labels=labels, device="cpu")
+    tokenizer, model = model_for_export(recipe, merge)
     tensors = _trained_tensors(ckpt, model, recipe)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -92,6 +83,28 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, merge: boo
                     raise CheckpointError(f"checkpoint {ckpt.path} has no weights for {name}; it does not match "
                                           "the model its recipe builds")
                 p.copy_(tensors[key])
+    return write_export(model, tokenizer, out_dir, recipe, merge,
+                        {"checkpoint": str(ckpt.path.resolve()), "step": ckpt.step, "merged": merge})
+
+
+def model_for_export(recipe: Recipe, merge: bool):
+    """(tokenizer, model) as the recipe builds them, on the CPU, for a checkpoint's weights to be copied in;
+    --merge is refused for a full-parameter run. Shared with the DeepSpeed checkpoint export."""
+    if merge and recipe.peft.type != "lora":
+        raise FuyouError("--merge folds LoRA adapters into the base; this checkpoint trained every parameter "
+                         "(export it without --merge)")
+    from fuyoucli.model.loading import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(recipe.model)
+    labels = (len(recipe.data.labels) or None) if recipe.model.head == "sequence_classification" else None
+    model = load_model(recipe.model, recipe.peft, seed=recipe.training.seed, pad_token_id=tokenizer.pad_token_id,
+                       num_labels=labels, device="cpu")
+    return tokenizer, model
+
+
+def write_export(model, tokenizer, out_dir: Path, recipe: Recipe, merge: bool, info: dict) -> Path:
+    """Merge LoRA if asked and write the folder atomically, with fuyou_export.json (`info` first: where the
+    weights came from)."""
     if merge:
         model = model.merge_and_unload()
     model.eval()
@@ -99,7 +112,6 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, merge: boo
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "fuyou_export.json").write_text(json.dumps({
-            "checkpoint": str(ckpt.path.resolve()), "step": ckpt.step, "merged": merge,
-            "kind": "peft adapter" if lora and not merge else "full model",
+            **info, "kind": "peft adapter" if recipe.peft.type == "lora" and not merge else "full model",
             "recipe": recipe.model_dump(mode="json")}, indent=2), encoding="utf-8")
     return out_dir

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from fuyoucli.checkpoint import CheckpointError, atomic_dir
+from fuyoucli.checkpoint import CheckpointError
 from fuyoucli.errors import FuyouError
 from fuyoucli.recipe import Recipe, validate_recipe
 
@@ -50,20 +50,13 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
 def export_deepspeed_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, merge: bool = False,
                                 overwrite: bool = False) -> Path:
     """Write the checkpoint's model to out_dir (atomically), as fuyoucli.export does for fuyou's own."""
-    from fuyoucli.model.loading import load_model, load_tokenizer
+    from fuyoucli.export import model_for_export, write_export
 
     ckpt, out_dir = Path(checkpoint), Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FuyouError(f"{out_dir} is not empty; choose another folder or pass --overwrite")
     recipe, state = _recipe(ckpt)
-    lora = recipe.peft.type == "lora"
-    if merge and not lora:
-        raise FuyouError("--merge folds LoRA adapters into the base; this checkpoint trained every parameter "
-                         "(export it without --merge)")
-    tokenizer = load_tokenizer(recipe.model)
-    labels = (len(recipe.data.labels) or None) if recipe.model.head == "sequence_classification" else None
-    model = load_model(recipe.model, recipe.peft, seed=recipe.training.seed, pad_token_id=tokenizer.pad_token_id,
-                       num_labels=labels, device="cpu")
+    tokenizer, model = model_for_export(recipe, merge)
     tensors = consolidated_state_dict(ckpt)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -72,14 +65,5 @@ def export_deepspeed_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, 
             elif p.requires_grad:
                 raise CheckpointError(f"checkpoint {ckpt} has no weights for {name}; it does not match the model "
                                       "its recipe builds")
-    if merge:
-        model = model.merge_and_unload()
-    model.eval()
-    with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "fuyou_export.json").write_text(json.dumps({
-            "checkpoint": str(ckpt.resolve()), "step": state.get("step"), "merged": merge, "engine": "deepspeed",
-            "kind": "peft adapter" if lora and not merge else "full model",
-            "recipe": recipe.model_dump(mode="json")}, indent=2), encoding="utf-8")
-    return out_dir
+    return write_export(model, tokenizer, out_dir, recipe, merge, {
+        "checkpoint": str(ckpt.resolve()), "step": state.get("step"), "merged": merge, "engine": "deepspeed"})
