@@ -97,6 +97,7 @@ def to_json(p, inv) -> dict:
         "tflops": p.tflops,
         "gpu_utilization": p.gpu_utilization,
         "bottleneck": p.times.bottleneck,
+        "z_buffer": p.z_buffer if p.method == "zo2" else None,
         "times_s": {k: getattr(p.times, k) for k in ("gpu_s", "h2d_s", "d2h_s", "ssd_read_s", "ssd_write_s",
                                                     "cpu_optimizer_s", "dram_s")},
         "placement": [{"block": b.name, "bytes": b.param_bytes, "weights_home": b.weights_home.value,
@@ -107,6 +108,10 @@ def to_json(p, inv) -> dict:
         "notes": list(p.notes),
         "plan": p.to_dict(),
     }
+
+
+_Z_BUFFER = {"block": "z drawn per block (once per direction)",
+             "tensor": "z drawn per tensor (again for each pass: no room for a block's)"}
 
 
 def _bytes(n: int) -> str:
@@ -184,7 +189,8 @@ def render(console, p, inv, name: str) -> None:
         f"{p.tflops:.3g} TFLOPS ({100 * p.gpu_utilization:.0f}% of the device's best matmul rate). "
         f"Micro-batch {p.micro_batch_size} x {p.micro_batches}, prefetch depth {p.prefetch_depth}, "
         f"{p.device_buffers} device buffers, pinned pool {_bytes(p.pinned_pool_bytes)}, "
-        f"home {p.home_dtype}, wire {p.wire_dtype}.", highlight=False)
+        f"home {p.home_dtype}, wire {p.wire_dtype}" + (f", {_Z_BUFFER[p.z_buffer]}" if p.method == "zo2" else "")
+        + ".", highlight=False)
     for note in p.notes:
         console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
     if not p.feasible:

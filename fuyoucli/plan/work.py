@@ -8,17 +8,18 @@ residual adds, takes as long as the products do. The counts, per trainable param
 
 - zo2 streamed engine (train/zo_streamed.py), a streamed layer: the deferred update (update_home into
   the engine's buffers: the direction zeroed, per direction z drawn into the z buffer + one axpy, then
-  one axpy into the weights), z drawn once per direction into the buffer, and per variant (2 per
+  one axpy into the weights), z drawn once per direction into the buffer (the plan's z_buffer 'block';
+  'tensor': once per variant, tensor by tensor, the generator replayed), and per variant (2 per
   direction) the perturbed copy cast(home + s*eps*z) (the scaled z into the direction buffer, the sum
   into the compute copy, or into the buffer and then cast). Nothing is allocated: every buffer is the
   engine's, made once. On a CPU the fetch and the write-back are host memcpys made by the same cores.
 - zo2 streamed engine, a resident block (embed, head, resident layers; LoRA adapters): z drawn into
-  the z buffer once per direction, the perturbed copy per variant, after the step the update with z
-  drawn anew, and a copy of the updated home into the model. A tied embedding is drawn and perturbed
-  again for the head in every variant.
-- zo2 in-memory reference (train/zo.py): per variant z drawn anew and the perturbed copy for every
-  block (new tensors), the update (z drawn a third time per direction), and the copy of home into the
-  model.
+  the z buffer once per direction (z_buffer 'tensor': once per variant), the perturbed copy per
+  variant, after the step the update with z drawn anew, and a copy of the updated home into the model.
+  A tied embedding is drawn and perturbed again for the head in every variant.
+- zo2 in-memory reference (train/zo.py): per variant z drawn anew (a block at once, or with z_buffer
+  'tensor' one tensor at a time: the same work) and the perturbed copy for every block (new tensors),
+  the update (z drawn a third time per direction), and the copy of home into the model.
 - zo2 variant conservative (zo_candidates_s): for w - u and w + u each, the step's direction formed
   again (z drawn again per direction) and the candidate from it; w copied; three more forward passes.
 - first-order (train/first_order.py): new fp32 gradients, the global norm (one read), and for a
@@ -115,14 +116,16 @@ def _update_s(r: Rates, q: int, hb: int, z_new: bool, momentum: bool, fresh: boo
 
 
 def zo_block_s(machine: Machine, wl: Workload, spec: BlockSpec, home_dtype: str, *, streamed: bool,
-               engine: bool, tied_embed: bool) -> float:
+               engine: bool, tied_embed: bool, z_per_tensor: bool = False) -> float:
     """Seconds of a zo2 step's elementwise work on one block's trainable parameters (module docstring).
-    `engine`: the streamed engine runs the step (some block streams); else the in-memory reference."""
+    `engine`: the streamed engine runs the step (some block streams); else the in-memory reference.
+    `z_per_tensor`: the plan's z_buffer 'tensor' (the engine draws z for each variant, not direction)."""
     p = spec.trainable_params
     if p == 0:
         return 0.0
     r = rates_at(machine, spec.max_tensor_params)
     q, v = wl.q, 2 * wl.q
+    draws = v if z_per_tensor else q  # the engine's draws of the step's z for the passes
     cb = DTYPE_BYTES[wl.compute_dtype]
     hb = cb if wl.lora else DTYPE_BYTES[home_dtype]
     mom = wl.zo_momentum
@@ -131,9 +134,10 @@ def zo_block_s(machine: Machine, wl: Workload, spec: BlockSpec, home_dtype: str,
         z_new = r.randn_s + 4 * r.alloc_s
         per = v * (z_new + _perturb_s(r, hb, cb, True)) + _update_s(r, q, hb, True, mom, True) + copy_home
     elif streamed:
-        per = _update_s(r, q, hb, False, mom, False) + q * r.randn_s + v * _perturb_s(r, hb, cb, False)
+        per = _update_s(r, q, hb, False, mom, False) + draws * r.randn_s + v * _perturb_s(r, hb, cb, False)
     else:
-        per = q * r.randn_s + v * _perturb_s(r, hb, cb, False) + _update_s(r, q, hb, False, mom, False) + copy_home
+        per = (draws * r.randn_s + v * _perturb_s(r, hb, cb, False) + _update_s(r, q, hb, False, mom, False)
+               + copy_home)
         if tied_embed:
             per += v * (r.randn_s + _perturb_s(r, hb, cb, False))
     return p * per

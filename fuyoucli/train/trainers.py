@@ -133,10 +133,12 @@ class _InMemoryEval:
 class InMemoryZO(_InMemoryEval):
     where = "in_memory"
 
-    def __init__(self, model, recipe: Recipe, data: Datasets, home_dtype: torch.dtype = torch.float32):
+    def __init__(self, model, recipe: Recipe, data: Datasets, home_dtype: torch.dtype = torch.float32,
+                 z_per_tensor: bool = False):
         self.model, self.head, self.label_token_ids = model, recipe.model.head, data.label_token_ids
         self.impl = ZOReference(model, param_blocks(model), recipe.method, seed=recipe.training.seed,
-                                head=self.head, label_token_ids=data.label_token_ids, home_dtype=home_dtype)
+                                head=self.head, label_token_ids=data.label_token_ids, home_dtype=home_dtype,
+                                z_per_tensor=z_per_tensor)
 
     def step(self, step: int, micro: list[dict], lr: float) -> StepOutcome:
         start = time.perf_counter()
@@ -201,7 +203,8 @@ class StreamedZO:
                                lanes=self.lanes, label_token_ids=data.label_token_ids)
         self.measure = _Measure(timeline, self.impl.store, self.impl.ssd)
         homes = sorted({b.weights_home.value for b in plan.blocks if b.weights_home.value != "device"})
-        self.where = f"zo2 streamed: layers homed on {'/'.join(homes)}, prefetch depth {plan.prefetch_depth}"
+        self.where = (f"zo2 streamed: layers homed on {'/'.join(homes)}, prefetch depth {plan.prefetch_depth}"
+                      + (", z drawn per tensor" if plan.z_buffer == "tensor" else ""))
 
     def step(self, step: int, micro: list[dict], lr: float) -> StepOutcome:
         self.measure.begin()
@@ -295,5 +298,6 @@ def build_trainer(model, recipe: Recipe, data: Datasets, plan: Plan | None, devi
         return StreamedZO(model, recipe, data, plan, device)
     if recipe.method.name == "zo2":
         home = getattr(torch, plan.home_dtype) if plan is not None else torch.float32
-        return InMemoryZO(model, recipe, data, home_dtype=home)
+        per_tensor = plan is not None and plan.z_buffer == "tensor"
+        return InMemoryZO(model, recipe, data, home_dtype=home, z_per_tensor=per_tensor)
     return InMemoryAdamW(model, recipe, data)

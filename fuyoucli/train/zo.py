@@ -165,9 +165,13 @@ class ZOReference:
     """Holds the fp32 home copy (and momentum) of the trainable blocks; the model holds what computes."""
 
     def __init__(self, model, blocks: list[ParamBlock], method: ZO2Method, *, seed: int, head: str,
-                 label_token_ids: tuple[int, ...] = (), home_dtype: torch.dtype = torch.float32):
+                 label_token_ids: tuple[int, ...] = (), home_dtype: torch.dtype = torch.float32,
+                 z_per_tensor: bool = False):
         self.model, self.blocks, self.method = model, blocks, method
         self.seed, self.head, self.label_token_ids = seed, head, label_token_ids
+        # A plan's z_buffer 'tensor': a block's z is never whole in memory, one tensor's at a time
+        # (the same numbers: draw_z draws tensor by tensor from one generator).
+        self.z_per_tensor = z_per_tensor
         # The home copy is what the optimizer updates: fp32 by default (exact small updates), or the
         # plan's home dtype (half the bytes, updates rounded once per step).
         self.home = [[p.detach().to(home_dtype, copy=True) for _, p in b.params] for b in blocks]
@@ -175,7 +179,11 @@ class ZOReference:
                          if method.variant == "momentum" else None)
 
     def _z(self, step: int, direction: int, b: int):
-        return draw_z(self.seed, step, direction, b, [h.shape for h in self.home[b]], self.home[b][0].device)
+        device = self.home[b][0].device
+        if self.z_per_tensor:
+            gen = block_generator(device, block_seed(self.seed, step, direction, b))
+            return (torch.randn(h.shape, generator=gen, device=device, dtype=torch.float32) for h in self.home[b])
+        return draw_z(self.seed, step, direction, b, [h.shape for h in self.home[b]], device)
 
     @torch.no_grad()
     def _load(self, step: int, direction: int, scale: float) -> None:

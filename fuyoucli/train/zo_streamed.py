@@ -15,10 +15,13 @@ candidate's weights made from the home copy and z regenerated from the seed; the
 update (c * lr) is deferred like any other.
 
 No allocation in the hot loop: buffers allocated once from the device arena and reused by every
-block: z (fp32, the largest block's: a direction's z serves its +eps and -eps passes), the update
-direction and (half-precision homes) the fp32 working copy (the largest tensor's: updates and
-candidates go tensor by tensor, z from ZStreams), and the compute copy of a streamed layer. The
-model's own forward still makes its activations.
+block: z (fp32), the update direction and (half-precision homes) the fp32 working copy (the largest
+tensor's: updates and candidates go tensor by tensor, z from ZStreams), and the compute copy of a
+streamed layer. The model's own forward still makes its activations. The z buffer is the plan's
+choice (Plan.z_buffer): 'block', the largest block's, a direction's z drawn once for its +eps and
+-eps passes; or 'tensor', the largest tensor's, z drawn tensor by tensor for each pass that needs it
+(the block's generator replayed from its start: the same numbers, one more draw per direction, and
+a block's worth of fp32 less on the device).
 
 The arithmetic is the in-memory reference's (train/zo.py: draw_z, ZStreams, tensor_direction,
 update_home, candidate_into, home + s*eps*z), so on one device the losses and weights are
@@ -35,7 +38,7 @@ from torch import nn
 from fuyoucli.engine.executor import StreamUnit, WeightStore, run_pass
 from fuyoucli.engine.tiers import DeviceArena, SsdStore
 from fuyoucli.errors import FuyouError
-from fuyoucli.model.blocks import param_blocks
+from fuyoucli.model.blocks import block_generator, block_seed, param_blocks
 from fuyoucli.model.runner import BlockRunner
 from fuyoucli.plan.schedule import pass_schedule
 from fuyoucli.plan.types import Plan, Tier
@@ -114,6 +117,7 @@ class ZOStreamed:
         self.device = lanes.device
         self.runner = BlockRunner(model)
         self._check(plan, method)
+        self.z_per_tensor = plan.z_buffer == "tensor"
         self.blocks = param_blocks(model)  # trainable blocks: the reference's seed indices
         self.block_index = {b.name: i for i, b in enumerate(self.blocks)}
         self.arena = DeviceArena(self.device, plan.device_budget_bytes)
@@ -186,9 +190,10 @@ class ZOStreamed:
         return store
 
     def _allocate_buffers(self, units: list[StreamUnit]) -> None:
-        """The step's working buffers, once: z for the largest block (fp32), the update direction (also
-        the perturbation's scaled z) and the fp32 copy of a half-precision home for the largest tensor,
-        and the compute-dtype copy a streamed layer computes with."""
+        """The step's working buffers, once: z (fp32) for the largest block, or with the plan's z_buffer
+        'tensor' for the largest tensor; the update direction (also the perturbation's scaled z) and the
+        fp32 copy of a half-precision home for the largest tensor; and the compute-dtype copy a streamed
+        layer computes with."""
         shapes = [s for b in self.resident for s in self.res_shapes[b]]
         slot = 0
         if self.full and units:
@@ -196,7 +201,8 @@ class ZOStreamed:
             shapes += [s for u in units for s in u.shapes]
         largest_block = max([slot] + [sum(s.numel() for s in self.res_shapes[b]) for b in self.resident])
         largest_tensor = max((s.numel() for s in shapes), default=0)
-        self.zbuf = self.arena.alloc(largest_block, torch.float32, "z buffer")
+        self.zbuf = self.arena.alloc(largest_tensor if self.z_per_tensor else largest_block, torch.float32,
+                                     "z buffer")
         self.dirbuf = self.arena.alloc(largest_tensor, torch.float32, "direction buffer")
         self.home32 = (self.arena.alloc(largest_tensor, torch.float32, "fp32 copy of a half-precision home")
                        if self.home_dtype != torch.float32 else None)
@@ -210,6 +216,8 @@ class ZOStreamed:
         if plan.wire_dtype != plan.home_dtype:
             raise UnsupportedPlan(f"the zo2 engine sends home weights as they are stored (home {plan.home_dtype}, "
                                   f"wire {plan.wire_dtype}); the device applies the update, so both must match")
+        if plan.z_buffer not in ("block", "tensor"):
+            raise UnsupportedPlan(f"z_buffer {plan.z_buffer!r}: the zo2 engine holds z per 'block' or per 'tensor'")
 
     def _move_rest_to_device(self) -> None:
         layer_ids = {id(p) for layer in self.runner.layers for p in layer.parameters()}
@@ -234,9 +242,16 @@ class ZOStreamed:
 
     # -- the shared buffers: z, the update direction, the fp32 working copy ----------------------------
 
-    def _z(self, b: int, step: int, d: int, shapes) -> list[torch.Tensor]:
-        """z(step, d) of block b in the z buffer; drawn only if the buffer holds something else (the
-        +eps and -eps passes of a direction share one draw)."""
+    def _z(self, b: int, step: int, d: int, shapes):
+        """z(step, d) of block b, tensor by tensor in the block's order. z_buffer 'block': views of the z
+        buffer, drawn only if it holds something else (the +eps and -eps passes of a direction share one
+        draw). 'tensor': each tensor drawn into the front of the buffer as it is asked for (lazily: the
+        previous one is dead by then) by the generator of (step, d, b) replayed from its start, so each
+        holds the numbers draw_z gives it."""
+        if self.z_per_tensor:
+            gen = block_generator(self.device, block_seed(self.seed, step, d, b))
+            return (torch.randn(shape, generator=gen, device=self.device, dtype=torch.float32,
+                                out=self.zbuf[: shape.numel()].view(shape)) for shape in shapes)
         views = _views(self.zbuf, shapes)
         if self._zkey != (b, step, d):
             draw_z(self.seed, step, d, b, None, self.device, out=views)

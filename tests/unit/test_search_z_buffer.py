@@ -1,0 +1,193 @@
+"""zo2's z buffer as a plan decision: a block's z (drawn once per direction) when that placement fits,
+else a tensor's (drawn again for each pass). Integer budgets in, exact plans out."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from fuyoucli.plan.cost import Placement, estimate
+from fuyoucli.plan.search import make_plan, machine_from_profile
+from fuyoucli.plan.types import BlockSpec, Machine, ModelInventory, Options, Plan, Tier, Workload
+from fuyoucli.plan.work import zo_block_s
+
+D, P = Tier.DEVICE, Tier.PINNED
+ZO = Workload("zo2", False, "float32", batch_size=1, seq_len=8)
+
+
+def toy(layers: int = 8) -> ModelInventory:
+    """Layers of 1000 parameters in tensors of at most 100: a block's z (4000 bytes) is ten tensors'."""
+    def spec(name, params, flops, attn=0, boundary=4, inner=16):
+        return BlockSpec(name, params, params, 100, flops, attn, None, boundary, inner)
+
+    blocks = ([spec("embed", 500, 0, inner=4)]
+              + [spec(f"layers.{i}", 1000, 2000, attn=8) for i in range(layers)]
+              + [spec("head", 100, 200, boundary=0, inner=40)])
+    return ModelInventory("toy", 4, layers, 25, False, tuple(blocks))
+
+
+def machine(**kw) -> Machine:
+    base = dict(name="toy", compute_device="cuda", device_bytes=10**6,
+                matmul_flops=(("float32", 1_000_000.0), ("bfloat16", 2_000_000.0), ("float16", 2_000_000.0)),
+                device_mem_bps=10**9, h2d_bps=1000.0, d2h_bps=1000.0, duplex_h2d_bps=800.0, duplex_d2h_bps=800.0,
+                host_ram_bytes=10**6, pinned_bytes=10**6, dram_bps=10**5, cpu_adam_params_per_s=1000.0)
+    base.update(kw)
+    return Machine(**base)
+
+
+def placement(inv, homes, *, depth=0, z="block") -> Placement:
+    n = len(inv.blocks)
+    return Placement("float32", tuple(homes), (None,) * n, (None,) * n, depth, 1, z_buffer=z)
+
+
+# Device bytes of the toy, unpipelined (one 4000-byte layer buffer), k layers resident: embed + head
+# (2400), the buffer (4000), activations ((2*8*4 + 8*40) * 4 = 1536) and work buffers: a layer's compute
+# copy (4000), z (block: 4000; tensor: 100 * 4 = 400) and one tensor's direction (400); 4000 per resident layer.
+BLOCK_DEPTH0, TENSOR_DEPTH0 = 2400 + 4000 + 1536 + 8400, 2400 + 4000 + 1536 + 4800
+
+
+def test_work_buffers_hold_a_tensors_z_and_the_engine_draws_it_for_every_pass():
+    inv = toy()
+    homes = [D, P, P, P, D, D, D, D, D, D]
+    block = estimate(inv, ZO, machine(), placement(inv, homes))
+    tensor = estimate(inv, ZO, machine(), placement(inv, homes, z="tensor"))
+    assert block.memory.device == BLOCK_DEPTH0 + 5 * 4000
+    assert tensor.memory.device == TENSOR_DEPTH0 + 5 * 4000 == block.memory.device - (1000 - 100) * 4
+    assert dict(tensor.device_parts)["work buffers"] == 4000 + 400 + 400
+    # z drawn once more per direction (q = 1), on every trainable parameter the engine perturbs, at
+    # 4 bytes written per normal (no elementwise points: memory bound at 1 GB/s)
+    assert tensor.times.gpu_s - block.times.gpu_s == pytest.approx(inv.trainable_params * 4 / 1e9)
+    assert tensor.times.step_s > block.times.step_s
+    # nothing streamed: the in-memory reference, which draws z for every pass either way
+    ref_block = estimate(inv, ZO, machine(), placement(inv, [D] * 10))
+    ref_tensor = estimate(inv, ZO, machine(), placement(inv, [D] * 10, z="tensor"))
+    assert ref_tensor.times == ref_block.times
+    assert ref_block.memory.device - ref_tensor.memory.device == (1000 - 100) * 4
+
+
+def test_zo_block_s_counts_a_draw_per_variant_per_tensor():
+    """Only drawing normals costs here: per parameter, the engine draws z once per direction with a
+    block's buffer, once per variant (2 per direction) with a tensor's, plus once per direction for the
+    update either way; the reference draws per variant anyway."""
+    m = machine(compute_device="cpu", pinned_bytes=0, elementwise_points=((1, 1e6, 1e30, 1e30),))
+    wl = Workload("zo2", False, "float32", batch_size=1, seq_len=8, q=2)
+    layer = toy().blocks[1]
+    for streamed in (True, False):
+        kw = dict(engine=True, streamed=streamed, tied_embed=False)
+        assert zo_block_s(m, wl, layer, "float32", **kw) == pytest.approx(1000 * (2 + 2) / 1e6)
+        assert zo_block_s(m, wl, layer, "float32", z_per_tensor=True, **kw) == pytest.approx(1000 * (4 + 2) / 1e6)
+    assert zo_block_s(m, wl, layer, "float32", engine=True, streamed=False, tied_embed=True, z_per_tensor=True) == \
+        pytest.approx(1000 * (4 + 2 + 4) / 1e6)
+    for per in (False, True):
+        assert zo_block_s(m, wl, layer, "float32", engine=False, streamed=False, tied_embed=False,
+                          z_per_tensor=per) == pytest.approx(1000 * (4 + 2) / 1e6)
+
+
+def test_a_tensors_z_when_a_blocks_does_not_fit():
+    # 35000 bytes of device budget. Unpipelined, z per block fits 4 resident layers (32336; 5 need
+    # 36336), z per tensor 5 (32736; 6 need 36736); all resident needs 40336 (block) or 36736 (tensor).
+    # Pipelined, three buffers: 2 resident (block) or 3 (tensor). The transfers set the step (5 s per
+    # layer each way at the duplex rate): 3 layers streamed unpipelined, z per tensor, is the fastest.
+    p = make_plan(toy(), ZO, machine(device_bytes=38044), Options())
+    assert p.device_budget_bytes == 35000
+    assert p.feasible and p.z_buffer == "tensor"
+    assert [b.weights_home for b in p.blocks] == [D, P, P, P, D, D, D, D, D, D]
+    assert (p.prefetch_depth, p.device_buffers, p.micro_batch_size) == (0, 1, 1)
+    assert p.memory.device == TENSOR_DEPTH0 + 5 * 4000 == 32736
+    # the same placement with a block's z is 3600 bytes over
+    block = estimate(toy(), ZO, machine(), placement(toy(), [b.weights_home for b in p.blocks]))
+    assert block.memory.device == 36336 > p.device_budget_bytes
+    assert p.times.step_s == pytest.approx(30, rel=0.02)
+    # pipelined (depth forced to 1): 5 layers streamed with a tensor's z, where a block's needs 6
+    piped = make_plan(toy(), ZO, machine(device_bytes=38044), Options(prefetch_depth=1))
+    assert piped.z_buffer == "tensor" and [b.weights_home for b in piped.blocks] == [D] + [P] * 5 + [D] * 4
+    assert piped.memory.device == 2400 + 3 * 4000 + 1536 + 4800 + 3 * 4000 == 32736
+
+
+def test_a_blocks_z_whenever_it_fits():
+    # 36400 bytes: the same placement fits with a block's z, which is never slower: the plan keeps it
+    p = make_plan(toy(), ZO, machine(device_bytes=39566), Options())
+    assert p.device_budget_bytes == 36400
+    assert p.feasible and p.z_buffer == "block"
+    assert [b.weights_home for b in p.blocks] == [D, P, P, P, D, D, D, D, D, D]
+    assert p.memory.device == 36336
+    # room for everything: resident, the reference's z per block
+    roomy = make_plan(toy(), ZO, machine(), Options())
+    assert roomy.z_buffer == "block" and roomy.resident_blocks == tuple(b.name for b in toy().blocks)
+    # first-order plans carry the default
+    assert make_plan(toy(), dataclasses.replace(ZO, method="adamw", q=1), machine(), Options()).z_buffer == "block"
+
+
+def test_all_resident_with_a_tensors_z():
+    # 37000 bytes: everything resident fits only with a tensor's z (36736), and beats any streaming
+    p = make_plan(toy(), ZO, machine(device_bytes=40218), Options())
+    assert p.device_budget_bytes == 37000
+    assert p.feasible and p.z_buffer == "tensor" and p.memory.device == 36736
+    assert all(b.weights_home is D for b in p.blocks) and p.prefetch_depth == 0
+
+
+def test_infeasible_plans_report_the_smaller_z():
+    p = make_plan(toy(), ZO, machine(device_bytes=10000), Options(), suggest=False)
+    assert not p.feasible and p.z_buffer == "tensor"
+    assert p.reasons[0].startswith("device memory: needs")
+
+
+def test_plan_json_round_trip_and_old_plans_load_as_block():
+    p = make_plan(toy(), ZO, machine(device_bytes=38044), Options())
+    assert p.z_buffer == "tensor"
+    assert Plan.from_dict(json.loads(json.dumps(p.to_dict()))) == p
+    old = p.to_dict()
+    del old["z_buffer"]  # a plan saved before the field existed
+    assert Plan.from_dict(old) == dataclasses.replace(p, z_buffer="block")
+
+
+def test_opt175b_pipelines_with_a_tensors_z_from_26_gb():
+    """ZO2's OPT-175B case (fp16, batch 1, seq 2048, every layer streamed from pinned host RAM). A layer's
+    z in fp32 is 7.2 GB, a tensor's 2.5 GB (the embedding's, 618 M parameters; the MLP's are 604 M):
+    4.8 GB less. On the 24 GB RTX 4090 preset (23.2 GB after headroom) that is not enough to pipeline:
+    three 3.6 GB layers in flight, a layer's compute copy and three tensor-sized fp32 buffers (z, the
+    direction, the fp16 home's fp32 copy) need 24.0 GB, so the plan stays unpipelined with a block's z.
+    A device with 28 GB pipelines with a tensor's z (a block's would need 28.7 GB), twice as fast."""
+    from transformers import AutoConfig
+
+    from fuyoucli.hardware.presets import get_preset
+    from fuyoucli.model.inventory import inventory_from_config
+
+    cfg = AutoConfig.for_model("opt", hidden_size=12288, ffn_dim=49152, num_hidden_layers=96, num_attention_heads=96,
+                               max_position_embeddings=2048, word_embed_proj_dim=12288, vocab_size=50272)
+    inv = inventory_from_config(cfg)
+    layer, embed = inv.blocks[1], inv.blocks[0]
+    assert embed.max_tensor_params == 50272 * 12288 > layer.max_tensor_params == 12288 * 49152
+    m, _ = machine_from_profile(get_preset("rtx4090-768g-12nvme"))
+    wl = Workload("zo2", False, "float16", batch_size=1, seq_len=2048)
+    stream = Options(home_dtype="float16", mode="stream")
+    p = make_plan(inv, wl, m, stream, suggest=False)
+    assert p.feasible and (p.z_buffer, p.prefetch_depth) == ("block", 0)
+    piped = make_plan(inv, wl, m, dataclasses.replace(stream, prefetch_depth=1), suggest=False)
+    assert not piped.feasible and piped.z_buffer == "tensor"  # the smaller of the two, reported
+    assert piped.memory.device - piped.capacity.device == pytest.approx(0.75e9, rel=0.01)
+    homes = [b.weights_home for b in piped.blocks]
+    block = estimate(inv, wl, m, dataclasses.replace(placement(inv, homes, depth=1, z="block"), home_dtype="float16"))
+    assert block.memory.device - piped.memory.device == (layer.params - embed.max_tensor_params) * 4
+    big = make_plan(inv, wl, dataclasses.replace(m, device_bytes=28 * 10**9), stream, suggest=False)
+    assert big.feasible and (big.z_buffer, big.prefetch_depth) == ("tensor", 1)
+    assert big.memory.device == piped.memory.device and block.memory.device > big.capacity.device
+    assert big.times.step_s < 0.5 * p.times.step_s
+
+
+def test_the_plan_report_and_its_json_say_how_z_is_held():
+    from rich.console import Console
+
+    from fuyoucli.cli.plan import render, to_json
+
+    for device_bytes, z, text in ((38044, "tensor", "z drawn per tensor"), (39566, "block", "z drawn per block")):
+        p = make_plan(toy(), ZO, machine(device_bytes=device_bytes), Options())
+        doc = to_json(p, toy())
+        assert doc["z_buffer"] == doc["plan"]["z_buffer"] == z
+        console = Console(record=True, width=200)
+        render(console, p, toy(), "toy")
+        assert text in " ".join(console.export_text().split())
+    adamw = make_plan(toy(), dataclasses.replace(ZO, method="adamw", q=1), machine(), Options())
+    assert to_json(adamw, toy())["z_buffer"] is None
