@@ -259,10 +259,12 @@ class OffloadConfig(_Config):
     auto: the fastest tier with room, layer by layer."""
     optimizer_home: Literal["auto", "device", "host", "ssd"] = "auto"
     """First-order: where fp32 master weights and AdamW states live (device keeps every layer resident)."""
-    activations: Literal["auto", "keep", "swap", "recompute"] = "auto"
+    activations: Literal["auto", "keep", "swap", "recompute", "recompute-swap"] = "auto"
     """First-order: keep each layer's saved activations on the device, swap them to pinned host RAM,
-    or keep only the layer's input and recompute in the backward. auto: keep while the device has
-    room, swap while that is faster than recomputing, recompute the rest."""
+    or keep only the layer's input and recompute in the backward (recompute-swap: that input goes to
+    host RAM too, for batches whose layer inputs alone outgrow the device). auto: keep while the
+    device has room, swap while that is faster than recomputing, recompute the rest (their inputs
+    swapped when the device is still short)."""
     home_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """zo2 (full-parameter): dtype of the weights at home and on the link. auto: float32 when it fits
     (exact updates), else model.dtype."""

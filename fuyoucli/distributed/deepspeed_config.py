@@ -186,10 +186,14 @@ def deepspeed_config(recipe: Recipe, plan: Plan | None, profile: HardwareProfile
         "every step, so runs match fuyou's; the scheduler block is the closest DeepSpeed scheduler for use "
         "with other launchers",
     ]
-    if plan is not None and any(b.activation == "recompute" for b in plan.blocks):
+    if plan is not None and any(b.activation in ("recompute", "recompute-swap") for b in plan.blocks):
         out.notes.append("activations: the plan recomputes some layers in the backward; fuyou's launcher turns "
                          "on the model's gradient checkpointing (DeepSpeed's activation_checkpointing section only "
                          "applies to models written for deepspeed.checkpointing)")
+    if plan is not None and any(b.activation == "recompute-swap" for b in plan.blocks):
+        out.notes.append("activations: the plan swaps some recomputed layers' inputs to host memory; under "
+                         "DeepSpeed they stay on the device (the model's gradient checkpointing keeps them "
+                         "there), so device memory may run short where fuyou's engine fits")
     if plan is not None and plan.resident_blocks:
         out.notes.append(f"residency: the plan keeps {len(plan.resident_blocks)} blocks on the device; ZeRO-3 "
                          "chooses by size instead (stage3_param_persistence_threshold)")

@@ -203,7 +203,7 @@ def launch(recipe, *, recipe_path: str, sets: list[str], engine: str, nproc: int
         config, plan = write_run_config(recipe, world=world)
         # The plan's recomputed activations become the model's gradient checkpointing (DeepSpeed's own
         # activation_checkpointing section only serves models written for deepspeed.checkpointing).
-        recompute = plan is not None and any(b.activation == "recompute" for b in plan.blocks)
+        recompute = plan is not None and any(b.activation in ("recompute", "recompute-swap") for b in plan.blocks)
         cmd = deepspeed_command(launcher, nproc=nproc, config=config, recipe=recipe_path, sets=sets,
                                 hostfile=hostfile, port=None if hostfile else free_port(), overwrite=overwrite,
                                 resume=resume, display=display, gradient_checkpointing=recompute)

@@ -8,6 +8,8 @@ saved-tensor hooks), so everything autograd saves for the backward passes throug
 - tensors that are not on the device, and resident parameters, are saved as they are;
 - everything else stays on the device (plan activation 'keep') or is copied to host memory on the
   offload lane and brought back on the upload lane ahead of the block's backward ('swap').
+A recomputed layer saves nothing through the hooks: only its input, which the trainer keeps on the
+device ('recompute') or hands to `stash` ('recompute-swap': to host memory and back the same way).
 Copies go through the Lanes only; host memory comes from one pool, allocated once and reused.
 """
 
@@ -33,7 +35,7 @@ class _WeightRef:
 
 
 @dataclass
-class _Swapped:
+class Swapped:
     block: int
     host: torch.Tensor
     device: torch.Tensor | None = None
@@ -93,7 +95,7 @@ class SavedActivations:
         self._slot_of_ptr = {s.untyped_storage().data_ptr(): n for n, s in enumerate(slots)}
         self.resident_ptrs = resident_ptrs
         self.pool = HostPool(lanes.pin if lanes.kind == "cuda" else None)
-        self._swapped: dict[int, list[_Swapped]] = {}
+        self._swapped: dict[int, list[Swapped]] = {}
         self._kept_ptrs: dict[int, set[int]] = {}
         self._charged: dict[int, int] = {}
         self._where: dict[int, int] = {}
@@ -140,7 +142,7 @@ class SavedActivations:
             last[0] = self.lanes.offload(host, src, after=self.lanes.mark_compute())
             refs.append(src)
             self.swapped_bytes += host.numel() * host.element_size()
-            handle = _Swapped(block, host)
+            handle = Swapped(block, host)
             self._swapped.setdefault(block, []).append(handle)
             seen[key] = handle
             return handle
@@ -159,10 +161,26 @@ class SavedActivations:
         with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
             yield
         if refs:
-            # The device copies must live until their offload has read them: keep them one block
-            # longer, then wait for the copies and drop them.
-            self._release_outgoing()
-            self._outgoing.append((last[0], refs))
+            self._hold(last[0], refs)
+
+    def stash(self, block: int, t: torch.Tensor) -> Swapped:
+        """Send `t` (a recomputed layer's input) to host memory; `ready(block)` brings it back to the
+        device before the block's backward, as `handle.device`."""
+        src = t.contiguous()
+        raw = self.pool.alloc(src.numel() * src.element_size())
+        host = raw[: src.numel() * src.element_size()].view(src.dtype).view(src.shape)
+        mark = self.lanes.offload(host, src, after=self.lanes.mark_compute())
+        self.swapped_bytes += host.numel() * host.element_size()
+        handle = Swapped(block, host)
+        self._swapped.setdefault(block, []).append(handle)
+        self._hold(mark, [src])
+        return handle
+
+    def _hold(self, mark: Mark | None, refs: list[torch.Tensor]) -> None:
+        """The device copies must live until their offload has read them: keep them until the next
+        copies are queued (one micro-batch longer), then wait for the copies and drop them."""
+        self._release_outgoing()
+        self._outgoing.append((mark, refs))
 
     def _release_outgoing(self) -> None:
         for mark, _ in self._outgoing:

@@ -52,6 +52,8 @@ class Placement:
     activation: tuple[str | None, ...]
     prefetch_depth: int
     micro_batch_size: int
+    z_buffer: str = "block"
+    """zo2: z held per block (drawn once per direction) or per tensor (drawn again for each pass)."""
 
 
 @dataclass(frozen=True)
@@ -232,14 +234,16 @@ def estimate(inv: ModelInventory, wl: Workload, machine: Machine, pl: Placement)
             if not cpu:
                 pool += 2 * grad_buf  # where they land on the host
     # Work buffers (zo2, allocated once by the engine): the compute-dtype copy a streamed block computes
-    # with (cast(home +/- eps*z) is formed there), z for the largest trainable block in fp32 (one
-    # direction's z serves both its passes), and for the largest trainable tensor the update direction
+    # with (cast(home +/- eps*z) is formed there), z in fp32 (z_buffer 'block': for the largest
+    # trainable block, one direction's z serving both its passes; 'tensor': for the largest trainable
+    # tensor, drawn again for each pass), and for the largest trainable tensor the update direction
     # (plus the fp32 working copy of a half-precision home): updates go tensor by tensor.
     if zo:
         largest = max((s.trainable_params for s in blocks), default=0)
         tensor = max((min(s.max_tensor_params, s.trainable_params) for s in blocks), default=0)
         compute_copy = 0 if wl.lora else max((blocks[i].params for i in streamed), default=0) * cb
-        dev["work buffers"] = compute_copy + largest * 4 + (2 if hb != 4 else 1) * tensor * 4
+        z = tensor if pl.z_buffer == "tensor" else largest
+        dev["work buffers"] = compute_copy + z * 4 + (2 if hb != 4 else 1) * tensor * 4
     # Activations.
     layer_internal = max((s.internal_elems_per_token for s in blocks), default=0)
     if zo:
@@ -251,13 +255,17 @@ def estimate(inv: ModelInventory, wl: Workload, machine: Machine, pl: Placement)
             if not s.name.startswith("layers."):
                 continue
             full = T * s.internal_elems_per_token * cb
+            ckpt = T * s.boundary_elems_per_token * cb
             if a == "keep":
                 saved += full
             elif a == "swap":
                 pool += full  # pinned host memory, allocated once with the staging pool
                 transient = max(transient, 2 * Tm * s.internal_elems_per_token * cb)
+            elif a == "recompute-swap":
+                pool += ckpt  # the layer's input waits in pinned host memory
+                transient = max(transient, 2 * ckpt)  # swapped in for its backward, the next one's coming
             else:
-                saved += T * s.boundary_elems_per_token * cb
+                saved += ckpt
         dev["activations"] = saved + 2 * T * h * cb + transient
     if cpu:  # host RAM is the device; the 'host' tiers hold nothing separately
         dev["host-side"] = pinned + pageable
@@ -329,7 +337,8 @@ def estimate(inv: ModelInventory, wl: Workload, machine: Machine, pl: Placement)
                                + work.forward_extra_s(machine, wl, inv, s, T, Tm, small_rate))
             v[GPU] += work.zo_block_s(machine, wl, s, pl.home_dtype, engine=engine,
                                       streamed=pl.weights_home[i] is not Tier.DEVICE and not wl.lora,
-                                      tied_embed=tied_embed and s.name == "embed")
+                                      tied_embed=tied_embed and s.name == "embed",
+                                      z_per_tensor=pl.z_buffer == "tensor")
             fetch(i, v, h2d_bps)
             write_back(i, v, d2h_bps)
             per.append(v)
@@ -349,7 +358,7 @@ def estimate(inv: ModelInventory, wl: Workload, machine: Machine, pl: Placement)
             phases.append(second)
             reversed_phase.append(False)
     else:
-        swaps = any(a == "swap" for a in pl.activation)
+        swaps = any(a in ("swap", "recompute-swap") for a in pl.activation)
         fwd, bwd = [], []
         h2d_f, d2h_f = link_rates(swaps)
         h2d_b, d2h_b = link_rates(True)
@@ -360,7 +369,9 @@ def estimate(inv: ModelInventory, wl: Workload, machine: Machine, pl: Placement)
             if s.params == 0:
                 bwd_factor = 1.0
             act = pl.activation[i] if s.name.startswith("layers.") else "keep"
-            swap_b = T * s.internal_elems_per_token * cb if act == "swap" else 0
+            recompute = act in ("recompute", "recompute-swap")
+            swap_b = (T * s.internal_elems_per_token * cb if act == "swap"
+                      else T * s.boundary_elems_per_token * cb if act == "recompute-swap" else 0)
             v = [0.0] * _N
             fwd_s = product_s(machine, wl, s, T, micro_batches, rate) + work.forward_extra_s(machine, wl, inv, s, T, Tm,
                                                                                             small_rate)
@@ -368,19 +379,23 @@ def estimate(inv: ModelInventory, wl: Workload, machine: Machine, pl: Placement)
             fetch(i, v, h2d_f)
             if swap_b and not cpu:
                 v[D2H] += swap_b / d2h_f
+            elif swap_b:  # a CPU device's 'host' is the same memory: a copy each way, by the cores
+                v[GPU] += work.cpu_copy_s(machine, swap_b)
             fwd.append(v)
             w = [0.0] * _N
-            extra = fl if act == "recompute" else 0.0
+            extra = fl if recompute else 0.0
             # Backward: each product twice (input and weight gradients; LoRA: the frozen base's
             # input gradient only), each elementwise op's gradient about as costly as the op itself
             # twice over (reads the upstream gradient and its saved inputs, writes one per input).
-            w[GPU] = bwd_factor * fwd_s + (fwd_s if act == "recompute" else 0.0) + work.grad_s(machine, wl, s)
+            w[GPU] = bwd_factor * fwd_s + (fwd_s if recompute else 0.0) + work.grad_s(machine, wl, s)
             if s.name == "head":
                 w[GPU] += work.loss_backward_s(machine, wl, inv, T)
             flops_step += fl * (1 + bwd_factor) + extra
             fetch(i, w, h2d_b)
             if swap_b and not cpu:
                 w[H2D] += swap_b / h2d_b
+            elif swap_b:
+                w[GPU] += work.cpu_copy_s(machine, swap_b)
             oh = pl.optimizer_home[i]
             if not wl.lora and tr:
                 if oh is Tier.DEVICE:

@@ -16,7 +16,7 @@ def fixed_plan(n_layers: int, weights_home: Tier, *, method: str = "zo2", prefet
                resident_optimizer_home: Tier = Tier.DEVICE) -> Plan:
     """For method 'adamw': layers keep their optimizer states at `optimizer_home` (default: pageable
     host memory when the layers stream, else the device) and handle saved activations per
-    `activation` ('keep', 'swap' or 'recompute'; one for all layers or one per layer; default
+    `activation` ('keep', 'swap', 'recompute' or 'recompute-swap'; one for all layers or one per layer; default
     recompute); embeddings and head keep theirs at `resident_optimizer_home`. zo2 plans carry
     neither (None)."""
     names = ["embed"] + [f"layers.{i}" for i in range(n_layers)] + ["head"]

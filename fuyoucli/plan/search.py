@@ -2,8 +2,9 @@
 
 Chooses how many decoder layers stay resident, where streamed weights live (pinned, pageable, SSD,
 filled fastest first), where optimizer states live, the activation policy (keep / swap / recompute,
-Fuyou's seconds saved per byte), prefetch depth, the zo2 home dtype and the largest micro-batch, by
-evaluating candidates with plan.cost. Pure (no torch); also turns a Recipe and a HardwareProfile
+Fuyou's seconds saved per byte), prefetch depth, the zo2 home dtype, how zo2 holds z (a block's at
+once, or tensor by tensor where that is what fits) and the largest micro-batch, by evaluating
+candidates with plan.cost. Pure (no torch); also turns a Recipe and a HardwareProfile
 into the numbers the cost model reads.
 """
 
@@ -191,8 +192,8 @@ class _Search:
         self.evals = 0
 
     def run(self, home_dtype: str, micro: int, depth: int, n_res: int, opt_dev: bool,
-            swap_all: bool = False) -> tuple[Placement, Estimate]:
-        pl = self.build(home_dtype, micro, depth, n_res, opt_dev, swap_all)
+            swap: str | None = None) -> tuple[Placement, Estimate]:
+        pl = self.build(home_dtype, micro, depth, n_res, opt_dev, swap)
         return pl, self.eval(pl)
 
     def eval(self, pl: Placement) -> Estimate:
@@ -200,9 +201,12 @@ class _Search:
         return estimate(self.inv, self.wl, self.m, pl)
 
     def build(self, home_dtype: str, micro: int, depth: int, n_res: int, opt_dev: bool,
-              swap_all: bool = False) -> Placement:
+              swap: str | None = None) -> Placement:
         """Resident: embed, head and the last n_res layers. Streamed weights fill the fastest host
-        tier first; optimizer states take the host RAM left, then the SSD."""
+        tier first; optimizer states take the host RAM left, then the SSD. Layers recompute in the
+        backward from inputs kept on the device, unless `swap` says: 'inputs' (recompute-swap: the
+        inputs wait in pinned host memory) or 'all' (every saved activation swapped, no recompute);
+        that host memory is reserved before weights and optimizer states take theirs."""
         inv, wl, o, cap = self.inv, self.wl, self.o, self.cap
         hb = home_bytes(inv, wl, home_dtype)
         resident = set(i for i in range(self.n) if i not in self.layers)
@@ -213,8 +217,9 @@ class _Search:
         opt_pp = 0 if (self.zo or wl.lora) else optimizer_bytes_per_param(wl)
         grad = max((inv.blocks[i].trainable_params * DTYPE_BYTES[wl.compute_dtype] for i in range(self.n)), default=0)
         reserve = (depth + 2) * max_stream + (0 if self.zo else 2 * grad)
-        if swap_all:
-            reserve += sum(wl.tokens_per_step * inv.blocks[i].internal_elems_per_token * DTYPE_BYTES[wl.compute_dtype]
+        if swap is not None:
+            per_token = {"all": lambda b: b.internal_elems_per_token, "inputs": lambda b: b.boundary_elems_per_token}[swap]
+            reserve += sum(wl.tokens_per_step * per_token(inv.blocks[i]) * DTYPE_BYTES[wl.compute_dtype]
                            for i in self.layers)
         ssd_ok = cap.ssd > 0
         opt_stage = 3 * max((b.trainable_params * opt_pp for b in inv.blocks), default=0) if ssd_ok else 0
@@ -260,9 +265,15 @@ class _Search:
         act: list[str | None] = [None] * self.n
         if not self.zo:
             for i in range(self.n):
-                act[i] = (o.activation or ("swap" if swap_all else "recompute")) if i in self.layers else "keep"
+                default = {None: "recompute", "inputs": "recompute-swap", "all": "swap"}[swap]
+                act[i] = (o.activation or default) if i in self.layers else "keep"
         return Placement(home_dtype=home_dtype, weights_home=tuple(weights), optimizer_home=tuple(optim),
                          activation=tuple(act), prefetch_depth=depth if streamed else 0, micro_batch_size=micro)
+
+    def per_tensor(self, pl: Placement) -> tuple[Placement, Estimate]:
+        """zo2: the placement with z drawn tensor by tensor (a tensor's z on the device, not a block's)."""
+        pl = dataclasses.replace(pl, z_buffer="tensor")
+        return pl, self.eval(pl)
 
     def swappable(self, pl: Placement) -> bool:
         return not self.zo and not self.cpu and self.o.activation is None and bool(self.layers)
@@ -270,20 +281,25 @@ class _Search:
     def tune_activations(self, pl: Placement, est: Estimate) -> tuple[Placement, Estimate]:
         """Keep saved activations on the device while it has room (free in time), then swap the rest
         to pinned host memory while that lowers the step (convex in the swapped count, as Fuyou
-        observes); the others are recomputed from the block's input."""
+        observes); the others are recomputed from the block's input (kept where the candidate kept
+        it: on the device, or swapped when the device was short even so)."""
         if self.zo or self.o.activation is not None or not self.layers:
             return pl, est
         wl, cb = self.wl, DTYPE_BYTES[self.wl.compute_dtype]
         order = sorted(self.layers, key=lambda i: -i)  # the backward meets the last layers first
+        base = pl.activation[order[0]]
+        if base == "swap":  # every layer swapped already: nothing left to trade
+            return pl, est
 
         def with_acts(keep: int, swap: int) -> Placement:
             act = list(pl.activation)
             for k, i in enumerate(order):
-                act[i] = "keep" if k < keep else ("swap" if k < keep + swap else "recompute")
+                act[i] = "keep" if k < keep else ("swap" if k < keep + swap else base)
             return dataclasses.replace(pl, activation=tuple(act))
 
+        freed = (lambda b: b.boundary_elems_per_token) if base == "recompute" else (lambda b: 0)
         per = max(1, wl.tokens_per_step * max(self.inv.blocks[i].internal_elems_per_token
-                                               - self.inv.blocks[i].boundary_elems_per_token for i in order) * cb)
+                                               - freed(self.inv.blocks[i]) for i in order) * cb)
         slack = self.cap.device - est.memory.device
         keep = max(0, min(len(order), slack // per)) if slack > 0 else 0
         best_pl, best_est = pl, est
@@ -374,12 +390,21 @@ def search(inv: ModelInventory, wl: Workload, machine: Machine, opts: Options) -
                         return
                     tried.add((n_res, od))
                     pl, est = s.run(hd, micro, depth, n_res, od)
-                    if not fits(est.memory, s.cap) and s.swappable(pl):
-                        # activations do not fit on the device even recomputed: swap them all to pinned
-                        # host memory, reserved before weights and optimizer states take the host
-                        pl, est = s.run(hd, micro, depth, n_res, od, swap_all=True)
                     if fits(est.memory, s.cap):
                         mbest.offer(pl, est, _key(pl, est))
+                    elif s.zo:
+                        # a block's z does not fit: draw it tensor by tensor, again for each pass (the
+                        # same placement with z per block is never slower, so it is tried first)
+                        pl, est = s.per_tensor(pl)
+                        if fits(est.memory, s.cap):
+                            mbest.offer(pl, est, _key(pl, est))
+                    elif s.swappable(pl):
+                        # activations do not fit on the device even recomputed: the layers' inputs, or
+                        # every saved activation, to pinned host memory (whichever is faster and fits)
+                        for swap in ("inputs", "all"):
+                            pl, est = s.run(hd, micro, depth, n_res, od, swap=swap)
+                            if fits(est.memory, s.cap):
+                                mbest.offer(pl, est, _key(pl, est))
 
                 for n_res in n_res_options:
                     for od in opt_devs:
@@ -398,10 +423,19 @@ def search(inv: ModelInventory, wl: Workload, machine: Machine, opts: Options) -
                 notes.append(f"zo2 weights live in {hd} at home: float32 did not fit; updates smaller than "
                              f"{hd}'s resolution are lost (set offload.home_dtype to choose)")
             return best.placement, best.est, True, notes
-    # Nothing fits: the smallest candidate, to say what binds and by how much.
+    # Nothing fits: the smallest candidate, to say what binds and by how much (with the layers' inputs
+    # in host memory when that is what the device is short of).
     hd = home_dtypes[-1]
     n_res = n_res_options[0] if len(n_res_options) == 1 else 0
-    pl, est = s.run(hd, 1, 0 if opts.prefetch_depth is None else opts.prefetch_depth, n_res, False)
+    depth = 0 if opts.prefetch_depth is None else opts.prefetch_depth
+    pl, est = s.run(hd, 1, depth, n_res, False)
+    if s.swappable(pl):
+        short = lambda e: sum(need - have for _, need, have in overflows(e.memory, s.cap))  # noqa: E731
+        swapped = s.run(hd, 1, depth, n_res, False, swap="inputs")
+        if short(swapped[1]) < short(est):
+            pl, est = swapped
+    if s.zo:
+        pl, est = s.per_tensor(pl)
     return pl, est, False, notes
 
 
@@ -450,7 +484,7 @@ def make_plan(inv: ModelInventory, wl: Workload, machine: Machine, opts: Options
         seq_len=wl.seq_len, tokens_per_step=wl.tokens_per_step, flops_per_step=est.flops_per_step,
         tflops=est.flops_per_step / step / 1e12 if step > 0 else 0.0,
         gpu_utilization=est.flops_per_step / step / best_rate if step > 0 and best_rate > 0 else 0.0,
-        lora=wl.lora, model=inv.model_type, machine=machine.name, notes=tuple(notes),
+        lora=wl.lora, model=inv.model_type, machine=machine.name, notes=tuple(notes), z_buffer=pl.z_buffer,
     )
 
 

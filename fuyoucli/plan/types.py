@@ -16,7 +16,8 @@ from typing import Literal
 
 Method = Literal["zo2", "adamw"]
 Dtype = Literal["float32", "bfloat16", "float16"]
-Activation = Literal["keep", "swap", "recompute"]
+Activation = Literal["keep", "swap", "recompute", "recompute-swap"]
+ZBuffer = Literal["block", "tensor"]
 
 DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -233,7 +234,8 @@ class BlockPlan:
     blocks with nothing to train."""
     activation: Activation | None
     """First-order: keep the block's saved activations on the device, swap them to pinned host
-    memory, or keep only its input and recompute in backward. None for zo2."""
+    memory, or keep only its input and recompute in backward, that input on the device
+    ('recompute') or swapped to pinned host memory ('recompute-swap'). None for zo2."""
     params: int = 0
     trainable_params: int = 0
     optimizer_bytes: int = 0
@@ -287,6 +289,12 @@ class Plan:
     model: str = ""
     machine: str = ""
     notes: tuple[str, ...] = ()
+    z_buffer: ZBuffer = "block"
+    """zo2: how a direction's z is held. 'block': drawn once per direction into an fp32 buffer the
+    size of the largest trainable block, shared by its +eps and -eps passes. 'tensor': drawn tensor
+    by tensor into a buffer the size of the largest trainable tensor, the block's generator replayed
+    from its start for each pass (the same numbers; one more draw per direction, a block's z less
+    device memory). First-order plans carry the default, unused."""
 
     @property
     def resident_blocks(self) -> tuple[str, ...]:

@@ -8,7 +8,7 @@ side in first_order_updates.py. One step:
    ('keep': its autograd graph stays; streamed weights in it are re-made from the backward's fetch,
    never saved), go to host memory and come back ahead of its backward ('swap'), or are dropped
    with only the layer's input kept ('recompute': the backward runs the layer again, with the
-   same random numbers). The head computes the loss and its backward at once.
+   same random numbers), on the device or, like swapped ones, in host memory ('recompute-swap'). The head computes the loss and its backward at once.
 2. Backward in reverse block order: fetch, (recompute,) backward for every micro-batch in order, so
    that gradients accumulate as in the in-memory reference; then the block's gradients go to host
    memory at once, and the CPU optimizer takes them (overlapped with the backward of the blocks
@@ -24,7 +24,7 @@ from contextlib import contextmanager
 
 import torch
 
-from fuyoucli.engine.activations import SavedActivations
+from fuyoucli.engine.activations import SavedActivations, Swapped
 from fuyoucli.engine.executor import StreamUnit, WeightStore, run_pass
 from fuyoucli.engine.tiers import DeviceArena, SsdStore
 from fuyoucli.model.blocks import param_blocks
@@ -232,14 +232,17 @@ class AdamWStreamed:
                     if not train:
                         with torch.no_grad():
                             hidden[k] = self.runner.run_layer(e - 1, hidden[k], self._prepared[k])
-                    elif act == "recompute":
+                    elif act in ("recompute", "recompute-swap"):
                         rng = self._rng_state()
                         with torch.no_grad():
                             out = self.runner.run_layer(e - 1, hidden[k], self._prepared[k])
-                        nbytes = hidden[k].numel() * hidden[k].element_size()
-                        self.arena.charge(nbytes, f"saved input of {self.names[e]}")
-                        self._charged[e] = self._charged.get(e, 0) + nbytes
-                        self._saved[(e, k)] = (hidden[k], None, rng)
+                        if act == "recompute-swap":
+                            self._saved[(e, k)] = (self.acts.stash(e, hidden[k]), None, rng)
+                        else:
+                            nbytes = hidden[k].numel() * hidden[k].element_size()
+                            self.arena.charge(nbytes, f"saved input of {self.names[e]}")
+                            self._charged[e] = self._charged.get(e, 0) + nbytes
+                            self._saved[(e, k)] = (hidden[k], None, rng)
                         hidden[k] = out
                     else:
                         leaf = hidden[k].detach().requires_grad_(True)
@@ -313,7 +316,7 @@ class AdamWStreamed:
                 for k in range(n):
                     leaf, out, rng = self._saved.pop((e, k))
                     if out is None:
-                        leaf = leaf.detach().requires_grad_(True)
+                        leaf = (leaf.device if isinstance(leaf, Swapped) else leaf).detach().requires_grad_(True)
                         with torch.enable_grad(), self._replay(rng):
                             out = self.runner.run_layer(e - 1, leaf, self._prepared[k])
                     torch.autograd.backward(out, self._grad_out[k])

@@ -120,6 +120,8 @@ CASES = [
     ("llama", Tier.PINNED, Tier.SSD, "keep", None, 2),
     ("opt", Tier.PAGEABLE, Tier.PAGEABLE, "swap", None, 1),
     ("qwen2", Tier.SSD, Tier.SSD, "recompute", None, 1),
+    ("llama", Tier.PAGEABLE, Tier.PAGEABLE, "recompute-swap", 1.0, 1),
+    ("opt", Tier.SSD, Tier.SSD, ("recompute-swap", "keep"), None, 2),
 ]
 
 
@@ -135,6 +137,8 @@ def test_streamed_adamw_equals_reference(arch, home, opt, act, clip, depth, mode
     assert trainer.store.stats.fetches == 2 * 2 * STEPS  # each layer up for the forward and the backward
     assert trainer.store.stats.writebacks == 0  # the CPU optimizer writes homes, the device never does
     assert trainer.store.residency.peak_on_device <= depth + 1
+    swapped = {"swap", "recompute-swap"} & ({act} if isinstance(act, str) else set(act))
+    assert (trainer.acts.swapped_bytes > 0) == bool(swapped)
     if Tier.SSD in (home, opt):
         assert not any((tmp_path / "swap").iterdir())  # block and state files removed on close
     if opt is Tier.SSD:

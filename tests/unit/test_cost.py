@@ -135,6 +135,16 @@ def test_first_order_traffic_optimizer_and_activations():
                                                        act=["keep"] + ["swap"] * 4 + ["keep"]))
     assert swapped.memory.pinned == 16000 + 4 * 8 * 16 * 4 + 2 * 4000
     assert swapped.flops_per_step == 3 * fwd_flops
+    # recompute-swap: the 4 layer inputs (8 tokens x 4 elements x 4 bytes) wait in pinned host memory
+    # instead of on the device, one trip each way over the link, recomputed as before
+    inputs = estimate(inv, wl, machine(), placement(inv, [D, P, P, P, P, D], optim=optim,
+                                                      act=["keep"] + ["recompute-swap"] * 4 + ["keep"]))
+    assert inputs.memory.pinned == est.memory.pinned + 4 * 128
+    assert inputs.memory.device == est.memory.device - 4 * 128
+    assert inputs.flops_per_step == est.flops_per_step
+    assert inputs.times.d2h_s == pytest.approx(t.d2h_s + 4 * 128 / 800)
+    # the forward's fetches now share the link with the swaps (duplex rate), and the inputs come back
+    assert inputs.times.h2d_s == pytest.approx(4000 / 800 * 8 + 600 * 4 / 800 + 4 * 128 / 800)
 
 
 def test_first_order_optimizer_on_ssd():

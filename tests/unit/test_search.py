@@ -138,6 +138,27 @@ def test_first_order_activations_keep_then_swap_or_recompute():
     assert "recompute" in {b.activation for b in slow_link.blocks}
 
 
+def test_layer_inputs_go_to_host_when_even_they_outgrow_the_device():
+    # Fuyou's GPT-3 175B case in miniature: 8 layers' inputs (32 tokens x 1000 elements x 4 bytes =
+    # 128 kB each) do not fit a 1 MB device beside the streaming buffers; swapping every saved
+    # activation (4x more) does not fit the host either. Recomputing from inputs kept in host memory does.
+    def spec(name, params, boundary, inner):
+        return BlockSpec(name, params, params, params // 2, 2 * params, 8, None, boundary, inner)
+
+    inv = ModelInventory("toy", 1000, 8, 25, False, tuple(
+        [spec("embed", 500, 1000, 1000)] + [spec(f"layers.{i}", 1000, 1000, 4000) for i in range(8)]
+        + [spec("head", 100, 0, 1000)]))
+    wl = Workload("adamw", False, "float32", batch_size=4, seq_len=8)
+    m = machine(device_bytes=10**6, host_ram_bytes=3 * 10**6, pinned_bytes=3 * 10**6)
+    p = make_plan(inv, wl, m, Options())
+    acts = [b.activation for b in p.blocks[1:-1]]
+    assert p.feasible and "recompute-swap" in acts and "swap" not in acts
+    assert p.pinned_pool_bytes >= acts.count("recompute-swap") * 128000
+    assert p.memory.device <= p.capacity.device
+    kept = make_plan(inv, wl, m, Options(activation="recompute"))
+    assert not kept.feasible and any("device memory" in r for r in kept.reasons)
+
+
 def test_optimizer_states_spill_to_ssd():
     m = machine(device_bytes=40000, host_ram_bytes=60000, pinned_bytes=30000)
     p = make_plan(toy(), AD, m, Options(swap_dir="/nvme/x"))
