@@ -2,7 +2,7 @@
 
 Each configuration runs in its own subprocess (so peak RSS is its own), on the same random-init
 Llama-shaped model and the same batches, and the ratios are printed side by side:
-  python benchmarks/zo2.py            # ~0.5 GB model
+  python benchmarks/zo2.py            # 1.3 GB model (24 layers)
   python benchmarks/zo2.py --quick    # ~0.1 GB model, a minute on 2 cores
   python benchmarks/zo2.py --device cuda
   python benchmarks/zo2.py --quick --variant conservative   # or momentum, sign
@@ -202,6 +202,11 @@ def main() -> None:
     print(f"model bytes {model_bytes / 2**20:.0f} MiB; with SSD homing the process holds at most "
           f"{ssd['rss_steps'] / 2**20:.0f} MiB ({ssd['rss_steps'] / model_bytes:.2f}x the model), of which the "
           f"engine's device arena (on a CPU device it is host memory) is {ssd['device_peak_bytes'] / 2**20:.0f} MiB")
+    host = ssd["rss_steps"] - ssd["device_peak_bytes"]
+    print(f"host side (what stays in host RAM when the device is a GPU): {host / 2**20:.0f} MiB = "
+          f"{host / model_bytes:.2f}x the model, with the libraries (the process held {ssd['rss_loaded'] / 2**20:.0f} "
+          f"MiB after loading) and, on a CPU device, freed activation memory that glibc keeps "
+          f"(MALLOC_MMAP_THRESHOLD_=1048576 returns it)")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from torch import nn
 
 from fuyoucli.engine.lanes import Mark
 from fuyoucli.engine.residency import Residency, State
-from fuyoucli.engine.tiers import DeviceArena, SsdStore, aligned_host
+from fuyoucli.engine.tiers import ALIGN, DeviceArena, SsdStore, aligned_host
 from fuyoucli.plan.schedule import Op
 from fuyoucli.plan.types import Tier
 from fuyoucli.telemetry.timeline import NULL
@@ -58,6 +58,11 @@ class _Slot:
     """The slot may be overwritten once this mark (last compute or write-back using it) is done."""
     staging: torch.Tensor | None = None
     """Aligned host buffer for SSD reads into this slot."""
+    raw: torch.Tensor | None = None
+    """On a CPU device: the slot's own bytes (aligned, whole 4 KiB pages), read and written by the SSD
+    threads directly, with no staging copy."""
+    writing: Future | None = None
+    """On a CPU device: the file write of the slot's last block, which must end before it is refilled."""
     upload_mark: Mark | None = None
     ticket: Future | Mark | None = None
     block: int | None = None
@@ -98,9 +103,18 @@ class WeightStore:
             u.numel = sum(s.numel() for s in u.shapes)
         self.slot_numel = max(u.numel for u in units)
         pin_fn = lanes.pin if pin else None
-        self.slots = [_Slot(arena.alloc(self.slot_numel, self.dtype, f"streaming slot {i}")) for i in range(slots)]
         nbytes = self.slot_numel * self.dtype.itemsize
-        if ssd is not None:
+        # On a CPU device the slots are host memory: SSD reads land in them and writes leave from them
+        # (aligned, page-padded), where a GPU needs a host staging buffer per slot for each direction.
+        self.direct = ssd is not None and lanes.kind == "cpu"
+        if self.direct:
+            self.slots = []
+            for i in range(slots):
+                raw = arena.alloc_aligned(nbytes, ALIGN, f"streaming slot {i}")
+                self.slots.append(_Slot(raw[:nbytes].view(self.dtype), raw=raw))
+        else:
+            self.slots = [_Slot(arena.alloc(self.slot_numel, self.dtype, f"streaming slot {i}")) for i in range(slots)]
+        if ssd is not None and not self.direct:
             for s in self.slots:
                 s.staging = aligned_host(nbytes, pin_with=pin_fn)
             self._write_buffers = [aligned_host(nbytes, pin_with=pin_fn) for _ in range(slots)]
@@ -147,10 +161,23 @@ class WeightStore:
         self.stats.fetches += 1
         self.stats.h2d_bytes += u.numel * self.dtype.itemsize
         self.stats.trace.append(("fetch", u.name))
+        if self.direct and u.home is Tier.SSD:
+            s.ticket = self.ssd.submit(self._ssd_fetch_direct, u, s)
+            return
+        if s.writing is not None:  # a host block into a slot whose last block is still being written out
+            s.writing.result()
+            s.writing = None
         if u.home is Tier.SSD:
             s.ticket = self.ssd.submit(self._ssd_fetch, u, s, target)
         else:
             s.ticket = self.lanes.upload(target, u.host, after=s.free_after)
+
+    def _ssd_fetch_direct(self, u: StreamUnit, s: _Slot) -> Mark:
+        if s.writing is not None:  # the slot's last block must have left it (writes and reads share a pool)
+            s.writing.result()
+            s.writing = None
+        self.ssd.read_sync(self._key(u), s.raw[: -(-u.numel * self.dtype.itemsize // ALIGN) * ALIGN])
+        return self.lanes.mark_compute()
 
     def _ssd_fetch(self, u: StreamUnit, s: _Slot, target: torch.Tensor) -> Mark:
         # The staging buffer is reused per slot: the previous upload from it must have finished.
@@ -193,7 +220,11 @@ class WeightStore:
         self.stats.writebacks += 1
         self.stats.d2h_bytes += u.numel * self.dtype.itemsize
         src = s.device[: u.numel]
-        if u.home is Tier.SSD:
+        if self.direct and u.home is Tier.SSD:
+            fut = self.ssd.submit(self._ssd_write_direct, u, s.raw)
+            s.writing = fut
+            u.pending = fut
+        elif u.home is Tier.SSD:
             w = self._next_write
             self._next_write = (w + 1) % len(self._write_buffers)
             if self._write_pending[w] is not None:
@@ -208,6 +239,9 @@ class WeightStore:
             mark = self.lanes.offload(u.host, src, after=done)
             s.free_after = mark
             u.pending = mark
+
+    def _ssd_write_direct(self, u: StreamUnit, raw: torch.Tensor) -> None:
+        self.ssd.write_sync(self._key(u), raw[: -(-u.numel * self.dtype.itemsize // ALIGN) * ALIGN])
 
     def _ssd_write(self, u: StreamUnit, buf: torch.Tensor, mark: Mark) -> None:
         self.lanes.host_wait(mark)

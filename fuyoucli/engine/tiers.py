@@ -47,6 +47,14 @@ class DeviceArena:
         self._sizes[id(tensor)] = nbytes
         return tensor
 
+    def alloc_aligned(self, nbytes: int, align: int, what: str) -> torch.Tensor:
+        """`nbytes` rounded up to whole `align` pages, as a uint8 tensor starting on an `align`
+        boundary (host memory: O_DIRECT reads and writes go straight into it). Charged what it holds."""
+        padded = -(-nbytes // align) * align
+        raw = self.alloc(padded + align, torch.uint8, what)
+        offset = (-raw.data_ptr()) % align
+        return raw[offset: offset + padded]
+
     def charge(self, nbytes: int, what: str) -> None:
         """Count bytes the engine holds on the device without allocating them here (hidden states)."""
         if self.budget_bytes is not None and self.used_bytes + nbytes > self.budget_bytes:

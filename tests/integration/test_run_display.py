@@ -81,9 +81,10 @@ def test_streamed_runs_trace_every_lane_and_log_where_the_time_went(method, tmp_
                                       method, extra, steps=5))
     finetune(recipe, sinks=[TraceSink(tmp_path / "t.json")])
     tracks = validate_chrome_trace(json.loads((tmp_path / "t.json").read_text()))
-    expected = {"step", "compute", "upload", "ssd_read", "ssd_write"} | ({"cpu_optimizer"} if method == "adamw"
-                                                                            else {"offload"})
+    expected = {"step", "compute", "ssd_read", "ssd_write"} | ({"cpu_optimizer"} if method == "adamw" else set())
     assert expected <= set(tracks), set(tracks)
+    if method == "zo2":  # a CPU device's slots are host memory: the SSD threads read into and write from them
+        assert not {"upload", "offload"} & set(tracks), set(tracks)
     rows = [r for r in read_metrics(tmp_path / "out" / "metrics.jsonl") if r["kind"] == "train"]
     for key in ("compute_s", "wait_fetch_s", "wait_ssd_s", "h2d_s", "ssd_read_s", "cpu_optimizer_s",
                 "h2d_bytes", "ssd_read_bytes"):
