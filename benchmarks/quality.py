@@ -10,13 +10,14 @@ weights: the first seed's run evaluates them, the others skip that (training.eva
     .venv/bin/python benchmarks/quality.py --quick          # one seed, fewer steps and examples
     .venv/bin/python benchmarks/quality.py --recipes zo2-lora-sentiment --seeds 0,1 --json out.json
 
-A run whose output folder already holds a finished metrics.jsonl for the same command is not run
-again (--fresh reruns): the full table takes about an hour on a 2-core CPU, and can be built in parts.
+A run whose output folder already holds a finished metrics.jsonl for the same command and the same
+recipe file contents is not run again (--fresh reruns): the full table takes about an hour on a 2-core CPU, and can be built in parts.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -61,7 +62,10 @@ def run_one(recipe: str, seed: int, sets: list[str], out: Path, fresh: bool, cac
         cmd += ["--set", s]
     stamp = out / "quality-command.json"
     metrics = out / "metrics.jsonl"
-    if not fresh and stamp.exists() and metrics.exists() and json.loads(stamp.read_text()).get("cmd") == cmd[2:]:
+    # A finished run is reused only for the same command and the same recipe file contents.
+    recipe_sha = hashlib.sha256((ROOT / "recipes" / f"{recipe}.yaml").read_bytes()).hexdigest()
+    same = lambda st: st.get("cmd") == cmd[2:] and st.get("recipe_sha256") == recipe_sha  # noqa: E731
+    if not fresh and stamp.exists() and metrics.exists() and same(json.loads(stamp.read_text())):
         rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
         evals = [r for r in rows if r.get("kind") == "eval"]
         if evals and (out / "model").exists():
@@ -76,7 +80,7 @@ def run_one(recipe: str, seed: int, sets: list[str], out: Path, fresh: bool, cac
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
         raise SystemExit(f"{recipe} seed {seed} failed (exit {proc.returncode}): {tail[0]}")
-    stamp.write_text(json.dumps({"cmd": cmd[2:], "wall_s": wall, "load": load}))
+    stamp.write_text(json.dumps({"cmd": cmd[2:], "recipe_sha256": recipe_sha, "wall_s": wall, "load": load}))
     rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
     return summarize(rows, wall, load)
 
