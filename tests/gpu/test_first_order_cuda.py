@@ -58,6 +58,7 @@ CASES = [
     (Tier.PAGEABLE, Tier.PAGEABLE, "swap", None),
     (Tier.SSD, Tier.SSD, "recompute", 1.0),
     (Tier.PINNED, Tier.SSD, ("swap", "recompute"), None),
+    (Tier.PAGEABLE, Tier.SSD, ("recompute-swap", "keep"), 1.0),
 ]
 
 

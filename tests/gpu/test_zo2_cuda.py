@@ -4,6 +4,7 @@ the tolerance covers kernels whose reductions may differ between the two call pa
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -27,9 +28,10 @@ def _to_cuda(steps):
     return [[{k: v.cuda() for k, v in mb.items()} for mb in micro] for micro in steps]
 
 
+@pytest.mark.parametrize("z_buffer", ["block", "tensor"])
 @pytest.mark.parametrize("home", [Tier.PINNED, Tier.PAGEABLE, Tier.SSD])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_zo2_cuda_streamed_equals_cuda_reference(home, dtype, tiny_models, text_data, tmp_path):
+def test_zo2_cuda_streamed_equals_cuda_reference(home, dtype, z_buffer, tiny_models, text_data, tmp_path):
     recipe, tok, steps = setup(tiny_models["llama"], text_data, tmp_path, ZO, accum=2, dtype=dtype)
     steps = _to_cuda(steps)
     model = load_model(recipe.model, recipe.peft, seed=5, pad_token_id=tok.pad_token_id, device="cuda")
@@ -38,7 +40,8 @@ def test_zo2_cuda_streamed_equals_cuda_reference(home, dtype, tiny_models, text_
     ref_weights = {n: p.detach().float().cpu() for n, p in model.named_parameters()}
 
     model = load_model(recipe.model, recipe.peft, seed=5, pad_token_id=tok.pad_token_id, device="cpu")
-    plan = manual_plan(2, home, prefetch=1, swap_dir=tmp_path / "swap", compute_dtype=dtype)
+    plan = dataclasses.replace(manual_plan(2, home, prefetch=1, swap_dir=tmp_path / "swap", compute_dtype=dtype),
+                               z_buffer=z_buffer)
     trainer = ZOStreamed(model, plan, recipe.method, seed=5, head="causal_lm", lanes=CudaLanes("cuda"))
     try:
         losses = [trainer.step(t + 1, micro, lr=recipe.method.lr).loss for t, micro in enumerate(steps)]
