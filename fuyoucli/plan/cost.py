@@ -329,16 +329,19 @@ def estimate(inv: ModelInventory, wl: Workload, machine: Machine, pl: Placement)
         engine = bool(streamed)  # the streamed engine runs the step; with nothing streamed, the reference
         tied_embed = inv.tied_embeddings
         per = []
+        priced: dict[tuple[BlockSpec, bool], float] = {}
         for i, s in enumerate(blocks):
             v = [0.0] * _N
             f = passes * T * s.forward_flops_per_token(wl.seq_len)
             flops_step += f
-            v[GPU] = passes * (product_s(machine, wl, s, T, micro_batches, rate)
-                               + work.forward_extra_s(machine, wl, inv, s, T, Tm, small_rate))
-            v[GPU] += work.zo_block_s(machine, wl, s, pl.home_dtype, engine=engine,
-                                      streamed=pl.weights_home[i] is not Tier.DEVICE and not wl.lora,
-                                      tied_embed=tied_embed and s.name == "embed",
-                                      z_per_tensor=pl.z_buffer == "tensor")
+            key = (s, pl.weights_home[i] is not Tier.DEVICE)
+            if key not in priced:  # identical layers share a spec: price it once per estimate
+                priced[key] = passes * (product_s(machine, wl, s, T, micro_batches, rate)
+                                        + work.forward_extra_s(machine, wl, inv, s, T, Tm, small_rate)) + \
+                    work.zo_block_s(machine, wl, s, pl.home_dtype, engine=engine,
+                                    streamed=pl.weights_home[i] is not Tier.DEVICE and not wl.lora,
+                                    tied_embed=tied_embed and s.name == "embed", z_per_tensor=pl.z_buffer == "tensor")
+            v[GPU] = priced[key]
             fetch(i, v, h2d_bps)
             write_back(i, v, d2h_bps)
             per.append(v)
@@ -360,6 +363,7 @@ def estimate(inv: ModelInventory, wl: Workload, machine: Machine, pl: Placement)
     else:
         swaps = any(a in ("swap", "recompute-swap") for a in pl.activation)
         fwd, bwd = [], []
+        priced: dict[BlockSpec, tuple[float, float]] = {}
         h2d_f, d2h_f = link_rates(swaps)
         h2d_b, d2h_b = link_rates(True)
         for i, s in enumerate(blocks):
@@ -373,8 +377,10 @@ def estimate(inv: ModelInventory, wl: Workload, machine: Machine, pl: Placement)
             swap_b = (T * s.internal_elems_per_token * cb if act == "swap"
                       else T * s.boundary_elems_per_token * cb if act == "recompute-swap" else 0)
             v = [0.0] * _N
-            fwd_s = product_s(machine, wl, s, T, micro_batches, rate) + work.forward_extra_s(machine, wl, inv, s, T, Tm,
-                                                                                            small_rate)
+            if s not in priced:  # identical layers share a spec: price it once per estimate
+                priced[s] = (product_s(machine, wl, s, T, micro_batches, rate)
+                             + work.forward_extra_s(machine, wl, inv, s, T, Tm, small_rate), work.grad_s(machine, wl, s))
+            fwd_s, grad_s = priced[s]
             v[GPU] = fwd_s
             fetch(i, v, h2d_f)
             if swap_b and not cpu:
@@ -387,7 +393,7 @@ def estimate(inv: ModelInventory, wl: Workload, machine: Machine, pl: Placement)
             # Backward: each product twice (input and weight gradients; LoRA: the frozen base's
             # input gradient only), each elementwise op's gradient about as costly as the op itself
             # twice over (reads the upstream gradient and its saved inputs, writes one per input).
-            w[GPU] = bwd_factor * fwd_s + (fwd_s if recompute else 0.0) + work.grad_s(machine, wl, s)
+            w[GPU] = bwd_factor * fwd_s + (fwd_s if recompute else 0.0) + grad_s
             if s.name == "head":
                 w[GPU] += work.loss_backward_s(machine, wl, inv, T)
             flops_step += fl * (1 + bwd_factor) + extra

@@ -398,9 +398,10 @@ def search(inv: ModelInventory, wl: Workload, machine: Machine, opts: Options) -
                         pl, est = s.per_tensor(pl)
                         if fits(est.memory, s.cap):
                             mbest.offer(pl, est, _key(pl, est))
-                    elif s.swappable(pl):
+                    elif s.swappable(pl) and {t for t, _, _ in overflows(est.memory, s.cap)} == {"device"}:
                         # activations do not fit on the device even recomputed: the layers' inputs, or
-                        # every saved activation, to pinned host memory (whichever is faster and fits)
+                        # every saved activation, to pinned host memory (whichever is faster and fits;
+                        # pointless when host or SSD is short already: the swaps only add to them)
                         for swap in ("inputs", "all"):
                             pl, est = s.run(hd, micro, depth, n_res, od, swap=swap)
                             if fits(est.memory, s.cap):
