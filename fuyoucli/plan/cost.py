@@ -19,6 +19,8 @@ micro-batches of a step pass through a block while it is on the device.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
@@ -334,8 +336,8 @@ def estimate(inv: ModelInventory, wl: Workload, machine: Machine, pl: Placement)
             v = [0.0] * _N
             f = passes * T * s.forward_flops_per_token(wl.seq_len)
             flops_step += f
-            key = (s, pl.weights_home[i] is not Tier.DEVICE)
-            if key not in priced:  # identical layers share a spec: price it once per estimate
+            key = (_shape_of(s), pl.weights_home[i] is not Tier.DEVICE)
+            if key not in priced:  # identical layers: priced once per estimate
                 priced[key] = passes * (product_s(machine, wl, s, T, micro_batches, rate)
                                         + work.forward_extra_s(machine, wl, inv, s, T, Tm, small_rate)) + \
                     work.zo_block_s(machine, wl, s, pl.home_dtype, engine=engine,
@@ -363,7 +365,7 @@ def estimate(inv: ModelInventory, wl: Workload, machine: Machine, pl: Placement)
     else:
         swaps = any(a in ("swap", "recompute-swap") for a in pl.activation)
         fwd, bwd = [], []
-        priced: dict[BlockSpec, tuple[float, float]] = {}
+        priced: dict[BlockSpec, tuple[float, float]] = {}  # by _shape_of
         h2d_f, d2h_f = link_rates(swaps)
         h2d_b, d2h_b = link_rates(True)
         for i, s in enumerate(blocks):
@@ -377,10 +379,11 @@ def estimate(inv: ModelInventory, wl: Workload, machine: Machine, pl: Placement)
             swap_b = (T * s.internal_elems_per_token * cb if act == "swap"
                       else T * s.boundary_elems_per_token * cb if act == "recompute-swap" else 0)
             v = [0.0] * _N
-            if s not in priced:  # identical layers share a spec: price it once per estimate
-                priced[s] = (product_s(machine, wl, s, T, micro_batches, rate)
-                             + work.forward_extra_s(machine, wl, inv, s, T, Tm, small_rate), work.grad_s(machine, wl, s))
-            fwd_s, grad_s = priced[s]
+            key = _shape_of(s)
+            if key not in priced:  # identical layers: priced once per estimate
+                priced[key] = (product_s(machine, wl, s, T, micro_batches, rate)
+                               + work.forward_extra_s(machine, wl, inv, s, T, Tm, small_rate), work.grad_s(machine, wl, s))
+            fwd_s, grad_s = priced[key]
             v[GPU] = fwd_s
             fetch(i, v, h2d_f)
             if swap_b and not cpu:
@@ -458,6 +461,13 @@ def estimate(inv: ModelInventory, wl: Workload, machine: Machine, pl: Placement)
     parts = tuple((k, v) for k, v in dev.items() if v)
     return Estimate(memory=memory, times=times, flops_per_step=flops_step, pinned_pool_bytes=pool,
                     device_buffers=buffers, wire_dtype=wire, device_parts=parts)
+
+
+@functools.lru_cache(maxsize=4096)
+def _shape_of(s: BlockSpec) -> BlockSpec:
+    """What prices a block: its spec with every decoder layer's name made the same (the work model
+    tells embed, layers and head apart by name, never one layer from another)."""
+    return dataclasses.replace(s, name="layers.*") if s.name.startswith("layers.") else s
 
 
 def _phase_time(per: list[list[float]], homes: list[Tier], depth: int, cpu: bool = False) -> float:
