@@ -135,15 +135,8 @@ class SavedActivations:
                 seen[key] = t
                 return t
             src = t if _dense(t) else t.contiguous()
-            extent = 1 + sum((n - 1) * s for n, s in zip(src.shape, src.stride())) if src.numel() else 0
-            raw = self.pool.alloc(extent * src.element_size())
-            host = raw[: extent * src.element_size()].view(src.dtype).as_strided(src.shape, src.stride())
-            # The offload lane may copy `src` only once the compute that produced it is done.
-            last[0] = self.lanes.offload(host, src, after=self.lanes.mark_compute())
+            handle, last[0] = self._send(block, src)
             refs.append(src)
-            self.swapped_bytes += host.numel() * host.element_size()
-            handle = Swapped(block, host)
-            self._swapped.setdefault(block, []).append(handle)
             seen[key] = handle
             return handle
 
@@ -167,14 +160,21 @@ class SavedActivations:
         """Send `t` (a recomputed layer's input) to host memory; `ready(block)` brings it back to the
         device before the block's backward, as `handle.device`."""
         src = t.contiguous()
-        raw = self.pool.alloc(src.numel() * src.element_size())
-        host = raw[: src.numel() * src.element_size()].view(src.dtype).view(src.shape)
+        handle, mark = self._send(block, src)
+        self._hold(mark, [src])
+        return handle
+
+    def _send(self, block: int, src: torch.Tensor) -> tuple[Swapped, Mark]:
+        """Copy dense `src` into the host pool on the offload lane (once the compute that produced it
+        is done); `ready(block)` brings it back."""
+        extent = 1 + sum((n - 1) * s for n, s in zip(src.shape, src.stride())) if src.numel() else 0
+        raw = self.pool.alloc(extent * src.element_size())
+        host = raw[: extent * src.element_size()].view(src.dtype).as_strided(src.shape, src.stride())
         mark = self.lanes.offload(host, src, after=self.lanes.mark_compute())
         self.swapped_bytes += host.numel() * host.element_size()
         handle = Swapped(block, host)
         self._swapped.setdefault(block, []).append(handle)
-        self._hold(mark, [src])
-        return handle
+        return handle, mark
 
     def _hold(self, mark: Mark | None, refs: list[torch.Tensor]) -> None:
         """The device copies must live until their offload has read them: keep them until the next

@@ -51,9 +51,7 @@ class DeviceArena:
         """`nbytes` rounded up to whole `align` pages, as a uint8 tensor starting on an `align`
         boundary (host memory: O_DIRECT reads and writes go straight into it). Charged what it holds."""
         padded = -(-nbytes // align) * align
-        raw = self.alloc(padded + align, torch.uint8, what)
-        offset = (-raw.data_ptr()) % align
-        return raw[offset: offset + padded]
+        return _aligned_part(self.alloc(padded + align, torch.uint8, what), padded, align)
 
     def charge(self, nbytes: int, what: str) -> None:
         """Count bytes the engine holds on the device without allocating them here (hidden states)."""
@@ -77,7 +75,12 @@ def aligned_host(nbytes: int, *, pin_with=None) -> torch.Tensor:
     raw = torch.empty(padded + ALIGN, dtype=torch.uint8)
     if pin_with is not None:
         raw = pin_with(raw)
-    offset = (-raw.data_ptr()) % ALIGN
+    return _aligned_part(raw, padded, ALIGN)
+
+
+def _aligned_part(raw: torch.Tensor, padded: int, align: int) -> torch.Tensor:
+    """The `padded` bytes of uint8 `raw` (allocated `align` bytes larger) that start on an `align` boundary."""
+    offset = (-raw.data_ptr()) % align
     return raw[offset: offset + padded]
 
 

@@ -61,12 +61,21 @@ def draw_z(seed: int, step: int, direction: int, block: int, shapes, device: tor
 
     With `out` (views to fill) the numbers land in preallocated buffers; they are the same numbers.
     """
-    gen = block_generator(device, block_seed(seed, step, direction, block))
     if out is None:
-        return [torch.randn(shape, generator=gen, device=device, dtype=torch.float32) for shape in shapes]
+        return list(iter_z(seed, step, direction, block, shapes, device))
+    gen = block_generator(device, block_seed(seed, step, direction, block))
     for view in out:
         torch.randn(view.shape, generator=gen, device=device, dtype=torch.float32, out=view)
     return out
+
+
+def iter_z(seed: int, step: int, direction: int, block: int, shapes, device: torch.device, buffer=None):
+    """draw_z's numbers one tensor at a time, drawn as they are asked for, so a block's z is never
+    whole in memory; with `buffer` each lands in its front (the previous one is dead by then)."""
+    gen = block_generator(device, block_seed(seed, step, direction, block))
+    for shape in shapes:
+        out = None if buffer is None else buffer[: shape.numel()].view(shape)
+        yield torch.randn(shape, generator=gen, device=device, dtype=torch.float32, out=out)
 
 
 class ZStreams:
@@ -179,11 +188,8 @@ class ZOReference:
                          if method.variant == "momentum" else None)
 
     def _z(self, step: int, direction: int, b: int):
-        device = self.home[b][0].device
-        if self.z_per_tensor:
-            gen = block_generator(device, block_seed(self.seed, step, direction, b))
-            return (torch.randn(h.shape, generator=gen, device=device, dtype=torch.float32) for h in self.home[b])
-        return draw_z(self.seed, step, direction, b, [h.shape for h in self.home[b]], device)
+        z = iter_z if self.z_per_tensor else draw_z
+        return z(self.seed, step, direction, b, [h.shape for h in self.home[b]], self.home[b][0].device)
 
     @torch.no_grad()
     def _load(self, step: int, direction: int, scale: float) -> None:

@@ -38,13 +38,13 @@ from torch import nn
 from fuyoucli.engine.executor import StreamUnit, WeightStore, run_pass
 from fuyoucli.engine.tiers import DeviceArena, SsdStore
 from fuyoucli.errors import FuyouError
-from fuyoucli.model.blocks import block_generator, block_seed, param_blocks
+from fuyoucli.model.blocks import param_blocks
 from fuyoucli.model.runner import BlockRunner
 from fuyoucli.plan.schedule import pass_schedule
 from fuyoucli.plan.types import Plan, Tier
 from fuyoucli.recipe import ZO2Method
 from fuyoucli.train.losses import loss_from_logits
-from fuyoucli.train.zo import (CANDIDATES, ZOStepResult, ZStreams, candidate_into, choose_candidate, draw_z,
+from fuyoucli.train.zo import (CANDIDATES, ZOStepResult, ZStreams, candidate_into, choose_candidate, draw_z, iter_z,
                                tensor_direction, update_home)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -249,9 +249,7 @@ class ZOStreamed:
         previous one is dead by then) by the generator of (step, d, b) replayed from its start, so each
         holds the numbers draw_z gives it."""
         if self.z_per_tensor:
-            gen = block_generator(self.device, block_seed(self.seed, step, d, b))
-            return (torch.randn(shape, generator=gen, device=self.device, dtype=torch.float32,
-                                out=self.zbuf[: shape.numel()].view(shape)) for shape in shapes)
+            return iter_z(self.seed, step, d, b, shapes, self.device, buffer=self.zbuf)
         views = _views(self.zbuf, shapes)
         if self._zkey != (b, step, d):
             draw_z(self.seed, step, d, b, None, self.device, out=views)

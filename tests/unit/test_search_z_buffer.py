@@ -12,6 +12,7 @@ from fuyoucli.plan.cost import Placement, estimate
 from fuyoucli.plan.search import make_plan, machine_from_profile
 from fuyoucli.plan.types import BlockSpec, Machine, ModelInventory, Options, Plan, Tier, Workload
 from fuyoucli.plan.work import zo_block_s
+from test_search import machine as search_machine
 
 D, P = Tier.DEVICE, Tier.PINNED
 ZO = Workload("zo2", False, "float32", batch_size=1, seq_len=8)
@@ -29,12 +30,9 @@ def toy(layers: int = 8) -> ModelInventory:
 
 
 def machine(**kw) -> Machine:
-    base = dict(name="toy", compute_device="cuda", device_bytes=10**6,
-                matmul_flops=(("float32", 1_000_000.0), ("bfloat16", 2_000_000.0), ("float16", 2_000_000.0)),
-                device_mem_bps=10**9, h2d_bps=1000.0, d2h_bps=1000.0, duplex_h2d_bps=800.0, duplex_d2h_bps=800.0,
-                host_ram_bytes=10**6, pinned_bytes=10**6, dram_bps=10**5, cpu_adam_params_per_s=1000.0)
-    base.update(kw)
-    return Machine(**base)
+    """test_search's toy machine without a disk (these plans never stream to an SSD)."""
+    return search_machine(**{"disk_path": None, "disk_free_bytes": 0, "disk_read_bps": 0.0, "disk_write_bps": 0.0,
+                             **kw})
 
 
 def placement(inv, homes, *, depth=0, z="block") -> Placement:
