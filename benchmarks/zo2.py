@@ -52,6 +52,31 @@ def rss_anon() -> int:
     return 0
 
 
+class AnonPeak:
+    """The highest anonymous RSS seen while running: a thread samples /proc/self/status every few ms,
+    so a step's transient peak counts, not only what is left when the step returns."""
+
+    def __init__(self, every_s: float = 0.005):
+        import threading
+
+        self.peak, self.every_s = rss_anon(), every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.peak = max(self.peak, rss_anon())
+
+    def __enter__(self) -> "AnonPeak":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_anon())
+
+
 def one(args) -> dict:
     """Runs in a subprocess: one configuration, timed steps after one warm-up step."""
     import torch
@@ -93,16 +118,16 @@ def one(args) -> dict:
         trainer = ZOStreamed(model, plan, method, seed=0, head="causal_lm", lanes=lanes_for(device))
         store = trainer.store
     rss_placed = rss_anon()
-    peak_anon = rss_placed
     times = []
-    for t, micro in enumerate(batches):
-        start = time.perf_counter()
-        trainer.step(t + 1, micro, lr=1e-6)
-        peak_anon = max(peak_anon, rss_anon())
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if t > 0:  # the first step warms up allocators and (streamed) fills the deferred-update pipeline
-            times.append(time.perf_counter() - start)
+    with AnonPeak() as sampled:
+        for t, micro in enumerate(batches):
+            start = time.perf_counter()
+            trainer.step(t + 1, micro, lr=1e-6)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if t > 0:  # the first step warms up allocators and (streamed) fills the deferred-update pipeline
+                times.append(time.perf_counter() - start)
+    peak_anon = sampled.peak
     result = {"mode": mode, "step_s": sorted(times)[len(times) // 2], "rss_loaded": rss_loaded,
               "rss_placed": rss_placed, "rss_steps": peak_anon,
               "rss_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
@@ -155,6 +180,8 @@ def main() -> None:
     parser.add_argument("--swap", default=None, help="swap directory for the SSD tier (default: a temp dir here)")
     parser.add_argument("--variant", default="sgd", choices=["sgd", "sign", "momentum", "conservative"],
                         help="the zo2 variant every mode runs (default sgd)")
+    parser.add_argument("--modes", default=None,
+                        help="comma-separated subset of memory,pageable,pinned,ssd (default: all for the device)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--size", help=argparse.SUPPRESS)
@@ -168,6 +195,8 @@ def main() -> None:
         swap = Path(args.swap or Path(tmp) / "swap")
         model_bytes = build_model(model_dir, SIZES[size_name])
         modes = ["memory", "pageable", "pinned", "ssd"] if args.device == "cuda" else ["memory", "pageable", "ssd"]
+        if args.modes:
+            modes = [m for m in modes if m in args.modes.split(",")]
         results = {}
         for mode in modes:
             cmd = [sys.executable, __file__, "--one", mode, "--model", str(model_dir), "--size", size_name,
@@ -179,34 +208,37 @@ def main() -> None:
             results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
         read_bps, write_bps, source = ssd_bandwidth(swap)
 
-    mem = results["memory"]["step_s"]
+    mem = results["memory"]["step_s"] if "memory" in results else None
     size = SIZES[size_name]
     print(f"ZO2 benchmark ({size_name}): Llama-shaped, {size['num_hidden_layers']} layers, hidden {size['hidden_size']}, "
           f"{model_bytes / 2**20:.0f} MiB fp32; batch {size['batch']}x{size['seq']} tokens, q=1, variant {args.variant}; "
           f"device {args.device}")
-    print("RSS columns: anonymous memory (MiB) after loading, after placing the weights, highest seen during the")
-    print("steps; the last column is the process's peak RSS including mapped file pages.")
+    print("RSS columns: anonymous memory (MiB) after loading, after placing the weights, highest during the steps")
+    print("(sampled every 5 ms); the last column is the process's peak RSS including mapped file pages.")
     print(f"{'mode':<10}{'step s':>9}{'vs memory':>11}{'loaded':>9}{'placed':>9}{'steps':>9}{'peak RSS':>10}{'device':>9}")
     for mode, r in results.items():
         device = r.get("device_peak_bytes")
-        print(f"{mode:<10}{r['step_s']:>9.3f}{r['step_s'] / mem:>10.2f}x{r['rss_loaded'] / 2**20:>9.0f}"
+        ratio = f"{r['step_s'] / mem:>10.2f}x" if mem else f"{'-':>11}"
+        print(f"{mode:<10}{r['step_s']:>9.3f}{ratio}{r['rss_loaded'] / 2**20:>9.0f}"
               f"{r['rss_placed'] / 2**20:>9.0f}{r['rss_steps'] / 2**20:>9.0f}{r['rss_peak'] / 2**20:>10.0f}"
               f"{(device or 0) / 2**20:>9.0f}")
+    if "ssd" not in results:
+        return
     ssd = results["ssd"]
     io_s = ssd["bytes_read_per_step"] / read_bps + ssd["bytes_written_per_step"] / write_bps
-    bound = max(io_s, mem)
     print(f"SSD tier: {ssd['bytes_read_per_step'] / 2**20:.0f} MiB read + {ssd['bytes_written_per_step'] / 2**20:.0f} MiB "
           f"written per step; disk {read_bps / 1e9:.2f} GB/s read, {write_bps / 1e9:.2f} GB/s write ({source})")
-    print(f"SSD tier: I/O bound {io_s:.3f} s, compute bound (in-memory step) {mem:.3f} s; "
-          f"measured {ssd['step_s']:.3f} s = {ssd['step_s'] / bound:.2f}x the larger bound")
+    if mem:
+        bound = max(io_s, mem)
+        print(f"SSD tier: I/O bound {io_s:.3f} s, compute bound (in-memory step) {mem:.3f} s; "
+              f"measured {ssd['step_s']:.3f} s = {ssd['step_s'] / bound:.2f}x the larger bound")
     print(f"model bytes {model_bytes / 2**20:.0f} MiB; with SSD homing the process holds at most "
           f"{ssd['rss_steps'] / 2**20:.0f} MiB ({ssd['rss_steps'] / model_bytes:.2f}x the model), of which the "
           f"engine's device arena (on a CPU device it is host memory) is {ssd['device_peak_bytes'] / 2**20:.0f} MiB")
     host = ssd["rss_steps"] - ssd["device_peak_bytes"]
     print(f"host side (what stays in host RAM when the device is a GPU): {host / 2**20:.0f} MiB = "
           f"{host / model_bytes:.2f}x the model, with the libraries (the process held {ssd['rss_loaded'] / 2**20:.0f} "
-          f"MiB after loading) and, on a CPU device, freed activation memory that glibc keeps "
-          f"(MALLOC_MMAP_THRESHOLD_=1048576 returns it)")
+          f"MiB after loading) and, on a CPU device, the activations and the heap glibc keeps for them")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ Ctrl-C (the owner calls close() from a finally block).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import os
 import shutil
@@ -67,6 +69,27 @@ class DeviceArena:
 
     def free(self, tensor: torch.Tensor) -> None:
         self.release(self._sizes.pop(id(tensor)))
+
+
+def release_freed_host_memory() -> bool:
+    """Give the pages of freed host memory back to the OS (glibc's malloc_trim).
+
+    Loading a model leaves its temporaries' memory in glibc's heap: blocks of a few MiB come from the
+    heap once glibc has raised its mmap threshold, and freed blocks between live ones are never
+    unmapped. Placing a 1.3 GB model's layers on SSD left about 300 MiB there. The streamed
+    trainers call this once their weights are placed. (A fixed mmap threshold would return such
+    blocks at every free instead, but re-faulting every activation cost 20-35% of a CPU-device step.)
+    True when memory was released; False where the C library has no malloc_trim (nothing changes)."""
+    name = ctypes.util.find_library("c")
+    try:
+        trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    except OSError:
+        return False
+    if trim is None:
+        return False
+    trim.argtypes = (ctypes.c_size_t,)
+    trim.restype = ctypes.c_int
+    return trim(0) == 1
 
 
 def aligned_host(nbytes: int, *, pin_with=None) -> torch.Tensor:
