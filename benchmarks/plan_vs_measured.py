@@ -95,7 +95,8 @@ def one(args) -> dict:
     size = SIZES[args.size]
     plan = plan_recipe(recipe, inventory(recipe.model, recipe.peft), load_profile(recipe.hardware.profile))
     result = {"predicted_s": plan.times.step_s, "bottleneck": plan.times.bottleneck, "feasible": plan.feasible,
-              "times": {k: getattr(plan.times, k) for k in ("gpu_s", "ssd_read_s", "ssd_write_s", "cpu_optimizer_s")},
+              "times": {k: getattr(plan.times, k) for k in ("gpu_s", "h2d_s", "d2h_s", "ssd_read_s", "ssd_write_s",
+                                                            "cpu_optimizer_s", "dram_s")},
               "homes": sorted({b.weights_home.value for b in plan.blocks}), "depth": plan.prefetch_depth,
               "micro": plan.micro_batch_size}
     if not plan.feasible:
@@ -109,7 +110,7 @@ def one(args) -> dict:
     except Exception as exc:  # noqa: BLE001 - e.g. a trainer that does not exist yet for this plan
         return {**result, "skipped": f"{type(exc).__name__}: {exc}".splitlines()[0][:160]}
     gen = torch.Generator().manual_seed(1)
-    times = []
+    times, parts = [], []
     try:
         for step in range(1, args.steps + 2):
             micro = []
@@ -117,9 +118,10 @@ def one(args) -> dict:
                 ids = torch.randint(0, size["vocab_size"], (plan.micro_batch_size, size["seq"]), generator=gen)
                 micro.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
             start = time.perf_counter()
-            trainer.step(step, micro, 1e-6)
+            out = trainer.step(step, micro, 1e-6)
             if step > 1:  # the first step warms allocators up and fills the deferred-update pipeline
                 times.append(time.perf_counter() - start)
+                parts.append({k: v for k, v in out.extra.items() if k.endswith("_s")})
     finally:
         # A trainer whose close() hangs (seen: the streamed AdamW engine with states on SSD, its
         # pool waiting on a read-ahead queue) must not lose the row: close in a thread, with a limit.
@@ -133,8 +135,9 @@ def one(args) -> dict:
 
             faulthandler.dump_traceback(all_threads=True)  # to stderr: where it waits
             result["note"] = "trainer.close() hung"
-    times.sort()
-    return {**result, "measured_s": times[len(times) // 2], "all_s": times}
+    median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    measured_parts = {k: median([p.get(k, 0.0) for p in parts]) for k in (parts[0] if parts else {})}
+    return {**result, "measured_s": median(times), "all_s": times, "measured_parts": measured_parts}
 
 
 def load_average() -> float:
@@ -151,6 +154,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads for the profile and the runs (default: torch's own choice); on a "
                              "shared machine 1 avoids timing how long a busy core takes to wake a second thread")
+    parser.add_argument("--detail", action="store_true",
+                        help="under each row, the predicted busy seconds per resource and the lanes' measured ones")
     parser.add_argument("--row-timeout", type=int, default=900, help="seconds before a row is abandoned")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--recipe", help=argparse.SUPPRESS)
@@ -230,6 +235,10 @@ def main() -> None:
                 rows_out.append((size_name, row, ratio))
                 print(f"{size_name:8} {row:13} {plan:22} {r['predicted_s']:11.3f} {r['measured_s']:10.3f} "
                       f"{ratio:6.2f} {r['bottleneck']:>10} {before:4.1f}-{after:<4.1f} {r.get('note', '')}", flush=True)
+                if args.detail:
+                    pred = " ".join(f"{k[:-2]} {v:.3f}" for k, v in r["times"].items())
+                    meas = " ".join(f"{k[:-2]} {v:.3f}" for k, v in r["measured_parts"].items() if v)
+                    print(f"{'':22} predicted: {pred}\n{'':22} measured:  {meas or 'one compute span'}", flush=True)
                 if "hung" in r.get("note", ""):
                     print(out.stderr[-8000:], flush=True)
         if rows_out:

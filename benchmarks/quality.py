@@ -9,6 +9,7 @@ weights: the first seed's run evaluates them, the others skip that (training.eva
     .venv/bin/python benchmarks/quality.py                  # every recipe, seeds 0 1 2
     .venv/bin/python benchmarks/quality.py --quick          # one seed, fewer steps and examples
     .venv/bin/python benchmarks/quality.py --recipes zo2-lora-sentiment --seeds 0,1 --json out.json
+    .venv/bin/python benchmarks/quality.py --jobs 2         # two runs at once, one thread each
 
 A run whose output folder already holds a finished metrics.jsonl for the same command and the same
 recipe file contents is not run again (--fresh reruns): the full table takes about an hour on a 2-core CPU, and can be built in parts.
@@ -24,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).parent
@@ -55,7 +57,9 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM, no GPU"
 
 
-def run_one(recipe: str, seed: int, sets: list[str], out: Path, fresh: bool, cached_only: bool = False) -> dict | None:
+def run_one(recipe: str, seed: int, sets: list[str], out: Path, fresh: bool, cached_only: bool = False,
+            threads: int = 0) -> dict | None:
+    """One run (or its cached result). `threads` > 0: the run's torch threads (OMP_NUM_THREADS)."""
     cmd = [sys.executable, "-m", "fuyoucli", "finetune", str(ROOT / "recipes" / f"{recipe}.yaml"), "--plain",
            "--set", f"training.seed={seed}", "--set", f"training.output_dir={out}", "--overwrite"]
     for s in sets:
@@ -74,7 +78,8 @@ def run_one(recipe: str, seed: int, sets: list[str], out: Path, fresh: bool, cac
         return None
     load0 = os.getloadavg()[0]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     wall = time.perf_counter() - start
     load = (load0 + os.getloadavg()[0]) / 2
     if proc.returncode != 0:
@@ -125,20 +130,29 @@ def main() -> None:
     parser.add_argument("--runs", default=str(ROOT / "runs" / "quality"), help="where the runs' folders go")
     parser.add_argument("--fresh", action="store_true", help="rerun runs already done")
     parser.add_argument("--json", help="also write the results as JSON here")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once (each gets cores / jobs threads)")
     parser.add_argument("--cached-only", action="store_true", help="tabulate the runs already done; start none")
     args = parser.parse_args()
     seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
+    # --jobs N: N runs at once, each on cpu_count / N torch threads (never more threads than cores:
+    # OpenMP teams that outnumber the cores wait on each other and every run slows down many times).
+    threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else 0
     results = {}
     for recipe in args.recipes.split(","):
         metric, quick = RECIPES[recipe]
-        runs = []
-        for seed in seeds:
+        jobs = []
+        for k, seed in enumerate(seeds):
             out = Path(args.runs) / ("quick" if args.quick else "full") / f"{recipe}-seed{seed}"
             out.parent.mkdir(parents=True, exist_ok=True)
             sets = list(quick if args.quick else [])
-            if runs:  # the same starting weights (LoRA starts as the identity): evaluated once, by the first seed
+            if k:  # the same starting weights (LoRA starts as the identity): evaluated once, by the first seed
                 sets.append("training.eval_before=false")
-            r = run_one(recipe, seed, sets, out, args.fresh, args.cached_only)
+            jobs.append((seed, sets, out))
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            done = list(pool.map(lambda j: run_one(recipe, j[0], j[1], j[2], args.fresh, args.cached_only, threads),
+                                 jobs))
+        runs = []
+        for (seed, _sets, _out), r in zip(jobs, done):
             if r is None:
                 continue
             if runs:
