@@ -12,7 +12,8 @@ weights: the first seed's run evaluates them, the others skip that (training.eva
     .venv/bin/python benchmarks/quality.py --jobs 2         # two runs at once, one thread each
 
 A run whose output folder already holds a finished metrics.jsonl for the same command and the same
-recipe file contents is not run again (--fresh reruns): the full table takes about an hour on a 2-core CPU, and can be built in parts.
+recipe file contents is not run again (--fresh reruns): the full table takes about two hours on a 2-core CPU
+(`--jobs 2` runs two seeds at once), and can be built in parts.
 """
 
 from __future__ import annotations

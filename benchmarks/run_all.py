@@ -31,7 +31,7 @@ BENCHMARKS = {
     "zo2": ("ZO2 streamed vs in-memory MeZO; SSD tier vs its I/O bound; RSS vs model bytes", ["--quick"], []),
     "first_order": ("Offloaded first-order AdamW: step vs its parts, streamed vs in memory", [], ["--full"]),
     "plan_vs_measured": ("Planner: predicted vs measured step time on this machine",
-                         ["--sizes", "small"], ["--sizes", "small,medium"]),
+                         ["--sizes", "small", "--detail"], ["--sizes", "small,medium", "--detail"]),
     "disk_vs_dd": ("Disk probe vs dd (O_DIRECT)", [".", "1"], [".", "3"]),
     "quality": ("Quality: metric before/after fine-tuning, real SmolLM2-135M and real data, over seeds",
                 ["--quick"], []),
