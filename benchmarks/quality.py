@@ -71,16 +71,16 @@ def machine() -> str:
 def run_one(recipe: str, seed: int, sets: list[str], out: Path, fresh: bool, cached_only: bool = False,
             threads: int = 0) -> dict | None:
     """One run (or its cached result). `threads` > 0: the run's torch threads (OMP_NUM_THREADS)."""
-    recipe, variant_sets = VARIANTS.get(recipe, (recipe, []))
+    base, variant_sets = VARIANTS.get(recipe, (recipe, []))
     sets = variant_sets + sets
-    cmd = [sys.executable, "-m", "fuyoucli", "finetune", str(ROOT / "recipes" / f"{recipe}.yaml"), "--plain",
+    cmd = [sys.executable, "-m", "fuyoucli", "finetune", str(ROOT / "recipes" / f"{base}.yaml"), "--plain",
            "--set", f"training.seed={seed}", "--set", f"training.output_dir={out}", "--overwrite"]
     for s in sets:
         cmd += ["--set", s]
     stamp = out / "quality-command.json"
     metrics = out / "metrics.jsonl"
     # A finished run is reused only for the same command and the same recipe file contents.
-    recipe_sha = hashlib.sha256((ROOT / "recipes" / f"{recipe}.yaml").read_bytes()).hexdigest()
+    recipe_sha = hashlib.sha256((ROOT / "recipes" / f"{base}.yaml").read_bytes()).hexdigest()
     same = lambda st: st.get("cmd") == cmd[2:] and st.get("recipe_sha256") == recipe_sha  # noqa: E731
     if not fresh and stamp.exists() and metrics.exists() and same(json.loads(stamp.read_text())):
         rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]

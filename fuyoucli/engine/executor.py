@@ -18,7 +18,7 @@ from torch import nn
 
 from fuyoucli.engine.lanes import Mark
 from fuyoucli.engine.residency import Residency, State
-from fuyoucli.engine.tiers import ALIGN, DeviceArena, SsdStore, aligned_host
+from fuyoucli.engine.tiers import ALIGN, DeviceArena, SsdStore, aligned_host, release_freed_host_memory
 from fuyoucli.plan.schedule import Op
 from fuyoucli.plan.types import Tier
 from fuyoucli.telemetry.timeline import NULL
@@ -146,6 +146,7 @@ class WeightStore:
                 # The model keeps the Parameter objects (peft, optimizers and the runner see them);
                 # their storage is swapped in from a slot only while the block computes.
                 p.data = torch.empty(0, dtype=p.dtype, device=self.arena.device)
+        release_freed_host_memory()  # the model's copies and the file's tensors, freed between live blocks
 
     def _key(self, u: StreamUnit) -> str:
         return f"{self.key_prefix}-{u.index:04d}"

@@ -26,7 +26,7 @@ import torch
 
 from fuyoucli.engine.activations import SavedActivations, Swapped
 from fuyoucli.engine.executor import StreamUnit, WeightStore, run_pass
-from fuyoucli.engine.tiers import DeviceArena, SsdStore, release_freed_host_memory
+from fuyoucli.engine.tiers import DeviceArena, SsdStore
 from fuyoucli.model.blocks import param_blocks
 from fuyoucli.model.runner import BlockRunner, Prepared
 from fuyoucli.plan.schedule import pass_schedule
@@ -145,7 +145,6 @@ class AdamWStreamed:
             resident_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters() if id(p) not in streamed_ids}
             self.acts = SavedActivations(lanes, self.device, [s.device for s in self.store.slots], resident_ptrs,
                                          self.arena)
-            release_freed_host_memory()  # what placing the weights left in the heap (a model file's tensors)
         except BaseException:
             self.close()
             raise

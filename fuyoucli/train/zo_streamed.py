@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from fuyoucli.engine.executor import StreamUnit, WeightStore, run_pass
-from fuyoucli.engine.tiers import DeviceArena, SsdStore, release_freed_host_memory
+from fuyoucli.engine.tiers import DeviceArena, SsdStore
 from fuyoucli.errors import FuyouError
 from fuyoucli.model.blocks import param_blocks
 from fuyoucli.model.runner import BlockRunner
@@ -170,7 +170,6 @@ class ZOStreamed:
             if self.full and units and momentum:
                 self.mstore = self._momentum_store(units, pin)
             self._allocate_buffers(units)
-            release_freed_host_memory()  # what placing the weights left in the heap (a model file's tensors)
         except BaseException:
             self.close()
             raise
