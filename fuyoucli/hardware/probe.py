@@ -24,7 +24,7 @@ from fuyoucli.hardware import hostinfo
 from fuyoucli.hardware.interference import measure_burst_loss, measure_io_loss
 from fuyoucli.hardware.profile import (
     SCHEMA_VERSION, BandwidthCurve, BandwidthPoint, ComputeDevice, Disk, ElementwisePoint, HardwareProfile, Host,
-    Links, MatmulPoint, MatmulRates, Provenance,
+    LayerPoint, Links, MatmulPoint, MatmulRates, Provenance,
 )
 
 MIB, GIB = 1 << 20, 1 << 30
@@ -62,12 +62,21 @@ class ProbeSpec:
     log_softmax_rows: int = 128
     interference_time_s: float = 1.0
     interference_file_bytes: int = 256 * MIB
+    # Decoder layers timed as a model runs them (the planner's calibration): token counts per forward,
+    # layers per timed model, seconds per timing, and the layer's shape (hidden, MLP width, heads).
+    layer_tokens_cpu: tuple[int, ...] = (32, 256, 2048)
+    layer_tokens_cuda: tuple[int, ...] = (512, 4096, 16384)
+    layer_count: int = 3
+    layer_time_s: float = 1.0
+    layer_shape_cpu: tuple[int, int, int] = (512, 1408, 8)
+    layer_shape_cuda: tuple[int, int, int] = (2048, 5632, 16)
 
 
 QUICK = ProbeSpec("quick", (128, 256, 512, 1024), (1024, 4096, 8192), 0.1, (MIB, 16 * MIB, 256 * MIB), 0.03,
                   256 * MIB, 0.2, 4_000_000, 0.3, 2 * GIB, 512 * MIB, 3.0, disk_probe.QUICK,
                   elementwise_sizes_cpu=(1 << 20, 1 << 24), elementwise_sizes_cuda=(1 << 20, 1 << 26),
-                  elementwise_time_s=0.05, interference_time_s=0.5, interference_file_bytes=128 * MIB)
+                  elementwise_time_s=0.05, interference_time_s=0.5, interference_file_bytes=128 * MIB,
+                  layer_tokens_cpu=(64, 512), layer_tokens_cuda=(1024, 8192), layer_time_s=0.4)
 FULL = ProbeSpec("full", (128, 256, 512, 1024, 2048), (1024, 2048, 4096, 8192, 16384), 0.3,
                  (MIB, 4 * MIB, 16 * MIB, 64 * MIB, 256 * MIB), 0.1, GIB, 0.5, 16_000_000, 1.0,
                  None, GIB, 20.0, disk_probe.FULL, elementwise_time_s=0.15)
@@ -100,6 +109,7 @@ def probe(disks: Sequence[str | Path] = (".",), *, quick: bool = False, on_step:
         step(f"matmul {dt}", lambda dt=dt: measure_matmul(dt, spec, cuda), f"mm_{dt}")
     step("elementwise (randn, axpy)", lambda: measure_elementwise(spec, cuda), "elementwise")
     step("log-softmax", lambda: measure_log_softmax(spec, cuda), "log_softmax")
+    step("decoder layers as a model runs them", lambda: measure_layers(spec, cuda), "layers")
     step("host memory copy", lambda: measure_copy_gbps("cpu", spec.copy_bytes, spec.copy_time_s), "dram")
     if cuda:
         step("device memory copy", lambda: measure_copy_gbps("cuda", spec.copy_bytes, spec.copy_time_s), "devmem")
@@ -125,7 +135,8 @@ def probe(disks: Sequence[str | Path] = (".",), *, quick: bool = False, on_step:
         note="no CUDA device: the CPU computes; memory is host RAM", elementwise=results["elementwise"],
     )
     fwd_lsm, bwd_lsm = results["log_softmax"]
-    compute = dataclasses.replace(compute, log_softmax_elems_per_s=fwd_lsm, log_softmax_backward_elems_per_s=bwd_lsm)
+    compute = dataclasses.replace(compute, log_softmax_elems_per_s=fwd_lsm, log_softmax_backward_elems_per_s=bwd_lsm,
+                                  layers=results["layers"])
     disks_out: tuple[Disk, ...] = tuple(
         dataclasses.replace(results[f"disk{i}"], read_compute_loss_s_per_gb=results[f"diskloss{i}"][0],
                             write_compute_loss_s_per_gb=results[f"diskloss{i}"][1]) for i in range(len(paths)))
@@ -228,8 +239,8 @@ def measure_copy_gbps(device: str, nbytes: int, min_time_s: float) -> float:
 
 def measure_elementwise(spec: ProbeSpec, cuda: bool) -> tuple[ElementwisePoint, ...]:
     """fp32 rates at spec's tensor sizes: normals from a seeded generator into an existing tensor
-    (how ZO draws z), y.add_(x, alpha) in place, and the same add into a new tensor each call (every
-    out-of-place op of a forward, and home + s*eps*z). Each call takes the next of several tensors
+    (how ZO draws z), y.add_(x, alpha) in place, the same add into a new tensor each call (every
+    out-of-place op of a forward, and home + s*eps*z), and a 2-norm (gradient clipping). Each call takes the next of several tensors
     spanning more than the caches, as a step over a model's weights does. Sizes that do not fit
     are skipped."""
     import torch
@@ -254,8 +265,9 @@ def measure_elementwise(spec: ProbeSpec, cuda: bool) -> tuple[ElementwisePoint, 
                                           spec.elementwise_time_s)
         fresh_s = best_seconds_per_call(lambda: torch.add(xs[(i := next(turn))], zs[i], alpha=1e-3), sync,
                                         spec.elementwise_time_s)
+        norm_s = best_seconds_per_call(lambda: torch.linalg.vector_norm(xs[next(turn)]), sync, spec.elementwise_time_s)
         points.append(ElementwisePoint(params=n, randn_params_per_s=n / randn_s, inplace_gbps=12 * n / inplace_s / 1e9,
-                                       fresh_gbps=12 * n / fresh_s / 1e9))
+                                       fresh_gbps=12 * n / fresh_s / 1e9, norm_gbps=4 * n / norm_s / 1e9))
         del xs, ys, zs
     return tuple(points)
 
@@ -276,6 +288,77 @@ def measure_log_softmax(spec: ProbeSpec, cuda: bool) -> tuple[float, float]:
     bwd_s = best_seconds_per_call(lambda: torch.autograd.grad(y, x, grad, retain_graph=True), sync,
                                   spec.elementwise_time_s)
     return x.numel() / fwd_s, x.numel() / bwd_s
+
+
+def measure_layers(spec: ProbeSpec, cuda: bool) -> tuple[LayerPoint, ...]:
+    """Per-layer seconds of transformers' Llama decoder layers (random weights; fp32 on a CPU, bf16 on a
+    GPU, as fuyou runs each) at spec's token counts: a forward with autograd recording, its backward
+    (every weight's gradient), and an inference forward; with the inventory's numbers for the layer,
+    which the planner prices to calibrate itself (LayerPoint). The model is `layer_count` layers fed
+    embeddings directly, so its per-forward work (rotary tables, the mask) is shared as in a model."""
+    import torch
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaModel
+
+    from fuyoucli.model.arithmetic import known_inventory
+
+    device = "cuda" if cuda else "cpu"
+    sync = _sync_for(device)
+    dtype, torch_dtype = ("bf16", torch.bfloat16) if cuda else ("fp32", torch.float32)
+    hidden, width, heads = spec.layer_shape_cuda if cuda else spec.layer_shape_cpu
+    tokens_list = spec.layer_tokens_cuda if cuda else spec.layer_tokens_cpu
+    max_seq = 2048 if cuda else 512
+    config = dict(model_type="llama", hidden_size=hidden, intermediate_size=width, num_attention_heads=heads,
+                  num_key_value_heads=heads, num_hidden_layers=spec.layer_count, vocab_size=256,
+                  max_position_embeddings=max_seq, tie_word_embeddings=False)
+    layer = known_inventory(config).blocks[1]
+    torch.manual_seed(0)
+    model = LlamaModel(LlamaConfig(**{k: v for k, v in config.items() if k != "model_type"}))
+    model = model.to(device=device, dtype=torch_dtype).train()
+    params = [p for p in model.parameters()]
+    points = []
+    for tokens in tokens_list:
+        seq = min(tokens, max_seq)
+        batch = max(1, tokens // seq)
+        try:
+            x = torch.randn(batch, seq, hidden, device=device, dtype=torch_dtype, requires_grad=True)
+            times = {"fwd": [], "bwd": [], "inf": []}
+
+            def once() -> None:
+                for p in params:
+                    p.grad = None
+                t0 = time.perf_counter()
+                y = model(inputs_embeds=x, use_cache=False).last_hidden_state
+                sync()
+                t1 = time.perf_counter()
+                y.backward(torch.ones_like(y))
+                sync()
+                t2 = time.perf_counter()
+                with torch.no_grad():
+                    model(inputs_embeds=x, use_cache=False)
+                sync()
+                t3 = time.perf_counter()
+                for key, s in zip(times, (t1 - t0, t2 - t1, t3 - t2)):
+                    times[key].append(s)
+
+            once()  # warm-up: kernel choice, the allocator's first blocks
+            for v in times.values():
+                v.clear()
+            start = time.perf_counter()
+            while len(times["fwd"]) < 3 or (time.perf_counter() - start < spec.layer_time_s and len(times["fwd"]) < 50):
+                once()
+        except RuntimeError:  # out of memory on a small device: keep the counts measured so far
+            break
+        med = {k: sorted(v)[len(v) // 2] / spec.layer_count for k, v in times.items()}
+        points.append(LayerPoint(
+            dtype=dtype, tokens=batch * seq, seq_len=seq, hidden=hidden, params=layer.params,
+            max_tensor_params=layer.max_tensor_params, matmul_flops_per_token=layer.matmul_flops_per_token,
+            attention_flops_per_token_per_key=layer.attention_flops_per_token_per_key,
+            elementwise_elems_per_token=layer.elementwise_elems_per_token,
+            forward_s=med["fwd"], forward_no_grad_s=med["inf"], backward_s=med["bwd"]))
+        del x
+    del model, params
+    return tuple(points)
 
 
 def _cuda_device(matmul: tuple[MatmulRates, ...], devmem_gbps: float,

@@ -74,10 +74,44 @@ class ElementwisePoint:
     randn_params_per_s: float  # torch.randn(..., generator=g, out=buf): fp32 normals written per second
     inplace_gbps: float  # y.add_(x, alpha=a): 12 bytes per element (read x and y, write y)
     fresh_gbps: float  # torch.add(x, y, alpha=a) into a new tensor each call: the same 12 bytes
+    norm_gbps: float = 0.0
+    """torch.linalg.vector_norm(x): 4 bytes read per element (gradient clipping's norms; a reduction,
+    slower per byte than an add on a CPU). 0: not measured (then priced at inplace_gbps)."""
 
     def __post_init__(self) -> None:
         _require(self.params > 0 and self.randn_params_per_s > 0 and self.inplace_gbps > 0 and self.fresh_gbps > 0,
                  "params and elementwise rates must be > 0")
+
+
+@dataclass(frozen=True)
+class LayerPoint:
+    """One decoder layer run as a model runs it (transformers' Llama layer, random weights), timed per
+    layer at one token count: the calibration of the planner's per-op pricing on this device.
+
+    Products priced at the square-product rate and elementwise work at the isolated rates miss what a
+    real layer adds: per-op dispatch and launch overhead, skinny products (few tokens per weight),
+    caches shared between ops, new activations' pages. The planner prices this layer (its numbers
+    below are the inventory's for it) and scales a model's forward and backward by measured /
+    priced at the nearest token counts."""
+
+    dtype: Dtype
+    tokens: int  # per forward: batch x seq_len
+    seq_len: int
+    hidden: int
+    params: int
+    max_tensor_params: int
+    matmul_flops_per_token: int
+    attention_flops_per_token_per_key: int
+    elementwise_elems_per_token: int
+    forward_s: float  # with autograd recording (a first-order forward), per layer
+    forward_no_grad_s: float  # inference (a zo2 forward), per layer
+    backward_s: float  # every weight's gradient and the input's, per layer
+
+    def __post_init__(self) -> None:
+        _require(self.tokens > 0 and self.seq_len > 0 and self.hidden > 0 and self.params > 0,
+                 "layer point sizes must be > 0")
+        _require(self.forward_s > 0 and self.forward_no_grad_s > 0 and self.backward_s > 0,
+                 "layer point times must be > 0")
 
 
 @dataclass(frozen=True)
@@ -100,9 +134,14 @@ class ComputeDevice:
     """fp32 log-softmax over a vocabulary-wide row (the loss over logits), elements per second; an
     exp and a log per element: compute bound on a CPU. 0: not measured (memory bound assumed)."""
     log_softmax_backward_elems_per_s: float = 0.0
+    layers: tuple[LayerPoint, ...] = ()
+    """By token count, ascending; empty in presets and in profiles measured before fuyou timed it
+    (the planner then prices products and elementwise work at the isolated rates alone)."""
 
     def __post_init__(self) -> None:
         _require(self.count >= 1, "count must be >= 1")
+        tokens = [(p.dtype, p.tokens) for p in self.layers]
+        _require(tokens == sorted(set(tokens)), "layer points must have distinct (dtype, tokens), ascending")
         sizes = [p.params for p in self.elementwise]
         _require(sizes == sorted(set(sizes)), "elementwise points must have distinct, ascending params")
         _require(0 <= self.free_memory_bytes <= self.total_memory_bytes, "need 0 <= free_memory_bytes <= total")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from dataclasses import dataclass
 
 from fuyoucli.plan import work
@@ -106,37 +105,6 @@ def overflows(memory: TierBytes, cap: TierBytes) -> list[tuple[str, int, int]]:
     return out
 
 
-def _small_product_rate(machine: Machine, wl: Workload) -> float:
-    """Attention's products are per head (head_dim deep): the smallest measured product's rate."""
-    curve = sorted((size, flops) for dtype, size, flops in machine.matmul_points if dtype == wl.compute_dtype)
-    return curve[0][1] if curve else machine.flops(wl.compute_dtype)
-
-
-def compute_rate(machine: Machine, wl: Workload, hidden: int) -> float:
-    """FLOP/s of a layer's products: the measured square-product rate at the hidden size (the
-    products' depth, which sets how their blocks fit the caches), between measured sizes linear in
-    log2(size), clamped at the ends. The probe streams the right operand from memory, as a layer's
-    weights are; reading them is the other term of a product's time (product_s)."""
-    best = machine.flops(wl.compute_dtype)
-    curve = sorted((size, flops) for dtype, size, flops in machine.matmul_points if dtype == wl.compute_dtype)
-    if best <= 0 or not curve:
-        return best
-    if hidden <= curve[0][0]:
-        return curve[0][1]
-    for (s0, f0), (s1, f1) in zip(curve, curve[1:]):
-        if hidden <= s1:
-            return f0 + (f1 - f0) * math.log2(hidden / s0) / math.log2(s1 / s0)
-    return curve[-1][1]
-
-
-def product_s(machine: Machine, wl: Workload, spec: BlockSpec, tokens: int, micro_batches: int, rate: float) -> float:
-    """One forward's matrix products of a block: their FLOPs at the rate, plus reading the weights
-    (matmul_flops_per_token / 2 elements: 2 FLOPs per weight element per token) from memory once per
-    micro-batch. With few tokens per micro-batch the second term is what makes small batches slow."""
-    weights_bytes = spec.matmul_flops_per_token // 2 * DTYPE_BYTES[wl.compute_dtype]
-    return tokens * spec.matmul_flops_per_token / rate + micro_batches * weights_bytes / (machine.device_mem_bps or 1.0)
-
-
 def home_bytes(inv: ModelInventory, wl: Workload, home_dtype: str) -> list[int]:
     """Per block, the bytes that live at the weights' home (and stream when not resident). Under
     LoRA only the frozen base streams, read-only, in the compute dtype; adapters stay on the device."""
@@ -153,9 +121,14 @@ def home_bytes(inv: ModelInventory, wl: Workload, home_dtype: str) -> list[int]:
     return out
 
 
-def optimizer_bytes_per_param(wl: Workload) -> int:
-    """First-order: m + v, plus an fp32 master copy when the weights are not fp32."""
-    return 8 + (4 if DTYPE_BYTES[wl.compute_dtype] != 4 else 0)
+def optimizer_bytes_per_param(wl: Workload, home: Tier | None = None) -> int:
+    """First-order AdamW state bytes per trainable parameter at its home. Off the device (the CPU
+    worker's states, engine/optimizer.py): fp32 master, m and v, 12 bytes whatever the compute dtype
+    (the weights' home keeps its own compute-dtype copy). On the device (torch's AdamW on the
+    parameters themselves): m + v, plus an fp32 master copy when the weights are not fp32."""
+    if home is Tier.DEVICE:
+        return 8 + (4 if DTYPE_BYTES[wl.compute_dtype] != 4 else 0)
+    return 12
 
 
 def estimate(inv: ModelInventory, wl: Workload, machine: Machine, pl: Placement) -> Estimate:
@@ -164,11 +137,12 @@ def estimate(inv: ModelInventory, wl: Workload, machine: Machine, pl: Placement)
     cpu = machine.compute_device == "cpu"
     cb, hb = DTYPE_BYTES[wl.compute_dtype], DTYPE_BYTES[pl.home_dtype]
     T, Tm, h = wl.tokens_per_step, pl.micro_batch_size * wl.seq_len, inv.hidden_size
-    rate = compute_rate(machine, wl, h) or 1.0
+    rate = work.compute_rate(machine, wl, h) or 1.0
     micro_batches = max(1, T // max(1, Tm))
     mem_bps = machine.device_mem_bps
     mom = 4 if (zo and wl.zo_momentum) else 0
-    opt_per_param = optimizer_bytes_per_param(wl)
+    opt_per_param = optimizer_bytes_per_param(wl)  # states off the device
+    opt_dev_per_param = optimizer_bytes_per_param(wl, Tier.DEVICE)
     passes = 2 * wl.q if zo else 1
     cons = zo and wl.zo_conservative  # 3 more passes, in a second phase over the blocks
 
@@ -211,7 +185,7 @@ def estimate(inv: ModelInventory, wl: Workload, machine: Machine, pl: Placement)
         if not zo and not wl.lora and s.trainable_params:
             opt = s.trainable_params * opt_per_param
             if oh is Tier.DEVICE:
-                dev["optimizer on device"] += opt + s.trainable_params * 4  # states + fp32 gradient
+                dev["optimizer on device"] += s.trainable_params * (opt_dev_per_param + 4)  # states + fp32 gradient
             elif oh is Tier.SSD:
                 ssd += opt
             else:
@@ -322,7 +296,16 @@ def estimate(inv: ModelInventory, wl: Workload, machine: Machine, pl: Placement)
             if cpu:
                 v[GPU] += b * machine.disk_write_loss_s_per_byte
 
-    small_rate = _small_product_rate(machine, wl) or rate
+    small_rate = work.small_product_rate(machine, wl) or rate
+    cal = work.calibration(machine, wl, Tm)
+
+    def forward_parts(s: BlockSpec) -> tuple[float, float]:
+        """(products and elementwise work, the loss) of one forward of block s over the step's tokens;
+        the first is what the measured layers calibrate (cal), the loss has its own measured rates."""
+        raw = work.product_s(machine, wl, s, T, micro_batches, rate) + work.forward_extra_s(machine, wl, inv, s, T, Tm,
+                                                                                         small_rate)
+        return raw, (work.head_loss_s(machine, wl, inv, T, Tm) if s.name == "head" else 0.0)
+
     flops_step = 0.0
     phases: list[list[list[float]]] = []
     reversed_phase: list[bool] = []
@@ -338,8 +321,8 @@ def estimate(inv: ModelInventory, wl: Workload, machine: Machine, pl: Placement)
             flops_step += f
             key = (_shape_of(s), pl.weights_home[i] is not Tier.DEVICE)
             if key not in priced:  # identical layers: priced once per estimate
-                priced[key] = passes * (product_s(machine, wl, s, T, micro_batches, rate)
-                                        + work.forward_extra_s(machine, wl, inv, s, T, Tm, small_rate)) + \
+                raw, loss = forward_parts(s)
+                priced[key] = passes * (cal.forward_no_grad * raw + loss) + \
                     work.zo_block_s(machine, wl, s, pl.home_dtype, engine=engine,
                                     streamed=pl.weights_home[i] is not Tier.DEVICE and not wl.lora,
                                     tied_embed=tied_embed and s.name == "embed", z_per_tensor=pl.z_buffer == "tensor")
@@ -354,8 +337,8 @@ def estimate(inv: ModelInventory, wl: Workload, machine: Machine, pl: Placement)
             for i, s in enumerate(blocks):
                 v = [0.0] * _N
                 flops_step += 3 * T * s.forward_flops_per_token(wl.seq_len)
-                v[GPU] = 3 * (product_s(machine, wl, s, T, micro_batches, rate)
-                              + work.forward_extra_s(machine, wl, inv, s, T, Tm, small_rate))
+                raw, loss = forward_parts(s)
+                v[GPU] = 3 * (cal.forward_no_grad * raw + loss)
                 v[GPU] += work.zo_candidates_s(machine, wl, s, pl.home_dtype, engine=engine,
                                                tied_embed=tied_embed and s.name == "embed")
                 fetch(i, v, machine.h2d_bps)  # read-only: nothing goes back
@@ -365,7 +348,7 @@ def estimate(inv: ModelInventory, wl: Workload, machine: Machine, pl: Placement)
     else:
         swaps = any(a in ("swap", "recompute-swap") for a in pl.activation)
         fwd, bwd = [], []
-        priced: dict[BlockSpec, tuple[float, float]] = {}  # by _shape_of
+        priced: dict[BlockSpec, tuple[float, float, float]] = {}  # by _shape_of
         h2d_f, d2h_f = link_rates(swaps)
         h2d_b, d2h_b = link_rates(True)
         for i, s in enumerate(blocks):
@@ -381,9 +364,9 @@ def estimate(inv: ModelInventory, wl: Workload, machine: Machine, pl: Placement)
             v = [0.0] * _N
             key = _shape_of(s)
             if key not in priced:  # identical layers: priced once per estimate
-                priced[key] = (product_s(machine, wl, s, T, micro_batches, rate)
-                               + work.forward_extra_s(machine, wl, inv, s, T, Tm, small_rate), work.grad_s(machine, wl, s))
-            fwd_s, grad_s = priced[key]
+                priced[key] = (*forward_parts(s), work.grad_s(machine, wl, s))
+            raw, loss, grad_s = priced[key]
+            fwd_s = cal.forward * raw + loss
             v[GPU] = fwd_s
             fetch(i, v, h2d_f)
             if swap_b and not cpu:
@@ -395,8 +378,9 @@ def estimate(inv: ModelInventory, wl: Workload, machine: Machine, pl: Placement)
             extra = fl if recompute else 0.0
             # Backward: each product twice (input and weight gradients; LoRA: the frozen base's
             # input gradient only), each elementwise op's gradient about as costly as the op itself
-            # twice over (reads the upstream gradient and its saved inputs, writes one per input).
-            w[GPU] = bwd_factor * fwd_s + (fwd_s if recompute else 0.0) + grad_s
+            # twice over (reads the upstream gradient and its saved inputs, writes one per input);
+            # then scaled by the measured layers' backward (cal).
+            w[GPU] = cal.backward * (bwd_factor * raw + grad_s) + bwd_factor * loss + (fwd_s if recompute else 0.0)
             if s.name == "head":
                 w[GPU] += work.loss_backward_s(machine, wl, inv, T)
             flops_step += fl * (1 + bwd_factor) + extra
@@ -415,12 +399,11 @@ def estimate(inv: ModelInventory, wl: Workload, machine: Machine, pl: Placement)
                 else:
                     if not cpu:
                         w[D2H] += wb_b[i] / d2h_b
-                    else:  # the gradients copied to the worker's buffers; the worker (another
-                        # thread on the same cores) updates and writes the new weights home
+                    else:  # the gradients copied to the optimizer's buffers; it runs inline on a
+                        # CPU device (engine/optimizer.py) and writes the new weights home
                         w[GPU] += work.cpu_copy_s(machine, wb_b[i])
-                        worker_s = tr / adam + (work.cpu_copy_s(machine, home_b[i])
-                                                if pl.weights_home[i] is not Tier.DEVICE else 0.0)
-                        w[GPU] += worker_s - tr / adam + machine.cpu_burst_loss * worker_s
+                        if pl.weights_home[i] is not Tier.DEVICE:
+                            w[GPU] += work.cpu_copy_s(machine, home_b[i])
                         if oh is Tier.SSD:
                             w[GPU] += tr * opt_per_param * (machine.disk_read_loss_s_per_byte
                                                             + machine.disk_write_loss_s_per_byte)

@@ -18,7 +18,9 @@ from fuyoucli.hardware.profile import HardwareProfile
 from fuyoucli.plan.cost import (
     Estimate, Placement, capacities, estimate, fits, home_bytes, optimizer_bytes_per_param, overflows,
 )
-from fuyoucli.plan.types import DTYPE_BYTES, BlockPlan, Machine, ModelInventory, Options, Plan, Tier, TierBytes, Workload
+from fuyoucli.plan.types import (
+    DTYPE_BYTES, BlockPlan, BlockSpec, LayerTiming, Machine, ModelInventory, Options, Plan, Tier, TierBytes, Workload,
+)
 from fuyoucli.recipe import Recipe
 
 GB = 10**9
@@ -53,6 +55,7 @@ def machine_from_profile(profile: HardwareProfile, swap_dir: str | None = None) 
         else:
             disk = max(profile.disks, key=lambda d: d.read_gbps)
     dtypes = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+    theirs_to_ours = {theirs: ours for ours, theirs in dtypes.items()}
     machine = Machine(
         name=(profile.provenance.preset or c.name) if profile.provenance.source == "preset" else c.name,
         compute_device=c.kind,
@@ -73,13 +76,24 @@ def machine_from_profile(profile: HardwareProfile, swap_dir: str | None = None) 
         disk_free_bytes=disk.free_bytes if disk else 0,
         disk_read_bps=disk.read_gbps * GB if disk else 0.0,
         disk_write_bps=disk.write_gbps * GB if disk else 0.0,
-        elementwise_points=tuple((p.params, p.randn_params_per_s, p.inplace_gbps * GB, p.fresh_gbps * GB)
-                                 for p in c.elementwise),
+        elementwise_points=tuple((p.params, p.randn_params_per_s, p.inplace_gbps * GB, p.fresh_gbps * GB,
+                                  (p.norm_gbps or p.inplace_gbps) * GB) for p in c.elementwise),
         cpu_burst_loss=h.burst_compute_loss,
         log_softmax_elems_per_s=c.log_softmax_elems_per_s,
         log_softmax_backward_elems_per_s=c.log_softmax_backward_elems_per_s,
         disk_read_loss_s_per_byte=disk.read_compute_loss_s_per_gb / GB if disk else 0.0,
         disk_write_loss_s_per_byte=disk.write_compute_loss_s_per_gb / GB if disk else 0.0,
+        layer_timings=tuple(
+            LayerTiming(dtype=theirs_to_ours[p.dtype], tokens=p.tokens, seq_len=p.seq_len, hidden=p.hidden,
+                        spec=BlockSpec(name="layers.0", params=p.params, trainable_params=p.params,
+                                       max_tensor_params=p.max_tensor_params,
+                                       matmul_flops_per_token=p.matmul_flops_per_token,
+                                       attention_flops_per_token_per_key=p.attention_flops_per_token_per_key,
+                                       attention_window=None, boundary_elems_per_token=p.hidden,
+                                       internal_elems_per_token=0,
+                                       elementwise_elems_per_token=p.elementwise_elems_per_token),
+                        forward_s=p.forward_s, forward_no_grad_s=p.forward_no_grad_s, backward_s=p.backward_s)
+            for p in c.layers),
     )
     if c.kind == "cpu" and not c.elementwise and profile.provenance.source == "measured":
         notes.append("this profile has no elementwise rates (measured by an older fuyou): the step time "
@@ -459,12 +473,12 @@ def make_plan(inv: ModelInventory, wl: Workload, machine: Machine, opts: Options
                          f"{wl.compute_dtype}'s resolution are lost)")
     cap = capacities(machine, opts)
     hb = home_bytes(inv, wl, pl.home_dtype)
-    opt_pp = optimizer_bytes_per_param(wl)
     mom = 4 if wl.zo_momentum and wl.method == "zo2" else 0
     blocks = tuple(
         BlockPlan(name=b.name, param_bytes=hb[i], weights_home=pl.weights_home[i], optimizer_home=pl.optimizer_home[i],
                   activation=pl.activation[i], params=b.params, trainable_params=b.trainable_params,
-                  optimizer_bytes=b.trainable_params * (mom if wl.method == "zo2" else opt_pp))
+                  optimizer_bytes=b.trainable_params * (mom if wl.method == "zo2"
+                                                        else optimizer_bytes_per_param(wl, pl.optimizer_home[i])))
         for i, b in enumerate(inv.blocks))
     reasons: tuple[str, ...] = ()
     suggestions: tuple[str, ...] = ()

@@ -127,6 +127,21 @@ class Workload:
 
 
 @dataclass(frozen=True)
+class LayerTiming:
+    """A decoder layer as measured on the compute device (hardware.profile.LayerPoint): its spec, the
+    token count and sequence length it ran at, and its seconds per forward / backward."""
+
+    dtype: Dtype
+    tokens: int
+    seq_len: int
+    hidden: int
+    spec: BlockSpec
+    forward_s: float
+    forward_no_grad_s: float
+    backward_s: float
+
+
+@dataclass(frozen=True)
 class Machine:
     """The numbers the cost model needs, taken from a HardwareProfile (or given directly by tests).
 
@@ -163,10 +178,14 @@ class Machine:
     disk_read_loss_s_per_byte: float = 0.0
     """Host compute seconds lost per byte read from the swap disk by another thread."""
     disk_write_loss_s_per_byte: float = 0.0
-    elementwise_points: tuple[tuple[int, float, float, float], ...] = ()
-    """Optional (fp32 tensor elements, randn params/s, in-place bytes/s, new-tensor bytes/s) on the
-    compute device, by size (see hardware.profile.ElementwisePoint). Empty: randn and elementwise
+    elementwise_points: tuple[tuple[float, ...], ...] = ()
+    """Optional (fp32 tensor elements, randn params/s, in-place bytes/s, new-tensor bytes/s[, 2-norm
+    bytes read/s]) on the compute device, by size (see hardware.profile.ElementwisePoint; without the
+    fifth, a norm reads at the in-place rate). Empty: randn and elementwise
     work run at device_mem_bps (memory bound, as on a GPU)."""
+    layer_timings: tuple[LayerTiming, ...] = ()
+    """Optional measured layers, by token count: the cost model prices them and scales a model's
+    forward and backward work by measured / priced (work.calibration). Empty: no scaling."""
 
     def flops(self, dtype: str) -> float:
         return dict(self.matmul_flops).get(dtype, 0.0)

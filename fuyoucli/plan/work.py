@@ -31,7 +31,7 @@ residual adds, takes as long as the products do. The counts, per trainable param
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fuyoucli.plan.types import DTYPE_BYTES, BlockSpec, Machine, ModelInventory, Workload
 
@@ -49,6 +49,8 @@ class Rates:
     """Per byte read or written by an op on existing tensors."""
     alloc_s: float
     """Extra per byte of a new result tensor (page faults once the allocator stops reusing blocks)."""
+    norm_s: float = 0.0
+    """Per byte read by a 2-norm (a reduction)."""
 
     @property
     def fresh_s(self) -> float:
@@ -63,7 +65,7 @@ def rates_at(machine: Machine, numel: int) -> Rates:
     pts = machine.elementwise_points
     if not pts:
         per_byte = 1.0 / (machine.device_mem_bps or 1.0)
-        return Rates(randn_s=4 * per_byte, inplace_s=per_byte, alloc_s=0.0)
+        return Rates(randn_s=4 * per_byte, inplace_s=per_byte, alloc_s=0.0, norm_s=per_byte)
     n = max(1, numel)
     if n <= pts[0][0]:
         lo = hi = pts[0]
@@ -80,9 +82,10 @@ def rates_at(machine: Machine, numel: int) -> Rates:
         return a + t * (b - a)
 
     randn_ps, inplace_bps, fresh_bps = mix(lo[1], hi[1]), mix(lo[2], hi[2]), mix(lo[3], hi[3])
+    norm_bps = mix(lo[4] if len(lo) > 4 else lo[2], hi[4] if len(hi) > 4 else hi[2])
     inplace_s = 1.0 / inplace_bps
     alloc_s = max(0.0, _ADD_BYTES / fresh_bps - _ADD_BYTES / inplace_bps) / 4  # per new byte
-    return Rates(randn_s=1.0 / randn_ps, inplace_s=inplace_s, alloc_s=alloc_s)
+    return Rates(randn_s=1.0 / randn_ps, inplace_s=inplace_s, alloc_s=alloc_s, norm_s=1.0 / norm_bps)
 
 
 # ---- zo2: z, perturbations, updates ------------------------------------------------------------
@@ -179,8 +182,8 @@ def cpu_copy_s(machine: Machine, nbytes: int) -> float:
 
 def grad_s(machine: Machine, wl: Workload, spec: BlockSpec) -> float:
     """Per step: the new gradients (their pages; an embedding's is zero-filled, then its rows
-    added), the global norm's read, clipping in place, and with a half-precision model the fp32
-    gradient copy and the master weights copied back."""
+    added), the global norm's read (at the measured 2-norm rate), clipping in place, and with a
+    half-precision model the fp32 gradient copy and the master weights copied back."""
     p = spec.trainable_params
     if p == 0:
         return 0.0
@@ -190,10 +193,44 @@ def grad_s(machine: Machine, wl: Workload, spec: BlockSpec) -> float:
     if spec.name == "embed":
         s += cb * r.inplace_s
     if wl.clips_grads:
-        s += 8 * r.inplace_s
+        s += 4 * r.norm_s + 8 * r.inplace_s  # the norms' read, then the scaling in place
     if cb != 4:
         s += (cb + 4) * r.inplace_s + 4 * r.alloc_s + (4 + cb) * r.inplace_s
     return p * s
+
+
+# ---- matrix products ----------------------------------------------------------------------------
+
+
+def small_product_rate(machine: Machine, wl: Workload) -> float:
+    """Attention's products are per head (head_dim deep): the smallest measured product's rate."""
+    curve = sorted((size, flops) for dtype, size, flops in machine.matmul_points if dtype == wl.compute_dtype)
+    return curve[0][1] if curve else machine.flops(wl.compute_dtype)
+
+
+def compute_rate(machine: Machine, wl: Workload, hidden: int) -> float:
+    """FLOP/s of a layer's products: the measured square-product rate at the hidden size (the
+    products' depth, which sets how their blocks fit the caches), between measured sizes linear in
+    log2(size), clamped at the ends. The probe streams the right operand from memory, as a layer's
+    weights are; reading them is the other term of a product's time (product_s)."""
+    best = machine.flops(wl.compute_dtype)
+    curve = sorted((size, flops) for dtype, size, flops in machine.matmul_points if dtype == wl.compute_dtype)
+    if best <= 0 or not curve:
+        return best
+    if hidden <= curve[0][0]:
+        return curve[0][1]
+    for (s0, f0), (s1, f1) in zip(curve, curve[1:]):
+        if hidden <= s1:
+            return f0 + (f1 - f0) * math.log2(hidden / s0) / math.log2(s1 / s0)
+    return curve[-1][1]
+
+
+def product_s(machine: Machine, wl: Workload, spec: BlockSpec, tokens: int, micro_batches: int, rate: float) -> float:
+    """One forward's matrix products of a block: their FLOPs at the rate, plus reading the weights
+    (matmul_flops_per_token / 2 elements: 2 FLOPs per weight element per token) from memory once per
+    micro-batch. With few tokens per micro-batch the second term is what makes small batches slow."""
+    weights_bytes = spec.matmul_flops_per_token // 2 * DTYPE_BYTES[wl.compute_dtype]
+    return tokens * spec.matmul_flops_per_token / rate + micro_batches * weights_bytes / (machine.device_mem_bps or 1.0)
 
 
 # ---- a forward's elementwise work ---------------------------------------------------------------
@@ -206,23 +243,32 @@ def logits_per_token(inv: ModelInventory) -> int:
 
 def forward_extra_s(machine: Machine, wl: Workload, inv: ModelInventory, spec: BlockSpec, tokens: int,
                     micro_tokens: int, attention_rate: float) -> float:
-    """Seconds of one forward over `tokens` tokens of this block besides its matrix products: its
-    elementwise ops (new tensors of about micro_tokens x hidden), attention, and for the head the new
-    logits tensor and the loss over the scored positions (fp32)."""
+    """Seconds of one forward over `tokens` tokens of this block besides its matrix products and the
+    loss (head_loss_s): its elementwise ops (new tensors of about micro_tokens x hidden) and attention."""
+    return _elementwise_s(machine, wl, spec, tokens, micro_tokens, inv.hidden_size, attention_rate)
+
+
+def _elementwise_s(machine: Machine, wl: Workload, spec: BlockSpec, tokens: int, micro_tokens: int, hidden: int,
+                   attention_rate: float) -> float:
     cb = DTYPE_BYTES[wl.compute_dtype]
-    act = rates_at(machine, micro_tokens * inv.hidden_size)
+    act = rates_at(machine, micro_tokens * hidden)
     s = spec.elementwise_elems_per_token * tokens * cb * act.fresh_s
     keys = spec.forward_flops_per_token(wl.seq_len) - spec.matmul_flops_per_token
     if keys and attention_rate > 0:
         s += keys * tokens / attention_rate
-    if spec.name == "head":
-        vocab = logits_per_token(inv)
-        big = rates_at(machine, micro_tokens * vocab)
-        s += tokens * vocab * cb * big.alloc_s
-        scored = wl.loss_positions_fraction * tokens
-        s += scored * inv.loss_elems_per_position * 4 * big.fresh_s
-        if machine.log_softmax_elems_per_s:  # its exp and log per element, beyond the bytes
-            s += scored * vocab / machine.log_softmax_elems_per_s
+    return s
+
+
+def head_loss_s(machine: Machine, wl: Workload, inv: ModelInventory, tokens: int, micro_tokens: int) -> float:
+    """The head's new logits tensor and the loss over the scored positions (fp32), in one forward."""
+    cb = DTYPE_BYTES[wl.compute_dtype]
+    vocab = logits_per_token(inv)
+    big = rates_at(machine, micro_tokens * vocab)
+    s = tokens * vocab * cb * big.alloc_s
+    scored = wl.loss_positions_fraction * tokens
+    s += scored * inv.loss_elems_per_position * 4 * big.fresh_s
+    if machine.log_softmax_elems_per_s:  # its exp and log per element, beyond the bytes
+        s += scored * vocab / machine.log_softmax_elems_per_s
     return s
 
 
@@ -231,3 +277,55 @@ def loss_backward_s(machine: Machine, wl: Workload, inv: ModelInventory, tokens:
     if not machine.log_softmax_backward_elems_per_s:
         return 0.0
     return wl.loss_positions_fraction * tokens * logits_per_token(inv) / machine.log_softmax_backward_elems_per_s
+
+
+# ---- calibration against measured layers --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Measured / priced seconds of a real decoder layer on this device, at a micro-batch's token count:
+    what the per-op pricing above misses (dispatch and launch overhead per op, skinny products, caches
+    shared between ops, new activations' pages), as one factor per kind of pass. 1.0: not measured."""
+
+    forward: float = 1.0
+    """A forward with autograd recording (first-order, and its recompute)."""
+    forward_no_grad: float = 1.0
+    """An inference forward (zo2)."""
+    backward: float = 1.0
+
+
+def _layer_priced(machine: Machine, wl: Workload, spec: BlockSpec, tokens: int, hidden: int) -> tuple[float, float]:
+    """(forward, backward) seconds this module's pricing gives one layer over one micro-batch."""
+    fwd = (product_s(machine, wl, spec, tokens, 1, compute_rate(machine, wl, hidden) or 1.0)
+           + _elementwise_s(machine, wl, spec, tokens, tokens, hidden, small_product_rate(machine, wl) or 1.0))
+    return fwd, 2 * fwd + grad_s(machine, wl, spec)
+
+
+def calibration(machine: Machine, wl: Workload, micro_tokens: int) -> Calibration:
+    """The factors at `micro_tokens` tokens per forward: measured / priced at each measured token count
+    (layers timed in the run's compute dtype, else any), linear in log2(tokens) between them, the
+    nearest one's outside. Each factor is kept within [1/4, 4]: beyond that the layer measured is not
+    the work being priced, and pricing alone is the better guess."""
+    timings = [t for t in machine.layer_timings if t.dtype == wl.compute_dtype] or list(machine.layer_timings)
+    if not timings:
+        return Calibration()
+    points = []
+    for t in sorted(timings, key=lambda t: t.tokens):
+        lw = replace(wl, compute_dtype=t.dtype, seq_len=t.seq_len, lora=False, clips_grads=False)
+        fwd, bwd = _layer_priced(machine, lw, t.spec, t.tokens, t.hidden)
+        if fwd > 0 and bwd > 0:
+            points.append((t.tokens, (t.forward_s / fwd, t.forward_no_grad_s / fwd, t.backward_s / bwd)))
+    if not points:
+        return Calibration()
+    n = max(1, micro_tokens)
+    if n <= points[0][0]:
+        f = points[0][1]
+    elif n >= points[-1][0]:
+        f = points[-1][1]
+    else:
+        k = next(i for i in range(1, len(points)) if n <= points[i][0])
+        (t0, a), (t1, b) = points[k - 1], points[k]
+        x = math.log2(n / t0) / math.log2(t1 / t0)
+        f = tuple(u + x * (v - u) for u, v in zip(a, b))
+    return Calibration(*(min(4.0, max(0.25, v)) for v in f))

@@ -51,9 +51,13 @@ def _tensors(obj):
 
 class AdamWStreamed:
     def __init__(self, model, plan: Plan, method: AdamWMethod, *, head: str, lanes,
-                 label_token_ids: tuple[int, ...] = (), on_job=None, on_backward=None):
+                 label_token_ids: tuple[int, ...] = (), on_job=None, on_backward=None,
+                 optimizer_thread: bool | None = None):
         """`on_job(block)` (on the CPU worker, inside an update) and `on_backward(block)` (inside a
-        block's backward) are hooks for tests that check what overlaps what."""
+        block's backward) are hooks for tests that check what overlaps what. `optimizer_thread`: run
+        the CPU AdamW on its worker thread, overlapped with the device's work; default: yes on a GPU,
+        no on a CPU device, where it would only compete with the compute for the same cores (inline:
+        the same jobs in the same order; engine/optimizer.py)."""
         self.model, self.plan, self.method, self.head = model, plan, method, head
         self.label_token_ids, self.lanes, self.on_backward = label_token_ids, lanes, on_backward
         self.device = lanes.device
@@ -128,7 +132,8 @@ class AdamWStreamed:
             self.arena = DeviceArena(self.device, plan.device_budget_bytes)
             # Before any weight leaves the model: the CPU states copy their fp32 masters from it.
             self.updates = BlockUpdates(trainable, host, device_params, self.streamed, method, lanes=lanes,
-                                        ssd=self.ssd, deferred=self.deferred, shape=shape, value=value, on_job=on_job)
+                                        ssd=self.ssd, deferred=self.deferred, shape=shape, value=value, on_job=on_job,
+                                        thread=lanes.kind != "cpu" if optimizer_thread is None else optimizer_thread)
             streamed_ids = {id(p) for u in units for _, p in u.params}
             resident_bytes = 0
             for p in model.parameters():

@@ -151,7 +151,7 @@ class BlockUpdates:
 
     def __init__(self, trainable: list[torch.nn.Parameter], host: dict[int, tuple[str, list, Tier]],
                  device_params: list[torch.nn.Parameter], streamed: list[bool], method: AdamWMethod, *,
-                 lanes, ssd, deferred: bool, shape=None, value=None, on_job=None):
+                 lanes, ssd, deferred: bool, shape=None, value=None, on_job=None, thread: bool = True):
         """`host`: block -> (name, params, optimizer home) for the CPU worker. `shape(p)` and `value(p)`
         give a parameter's shape and initial value (default: its own; a lazily loaded model's empty
         streamed parameters read them from the model file)."""
@@ -164,7 +164,7 @@ class BlockUpdates:
         self.numels = {e: sum(s.numel() for s in shapes) for e, shapes in self.host_shapes.items()}
         self.cpu = CpuAdam([AdamBlock(e, name, self.host_shapes[e], (lambda ps=ps: [value(p) for p in ps]), home)
                             for e, (name, ps, home) in host.items()],
-                           self._make_optimizer, lanes=lanes, ssd=ssd, on_job=on_job)
+                           self._make_optimizer, lanes=lanes, ssd=ssd, on_job=on_job, thread=thread)
         self._device_params = device_params
         self._ready: dict[int, Future] = {}
         self._last_upload: dict[int, Mark | None] = {}

@@ -42,6 +42,14 @@ def loss_from_logits(logits: torch.Tensor, batch: dict[str, torch.Tensor], *, he
         return BatchLoss(loss, int(targets.numel()), correct)
     labels = batch["labels"][:, 1:]
     mask = labels != -100
+    scored = int(mask.sum())
+    if 2 * scored >= mask.numel() and not label_token_ids:
+        # Most positions are scored (plain text): the logits as they are, flattened (a view), with the
+        # last position's target and the unscored ones ignored. Gathering them would copy all of them.
+        vocab = logits.shape[-1]
+        targets = F.pad(labels, (0, 1), value=-100).reshape(-1)
+        loss = F.cross_entropy(logits.reshape(-1, vocab).float(), targets, ignore_index=-100, reduction="sum")
+        return BatchLoss(loss, scored)
     # Only the labelled positions go through the fp32 softmax: for answer-only or label-word losses
     # that is a small fraction of the [batch, seq, vocab] logits.
     picked = logits[:, :-1][mask].float()

@@ -107,32 +107,36 @@ def plan(home, opt, act, tmp_path, **kw):
     return fixed_plan(2, home, method="adamw", optimizer_home=opt, activation=act, swap_dir=str(tmp_path / "swap"), **kw)
 
 
-# (arch, weights home, optimizer home, activations per layer, clip, prefetch depth): every arch on host
-# and on SSD, every activation policy, clipped (deferred updates) and not (updates overlapped with the
-# backward), no prefetch to two blocks ahead.
+# (arch, weights home, optimizer home, activations per layer, clip, prefetch depth, CPU optimizer on its
+# worker thread (as on a GPU) or inline (a CPU device's default)): every arch on host and on SSD, every
+# activation policy, clipped (deferred updates) and not (updates overlapped with the backward), no
+# prefetch to two blocks ahead, both ways of running the optimizer.
 CASES = [
-    ("llama", Tier.PAGEABLE, Tier.PAGEABLE, "recompute", 1.0, 1),
-    ("opt", Tier.PINNED, Tier.PAGEABLE, "keep", 1.0, 0),
-    ("qwen2", Tier.PAGEABLE, Tier.PAGEABLE, "swap", 1.0, 2),
-    ("llama", Tier.SSD, Tier.SSD, ("swap", "keep"), 1.0, 1),
-    ("opt", Tier.SSD, Tier.SSD, "recompute", 1.0, 2),
-    ("qwen2", Tier.SSD, Tier.SSD, ("keep", "recompute"), 1.0, 0),
-    ("llama", Tier.PINNED, Tier.SSD, "keep", None, 2),
-    ("opt", Tier.PAGEABLE, Tier.PAGEABLE, "swap", None, 1),
-    ("qwen2", Tier.SSD, Tier.SSD, "recompute", None, 1),
-    ("llama", Tier.PAGEABLE, Tier.PAGEABLE, "recompute-swap", 1.0, 1),
-    ("opt", Tier.SSD, Tier.SSD, ("recompute-swap", "keep"), None, 2),
+    ("llama", Tier.PAGEABLE, Tier.PAGEABLE, "recompute", 1.0, 1, True),
+    ("opt", Tier.PINNED, Tier.PAGEABLE, "keep", 1.0, 0, False),
+    ("qwen2", Tier.PAGEABLE, Tier.PAGEABLE, "swap", 1.0, 2, True),
+    ("llama", Tier.SSD, Tier.SSD, ("swap", "keep"), 1.0, 1, False),
+    ("opt", Tier.SSD, Tier.SSD, "recompute", 1.0, 2, True),
+    ("qwen2", Tier.SSD, Tier.SSD, ("keep", "recompute"), 1.0, 0, False),
+    ("llama", Tier.PINNED, Tier.SSD, "keep", None, 2, True),
+    ("opt", Tier.PAGEABLE, Tier.PAGEABLE, "swap", None, 1, False),
+    ("qwen2", Tier.SSD, Tier.SSD, "recompute", None, 1, True),
+    ("llama", Tier.PAGEABLE, Tier.PAGEABLE, "recompute-swap", 1.0, 1, False),
+    ("opt", Tier.SSD, Tier.SSD, ("recompute-swap", "keep"), None, 2, True),
+    ("llama", Tier.SSD, Tier.SSD, "recompute", None, 1, False),
 ]
 
 
-@pytest.mark.parametrize("arch,home,opt,act,clip,depth", CASES,
+@pytest.mark.parametrize("arch,home,opt,act,clip,depth,thread", CASES,
                          ids=[f"{a}-{h.value}-{o.value}-{x if isinstance(x, str) else '+'.join(x)}-"
-                              f"{'clip' if c else 'noclip'}-depth{d}" for a, h, o, x, c, d in CASES])
-def test_streamed_adamw_equals_reference(arch, home, opt, act, clip, depth, models, text_data, tmp_path):
+                              f"{'clip' if c else 'noclip'}-depth{d}-{'thread' if t else 'inline'}"
+                              for a, h, o, x, c, d, t in CASES])
+def test_streamed_adamw_equals_reference(arch, home, opt, act, clip, depth, thread, models, text_data, tmp_path):
     recipe, tok, steps = setup(models[arch], text_data, tmp_path, clip=clip)
-    got = streamed(recipe, tok, steps, plan(home, opt, act, tmp_path, prefetch_depth=depth))
+    got = streamed(recipe, tok, steps, plan(home, opt, act, tmp_path, prefetch_depth=depth), optimizer_thread=thread)
     assert_parity(got, reference((arch, clip), recipe, tok, steps))
     trainer = got[2]
+    assert trainer.cpu.thread is thread
     assert trainer.deferred == (clip is not None)
     assert trainer.store.stats.fetches == 2 * 2 * STEPS  # each layer up for the forward and the backward
     assert trainer.store.stats.writebacks == 0  # the CPU optimizer writes homes, the device never does
@@ -259,7 +263,7 @@ def test_cpu_optimizer_overlaps_backward_of_the_previous_block(models, text_data
             met.append((e + 1, started[("adam", e + 1)].wait(10)))
 
     got = streamed(recipe, tok, steps[:1], plan(Tier.PAGEABLE, Tier.PAGEABLE, "recompute", tmp_path),
-                   on_job=on_job, on_backward=on_backward)
+                   on_job=on_job, on_backward=on_backward, optimizer_thread=True)
     trainer = got[2]
     assert sorted(met) == [(1, True), (1, True), (2, True), (2, True)]
     adam = {k: (t0, t1) for what, k, t0, t1 in trainer.cpu.trace if what == "job"}
@@ -274,7 +278,7 @@ def test_slow_optimizer_never_lets_a_forward_read_stale_weights(clip, models, te
     Dropping that wait (WeightStore.hold) makes the next forward read stale weights and this fails."""
     recipe, tok, steps = setup(models["opt"], text_data, tmp_path, clip=clip)
     got = streamed(recipe, tok, steps[:6], plan(Tier.SSD, Tier.SSD, "swap", tmp_path),
-                   on_job=lambda e: time.sleep(0.015))
+                   on_job=lambda e: time.sleep(0.015), optimizer_thread=True)
     ref_losses, ref_weights = reference(("opt", clip), recipe, tok, steps)
     assert got[0] == pytest.approx(ref_losses[:6], rel=1e-5)
 

@@ -127,8 +127,8 @@ def test_first_order_traffic_optimizer_and_activations():
     assert t.h2d_s == pytest.approx(4000 / 1000 * 4 + 4000 / 800 * 4 + 600 * 4 / 800)
     assert t.d2h_s == pytest.approx((4 * 4000 + 600 * 4) / 800)
     assert t.cpu_optimizer_s == pytest.approx((4 * 1000 + 600) / 1000)
-    # fp32 weights are their own master: m + v on the host
-    assert est.memory.pageable == (4 * 1000 + 600) * 8
+    # the CPU optimizer keeps an fp32 master, m and v on the host (the weights' home has its own copy)
+    assert est.memory.pageable == (4 * 1000 + 600) * 12
     fwd_flops = 8 * (4 * (2000 + 32) + 200)
     assert est.flops_per_step == 3 * fwd_flops + 8 * 4 * (2000 + 32)  # forward, 2x backward, recompute
     swapped = estimate(inv, wl, machine(), placement(inv, [D, P, P, P, P, D], optim=optim,
@@ -293,3 +293,73 @@ def test_zo2_momentum_lives_beside_the_weights_and_travels_with_them(home, tier)
         assert mom.times.ssd_write_s == pytest.approx(2 * base.times.ssd_write_s)
     assert mom.times.h2d_s == pytest.approx(2 * base.times.h2d_s)
     assert mom.times.d2h_s == pytest.approx(2 * base.times.d2h_s)
+
+
+# ---- calibration against measured layers (plan/work.py) -----------------------------------------------
+
+
+def _timing(m, tokens, factor, dtype="float32"):
+    """A measured layer whose seconds are `factor` x (forward, no-grad forward, backward) what the cost
+    model prices for it: what a probe on a device that slow would have recorded."""
+    from fuyoucli.plan import work
+    from fuyoucli.plan.types import LayerTiming
+
+    spec = toy().blocks[1]
+    wl = Workload("adamw", False, dtype, batch_size=1, seq_len=8)
+    fwd, bwd = work._layer_priced(m, wl, spec, tokens, 4)
+    f = factor if isinstance(factor, tuple) else (factor,) * 3
+    return LayerTiming(dtype, tokens, 8, 4, spec, f[0] * fwd, f[1] * fwd, f[2] * bwd)
+
+
+def test_calibration_is_measured_over_priced_interpolated_in_log_tokens_and_bounded():
+    import dataclasses
+
+    from fuyoucli.plan.work import Calibration, calibration
+
+    m = machine()
+    wl = Workload("adamw", False, "float32", batch_size=1, seq_len=8)
+    assert calibration(m, wl, 100) == Calibration(1.0, 1.0, 1.0)  # nothing measured: no scaling
+    m = dataclasses.replace(m, layer_timings=(_timing(m, 64, (2.0, 1.5, 3.0)), _timing(m, 1024, 1.0)))
+    assert calibration(m, wl, 64) == pytest.approx(Calibration(2.0, 1.5, 3.0))
+    assert calibration(m, wl, 8) == pytest.approx(Calibration(2.0, 1.5, 3.0))  # the nearest outside
+    assert calibration(m, wl, 4096) == pytest.approx(Calibration(1.0, 1.0, 1.0))
+    half = calibration(m, wl, 256)  # log2(256 / 64) / log2(1024 / 64) = 1/2 of the way
+    assert (half.forward, half.forward_no_grad, half.backward) == pytest.approx((1.5, 1.25, 2.0))
+    wild = dataclasses.replace(m, layer_timings=(_timing(m, 64, (100.0, 0.001, 1.0)),))
+    assert calibration(wild, wl, 64) == pytest.approx(Calibration(4.0, 0.25, 1.0))
+    # another dtype's layers are used when the run's was not measured, this one's when it was
+    bf = dataclasses.replace(m, layer_timings=(_timing(m, 64, 3.0, "bfloat16"),))
+    assert calibration(bf, wl, 64).forward == pytest.approx(3.0)
+    both = dataclasses.replace(m, layer_timings=(_timing(m, 64, 3.0, "bfloat16"), _timing(m, 64, 2.0)))
+    assert calibration(both, wl, 64).forward == pytest.approx(2.0)
+
+
+def test_calibration_scales_each_pass_of_a_step_and_not_the_rest():
+    """zo2 in memory: every forward pass's products and elementwise work scale by the no-grad factor,
+    the z draws and updates do not. adamw in memory: the forward by its factor, the backward (with the
+    gradients' own work) by the backward's, the CPU optimizer not at all."""
+    import dataclasses
+
+    from fuyoucli.plan import work
+
+    inv = toy()
+    base = machine(compute_device="cpu", pinned_bytes=0)
+    T = 8
+    wl_zo = Workload("zo2", False, "float32", batch_size=1, seq_len=T, q=1)
+    raw = sum(work.product_s(base, wl_zo, s, T, 1, work.compute_rate(base, wl_zo, 4))
+              + work.forward_extra_s(base, wl_zo, inv, s, T, T, work.small_product_rate(base, wl_zo))
+              for s in inv.blocks)
+    slow = dataclasses.replace(base, layer_timings=(_timing(base, 8, (1.0, 2.0, 1.0)),))
+    pz = placement(inv, [D] * 6, depth=0)
+    got = estimate(inv, wl_zo, slow, pz).times.gpu_s - estimate(inv, wl_zo, base, pz).times.gpu_s
+    assert got == pytest.approx(2 * raw)  # two passes, each one raw forward slower
+
+    wl = Workload("adamw", False, "float32", batch_size=1, seq_len=T)
+    grads = sum(work.grad_s(base, wl, s) for s in inv.blocks)
+    pa = placement(inv, [D] * 6, depth=0, optim=[D] * 6, act=["keep"] * 6)
+    plain = estimate(inv, wl, base, pa).times
+    fwd_slow = estimate(inv, wl, dataclasses.replace(base, layer_timings=(_timing(base, 8, (3.0, 1.0, 1.0)),)), pa).times
+    bwd_slow = estimate(inv, wl, dataclasses.replace(base, layer_timings=(_timing(base, 8, (1.0, 1.0, 3.0)),)), pa).times
+    assert fwd_slow.gpu_s - plain.gpu_s == pytest.approx(2 * raw)
+    assert bwd_slow.gpu_s - plain.gpu_s == pytest.approx(2 * (2 * raw + grads))
+    assert fwd_slow.cpu_optimizer_s == bwd_slow.cpu_optimizer_s == plain.cpu_optimizer_s

@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
 import torch
 
 from fuyoucli.engine.lanes import CpuLanes
@@ -65,3 +66,34 @@ def test_close_after_queued_updates_returns_and_finished_updates_are_kept(tmp_pa
         assert all(f.done() for f in futs)
     finally:
         ssd.close()
+
+
+def test_inline_jobs_run_in_the_callers_thread_and_ctrl_c_reaches_it(tmp_path):
+    """thread=False (a CPU device): an update has run when update() returns, on the caller's thread,
+    and reads states from SSD as the worker would; a KeyboardInterrupt inside a job is not turned into
+    a Future's exception that nobody reads: it stops the caller."""
+    shapes = [torch.Size([16])]
+    blocks = [AdamBlock(k, f"layers.{k}", shapes, lambda: [torch.zeros(16)], Tier.SSD) for k in range(3)]
+    ssd = SsdStore(tmp_path, 1 << 20)
+    where: list[str] = []
+
+    def on_job(key):
+        where.append(threading.current_thread().name)
+        if key == 2:
+            raise KeyboardInterrupt
+
+    cpu = CpuAdam(blocks, lambda ps: torch.optim.AdamW(ps, lr=0.1), lanes=CpuLanes(), ssd=ssd, read_ahead=1,
+                  on_job=on_job, thread=False)
+    try:
+        cpu.begin([0, 1, 2])
+        for k in range(2):
+            fut = cpu.update(k, HostGrads(torch.ones(16), [True], None), lr=0.1, publish=lambda m: "published")
+            assert fut.done() and fut.result().published == "published"
+        assert where == [threading.current_thread().name] * 2
+        with pytest.raises(KeyboardInterrupt):
+            cpu.update(2, HostGrads(torch.ones(16), [True], None), lr=0.1, publish=lambda m: None)
+        assert bool((cpu.master(1) < 0).all()) and bool((cpu.master(2) == 0).all())
+        cpu.close()
+    finally:
+        ssd.close()
+    assert list(tmp_path.iterdir()) == []

@@ -20,7 +20,8 @@ TINY = dataclasses.replace(
     pinned_time_s=1.0, disk=DiskSpec(8 * MIB, (MIB,), (1, 2), 0.02),
     elementwise_sizes_cpu=(1 << 12, 1 << 16), elementwise_sizes_cuda=(1 << 16,), elementwise_time_s=0.01,
     elementwise_footprint_bytes=4 * MIB, matmul_footprint_bytes=MIB, interference_time_s=0.05, log_softmax_rows=2,
-    interference_file_bytes=32 * MIB,
+    interference_file_bytes=32 * MIB, layer_tokens_cpu=(8, 32), layer_time_s=0.01, layer_count=2,
+    layer_shape_cpu=(64, 128, 4), layer_tokens_cuda=(64, 256), layer_shape_cuda=(256, 512, 4),
 )
 
 
@@ -54,6 +55,25 @@ def test_elementwise_rates_on_cpu() -> None:
     assert all(p.randn_params_per_s > 0 and p.inplace_gbps > 0 and p.fresh_gbps > 0 for p in points)
 
 
+def test_elementwise_points_time_the_norm_too() -> None:
+    points = probe.measure_elementwise(TINY, cuda=False)
+    assert all(p.norm_gbps > 0 for p in points)
+
+
+def test_layers_are_timed_per_layer_with_the_inventory_numbers_of_the_layer_that_ran() -> None:
+    from fuyoucli.model.arithmetic import known_inventory
+
+    points = probe.measure_layers(TINY, cuda=False)
+    assert [(p.dtype, p.tokens, p.seq_len, p.hidden) for p in points] == [("fp32", 8, 8, 64), ("fp32", 32, 32, 64)]
+    layer = known_inventory(dict(model_type="llama", hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                 num_key_value_heads=4, num_hidden_layers=2, vocab_size=256,
+                                 max_position_embeddings=512)).blocks[1]
+    for p in points:
+        assert (p.params, p.matmul_flops_per_token, p.elementwise_elems_per_token) == \
+            (layer.params, layer.matmul_flops_per_token, layer.elementwise_elems_per_token)
+        assert p.forward_s > 0 and p.forward_no_grad_s > 0 and p.backward_s > 0
+
+
 def test_adamw_rate_restores_thread_count() -> None:
     before = torch.get_num_threads()
     rate, impl = probe.measure_adamw(40_000, 1, 0.01)
@@ -83,6 +103,7 @@ def test_whole_probe_with_tiny_spec(tmp_path: Path) -> None:
     assert all(prof.compute.matmul_flops(dt) > 0 for dt in probe.DTYPES)
     assert prof.compute.memory_bandwidth_gbps > 0 and prof.host.dram_copy_gbps > 0
     assert len(prof.compute.elementwise) == (1 if cuda else 2) and prof.compute.log_softmax_elems_per_s > 0
+    assert [p.tokens for p in prof.compute.layers] == list(TINY.layer_tokens_cuda if cuda else TINY.layer_tokens_cpu)
     assert prof.host.adamw_1thread_params_per_s > 0 and prof.host.adamw_threads == torch.get_num_threads()
     assert prof.host.physical_cores >= 1 and prof.host.cpu_model
     assert prof.disks[0].read_gbps > 0 and prof.disks[0].write_gbps > 0
