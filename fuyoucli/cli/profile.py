@@ -127,6 +127,10 @@ def render(console, prof) -> None:
     t.add_row("memory bandwidth", f"{_gbps(c.memory_bandwidth_gbps)} (copy, read + write)")
     for m in c.matmul:
         t.add_row(f"matmul {m.dtype}", f"{_flops(m.best_flops)} at n={m.best_size}" if m.points else "unsupported")
+    if c.layers:
+        t.add_row("decoder layer", ", ".join(
+            f"{p.tokens} tokens {p.forward_s * 1e3:.1f} + {p.backward_s * 1e3:.1f} ms" for p in c.layers)
+            + f" (forward + backward, {c.layers[0].dtype}, hidden {c.layers[0].hidden})")
     if c.note:
         t.add_row("note", c.note)
     console.print(t)
@@ -170,6 +174,9 @@ def render(console, prof) -> None:
             detail = ", ".join(f"{_bytes(q.block_bytes)} x{q.threads} {q.gbps:.2f}" for q in points)
             t.add_row(label, f"[bold]{_gbps(best.gbps)}[/bold]" + (f"  ({detail})" if len(points) > 1 else ""))
         t.add_row("first write", f"{_gbps(d.first_write_gbps)}  (new file: the filesystem allocates blocks)")
+        if d.mixed_gbps:
+            t.add_row("read + write at once", f"{_gbps(d.mixed_gbps)}  (both ways; an offload's read-ahead "
+                      "beside its write-behind)")
         if d.note:
             t.add_row("note", d.note)
         console.print(t)

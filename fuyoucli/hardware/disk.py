@@ -117,6 +117,10 @@ def measure_disk(path: str | Path, spec: DiskSpec = QUICK, on_progress: Optional
             if not direct:
                 _drop_cache(fd)
             reads.append(_point(fd, False, size, block, threads, spec.config_time_s, src))
+        say("disk read and write at once")
+        if not direct:
+            _drop_cache(fd)
+        mixed = _mixed_gbps(fd, size, max(spec.blocks_bytes), spec.config_time_s, src)
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             raise ResourceError(f"--disk {path}: disk filled up during the test") from None
@@ -126,7 +130,7 @@ def measure_disk(path: str | Path, spec: DiskSpec = QUICK, on_progress: Optional
     return Disk(
         path=str(directory), filesystem=fstype, device=device, free_bytes=free_bytes,
         o_direct_supported=direct, method=method, test_file_bytes=size, first_write_gbps=first.gbps,
-        write=tuple(writes), read=tuple(reads), note=_note(fstype, direct, can_drop),
+        write=tuple(writes), read=tuple(reads), note=_note(fstype, direct, can_drop), mixed_gbps=mixed,
     )
 
 
@@ -257,6 +261,55 @@ def _run_io(fd: int, write: bool, file_bytes: int, block: int, threads: int,
             if t.is_alive():
                 t.join()
     return sum(done), time.perf_counter() - start
+
+
+def _mixed_gbps(fd: int, file_bytes: int, block: int, time_s: float, src: mmap.mmap) -> float:
+    """Bytes per second both ways with one reader (first half of the file) and one writer (second half)
+    at once, one call of `block` bytes each in flight: an offload engine's read-ahead of the next
+    block's state beside the write-behind of the last one. Many drives (and VM block layers) serve
+    such a mix slower than the same reads and writes one after the other."""
+    half = file_bytes // 2 // block
+    if half < 1:
+        return 0.0
+    done = [0, 0]
+    errors: list[BaseException] = []
+    stop = threading.Event()
+    start = time.perf_counter()
+
+    def worker(i: int) -> None:
+        write = i == 1
+        buf = memoryview(src)[:block] if write else mmap.mmap(-1, block)
+        try:
+            for k in itertools.cycle(range(half)):
+                if stop.is_set() or time.perf_counter() - start > time_s:
+                    return
+                offset = (half + k if write else k) * block
+                (_pwrite_all if write else _pread_all)(fd, buf, offset)
+                done[i] += block
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread below
+            errors.append(exc)
+            stop.set()
+        finally:
+            if isinstance(buf, memoryview):
+                buf.release()
+            else:
+                buf.close()
+
+    pool = [threading.Thread(target=worker, args=(i,), daemon=True, name=f"fuyou-disk-mix-{i}") for i in (0, 1)]
+    try:
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+        if errors:
+            raise errors[0]
+        os.fsync(fd)
+    finally:
+        stop.set()
+        for t in pool:
+            if t.is_alive():
+                t.join()
+    return sum(done) / (time.perf_counter() - start) / 1e9
 
 
 def _pwrite_all(fd: int, buf: memoryview, offset: int) -> None:

@@ -283,6 +283,9 @@ class Disk:
     """Seconds a host torch computation loses per GB another thread reads from this disk (the I/O's
     own CPU time: syscalls, interrupts, a VM's block emulation). 0: not measured."""
     write_compute_loss_s_per_gb: float = 0.0
+    mixed_gbps: float = 0.0
+    """Reads and writes at once (one stream each, the largest block): bytes both ways per second.
+    0: not measured (the planner then adds the read and write times as if one waited for the other)."""
 
     def __post_init__(self) -> None:
         _require(len(self.read) > 0 and len(self.write) > 0, "a disk needs read and write points")
@@ -358,7 +361,8 @@ def summary(profile: HardwareProfile) -> dict:
         "d2h_pinned_peak_gbps": profile.links.d2h_pinned.peak_gbps,
         "dram_copy_gbps": profile.host.dram_copy_gbps,
         "adamw_all_threads_params_per_s": profile.host.adamw_all_threads_params_per_s,
-        "disks": {d.path: {"read_gbps": d.read_gbps, "write_gbps": d.write_gbps} for d in profile.disks},
+        "disks": {d.path: {"read_gbps": d.read_gbps, "write_gbps": d.write_gbps, "mixed_gbps": d.mixed_gbps}
+                  for d in profile.disks},
     }
 
 

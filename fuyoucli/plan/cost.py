@@ -14,7 +14,10 @@ variant a second, read-only one (each streamed block fetched again, 3 forward pa
 w + u); a first-order step is a
 forward phase and a backward phase (blocks re-fetched in reverse, gradients D2H as produced, CPU
 AdamW of block i overlapped with the backward of block i-1). Execution is layer-major: all
-micro-batches of a step pass through a block while it is on the device.
+micro-batches of a step pass through a block while it is on the device. One drive serves a phase's
+reads and writes: their times add, or, where the profile measured the drive slower at both at once,
+the bytes both ways go at that mixed rate. Each forward's products and elementwise work, and each
+backward, are scaled by the profile's measured decoder layers (work.calibration).
 """
 
 from __future__ import annotations
@@ -432,7 +435,7 @@ def estimate(inv: ModelInventory, wl: Workload, machine: Machine, pl: Placement)
         for v in per:
             for r in range(_N):
                 totals[r] += v[r]
-        step += _phase_time(per, [pl.weights_home[i] for i in idx], depth, cpu)
+        step += _phase_time(per, [pl.weights_home[i] for i in idx], depth, cpu, machine)
 
     names = {"gpu": totals[GPU], "h2d": totals[H2D], "d2h": totals[D2H], "ssd": totals[SSD_R] + totals[SSD_W],
              "cpu_optimizer": totals[CPU_OPT], "dram": totals[DRAM]}
@@ -453,15 +456,28 @@ def _shape_of(s: BlockSpec) -> BlockSpec:
     return dataclasses.replace(s, name="layers.*") if s.name.startswith("layers.") else s
 
 
-def _phase_time(per: list[list[float]], homes: list[Tier], depth: int, cpu: bool = False) -> float:
+def _drive_s(read_s: float, write_s: float, machine: Machine | None) -> float:
+    """The drive's seconds for a phase's reads and writes: one after the other, or, when both happen and
+    the drive serves them at once slower than that (the measured mixed rate), at that rate."""
+    both = read_s + write_s
+    if machine is None or not (read_s > 0 and write_s > 0 and machine.disk_mixed_bps > 0):
+        return both
+    moved = read_s * machine.disk_read_bps + write_s * machine.disk_write_bps
+    return max(both, moved / machine.disk_mixed_bps)
+
+
+def _phase_time(per: list[list[float]], homes: list[Tier], depth: int, cpu: bool = False,
+                machine: Machine | None = None) -> float:
     """One phase under the overlap model (module docstring). On a CPU device the compute, the
     optimizer and host copies share the same cores: they add up, and only the drive overlaps them."""
     if depth == 0:
-        return sum(sum(v) for v in per)
+        total = sum(sum(v) for v in per)
+        reads, writes = sum(v[SSD_R] for v in per), sum(v[SSD_W] for v in per)
+        return total - reads - writes + _drive_s(reads, writes, machine)
     if cpu:
         per = [[v[GPU] + v[CPU_OPT] + v[DRAM]] + v[1:CPU_OPT] + [0.0, 0.0] for v in per]
     busy = [sum(v[r] for v in per) for r in range(_N)]
-    busy[SSD_R] += busy[SSD_W]  # one drive: reads and writes share it
+    busy[SSD_R] = _drive_s(busy[SSD_R], busy[SSD_W], machine)  # one drive: reads and writes share it
     busy[SSD_W] = 0.0
     streamed = [k for k, t in enumerate(homes) if t is not Tier.DEVICE]
     fill = drain = 0.0

@@ -76,6 +76,7 @@ def machine_from_profile(profile: HardwareProfile, swap_dir: str | None = None) 
         disk_free_bytes=disk.free_bytes if disk else 0,
         disk_read_bps=disk.read_gbps * GB if disk else 0.0,
         disk_write_bps=disk.write_gbps * GB if disk else 0.0,
+        disk_mixed_bps=disk.mixed_gbps * GB if disk else 0.0,
         elementwise_points=tuple((p.params, p.randn_params_per_s, p.inplace_gbps * GB, p.fresh_gbps * GB,
                                   (p.norm_gbps or p.inplace_gbps) * GB) for p in c.elementwise),
         cpu_burst_loss=h.burst_compute_loss,

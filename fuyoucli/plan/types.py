@@ -167,6 +167,9 @@ class Machine:
     disk_free_bytes: int = 0
     disk_read_bps: float = 0.0
     disk_write_bps: float = 0.0
+    disk_mixed_bps: float = 0.0
+    """Bytes both ways per second with reads and writes at once (0: not measured; then a phase's
+    reads and writes take their times added)."""
     matmul_points: tuple[tuple[str, int, float], ...] = ()
     """Optional (dtype, square matrix size, FLOP/s) as measured: how fast small products run."""
     log_softmax_elems_per_s: float = 0.0

@@ -202,9 +202,21 @@ def grad_s(machine: Machine, wl: Workload, spec: BlockSpec) -> float:
 # ---- matrix products ----------------------------------------------------------------------------
 
 
+def _product_curve(machine: Machine, wl: Workload) -> list[tuple[int, float]]:
+    """(size, FLOP/s) of the measured square products in the run's dtype, made non-decreasing in size:
+    a larger product never runs slower per FLOP (its blocks amortize more), so a point below a smaller
+    one's rate is a slow timing window on a shared machine, and the smaller one's rate is kept."""
+    curve, best = [], 0.0
+    for size, flops in sorted((size, flops) for dtype, size, flops in machine.matmul_points
+                              if dtype == wl.compute_dtype):
+        best = max(best, flops)
+        curve.append((size, best))
+    return curve
+
+
 def small_product_rate(machine: Machine, wl: Workload) -> float:
     """Attention's products are per head (head_dim deep): the smallest measured product's rate."""
-    curve = sorted((size, flops) for dtype, size, flops in machine.matmul_points if dtype == wl.compute_dtype)
+    curve = _product_curve(machine, wl)
     return curve[0][1] if curve else machine.flops(wl.compute_dtype)
 
 
@@ -214,7 +226,7 @@ def compute_rate(machine: Machine, wl: Workload, hidden: int) -> float:
     log2(size), clamped at the ends. The probe streams the right operand from memory, as a layer's
     weights are; reading them is the other term of a product's time (product_s)."""
     best = machine.flops(wl.compute_dtype)
-    curve = sorted((size, flops) for dtype, size, flops in machine.matmul_points if dtype == wl.compute_dtype)
+    curve = _product_curve(machine, wl)
     if best <= 0 or not curve:
         return best
     if hidden <= curve[0][0]:

@@ -363,3 +363,21 @@ def test_calibration_scales_each_pass_of_a_step_and_not_the_rest():
     assert fwd_slow.gpu_s - plain.gpu_s == pytest.approx(2 * raw)
     assert bwd_slow.gpu_s - plain.gpu_s == pytest.approx(2 * (2 * raw + grads))
     assert fwd_slow.cpu_optimizer_s == bwd_slow.cpu_optimizer_s == plain.cpu_optimizer_s
+
+
+def test_a_drive_slower_at_reads_and_writes_at_once_prices_the_mix_at_its_measured_rate():
+    """zo2 with every layer on SSD, no prefetch (the phase is the sum of its parts): the drive reads each
+    layer and writes it back in the same phase. Measured slower mixed than one after the other, the
+    step grows by the difference; a mix no slower than that changes nothing."""
+    import dataclasses
+
+    inv = toy()
+    m = machine()
+    pl = placement(inv, [D, S, S, S, S, D], depth=0)
+    plain = estimate(inv, ZO, m, pl).times
+    read_b, write_b = plain.ssd_read_s * 500, plain.ssd_write_s * 250
+    assert read_b == pytest.approx(4 * 4000) and write_b == pytest.approx(4 * 4000)
+    slow = estimate(inv, ZO, dataclasses.replace(m, disk_mixed_bps=100.0), pl).times
+    assert slow.step_s - plain.step_s == pytest.approx((read_b + write_b) / 100.0 - (read_b / 500 + write_b / 250))
+    fast = estimate(inv, ZO, dataclasses.replace(m, disk_mixed_bps=10_000.0), pl).times
+    assert fast.step_s == pytest.approx(plain.step_s)

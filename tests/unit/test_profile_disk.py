@@ -47,6 +47,7 @@ def test_measure_disk_small_file_gives_positive_figures_and_leaves_nothing(tmp_p
     assert [(p.block_bytes, p.threads) for p in result.read] == [(256 * 1024, 1), (256 * 1024, 2), (MIB, 1), (MIB, 2)]
     assert len(result.write) == 4 and result.first_write_gbps > 0
     assert result.read_gbps > 0 and result.write_gbps > 0 and result.free_bytes > 0
+    assert result.mixed_gbps > 0  # one reader and one writer at once
     assert result.filesystem != "" and result.method in ("o_direct", "fsync+fadvise", "fsync")
     assert result.o_direct_supported == (result.method == "o_direct")
     _assert_nothing_left(tmp_path)
@@ -56,7 +57,7 @@ def test_buffered_fallback_fsyncs_and_drops_cache(tmp_path: Path) -> None:
     result = disk.measure_disk(tmp_path, TINY, allow_o_direct=False)
     assert not result.o_direct_supported and result.method == "fsync+fadvise"
     assert "fsync" in result.note and "DONTNEED" in result.note
-    assert result.read_gbps > 0 and result.write_gbps > 0
+    assert result.read_gbps > 0 and result.write_gbps > 0 and result.mixed_gbps > 0
     _assert_nothing_left(tmp_path)
 
 
