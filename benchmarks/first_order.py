@@ -9,12 +9,14 @@ Parts of a streamed step, measured in the same run:
   compute    the device's time in block forward/backward (the trainer's timeline, after weights arrived);
   transfer   time in lane copies (weights up, gradients down, swapped activations), CPU runs;
              on CUDA, bytes over the link at a pinned-copy bandwidth measured here;
-  cpu_adam   the CPU worker's time in AdamW arithmetic (and gradient norms);
+  cpu_adam   the CPU optimizer's time in AdamW arithmetic (and gradient norms): its worker thread on
+             a GPU machine; inline, between the blocks' compute, on a CPU-only one (engine/optimizer.py);
   ssd        wall time with at least one read or write in flight on the swap disk (measured), and
              the bytes moved against the disk's bandwidth (saved hardware profile, else measured now,
              as benchmarks/zo2.py does) for comparison.
 If the parts overlapped perfectly the step would take their max; with no overlap, their sum. On a
-CPU-only machine compute and cpu_adam share the same cores, so their max is not reachable there.
+CPU-only machine compute and cpu_adam run one after the other on the same cores, so their max is not
+reachable there; only the SSD overlaps them.
 """
 
 from __future__ import annotations
