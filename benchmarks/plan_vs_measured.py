@@ -4,7 +4,8 @@ For each model size and placement, one subprocess: the real planner (fuyoucli.pl
 on the recipe, the model's config-only inventory and this machine's profile) predicts the step, then
 the trainer fuyou would run for that plan (fuyoucli.train.trainers.build_trainer) runs it on the same
 random-init Llama-shaped model and full-length batches (language-modelling loss on every position,
-as the planner assumes for text). Prints predicted, measured (median after a warm-up step) and ratio:
+as the planner assumes for text). Prints predicted, measured (the median of --steps steps after a
+warm-up step, with their range: single steps on a shared VM move by 10-30%) and ratio:
 
     .venv/bin/python benchmarks/plan_vs_measured.py                 # measures a profile first (~40 s)
     .venv/bin/python benchmarks/plan_vs_measured.py --profile FILE  # or plans from a saved one
@@ -13,7 +14,9 @@ as the planner assumes for text). Prints predicted, measured (median after a war
 Rows: zo2 in memory (the reference), zo2 streamed from host memory (weights_home pageable: on a CPU
 the "device" is host memory too, so this is the engine's own cost) and from SSD (O_DIRECT under a
 temporary swap_dir here), AdamW in memory, and AdamW streamed when build_trainer supports it.
-Sensitive to other processes: the load average before and after each row is printed.
+Sensitive to other processes and to the VM's own drift: each row prints the load average before and
+after it, its steps' range, and "layer now/profile": a profiled decoder layer timed again just before
+the row, over its time in the profile (1.00: the machine runs as fast as when it was profiled).
 """
 
 from __future__ import annotations
@@ -144,13 +147,33 @@ def load_average() -> float:
     return os.getloadavg()[0]
 
 
+def machine_speed(prof) -> str:
+    """How fast the machine is just before a row, against the profile the row is planned from: one
+    profiled decoder layer's forward + backward timed again now (~1 s). A shared VM's speed drifts by
+    10-30% over minutes; a row whose ratio is off while this is far from 1.00 was measured in a slow
+    (or fast) spell the profile did not see."""
+    import dataclasses
+
+    from fuyoucli.hardware import probe
+
+    points = [p for p in prof.compute.layers if p.dtype == "fp32"]
+    if not points:
+        return "-"
+    ref = min(points, key=lambda p: abs(p.tokens - 256))
+    spec = dataclasses.replace(probe.FULL, layer_tokens_cpu=(ref.tokens,), layer_time_s=0.5)
+    now = probe.measure_layers(spec, cuda=False)
+    if not now:
+        return "-"
+    return f"{(now[0].forward_s + now[0].backward_s) / (ref.forward_s + ref.backward_s):.2f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", help="hardware profile JSON to plan from (default: measure one now)")
     parser.add_argument("--save-profile", help="also save the profile measured now to this file")
     parser.add_argument("--sizes", default="small,medium", help=f"comma-separated, of {', '.join(SIZES)}")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {', '.join(ROWS)}")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per row (after one warm-up step)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per row (after one warm-up step)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads for the profile and the runs (default: torch's own choice); on a "
                              "shared machine 1 avoids timing how long a busy core takes to wake a second thread")
@@ -197,7 +220,7 @@ def main() -> None:
               f"randn {max((p.randn_params_per_s for p in prof.compute.elementwise), default=0) / 1e9:.3f} G/s, "
               f"best fp32 matmul {prof.compute.matmul_flops('fp32') / 1e9:.0f} GFLOP/s")
         header = (f"{'size':8} {'row':13} {'plan':22} {'predicted s':>11} {'measured s':>10} {'ratio':>6} "
-                  f"{'bottleneck':>10} {'load':>9}")
+                  f"{'bottleneck':>10} {'load':>9}  steps (min-max)  layer now/profile")
         print(header)
         rows_out = []
         for size_name in args.sizes.split(","):
@@ -208,6 +231,7 @@ def main() -> None:
                 method, offload = ROWS[row]
                 recipe = write_recipe(tmp / f"{size_name}-{row}.yaml", model, data, swap, size, method, offload,
                                       profile)
+                speed = machine_speed(prof)
                 before = load_average()
                 cmd = [sys.executable, __file__, "--one", row, "--recipe", str(recipe), "--size", size_name,
                        "--steps", str(args.steps), "--threads", str(args.threads), "--row-timeout", str(args.row_timeout)]
@@ -234,7 +258,8 @@ def main() -> None:
                 ratio = r["measured_s"] / r["predicted_s"]
                 rows_out.append((size_name, row, ratio))
                 print(f"{size_name:8} {row:13} {plan:22} {r['predicted_s']:11.3f} {r['measured_s']:10.3f} "
-                      f"{ratio:6.2f} {r['bottleneck']:>10} {before:4.1f}-{after:<4.1f} {r.get('note', '')}", flush=True)
+                      f"{ratio:6.2f} {r['bottleneck']:>10} {before:4.1f}-{after:<4.1f}  "
+                      f"{min(r['all_s']):.3f}-{max(r['all_s']):.3f}  {speed} {r.get('note', '')}", flush=True)
                 if args.detail:
                     pred = " ".join(f"{k[:-2]} {v:.3f}" for k, v in r["times"].items())
                     meas = " ".join(f"{k[:-2]} {v:.3f}" for k, v in r["measured_parts"].items() if v)

@@ -15,6 +15,7 @@ import os
 
 from fuyoucli.errors import RecipeError
 from fuyoucli.hardware.profile import HardwareProfile
+from fuyoucli.plan import work
 from fuyoucli.plan.cost import (
     Estimate, Placement, capacities, estimate, fits, home_bytes, optimizer_bytes_per_param, overflows,
 )
@@ -490,6 +491,12 @@ def make_plan(inv: ModelInventory, wl: Workload, machine: Machine, opts: Options
     step = est.times.step_s
     best_rate = machine.flops(wl.compute_dtype)
     micro_batches = wl.batch_size * wl.grad_accum // pl.micro_batch_size
+    cal = work.calibration(machine, wl, pl.micro_batch_size * wl.seq_len)
+    if machine.layer_timings:
+        passes = (f"forward x{cal.forward_no_grad:.2f}" if wl.method == "zo2"
+                  else f"forward x{cal.forward:.2f}, backward x{cal.backward:.2f}")
+        notes.append(f"compute priced against this device's measured decoder layers at "
+                     f"{pl.micro_batch_size * wl.seq_len} tokens per micro-batch: {passes}")
     return Plan(
         method=wl.method, compute_device=machine.compute_device, blocks=blocks, prefetch_depth=pl.prefetch_depth,
         device_buffers=est.device_buffers, home_dtype=pl.home_dtype, wire_dtype=est.wire_dtype,

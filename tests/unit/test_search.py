@@ -276,3 +276,17 @@ def test_machine_from_preset_picks_the_disk_under_swap_dir():
     assert m.h2d_bps == 25e9 and m.duplex_h2d_bps == 20e9 and m.compute_device == "cuda"
     m, notes = machine_from_profile(get_preset("rtx4090-pcie4-1nvme-128g"), "/elsewhere")
     assert m.disk_path == "/nvme" and "on no profiled disk" in notes[0]
+
+
+def test_a_plan_says_when_measured_layers_scaled_its_compute():
+    """The factors the calibration applied are in the plan's notes (fuyou plan prints them), per method."""
+    from fuyoucli.plan.types import LayerTiming
+
+    layer = toy().blocks[1]
+    timing = LayerTiming("float32", 8, 8, 4, layer, forward_s=1.0, forward_no_grad_s=1.0, backward_s=1.0)
+    assert not any("decoder layers" in n for n in make_plan(toy(), AD, machine(), Options()).notes)
+    m = machine(layer_timings=(timing,))
+    ad, zo = make_plan(toy(), AD, m, Options()), make_plan(toy(), ZO, m, Options())
+    assert any("measured decoder layers at 8 tokens per micro-batch: forward x4.00, backward x4.00" in n
+               for n in ad.notes), ad.notes  # 1 s measured on a toy priced in microseconds: bounded at 4
+    assert any("forward x4.00" in n and "backward" not in n for n in zo.notes), zo.notes
