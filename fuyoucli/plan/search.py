@@ -97,6 +97,10 @@ def machine_from_profile(profile: HardwareProfile, swap_dir: str | None = None) 
                         forward_s=p.forward_s, forward_no_grad_s=p.forward_no_grad_s, backward_s=p.backward_s)
             for p in c.layers),
     )
+    if not c.layers and profile.provenance.source == "measured":
+        notes.append("this profile has no decoder-layer timings (measured by an older fuyou): compute is priced "
+                     "from isolated products and elementwise rates alone, which put real layers 1.3-1.7x faster "
+                     "than they ran on a 2-core CPU; run `fuyou profile` again")
     if c.kind == "cpu" and not c.elementwise and profile.provenance.source == "measured":
         notes.append("this profile has no elementwise rates (measured by an older fuyou): the step time "
                      "leaves out most of zo2's work on a CPU; run `fuyou profile` again")

@@ -290,3 +290,17 @@ def test_a_plan_says_when_measured_layers_scaled_its_compute():
     assert any("measured decoder layers at 8 tokens per micro-batch: forward x4.00, backward x4.00" in n
                for n in ad.notes), ad.notes  # 1 s measured on a toy priced in microseconds: bounded at 4
     assert any("forward x4.00" in n and "backward" not in n for n in zo.notes), zo.notes
+
+
+def test_a_measured_profile_without_layer_timings_asks_for_a_new_profile():
+    """An older measured profile plans without calibration, and says so; a preset (no measurement) does not."""
+    import dataclasses
+
+    from fuyoucli.hardware.presets import get_preset
+
+    preset = get_preset("rtx4090-pcie4-1nvme-128g")
+    _, notes = machine_from_profile(preset, "/nvme/runs")
+    assert not any("decoder-layer" in n for n in notes)
+    old = dataclasses.replace(preset, provenance=dataclasses.replace(preset.provenance, source="measured"))
+    m, notes = machine_from_profile(old, "/nvme/runs")
+    assert m.layer_timings == () and any("no decoder-layer timings" in n and "fuyou profile" in n for n in notes)
