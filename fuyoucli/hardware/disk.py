@@ -217,50 +217,15 @@ def _run_io(fd: int, write: bool, file_bytes: int, block: int, threads: int,
     flight. Stops at the end of the file or after time_s. Writes count their fsync."""
     n_blocks = file_bytes // block
     counter = itertools.count()  # next() on it is atomic under the GIL
-    stop = threading.Event()
-    done = [0] * threads
-    errors: list[BaseException] = []
-    start = time.perf_counter()
-    deadline = None if time_s is None else start + time_s
+    deadline = None if time_s is None else time.perf_counter() + time_s
 
-    def worker(i: int) -> None:
-        buf = memoryview(src)[:block] if write else mmap.mmap(-1, block)
-        try:
-            while not stop.is_set():
-                k = next(counter)
-                if k >= n_blocks:
-                    return
-                (_pwrite_all if write else _pread_all)(fd, buf, k * block)
-                done[i] += block
-                if deadline is not None and time.perf_counter() > deadline:
-                    return
-        except BaseException as exc:  # noqa: BLE001 - handed to the main thread below
-            errors.append(exc)
-            stop.set()
-        finally:
-            if isinstance(buf, memoryview):
-                buf.release()
-            else:
-                buf.close()
+    def next_offset() -> int | None:
+        k = next(counter)
+        if k >= n_blocks or (deadline is not None and time.perf_counter() > deadline):
+            return None
+        return k * block
 
-    pool = [threading.Thread(target=worker, args=(i,), daemon=True, name=f"fuyou-disk-{i}") for i in range(threads)]
-    try:
-        for t in pool:
-            t.start()
-        for t in pool:
-            t.join()
-        if errors:
-            raise errors[0]
-        if write:
-            os.fsync(fd)
-    finally:
-        # On Ctrl-C the workers must finish their current call before the caller closes fd, or a
-        # reused descriptor number could be written to.
-        stop.set()
-        for t in pool:
-            if t.is_alive():
-                t.join()
-    return sum(done), time.perf_counter() - start
+    return _io_threads(fd, src, block, [(write, next_offset)] * threads)
 
 
 def _mixed_gbps(fd: int, file_bytes: int, block: int, time_s: float, src: mmap.mmap) -> float:
@@ -271,19 +236,33 @@ def _mixed_gbps(fd: int, file_bytes: int, block: int, time_s: float, src: mmap.m
     half = file_bytes // 2 // block
     if half < 1:
         return 0.0
-    done = [0, 0]
+    deadline = time.perf_counter() + time_s
+
+    def stream(first: int):
+        blocks = itertools.cycle(range(first, first + half))
+        return lambda: None if time.perf_counter() > deadline else next(blocks) * block
+
+    done, elapsed = _io_threads(fd, src, block, [(False, stream(0)), (True, stream(half))])
+    return done / elapsed / 1e9
+
+
+def _io_threads(fd: int, src: mmap.mmap, block: int,
+                streams: list[tuple[bool, Callable[[], int | None]]]) -> tuple[int, float]:
+    """One thread per (write, next_offset) stream, each reading or writing `block` bytes at the offsets
+    it is given until it gets None: (bytes moved, seconds), with a closing fsync when any stream wrote."""
+    done = [0] * len(streams)
     errors: list[BaseException] = []
     stop = threading.Event()
     start = time.perf_counter()
 
     def worker(i: int) -> None:
-        write = i == 1
+        write, next_offset = streams[i]
         buf = memoryview(src)[:block] if write else mmap.mmap(-1, block)
         try:
-            for k in itertools.cycle(range(half)):
-                if stop.is_set() or time.perf_counter() - start > time_s:
+            while not stop.is_set():
+                offset = next_offset()
+                if offset is None:
                     return
-                offset = (half + k if write else k) * block
                 (_pwrite_all if write else _pread_all)(fd, buf, offset)
                 done[i] += block
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread below
@@ -295,7 +274,7 @@ def _mixed_gbps(fd: int, file_bytes: int, block: int, time_s: float, src: mmap.m
             else:
                 buf.close()
 
-    pool = [threading.Thread(target=worker, args=(i,), daemon=True, name=f"fuyou-disk-mix-{i}") for i in (0, 1)]
+    pool = [threading.Thread(target=worker, args=(i,), daemon=True, name=f"fuyou-disk-{i}") for i in range(len(streams))]
     try:
         for t in pool:
             t.start()
@@ -303,13 +282,16 @@ def _mixed_gbps(fd: int, file_bytes: int, block: int, time_s: float, src: mmap.m
             t.join()
         if errors:
             raise errors[0]
-        os.fsync(fd)
+        if any(write for write, _ in streams):
+            os.fsync(fd)
     finally:
+        # On Ctrl-C the workers must finish their current call before the caller closes fd, or a
+        # reused descriptor number could be written to.
         stop.set()
         for t in pool:
             if t.is_alive():
                 t.join()
-    return sum(done) / (time.perf_counter() - start) / 1e9
+    return sum(done), time.perf_counter() - start
 
 
 def _pwrite_all(fd: int, buf: memoryview, offset: int) -> None:
