@@ -13,6 +13,8 @@ blocks' gradients go to host memory as soon as the block's backward is done, and
   forward). What that costs is CLIP_OVERLAP_NOTE. The clipping is never approximate.
 The worker writes the new weights (compute dtype) to the weights' home: a streamed block's next
 fetch waits for that write (WeightStore.hold); a resident block's forward waits for its upload.
+On a CPU device the same jobs run inline, when queued (CpuAdam(thread=False)): the device's cores
+are the optimizer's, so there is nothing to overlap and a thread would only compete for them.
 """
 
 from __future__ import annotations
