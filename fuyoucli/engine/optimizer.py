@@ -40,7 +40,6 @@ class _Inline:
             out.set_result(fn(*args, **kwargs))
         except Exception as e:  # noqa: BLE001 - delivered through the Future, as a thread's would be;
             out.set_exception(e)  # Ctrl-C is not: it stops the caller, as it would stop a wait on a thread
-
         return out
 
     def shutdown(self, wait: bool = True) -> None:

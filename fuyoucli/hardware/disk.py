@@ -274,7 +274,8 @@ def _io_threads(fd: int, src: mmap.mmap, block: int,
             else:
                 buf.close()
 
-    pool = [threading.Thread(target=worker, args=(i,), daemon=True, name=f"fuyou-disk-{i}") for i in range(len(streams))]
+    pool = [threading.Thread(target=worker, args=(i,), daemon=True, name=f"fuyou-disk-{i}")
+            for i in range(len(streams))]
     try:
         for t in pool:
             t.start()

@@ -240,9 +240,9 @@ def measure_copy_gbps(device: str, nbytes: int, min_time_s: float) -> float:
 def measure_elementwise(spec: ProbeSpec, cuda: bool) -> tuple[ElementwisePoint, ...]:
     """fp32 rates at spec's tensor sizes: normals from a seeded generator into an existing tensor
     (how ZO draws z), y.add_(x, alpha) in place, the same add into a new tensor each call (every
-    out-of-place op of a forward, and home + s*eps*z), and a 2-norm (gradient clipping). Each call takes the next of several tensors
-    spanning more than the caches, as a step over a model's weights does. Sizes that do not fit
-    are skipped."""
+    out-of-place op of a forward, and home + s*eps*z), and a 2-norm (gradient clipping). Each call
+    takes the next of several tensors spanning more than the caches, as a step over a model's weights
+    does. Sizes that do not fit are skipped."""
     import torch
 
     device = "cuda" if cuda else "cpu"
@@ -315,7 +315,7 @@ def measure_layers(spec: ProbeSpec, cuda: bool) -> tuple[LayerPoint, ...]:
     torch.manual_seed(0)
     model = LlamaModel(LlamaConfig(**{k: v for k, v in config.items() if k != "model_type"}))
     model = model.to(device=device, dtype=torch_dtype).train()
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     points = []
     for tokens in tokens_list:
         seq = min(tokens, max_seq)
