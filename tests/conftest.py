@@ -41,3 +41,12 @@ def sentiment_data(tmp_path_factory) -> Path:
         text = ("a great movie, wonderful story" if good else "a terrible film, boring story") + f" number {i}"
         rows.append({"text": text, "label": "positive" if good else "negative"})
     return write_jsonl(tmp_path_factory.mktemp("data") / "sentiment.jsonl", rows)
+
+
+@pytest.fixture(params=["sync", "async-sim"])
+def lanes_mode(request, monkeypatch) -> str:
+    """Run a test with the CPU device's synchronous lanes and again with the simulated asynchronous ones
+    (copies finish late on their own threads, destinations poisoned meanwhile; engine/lanes.py), which is
+    how a test without a GPU sees a missing wait. Sets FUYOU_LANES, so CLI runs in subprocesses follow."""
+    monkeypatch.setenv("FUYOU_LANES", request.param)
+    return request.param

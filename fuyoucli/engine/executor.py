@@ -214,7 +214,8 @@ class WeightStore:
         for _, p in u.params:
             p.data = torch.empty(0, dtype=p.dtype, device=self.arena.device)
         if not dirty:
-            u.pending = None
+            # `pending` stays: the fetch cleared it, so what is there now was installed while the block
+            # computed (`hold`: the CPU optimizer's update of its home, queued by its backward).
             return
         if not u.writable:
             raise RuntimeError(f"block {u.name} is read-only but was changed on the device")

@@ -58,7 +58,8 @@ class HostGrads:
     present: list[bool]
     """Which parameters got a gradient this step (AdamW leaves the others untouched, as torch does)."""
     ready: Mark | None
-    """The copy into `flat` is complete once this mark is (the last device -> host copy)."""
+    """The copy into `flat` is complete once this mark is (the last device -> host copy); None when the
+    block got no gradient at all (no copy to wait for: Lanes' waits take a Mark, as CUDA events do)."""
     keep_alive: list = field(default_factory=list)
     """Device tensors the copies read from: freed only after `ready` (their memory must not be reused earlier)."""
     release: Callable[[], None] | None = None
@@ -295,7 +296,8 @@ class CpuAdam:
         return self._worker.submit(self._norms, key, grads, inv_scale)
 
     def _norms(self, key: int, grads: HostGrads, inv_scale: float) -> list[torch.Tensor | None]:
-        self.lanes.host_wait(grads.ready)
+        if grads.ready is not None:  # None: the block got no gradient, nothing was copied
+            self.lanes.host_wait(grads.ready)
         grads.keep_alive.clear()
         t0 = time.perf_counter()
         out = [None if g is None else torch.linalg.vector_norm(g)
@@ -326,7 +328,8 @@ class CpuAdam:
             # The gradients' device -> host copy must be complete before they are read; on CUDA it
             # was queued after the block's backward, which itself waited for the block's upload, so
             # this wait also means the block's home is no longer being read by the device.
-            self.lanes.host_wait(grads.ready)
+            if grads.ready is not None:
+                self.lanes.host_wait(grads.ready)
             grads.keep_alive.clear()
             flat, staging = self._buffer(st)
             t0 = time.perf_counter()

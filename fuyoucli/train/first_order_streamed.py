@@ -87,7 +87,7 @@ class AdamWStreamed:
             if oh is None or self.lora:  # LoRA: adapters (and a new head) train on the device
                 oh = Tier.PAGEABLE if self.streamed[e] and not self.lora else Tier.DEVICE
             if oh is Tier.DEVICE and self.streamed[e] and not self.lora:
-                if lanes.kind != "cpu":
+                if self.device.type != "cpu":
                     raise UnsupportedPlan(f"{name} streams its weights but homes its optimizer on the device: "
                                           "the first-order engine updates streamed blocks on the CPU")
                 oh = Tier.PAGEABLE  # a CPU run's device memory is host RAM

@@ -228,6 +228,9 @@ class BlockUpdates:
             self._norm_jobs[e] = self.cpu.norms(e, grads, 1.0 if self.inv_scale is None else self.inv_scale)
         else:
             self._jobs[e] = self.cpu.update(e, grads, lr=self.lr, publish=self._publisher(e), want_norms=True)
+            # At once, not at the step's end: any fetch of block e from now on (a later pass, or this one
+            # if it ever fetched a block twice) must find the update of its home and wait for it.
+            self._register(e, self._jobs[e])
 
     def _publisher(self, e: int):
         if self.streamed[e]:
@@ -266,8 +269,6 @@ class BlockUpdates:
         norms = self.device.norms(self.inv_scale)
         try:
             if not self.deferred:
-                for e, fut in self._jobs.items():
-                    self._register(e, fut)
                 for e, fut in self._jobs.items():
                     self._collect(norms, e, fut.result().norms)
                 norm = self._global_norm(norms)

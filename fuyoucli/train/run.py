@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from fuyoucli.checkpoint import checkpoint_root, clean_unfinished, crash_point, remove_stale_swap, save_final_model
+from fuyoucli.engine.lanes import lanes_choice, synchronize_device
 from fuyoucli.errors import FuyouError, RecipeError
 from fuyoucli.model.inventory import inventory
 from fuyoucli.model.loading import load_model, load_tokenizer
@@ -186,6 +187,7 @@ def finetune(recipe: Recipe, sinks: list[Sink] | None = None, *, overwrite: bool
             plan = ckpts.saved_plan(ckpt, recipe)
     t0 = time.perf_counter()
     device = compute_device()
+    lanes_choice(device)  # a bad FUYOU_LANES is one line before anything is loaded or written
     seed = recipe.training.seed
     torch.manual_seed(seed)
 
@@ -266,8 +268,7 @@ def finetune(recipe: Recipe, sinks: list[Sink] | None = None, *, overwrite: bool
                 lr = lr_at(step, peak_lr=m.lr, total_steps=steps, warmup_steps=m.warmup_steps, schedule=m.schedule)
                 began = time.perf_counter()
                 res = trainer.step(step, micro, lr)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
+                synchronize_device(device)
                 elapsed = time.perf_counter() - began
                 crash_point("step", step)
                 if not math.isfinite(res.loss) and not res.skipped:

@@ -204,7 +204,7 @@ class StreamedZO:
         self.measure = _Measure(timeline, self.impl.store, self.impl.ssd)
         homes = sorted({b.weights_home.value for b in plan.blocks if b.weights_home.value != "device"})
         self.where = (f"zo2 streamed: layers homed on {'/'.join(homes)}, prefetch depth {plan.prefetch_depth}"
-                      + (", z drawn per tensor" if plan.z_buffer == "tensor" else ""))
+                      + (", z drawn per tensor" if plan.z_buffer == "tensor" else "") + f"; lanes: {self.lanes.name}")
 
     def step(self, step: int, micro: list[dict], lr: float) -> StepOutcome:
         self.measure.begin()
@@ -250,7 +250,7 @@ class StreamedAdamW:
         overlap = ("updates wait for the global norm, then overlap the next forward" if self.impl.deferred
                    else "CPU AdamW overlapped with the backward")
         self.where = (f"adamw streamed: layers homed on {'/'.join(homes)}, optimizer states on {'/'.join(states)}, "
-                      f"prefetch depth {plan.prefetch_depth}; {overlap}")
+                      f"prefetch depth {plan.prefetch_depth}; {overlap}; lanes: {self.lanes.name}")
 
     def step(self, step: int, micro: list[dict], lr: float) -> StepOutcome:
         self.measure.begin()

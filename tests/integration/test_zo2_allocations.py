@@ -14,11 +14,13 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from fuyoucli.engine.lanes import CpuLanes
+from fuyoucli.engine.lanes import lanes_for
 from fuyoucli.plan.manual import fixed_plan
 from fuyoucli.plan.types import Tier
 from fuyoucli.recipe import ZO2Method
 from fuyoucli.train.zo_streamed import ZOStreamed
+
+pytestmark = pytest.mark.usefixtures("lanes_mode")
 
 HIDDEN, TOKENS = 256, (2, 8)
 SMALLEST_MATRIX = HIDDEN * HIDDEN // 4  # k_proj/v_proj with 1 of 4 key-value heads
@@ -82,7 +84,7 @@ def test_streamed_steps_allocate_no_weight_sized_tensor(variant, home, dtype, tm
     method = ZO2Method(name="zo2", lr=1e-3, eps=1e-3, q=2, variant=variant, weight_decay=0.1)
     model = wide_model().to(getattr(torch, dtype))
     plan = fixed_plan(2, home, swap_dir=str(tmp_path / "swap"), compute_dtype=dtype, home_dtype=dtype)
-    trainer = ZOStreamed(model, plan, method, seed=1, head="causal_lm", lanes=CpuLanes())
+    trainer = ZOStreamed(model, plan, method, seed=1, head="causal_lm", lanes=lanes_for(torch.device("cpu")))
     steps = batches(4)
     try:
         trainer.step(1, steps[0], lr=1e-3)  # step 1 has no deferred update yet; steps 2.. have everything

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fuyoucli.engine.lanes import CpuLanes, RecordingLanes
+from fuyoucli.engine.lanes import RecordingLanes, lanes_for
 from fuyoucli.model.blocks import param_blocks
 from fuyoucli.model.loading import load_model, load_tokenizer
 from fuyoucli.plan.schedule import check_schedule, pass_schedule
@@ -16,6 +16,8 @@ from fuyoucli.recipe import validate_recipe
 from fuyoucli.train.data import batches, build_datasets, collate
 from fuyoucli.train.zo import ZOReference
 from fuyoucli.train.zo_streamed import ZOStreamed
+
+pytestmark = pytest.mark.usefixtures("lanes_mode")
 
 
 def manual_plan(n_layers: int, home: Tier, *, prefetch: int = 1, swap_dir=None, budget=None,
@@ -48,7 +50,7 @@ def run_reference(recipe, tok, steps, home_dtype=torch.float32):
 
 def run_streamed(recipe, tok, steps, plan, lanes=None):
     model = load_model(recipe.model, recipe.peft, seed=5, pad_token_id=tok.pad_token_id)
-    trainer = ZOStreamed(model, plan, recipe.method, seed=5, head="causal_lm", lanes=lanes or CpuLanes())
+    trainer = ZOStreamed(model, plan, recipe.method, seed=5, head="causal_lm", lanes=lanes or lanes_for(torch.device("cpu")))
     try:
         losses = [trainer.step(t + 1, micro, lr=recipe.method.lr).loss for t, micro in enumerate(steps)]
         trainer.materialize()
@@ -104,7 +106,7 @@ def test_lora_zo2_streams_the_frozen_base_read_only(home, tiny_models, text_data
 
 def test_schedule_order_is_respected(tiny_models, text_data, tmp_path):
     recipe, tok, steps = setup(tiny_models["opt"], text_data, tmp_path, ZO)
-    lanes = RecordingLanes(CpuLanes())
+    lanes = RecordingLanes(lanes_for(torch.device("cpu")))
     _, _, trainer = run_streamed(recipe, tok, steps[:2], manual_plan(2, Tier.PAGEABLE, prefetch=1), lanes)
     trace = trainer.store.stats.trace
     check_schedule(pass_schedule([False, True, True, False], 1), 2)
@@ -134,7 +136,7 @@ def test_lr_zero_leaves_weights_bit_identical(dtype, tiny_models, text_data, tmp
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     method = ZO2Method(name="zo2", lr=1e-3, eps=1e-2)
     plan = manual_plan(2, Tier.PAGEABLE, compute_dtype=dtype, home_dtype=dtype)
-    trainer = ZOStreamed(model, plan, method, seed=5, head="causal_lm", lanes=CpuLanes())
+    trainer = ZOStreamed(model, plan, method, seed=5, head="causal_lm", lanes=lanes_for(torch.device("cpu")))
     for t in range(100):
         trainer.step(t + 1, steps[t % 4], lr=0.0)
     trainer.materialize()
@@ -195,7 +197,7 @@ def test_lazy_load_streams_layers_from_the_file(arch, tiny_models, text_data, tm
     assert layer_params and all(p.numel() == 0 for p in layer_params)
     assert all(p.numel() > 0 for n, p in model.named_parameters() if ".0." not in n and ".1." not in n)
     trainer = ZOStreamed(model, manual_plan(2, Tier.SSD, swap_dir=tmp_path / "swap"), recipe.method, seed=5,
-                         head="causal_lm", lanes=CpuLanes())
+                         head="causal_lm", lanes=lanes_for(torch.device("cpu")))
     try:
         losses = [trainer.step(t + 1, micro, lr=recipe.method.lr).loss for t, micro in enumerate(steps)]
         trainer.materialize()
@@ -216,7 +218,7 @@ def run_both(recipe, tok, steps, plan, home_dtype=torch.float32):
     ref_out = [ref.step(t + 1, micro, lr=recipe.method.lr) for t, micro in enumerate(steps)]
     ref_weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     model = load_model(recipe.model, recipe.peft, seed=5, pad_token_id=tok.pad_token_id)
-    trainer = ZOStreamed(model, plan, recipe.method, seed=5, head="causal_lm", lanes=CpuLanes())
+    trainer = ZOStreamed(model, plan, recipe.method, seed=5, head="causal_lm", lanes=lanes_for(torch.device("cpu")))
     try:
         out = [trainer.step(t + 1, micro, lr=recipe.method.lr) for t, micro in enumerate(steps)]
         trainer.materialize()
@@ -301,7 +303,7 @@ def test_zo2_conservative_replays_from_the_ledger(tiny_models, text_data, tmp_pa
 
     fresh = load_model(recipe.model, recipe.peft, seed=5, pad_token_id=tok.pad_token_id)
     streamed = ZOStreamed(fresh, manual_plan(2, Tier.SSD, swap_dir=tmp_path / "swap"), recipe.method, seed=5,
-                          head="causal_lm", lanes=CpuLanes())
+                          head="causal_lm", lanes=lanes_for(torch.device("cpu")))
     try:
         streamed.load_state({f"param.{n}": t for n, t in start.items()})
         for entry in ledger:
@@ -327,7 +329,7 @@ def test_zo2_momentum_streamed_equals_reference(arch, home, tiny_models, text_da
     model = load_model(recipe.model, recipe.peft, seed=5, pad_token_id=tok.pad_token_id)
     swap = tmp_path / "swap"
     trainer = ZOStreamed(model, manual_plan(2, home, swap_dir=swap), recipe.method, seed=5, head="causal_lm",
-                         lanes=CpuLanes())
+                         lanes=lanes_for(torch.device("cpu")))
     try:
         losses = [trainer.step(t + 1, micro, lr=recipe.method.lr).loss for t, micro in enumerate(steps)]
         if home is Tier.SSD:
@@ -359,7 +361,7 @@ def test_zo2_momentum_streamed_resumes_from_a_checkpoint(tiny_models, text_data,
     ref_state = ref.state_tensors()
     model = load_model(recipe.model, recipe.peft, seed=5, pad_token_id=tok.pad_token_id)
     trainer = ZOStreamed(model, manual_plan(2, Tier.SSD, swap_dir=tmp_path / "swap"), recipe.method, seed=5,
-                         head="causal_lm", lanes=CpuLanes())
+                         head="causal_lm", lanes=lanes_for(torch.device("cpu")))
     try:
         trainer.load_state(saved)
         losses = [trainer.step(t + 1, steps[t], lr=recipe.method.lr).loss for t in (2, 3)]

@@ -16,7 +16,7 @@ from test_zo2_allocations import batches as wide_batches
 from test_zo2_allocations import wide_model
 from test_zo2_parity import CONS, CONS_ALL, MOMENTUM, ZO, assert_same, manual_plan, run_both, setup
 
-from fuyoucli.engine.lanes import CpuLanes
+from fuyoucli.engine.lanes import lanes_for
 from fuyoucli.engine.tiers import DeviceBudgetExceeded
 from fuyoucli.model.blocks import param_blocks
 from fuyoucli.model.loading import load_model
@@ -25,6 +25,8 @@ from fuyoucli.plan.types import Plan, Tier
 from fuyoucli.recipe import ZO2Method
 from fuyoucli.train.zo import ZOReference
 from fuyoucli.train.zo_streamed import ZOStreamed
+
+pytestmark = pytest.mark.usefixtures("lanes_mode")
 
 
 def per_tensor(plan: Plan) -> Plan:
@@ -134,7 +136,7 @@ def test_reference_per_tensor_equals_reference_per_block(tiny_models, text_data,
 
 
 def _run(model, plan, steps, method):
-    trainer = ZOStreamed(model, plan, method, seed=1, head="causal_lm", lanes=CpuLanes())
+    trainer = ZOStreamed(model, plan, method, seed=1, head="causal_lm", lanes=lanes_for(torch.device("cpu")))
     try:
         losses = [trainer.step(t + 1, micro, lr=method.lr).loss for t, micro in enumerate(steps)]
         trainer.materialize()
