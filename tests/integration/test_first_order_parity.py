@@ -151,6 +151,15 @@ def test_streamed_adamw_equals_reference(arch, home, opt, act, clip, depth, thre
         assert trainer.cpu.ssd_bytes_written >= 3 * 4 * n * STEPS
 
 
+@pytest.mark.parametrize("arch,home,act", [("falcon", Tier.SSD, "recompute"), ("bloom", Tier.PAGEABLE, "swap")])
+def test_layers_that_return_tuples_stream(arch, home, act, tiny_models, text_data, tmp_path):
+    """falcon and bloom layers return (hidden, ...) and their decoder loops take outputs[0]: the block
+    runner's stand-ins must return tuples too (no dropout in either by default)."""
+    recipe, tok, steps = setup(tiny_models[arch], text_data, tmp_path)
+    got = streamed(recipe, tok, steps, plan(home, Tier.PAGEABLE, act, tmp_path))
+    assert_parity(got, reference((arch, 1.0), recipe, tok, steps))
+
+
 def test_embeddings_and_head_optimizer_on_ssd(models, text_data, tmp_path):
     """Resident blocks whose optimizer lives off the device: their new weights are uploaded back, and
     the forward waits for that (the worker is slowed down so that a missing wait would show)."""
