@@ -17,7 +17,7 @@ item is the hidden state (falcon, bloom), as `run_layer` saw the first time it r
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -51,11 +51,13 @@ class _Recorder(nn.Module):
 
 
 class _Injector(_Recorder):
-    def __init__(self, inner: nn.Module, hidden: torch.Tensor | None, as_tuple: bool):
+    def __init__(self, inner: nn.Module, hidden: torch.Tensor | None, as_tuple: bool, on_inject=None):
         super().__init__(inner, -1, [], False, as_tuple)
-        self.hidden = hidden
+        self.hidden, self.on_inject = hidden, on_inject
 
     def forward(self, hidden, *args, **kwargs):
+        if self.on_inject is not None:
+            self.on_inject()
         out = hidden if self.hidden is None else self.hidden
         return (out,) if self.as_tuple else out
 
@@ -112,10 +114,12 @@ class BlockRunner:
         self.tuple_output = isinstance(out, tuple)
         return out[0] if self.tuple_output else out
 
-    def run_head(self, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Logits from the final hidden state, through the model's own norm, head and pooling."""
+    def run_head(self, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 before_head: Callable[[], None] | None = None) -> torch.Tensor:
+        """Logits from the final hidden state, through the model's own norm, head and pooling.
+        `before_head()` runs when the hidden state is injected, after the repeated embedding lookup."""
         layers = list(self.layers)
-        replacements = [_Injector(layers[0], hidden, self.tuple_output)]
+        replacements = [_Injector(layers[0], hidden, self.tuple_output, before_head)]
         replacements += [_Injector(layer, None, self.tuple_output) for layer in layers[1:]]
         originals = self._swap(replacements)
         try:
