@@ -21,7 +21,7 @@ CORPUS = [
     "all the world is a stage and all the men and women merely players",
 ] * 20
 
-ARCHS = ("llama", "opt", "gpt2", "qwen2")
+ARCHS = ("llama", "opt", "gpt2", "qwen2", "falcon", "bloom")
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>\n{% endfor %}"
@@ -64,6 +64,11 @@ def tiny_config(arch: str, vocab_size: int):
                                     max_position_embeddings=256, word_embed_proj_dim=32, **common)
     if arch == "gpt2":
         return AutoConfig.for_model("gpt2", n_embd=32, n_layer=2, n_head=4, n_positions=256, **common)
+    if arch == "falcon":  # layers return tuples; rotary, multi-query, parallel attention
+        return AutoConfig.for_model("falcon", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                    ffn_hidden_size=64, max_position_embeddings=256, **common)
+    if arch == "bloom":  # layers return tuples; ALiBi, an embedding layer norm
+        return AutoConfig.for_model("bloom", hidden_size=32, n_layer=2, n_head=4, **common)
     raise ValueError(arch)
 
 

@@ -46,9 +46,9 @@ def plan(
     if export is not None and export[0] != "deepspeed":
         raise click.UsageError(f"--export {export[0]}: the formats are: deepspeed")
     from fuyoucli.errors import InfeasiblePlan
-    from fuyoucli.model.inventory import inventory
+    from fuyoucli.model.inventory import inventory, lora_inventory
     from fuyoucli.plan.search import hardware_for_recipe, plan_recipe
-    from fuyoucli.recipe import load_recipe
+    from fuyoucli.recipe import PeftConfig, load_recipe
 
     loaded = load_recipe(recipe, set_ or [])
     if export is not None and loaded.method.name != "adamw":
@@ -60,7 +60,8 @@ def plan(
     d = loaded.data
     labels = len(d.labels or d.label_words) or None
     inv = inventory(loaded.model, loaded.peft, num_labels=labels)
-    result = plan_recipe(loaded, inv, hw)
+    lora = lambda: lora_inventory(loaded.model, PeftConfig(type="lora"), num_labels=labels)  # noqa: E731
+    result = plan_recipe(loaded, inv, hw, lora)
     if json_out:
         sys.stdout.write(json.dumps(to_json(result, inv), indent=2) + "\n")
     else:

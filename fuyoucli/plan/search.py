@@ -11,7 +11,9 @@ into the numbers the cost model reads.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
+from typing import Callable
 
 from fuyoucli.errors import RecipeError
 from fuyoucli.hardware.profile import HardwareProfile
@@ -180,11 +182,14 @@ def hardware_for_recipe(recipe: Recipe, *, profile: str | None = None, preset: s
     return load_profile(None)
 
 
-def plan_recipe(recipe: Recipe, inv: ModelInventory, profile: HardwareProfile) -> Plan:
-    """The plan for a recipe on a machine, given the model's inventory (model.inventory builds it)."""
+def plan_recipe(recipe: Recipe, inv: ModelInventory, profile: HardwareProfile,
+                lora_inventory: Callable[[], ModelInventory] | None = None) -> Plan:
+    """The plan for a recipe on a machine, given the model's inventory (model.inventory builds it), and
+    for the LoRA suggestion, a way to get its inventory under LoRA (called only if it does not fit)."""
     check_offload_applies(recipe)
     machine, notes = machine_from_profile(profile, recipe.offload.swap_dir)
-    p = make_plan(inv, workload_from_recipe(recipe), machine, options_from_recipe(recipe))
+    p = make_plan(inv, workload_from_recipe(recipe), machine, options_from_recipe(recipe),
+                  lora_inventory=lora_inventory)
     return dataclasses.replace(p, notes=notes + p.notes) if notes else p
 
 
@@ -249,8 +254,8 @@ class _Search:
             b = hb[i]
             if o.weights_home is not None:
                 weights[i] = o.weights_home  # on a CPU a host home is pointless but valid (benchmarks)
-            elif self.cpu:
-                weights[i] = Tier.SSD
+            elif self.cpu:  # streaming saves RAM only from the SSD; without a swap_dir, host RAM it is
+                weights[i] = Tier.SSD if ssd_ok else Tier.PAGEABLE
             elif b <= pinned_left and b <= host_left:
                 weights[i], pinned_left, host_left = Tier.PINNED, pinned_left - b, host_left - b
             elif b <= host_left:
@@ -393,6 +398,8 @@ def search(inv: ModelInventory, wl: Workload, machine: Machine, opts: Options) -
         n_res_options = [L]
     elif opts.mode == "stream":
         n_res_options = [0]
+    elif s.cpu and not s.cap.ssd and opts.weights_home is None:
+        n_res_options = [L]  # a CPU's device memory is host RAM: streaming saves RAM only from the SSD
     else:
         n_res_options = _grid(L)
     opt_devs = [True, False] if (wl.method == "adamw" and not wl.lora and opts.optimizer_home is None) else [False]
@@ -467,8 +474,11 @@ def _fmt_bytes(n: int) -> str:
     return f"{n} B"
 
 
-def make_plan(inv: ModelInventory, wl: Workload, machine: Machine, opts: Options, *, suggest: bool = True) -> Plan:
-    """Search, then assemble the Plan; when nothing fits, the reasons and the nearest changes that fit."""
+def make_plan(inv: ModelInventory, wl: Workload, machine: Machine, opts: Options, *, suggest: bool = True,
+              lora_inventory: Callable[[], ModelInventory] | None = None) -> Plan:
+    """Search, then assemble the Plan; when nothing fits, the reasons and the nearest changes that fit
+    (`lora_inventory()`: the model's blocks under LoRA, whose trainable counts the LoRA suggestion needs;
+    without it that suggestion is planned with every parameter trained, which overstates it)."""
     pl, est, feasible, notes = search(inv, wl, machine, opts)
     if (feasible and suggest and wl.method == "zo2" and not wl.lora and opts.home_dtype is None
             and pl.home_dtype == "float32" and wl.compute_dtype != "float32"):
@@ -491,7 +501,7 @@ def make_plan(inv: ModelInventory, wl: Workload, machine: Machine, opts: Options
     if not feasible:
         reasons = tuple(_reasons(est, cap, machine, opts))
         if suggest:
-            suggestions = tuple(_suggestions(inv, wl, machine, opts, est, cap))
+            suggestions = tuple(_suggestions(inv, wl, machine, opts, est, cap, lora_inventory))
     step = est.times.step_s
     best_rate = machine.flops(wl.compute_dtype)
     micro_batches = wl.batch_size * wl.grad_accum // pl.micro_batch_size
@@ -536,49 +546,68 @@ def _reasons(est: Estimate, cap: TierBytes, machine: Machine, opts: Options) -> 
 
 
 def _suggestions(inv: ModelInventory, wl: Workload, machine: Machine, opts: Options, est: Estimate,
-                 cap: TierBytes) -> list[str]:
-    """Nearby changes, each planned again; the ones that fit come first, fastest first."""
-    R = dataclasses.replace
-    tries: list[tuple[str, Workload, Options]] = []
+                 cap: TierBytes, lora_inventory: Callable[[], ModelInventory] | None) -> list[str]:
+    """Nearby changes, each planned again; the ones that fit come first, fastest first. When none fits
+    alone, pairs of them are planned too (LoRA and a swap_dir may each fall short where both fit)."""
+    tries: list[tuple[str, dict, dict]] = []  # (what to say, Workload fields, Options fields)
     over = {t for t, _, _ in overflows(est.memory, cap)}
     if opts.mode == "in_memory":
-        tries.append(("set offload.mode: auto (stream what does not fit)", wl, R(opts, mode="auto")))
+        tries.append(("set offload.mode: auto (stream what does not fit)", {}, {"mode": "auto"}))
     forced = [k for k in ("resident_layers", "weights_home", "optimizer_home", "activation", "prefetch_depth",
                           "home_dtype") if getattr(opts, k) is not None]
     if forced:
         names = ", ".join("activations" if k == "activation" else k for k in forced)
-        tries.append((f"let the planner choose offload.{names} (remove the setting)", wl,
-                      R(opts, **{k: None for k in forced})))
-    if not opts.swap_dir and machine.disk_read_bps > 0 and over & {"host", "pinned"}:
+        tries.append((f"let the planner choose offload.{names} (remove the setting)", {}, {k: None for k in forced}))
+    ram = {"host", "pinned", "ssd"} | ({"device"} if machine.compute_device == "cpu" else set())  # a CPU's is RAM
+    if not opts.swap_dir and machine.disk_read_bps > 0 and over & ram:
         tries.append((f"set offload.swap_dir to a folder on {machine.disk_path} "
-                      f"({_fmt_bytes(machine.disk_free_bytes)} free)", wl, R(opts, swap_dir=machine.disk_path)))
+                      f"({_fmt_bytes(machine.disk_free_bytes)} free)", {}, {"swap_dir": machine.disk_path}))
     if not wl.lora:
-        tries.append(("use peft.type: lora", R(wl, lora=True), opts))
+        tries.append(("use peft.type: lora", {"lora": True}, {}))
+    lora_inv = [inv]  # the inventory under LoRA, built once, when a LoRA try is planned
     if wl.method == "adamw":
-        tries.append(("use method.name: zo2", R(wl, method="zo2", q=1), opts))
+        tries.append(("use method.name: zo2", {"method": "zo2", "q": 1}, {}))
     if wl.compute_dtype == "float32" and machine.flops("bfloat16") > 0:
-        tries.append(("use model.dtype: bfloat16", R(wl, compute_dtype="bfloat16"), opts))
+        tries.append(("use model.dtype: bfloat16", {"compute_dtype": "bfloat16"}, {}))
     if opts.device_memory_limit_bytes is not None:
-        tries.append(("remove offload.device_memory_limit", wl, R(opts, device_memory_limit_bytes=None)))
+        tries.append(("remove offload.device_memory_limit", {}, {"device_memory_limit_bytes": None}))
+    batches: list[tuple[str, dict, dict]] = []  # largest first: the largest that fits is the one worth saying
     b = wl.batch_size
     while b > 1:
         b //= 2
-        tries.append((f"lower training.batch_size to {b}" + (f" and raise training.grad_accum to "
-                      f"{wl.grad_accum * wl.batch_size // b} (same examples per step)" if wl.method == "adamw" else ""),
-                      R(wl, batch_size=b, grad_accum=wl.grad_accum * (wl.batch_size // b) if wl.method == "adamw"
-                        else wl.grad_accum), opts))
+        accum = wl.grad_accum * (wl.batch_size // b) if wl.method == "adamw" else wl.grad_accum
+        batches.append((f"lower training.batch_size to {b}" + (f" and raise training.grad_accum to {accum} (same "
+                        "examples per step)" if wl.method == "adamw" else ""), {"batch_size": b, "grad_accum": accum}, {}))
     if wl.seq_len > 256:
-        tries.append((f"lower data.max_length to {wl.seq_len // 2}", R(wl, seq_len=wl.seq_len // 2), opts))
-    fit, nofit = [], []
-    batch_seen = False
-    for text, w, o in tries:
-        if text.startswith("lower training.batch_size") and batch_seen:
-            continue
-        p = make_plan(inv, w, machine, o, suggest=False)
+        tries.append((f"lower data.max_length to {wl.seq_len // 2}", {"seq_len": wl.seq_len // 2}, {}))
+
+    def planned(*changes: tuple[str, dict, dict]) -> Plan:
+        w = dataclasses.replace(wl, **{k: v for _, wk, _ in changes for k, v in wk.items()})
+        o = dataclasses.replace(opts, **{k: v for _, _, ok in changes for k, v in ok.items()})
+        if w.lora and not wl.lora and lora_inventory is not None and lora_inv[0] is inv:
+            lora_inv[0] = lora_inventory()
+        return make_plan(lora_inv[0] if w.lora and not wl.lora else inv, w, machine, o, suggest=False)
+
+    fit: list[tuple[float, str]] = []
+    nofit: list[str] = []
+
+    def offer(text: str, p: Plan) -> bool:
         if p.feasible:
-            if text.startswith("lower training.batch_size"):
-                batch_seen = True  # the largest batch that fits is the one worth saying
             fit.append((p.times.step_s, f"{text}: fits, {p.times.step_s:.3g} s/step ({p.times.bottleneck}-bound)"))
-        elif not text.startswith("lower training.batch_size"):
-            nofit.append(f"{text}: still does not fit")
+        return p.feasible
+
+    for t in tries:
+        if not offer(t[0], planned(t)):
+            nofit.append(f"{t[0]}: still does not fit")
+    for t in batches:
+        if offer(t[0], planned(t)):
+            break
+    if not fit:  # two changes at once: pairs of the above, then each with the largest batch that fits
+        for one, other in itertools.combinations(tries, 2):
+            offer(f"{one[0]}, and {other[0]}", planned(one, other))
+    if not fit:
+        for one in tries:
+            for other in batches:
+                if offer(f"{one[0]}, and {other[0]}", planned(one, other)):
+                    break
     return [t for _, t in sorted(fit)] + nofit[:2]

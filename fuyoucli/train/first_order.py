@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from fuyoucli.recipe import AdamWMethod
+from fuyoucli.train.dropout import draw_step_seed, seeded_model
 from fuyoucli.train.losses import batch_loss, count_targets
 
 
@@ -57,6 +58,7 @@ class AdamWReference:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.mixed = any(p.dtype != torch.float32 for p in self.params)
         self.master = [p.detach().float().clone() for p in self.params] if self.mixed else self.params
+        self.device = next(model.parameters()).device
         device_type = self.master[0].device.type if self.master else "cpu"
         self.optimizer = torch.optim.AdamW(
             adamw_param_groups(self.master, method.weight_decay),
@@ -71,8 +73,10 @@ class AdamWReference:
         loss_total = 0.0
         for p in self.params:
             p.grad = None
-        for mb in micro_batches:
-            out = batch_loss(self.model, mb, head=self.head, label_token_ids=self.label_token_ids)
+        step_seed = draw_step_seed()  # dropout as the streamed engine draws it, whatever the order
+        for k, mb in enumerate(micro_batches):
+            with seeded_model(self.model, self.device, step_seed, k):
+                out = batch_loss(self.model, mb, head=self.head, label_token_ids=self.label_token_ids)
             # Dividing each micro-batch's sum by the step's total makes accumulation exact:
             # the gradient is that of one big batch, whatever the padding of each part.
             (out.loss_sum * (self.scaler.scale / max(total_targets, 1))).backward()

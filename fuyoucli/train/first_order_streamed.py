@@ -20,7 +20,6 @@ device and the frozen base streams read-only.
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 
 import torch
 
@@ -32,6 +31,7 @@ from fuyoucli.model.runner import BlockRunner, Prepared
 from fuyoucli.plan.schedule import pass_schedule
 from fuyoucli.plan.types import Plan, Tier
 from fuyoucli.recipe import AdamWMethod
+from fuyoucli.train.dropout import draw_step_seed, forward_seed, seeded
 from fuyoucli.train.first_order import DynamicLossScale, FirstOrderStepResult
 from fuyoucli.train.first_order_updates import BlockUpdates, deferred_updates
 from fuyoucli.train.losses import count_targets, loss_from_logits
@@ -181,17 +181,13 @@ class AdamWStreamed:
 
     # -- forward ------------------------------------------------------------------------------------------
 
-    def _rng_state(self):
-        return torch.get_rng_state(), (torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
+    def _rng_state(self, k: int, e: int) -> int | None:
+        """The seed of micro-batch k's forward through block e: dropout draws the reference's numbers, and a
+        recompute the forward's (train/dropout.py). None outside training steps."""
+        return None if self._step_seed is None else forward_seed(self._step_seed, k, e)
 
-    @contextmanager
-    def _replay(self, state):
-        """Recompute with the random numbers (dropout) the forward drew."""
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.set_rng_state(state[0])
-            if state[1] is not None:
-                torch.cuda.set_rng_state(state[1], self.device)
-            yield
+    def _replay(self, state: int | None):
+        return seeded(self.device, state)
 
     def _forward(self, micro: list[dict], *, train: bool, scale: float = 1.0, total: int = 1) -> list:
         n, last = len(micro), len(self.names) - 1
@@ -203,6 +199,7 @@ class AdamWStreamed:
         self._saved: dict[tuple[int, int], tuple] = {}
         self._charged: dict[int, int] = {}
         self._shared: dict[int, dict] = {}
+        self._step_seed = draw_step_seed() if train else None
 
         def compute(e: int, slot: int | None) -> bool:
             if slot is not None:
@@ -212,7 +209,8 @@ class AdamWStreamed:
             if e == 0:
                 with torch.set_grad_enabled(train and self._embed_trains):
                     for k, mb in enumerate(micro):
-                        prep = self.runner.capture(mb["input_ids"], mb["attention_mask"])
+                        with self._replay(self._rng_state(k, e)):
+                            prep = self.runner.capture(mb["input_ids"], mb["attention_mask"])
                         if any(t.requires_grad for t in _tensors(prep.layer_args)):
                             raise UnsupportedPlan("this model passes trained tensors to every layer; the streamed "
                                                   "first-order engine cannot split its graph per layer")
@@ -220,9 +218,9 @@ class AdamWStreamed:
                         hidden[k] = prep.hidden.detach()
             elif e == last:
                 for k, mb in enumerate(micro):
-                    with torch.set_grad_enabled(train):
+                    with torch.set_grad_enabled(train), self._replay(self._rng_state(k, e)) as reseed:
                         h = hidden[k].requires_grad_(True) if train else hidden[k]
-                        logits = self.runner.run_head(h, mb["input_ids"], mb["attention_mask"])
+                        logits = self.runner.run_head(h, mb["input_ids"], mb["attention_mask"], reseed)
                         out = loss_from_logits(logits, mb, head=self.head, label_token_ids=self.label_token_ids)
                         if train:
                             # As the reference: each micro-batch's sum over the step's target count.
@@ -238,8 +236,8 @@ class AdamWStreamed:
                         with torch.no_grad():
                             hidden[k] = self.runner.run_layer(e - 1, hidden[k], self._prepared[k])
                     elif act in ("recompute", "recompute-swap"):
-                        rng = self._rng_state()
-                        with torch.no_grad():
+                        rng = self._rng_state(k, e)
+                        with torch.no_grad(), self._replay(rng):
                             out = self.runner.run_layer(e - 1, hidden[k], self._prepared[k])
                         if act == "recompute-swap":
                             self._saved[(e, k)] = (self.acts.stash(e, hidden[k]), None, rng)
@@ -251,7 +249,8 @@ class AdamWStreamed:
                         hidden[k] = out
                     else:
                         leaf = hidden[k].detach().requires_grad_(True)
-                        with torch.enable_grad(), self.acts.recording(e, swap=act == "swap"):
+                        with torch.enable_grad(), self.acts.recording(e, swap=act == "swap"), \
+                                self._replay(self._rng_state(k, e)):
                             out = self.runner.run_layer(e - 1, leaf, self._prepared[k])
                         self._saved[(e, k)] = (leaf, out, None)
                         hidden[k] = out.detach()

@@ -29,7 +29,9 @@ def count_targets(batch: dict[str, torch.Tensor], head: str) -> int:
 
 
 def batch_loss(model, batch: dict[str, torch.Tensor], *, head: str, label_token_ids: tuple[int, ...] = ()) -> BatchLoss:
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    # No KV cache, as the block runner: a cache's concatenated keys change the memory layout attention
+    # sees, and with attention dropout on (the math kernel) that changes the rounding.
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     return loss_from_logits(out.logits, batch, head=head, label_token_ids=label_token_ids)
 
 

@@ -12,7 +12,7 @@ from typing import Callable
 
 from fuyoucli.errors import InfeasiblePlan
 from fuyoucli.plan.types import Plan
-from fuyoucli.recipe import Recipe
+from fuyoucli.recipe import PeftConfig, Recipe
 
 
 def machine_profile(recipe: Recipe, note: Callable[[str], None]):
@@ -36,11 +36,12 @@ def plan_for_run(recipe: Recipe, *, num_labels: int | None, note: Callable[[str]
     """The plan for this recipe on this machine; None for offload.mode: in_memory (the reference path)."""
     if recipe.offload.mode == "in_memory":
         return None
-    from fuyoucli.model.inventory import inventory
+    from fuyoucli.model.inventory import inventory, lora_inventory
     from fuyoucli.plan.search import plan_recipe
 
     profile = machine_profile(recipe, note)
-    plan = plan_recipe(recipe, inventory(recipe.model, recipe.peft, num_labels=num_labels), profile)
+    lora = lambda: lora_inventory(recipe.model, PeftConfig(type="lora"), num_labels=num_labels)  # noqa: E731
+    plan = plan_recipe(recipe, inventory(recipe.model, recipe.peft, num_labels=num_labels), profile, lora)
     if not plan.feasible:
         lines = [f"the run does not fit this machine ({plan.machine}):"] + [f"  {r}" for r in plan.reasons]
         if plan.suggestions:

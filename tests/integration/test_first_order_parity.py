@@ -153,6 +153,32 @@ def test_streamed_adamw_equals_reference(arch, home, opt, act, clip, depth, thre
         assert trainer.cpu.ssd_bytes_written >= 3 * 4 * n * STEPS
 
 
+@pytest.mark.parametrize("arch,home,act", [("falcon", Tier.SSD, "recompute"), ("bloom", Tier.PAGEABLE, "swap")])
+def test_layers_that_return_tuples_stream(arch, home, act, tiny_models, text_data, tmp_path):
+    """falcon and bloom layers return (hidden, ...) and their decoder loops take outputs[0]: the block
+    runner's stand-ins must return tuples too (no dropout in either by default)."""
+    recipe, tok, steps = setup(tiny_models[arch], text_data, tmp_path)
+    got = streamed(recipe, tok, steps, plan(home, Tier.PAGEABLE, act, tmp_path))
+    assert_parity(got, reference((arch, 1.0), recipe, tok, steps))
+
+
+@pytest.mark.parametrize("act", ["keep", "recompute", "swap", "recompute-swap"])
+def test_dropout_draws_the_reference_masks(act, tiny_models, text_data, tmp_path):
+    """gpt2 with its default dropout (0.1 on embeddings, attention and residuals), accumulating two
+    micro-batches: each (micro-batch, block) forward draws from its own seed, so the layer-major engine,
+    and a recompute in its backward, see the masks of the micro-batch-major reference."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tiny_models["gpt2"])
+    assert config.embd_pdrop == config.attn_pdrop == config.resid_pdrop == 0.1
+    recipe, tok, steps = setup(tiny_models["gpt2"], text_data, tmp_path)
+    got = streamed(recipe, tok, steps, plan(Tier.PAGEABLE, Tier.PAGEABLE, act, tmp_path))
+    want = reference(("gpt2", 1.0), recipe, tok, steps)
+    assert_parity(got, want)
+    assert got[0] == want[0]  # and bit for bit
+    assert all(torch.equal(got[1][name], want[1][name]) for name in want[1])
+
+
 def test_embeddings_and_head_optimizer_on_ssd(models, text_data, tmp_path):
     """Resident blocks whose optimizer lives off the device: their new weights are uploaded back, and
     the forward waits for that (the worker is slowed down so that a missing wait would show)."""

@@ -63,7 +63,7 @@ def run_streamed(recipe, tok, steps, plan, lanes=None):
 ZO = {"name": "zo2", "lr": 1e-2, "eps": 1e-2, "q": 2}
 
 
-@pytest.mark.parametrize("arch", ["llama", "opt", "qwen2", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "opt", "qwen2", "gpt2", "falcon", "bloom"])
 @pytest.mark.parametrize("home", [Tier.PAGEABLE, Tier.SSD])
 def test_zo2_streamed_equals_reference(arch, home, tiny_models, text_data, tmp_path):
     recipe, tok, steps = setup(tiny_models[arch], text_data, tmp_path, ZO, accum=2)

@@ -100,6 +100,18 @@ def test_lora_trainable_counts_match_peft():
     assert inv.blocks[0].trainable_params == 0
 
 
+@pytest.mark.parametrize("arch,head", [("opt", "causal_lm"), ("gpt2", "causal_lm"), ("llama", "sequence_classification")])
+def test_the_lora_suggestions_inventory_counts_what_the_traced_one_does(arch, head, tiny_models):
+    """lora_inventory (the planner's LoRA suggestion) skips the trace but counts the same parameters."""
+    from fuyoucli.model.inventory import lora_inventory
+
+    cfg, peft_cfg = ModelConfig(path=str(tiny_models[arch]), head=head), PeftConfig(type="lora")
+    got, want = lora_inventory(cfg, peft_cfg, num_labels=3), inventory(cfg, peft_cfg, num_labels=3)
+    assert [(b.name, b.params, b.trainable_params) for b in got.blocks] == \
+        [(b.name, b.params, b.trainable_params) for b in want.blocks]
+    assert got.blocks[1].trainable_params > 0
+
+
 def test_classification_head_is_sized_by_the_labels():
     inv = inventory_from_config(config("llama"), head="sequence_classification", num_labels=3)
     assert inv.blocks[-1].params == 32 + 32 * 3  # final norm + score

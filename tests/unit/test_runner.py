@@ -7,7 +7,7 @@ import torch
 
 from fuyoucli.model.runner import BlockRunner
 
-ARCHS = ("llama", "opt", "gpt2", "qwen2")
+ARCHS = ("llama", "opt", "gpt2", "qwen2", "falcon", "bloom")
 
 
 def batch():

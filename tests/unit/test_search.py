@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
@@ -304,3 +305,71 @@ def test_a_measured_profile_without_layer_timings_asks_for_a_new_profile():
     old = dataclasses.replace(preset, provenance=dataclasses.replace(preset.provenance, source="measured"))
     m, notes = machine_from_profile(old, "/nvme/runs")
     assert m.layer_timings == () and any("no decoder-layer timings" in n and "fuyou profile" in n for n in notes)
+
+
+# ---- no disk without a swap_dir; suggestions that take two changes -----------------------------------
+
+
+def test_a_cpu_streams_from_host_ram_without_a_swap_dir():
+    """On a CPU device, streaming saves RAM only from the SSD; with no swap_dir, `mode: stream` streams
+    from host RAM (valid, if pointless) rather than planning a disk it does not have."""
+    cpu = machine(compute_device="cpu", pinned_bytes=0)
+    for wl in (ZO, AD):
+        p = make_plan(toy(), wl, cpu, Options(mode="stream"))
+        assert p.feasible and homes(p) == [D] + [G] * 8 + [D] and p.memory.ssd == 0, p.reasons
+        disk = make_plan(toy(), wl, cpu, Options(mode="stream", swap_dir="/nvme/x"))
+        assert disk.feasible and homes(disk) == [D] + [S] * 8 + [D]
+        # left to choose, it keeps every layer resident (streaming from RAM into RAM saves nothing), or
+        # with too little RAM says so, rather than stream from host RAM
+        assert homes(make_plan(toy(), wl, cpu, Options())) == [D] * 10
+        small = make_plan(toy(), wl, machine(compute_device="cpu", pinned_bytes=0, host_ram_bytes=30000), Options())
+        assert not small.feasible and G not in homes(small)
+        assert any(s.startswith("set offload.swap_dir to a folder on /nvme") for s in small.suggestions)
+
+
+def test_without_a_swap_dir_nothing_is_planned_on_disk():
+    rng = random.Random(1)
+    for _ in range(40):
+        device = rng.choice(["cpu", "cuda"])
+        m = machine(compute_device=device, device_bytes=rng.randint(5000, 200000),
+                    host_ram_bytes=rng.randint(5000, 200000),
+                    pinned_bytes=0 if device == "cpu" else rng.randint(0, 100000))
+        wl = rng.choice([ZO, AD])
+        p = make_plan(toy(rng.randint(1, 8)), wl, m, Options(mode=rng.choice(["auto", "stream"])), suggest=False)
+        assert S not in homes(p) and S not in {b.optimizer_home for b in p.blocks} and p.memory.ssd == 0
+
+
+def lora_of(inv: ModelInventory, adapter_params: int = 16) -> ModelInventory:
+    """The inventory under LoRA: each layer gains trainable adapters; the base trains nothing."""
+    def under_lora(b: BlockSpec) -> BlockSpec:
+        if b.name.startswith("layers."):
+            return dataclasses.replace(b, params=b.params + adapter_params, trainable_params=adapter_params)
+        return dataclasses.replace(b, trainable_params=0)
+
+    return dataclasses.replace(inv, blocks=tuple(under_lora(b) for b in inv.blocks))
+
+
+def test_suggestions_combine_two_changes_when_each_alone_fails():
+    """AdamW on OPT-175B with 128 GB of RAM, in miniature: the weights outgrow host RAM, so LoRA alone
+    still needs a disk, and with a disk the full optimizer still outgrows the device; both together fit.
+    The LoRA suggestion is planned with LoRA's trainable counts (`lora_inventory`), not every parameter."""
+    inv = toy()
+    m = machine(device_bytes=30000, host_ram_bytes=20000, pinned_bytes=20000)
+    p = make_plan(inv, AD, m, Options(), lora_inventory=lambda: lora_of(inv))
+    assert not p.feasible
+    swap = "set offload.swap_dir to a folder on /nvme (10.0 MB free)"
+    assert f"{swap}: still does not fit" in p.suggestions and "use peft.type: lora: still does not fit" in p.suggestions
+    both = make_plan(lora_of(inv), dataclasses.replace(AD, lora=True), m, Options(swap_dir="/nvme"))
+    assert both.feasible
+    assert (f"{swap}, and use peft.type: lora: fits, {both.times.step_s:.3g} s/step ({both.times.bottleneck}-bound)"
+            in p.suggestions)
+    fits = [s for s in p.suggestions if ": fits, " in s]
+    assert fits and all(", and " in s for s in fits)  # only pairs: no single change fits
+    times = [float(s.split(": fits, ")[1].split(" s/step")[0]) for s in fits]
+    assert times == sorted(times)  # fastest first
+
+
+def test_forced_ssd_home_without_a_swap_dir_suggests_one():
+    p = make_plan(toy(), ZO, machine(), Options(mode="stream", weights_home=S))
+    assert not p.feasible and p.reasons[0].startswith("SSD: needs") and "no offload.swap_dir set" in p.reasons[0]
+    assert any(s.startswith("set offload.swap_dir to a folder on /nvme") and ": fits" in s for s in p.suggestions)
