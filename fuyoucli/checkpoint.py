@@ -4,7 +4,8 @@ Last stage of the pipeline. Writes go to a temporary folder beside the target, e
 fsynced, then one rename publishes it; an older folder of the same name is replaced only after that.
 Checkpoints (output_dir/checkpoints/step-NNNNNNNN) hold the trainer's tensors in safetensors shards,
 the run's RNG states in run.safetensors, and state.json: step, data position, the trainer's metadata,
-the recipe and the plan, and a sha256 per file so that a damaged checkpoint is refused, never loaded.
+the recipe and the plan; manifest.json, written last, holds a sha256 of every other file (state.json
+included) and of itself, so that a damaged or edited checkpoint is refused, never loaded.
 Imports torch and safetensors; never rich, never the CLI.
 """
 
@@ -23,10 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fuyoucli.errors import FuyouError, ResourceError
+from fuyoucli.folder_lock import LOCK_FILE
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: manifest.json covers every file; 1 (still read): state.json's own "files" table
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "state.json"
+MANIFEST = "manifest.json"
 RUN_TENSORS = "run.safetensors"
 _NAME = re.compile(r"^step-(\d{8})$")
 
@@ -72,6 +75,11 @@ def atomic_dir(target: Path) -> Iterator[Path]:
         _fsync_tree(tmp)
         old = None
         if target.exists():
+            lock = target / LOCK_FILE
+            if lock.is_file():
+                # The folder's lock (fuyou export holds it) moves into the new folder as the same inode, so the
+                # path never names an unlocked file that a second process could take.
+                os.link(lock, tmp / LOCK_FILE)
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)
         os.replace(tmp, target)
@@ -95,8 +103,12 @@ def _disk_full(exc: BaseException) -> bool:
     return "No space left on device" in text or "Disk quota exceeded" in text
 
 
-def save_final_model(model, tokenizer, target: Path, *, recipe=None) -> Path:
-    """A Hugging Face folder `from_pretrained` loads: full weights in safetensors, or the LoRA adapter."""
+FINAL_INFO = "fuyou_final.json"
+
+
+def save_final_model(model, tokenizer, target: Path, *, recipe=None, step: int | None = None) -> Path:
+    """A Hugging Face folder `from_pretrained` loads: full weights in safetensors, or the LoRA adapter;
+    fuyou_final.json says which step the weights are from (what `fuyou export` reports)."""
     try:
         with atomic_dir(target) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
@@ -104,6 +116,9 @@ def save_final_model(model, tokenizer, target: Path, *, recipe=None) -> Path:
             if recipe is not None:
                 (tmp / "fuyou_recipe.json").write_text(json.dumps(recipe.model_dump(mode="json"), indent=2),
                                                        encoding="utf-8")
+            if step is not None:
+                (tmp / FINAL_INFO).write_text(json.dumps({"step": step}), encoding="utf-8")
+                crash_point("final_model", step)
     except Exception as e:  # noqa: BLE001
         if _disk_full(e):
             raise ResourceError(f"disk full writing the final model to {target}: free space there (the run's "
@@ -143,11 +158,19 @@ def list_checkpoints(root: Path) -> list[Path]:
 
 
 def clean_unfinished(root: Path) -> list[Path]:
-    """Remove what interrupted checkpoint writes left (hidden .step-*.tmp-* / .old-* folders)."""
+    """Remove what interrupted checkpoint writes left (hidden .step-*.tmp-* / .old-* folders). Call it only
+    while holding the run's lock (fuyoucli/folder_lock.py): then no live process owns them."""
+    return remove_leftovers(root, _NAME.pattern.strip("^$"), pattern=True)
+
+
+def remove_leftovers(parent: Path, name: str, *, pattern: bool = False) -> list[Path]:
+    """Remove the hidden .NAME.tmp-* / .NAME.old-* folders an interrupted atomic_dir(parent / NAME) left (a kill
+    during a checkpoint, the final model save or an export). Only under the lock of their folder."""
+    leftover = re.compile(rf"\.(?:{name if pattern else re.escape(name)})\.(?:tmp|old)-.+")
     removed = []
-    if root.is_dir():
-        for p in root.iterdir():
-            if p.is_dir() and p.name.startswith(".step-") and (".tmp-" in p.name or ".old-" in p.name):
+    if parent.is_dir():
+        for p in parent.iterdir():
+            if p.is_dir() and leftover.fullmatch(p.name):
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p)
     return removed
@@ -159,6 +182,22 @@ def _sha256(path: Path) -> str:
         while chunk := f.read(1 << 22):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _file_entry(path: Path) -> dict:
+    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def _doc_sha256(doc: dict) -> str:
+    return hashlib.sha256(json.dumps({k: v for k, v in doc.items() if k != "sha256"}, sort_keys=True)
+                          .encode("utf-8")).hexdigest()
+
+
+def _write_manifest(folder: Path, files: dict) -> None:
+    # The manifest's own sha256 (of the rest of it) makes an edit of the manifest itself detectable too.
+    doc = {"format": FORMAT_VERSION, "files": files}
+    doc["sha256"] = _doc_sha256(doc)
+    (folder / MANIFEST).write_text(json.dumps(doc, indent=1), encoding="utf-8")
 
 
 def _safe_file_name(shard: str) -> str:
@@ -201,11 +240,12 @@ def save_checkpoint(root: Path, step: int, shards: Iterable[tuple[str, Mapping]]
             _save_tensors(run_tensors, tmp / RUN_TENSORS)
             files[RUN_TENSORS] = {}
             for name in files:
-                path = tmp / name
-                files[name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+                files[name] = _file_entry(tmp / name)
                 nbytes += files[name]["bytes"]
-            doc = {"format": FORMAT_VERSION, "step": step, **state, "files": files, "keys": keys}
+            doc = {"format": FORMAT_VERSION, "step": step, **state, "keys": keys}
             (tmp / STATE_FILE).write_text(json.dumps(doc, indent=1, allow_nan=True), encoding="utf-8")
+            files[STATE_FILE] = _file_entry(tmp / STATE_FILE)
+            _write_manifest(tmp, files)
     except Exception as e:  # noqa: BLE001 - safetensors reports a full disk as its own error type
         if _disk_full(e):
             previous = [p for p in list_checkpoints(root) if p != target]
@@ -237,14 +277,67 @@ def prune_checkpoints(root: Path, keep: int) -> list[Path]:
 def _read_state(path: Path, quiet: bool = False) -> dict:
     try:
         doc = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
-        if not isinstance(doc, dict) or "step" not in doc or "files" not in doc:
+        if not isinstance(doc, dict) or "step" not in doc:
             raise ValueError("missing keys")
         return doc
     except (OSError, ValueError) as e:
         if quiet:
             return {}
-        raise CheckpointError(f"checkpoint {path} is damaged: its {STATE_FILE} cannot be read ({e}); "
-                              f"resume from an older checkpoint") from e
+        raise _damaged(path, f"its {STATE_FILE} cannot be read ({e})") from e
+
+
+def _damaged(path: Path, what: str) -> CheckpointError:
+    return CheckpointError(f"checkpoint {path} is damaged: {what}; resume from an older checkpoint")
+
+
+def _verify_files(path: Path, files: object, *, required: tuple[str, ...]) -> None:
+    if not isinstance(files, dict) or any(n not in files for n in required):
+        raise _damaged(path, "its checksum table is incomplete")
+    for name, info in files.items():
+        f = path / name
+        if not isinstance(name, str) or "/" in name or not isinstance(info, dict):
+            raise _damaged(path, "its checksum table is malformed")
+        if not f.is_file():
+            raise _damaged(path, f"{name} is missing")
+        if f.stat().st_size != info.get("bytes") or _sha256(f) != info.get("sha256"):
+            raise _damaged(path, f"{name} does not match its checksum")
+
+
+def _verify_manifest(path: Path) -> None:
+    """Every file against manifest.json, state.json before a byte of it is believed."""
+    try:
+        doc = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+        files = doc["files"]
+        ok = doc.get("sha256") == _doc_sha256(doc) and doc.get("format") == FORMAT_VERSION
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise _damaged(path, f"its {MANIFEST} cannot be read ({e})") from e
+    if not ok:
+        raise _damaged(path, f"its {MANIFEST} does not match its checksum")
+    _verify_files(path, files, required=(STATE_FILE, RUN_TENSORS))
+
+
+def _check_state(path: Path, state: dict) -> None:
+    """The fields every reader relies on have their types (a checksummed state.json can still be from a bug)."""
+    keys, step = state.get("keys", {}), state.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise _damaged(path, f"its step {step!r} is not a step number")
+    if _NAME.match(path.name) and path.name != checkpoint_name(step):
+        raise _damaged(path, f"its step {step} does not match the folder's name")
+    if not isinstance(keys, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in keys.items()):
+        raise _damaged(path, f"its {STATE_FILE} has a malformed tensor table")
+    if not keys and not state.get("ledger_base"):
+        raise _damaged(path, "it lists no tensors")
+    from safetensors import safe_open
+
+    for name in sorted(set(keys.values())):
+        try:
+            with safe_open(str(path / name), framework="pt") as f:
+                held = set(f.keys())
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for a bad header
+            raise _damaged(path, f"{name} cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from e
+        missing = [k for k, v in keys.items() if v == name and k not in held]
+        if missing:
+            raise _damaged(path, f"{name} lacks {missing[0]}")
 
 
 class LazyTensors(Mapping):
@@ -283,27 +376,33 @@ class Checkpoint:
 
 
 def load_checkpoint(path: str | Path, *, verify: bool = True) -> Checkpoint:
-    """Open a checkpoint folder, refusing one that is incomplete or whose files do not match their checksums."""
+    """Open a checkpoint folder, refusing one that is incomplete, whose files do not match their checksums
+    or whose state.json lacks what a reader needs: all of it is checked before anything is loaded."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint not found: {path}")
-    if not (path / STATE_FILE).is_file():
+    if not (path / STATE_FILE).is_file() and not (path / MANIFEST).is_file():
         raise CheckpointError(f"{path} is not a complete fuyou checkpoint (no {STATE_FILE}); "
                               f"checkpoints are the step-NNNNNNNN folders under OUTPUT_DIR/{CHECKPOINTS}")
+    has_manifest = (path / MANIFEST).is_file()
+    if verify and has_manifest:
+        _verify_manifest(path)
     state = _read_state(path)
-    if state.get("format") != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {path} has format {state.get('format')!r}; this fuyou reads format {FORMAT_VERSION}")
+    version = state.get("format")
+    if version not in (1, FORMAT_VERSION):
+        raise CheckpointError(f"checkpoint {path} has format {version!r}; this fuyou reads formats 1 and {FORMAT_VERSION}")
     if verify:
-        for name, info in state["files"].items():
-            f = path / name
-            if not f.is_file():
-                raise CheckpointError(f"checkpoint {path} is damaged: {name} is missing; resume from an older checkpoint")
-            if f.stat().st_size != info["bytes"] or _sha256(f) != info["sha256"]:
-                raise CheckpointError(f"checkpoint {path} is damaged: {name} does not match its checksum; "
-                                      f"resume from an older checkpoint")
+        if version == 1:
+            _verify_files(path, state.get("files"), required=())
+        elif not has_manifest:
+            raise _damaged(path, f"{MANIFEST} is missing")
+        _check_state(path, state)
     from safetensors.torch import load_file
 
-    run_tensors = load_file(str(path / RUN_TENSORS)) if (path / RUN_TENSORS).is_file() else {}
+    try:
+        run_tensors = load_file(str(path / RUN_TENSORS)) if (path / RUN_TENSORS).is_file() else {}
+    except Exception as e:  # noqa: BLE001 - safetensors' own error type
+        raise _damaged(path, f"{RUN_TENSORS} cannot be read") from e
     return Checkpoint(path, state, LazyTensors(path, state.get("keys", {})), run_tensors)
 
 

@@ -36,6 +36,9 @@ def finetune(
                                          help="Write a Chrome/Perfetto trace (JSON) of a few steps: one track per "
                                               "lane (compute, upload, offload, SSD read/write, CPU optimizer)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in training.output_dir."),
+    allow_data_change: bool = typer.Option(False, "--allow-data-change",
+                                           help="With --resume: continue even though the data files differ from "
+                                                "those the checkpoint was trained on (a warning is printed)."),
     engine: str = typer.Option("fuyou", "--engine", metavar="fuyou|deepspeed",
                                help="fuyou: this package's engine (one process, or --nproc zo2 ranks). deepspeed: "
                                     "DeepSpeed ZeRO-3 through its own launcher, with the config `fuyou plan "
@@ -82,7 +85,8 @@ def finetune(
         sinks.append(TraceSink(trace))
     command = str(recipe) + "".join(f" --set {shlex.quote(s)}" for s in set_ or [])
     run_finetune(loaded, sinks=sinks, overwrite=overwrite,
-                 resume=(str(checkpoint) if checkpoint else True) if resume else None, recipe_path=command)
+                 resume=(str(checkpoint) if checkpoint else True) if resume else None, recipe_path=command,
+                 allow_data_change=allow_data_change)
 
 
 def _display(recipe, *, quiet: bool, json_logs: bool, plain: bool):

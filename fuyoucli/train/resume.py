@@ -11,6 +11,7 @@ Writes files only through fuyoucli/checkpoint.py; never imports rich.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import random
 import time
 from pathlib import Path
@@ -94,8 +95,9 @@ def find_resume_checkpoint(recipe: Recipe, resume: str | Path | bool) -> Path:
         clean_unfinished(root)
         found = latest_checkpoint(root)
         if found is None:
-            raise CheckpointError(f"nothing to resume: no checkpoint under {root} (set training.checkpoint_every "
-                                  "to write them, or pass --resume CHECKPOINT_DIR)")
+            raise CheckpointError(f"nothing to resume: no checkpoint under {root} (the run stopped before its first "
+                                  "one, or training.checkpoint_every is 0): start it again without --resume, or "
+                                  "pass --resume CHECKPOINT_DIR")
         return found
     path = Path(resume)
     if (path / "checkpoints").is_dir() and not (path / "state.json").exists():  # an output_dir was given
@@ -106,9 +108,79 @@ def find_resume_checkpoint(recipe: Recipe, resume: str | Path | bool) -> Path:
     return path
 
 
-def open_for_resume(recipe: Recipe, resume: str | Path | bool) -> Checkpoint:
-    """Open and verify the checkpoint and check that it belongs to this recipe; loads no weights."""
+def data_fingerprint(recipe: Recipe) -> list[dict]:
+    """Size and sha256 of every data file the run reads, taken once per run start and stored in its checkpoints."""
+    out = []
+    for role, paths in (("train", recipe.data.train), ("eval", recipe.data.eval)):
+        for name in paths:
+            path = Path(name).expanduser()
+            if not path.is_file():
+                continue  # a dataset that is not one local file is not fingerprinted
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 22):
+                    h.update(chunk)
+            out.append({"role": role, "path": str(name), "bytes": path.stat().st_size, "sha256": h.hexdigest()})
+    return out
+
+
+def data_changes(ckpt: Checkpoint, now: list[dict]) -> list[str]:
+    """The data files that differ from those the checkpoint's run read (none for a checkpoint without a record)."""
+    saved = ckpt.state.get("data_files")
+    if not isinstance(saved, list):
+        return []
+    before = {(d.get("role"), d.get("path")): d for d in saved if isinstance(d, dict)}
+    after = {(d["role"], d["path"]): d for d in now}
+    out = []
+    for key in sorted(set(before) | set(after), key=str):
+        a, b = before.get(key), after.get(key)
+        if a is None or b is None or (a.get("bytes"), a.get("sha256")) != (b["bytes"], b["sha256"]):
+            what = "is new" if a is None else "is gone" if b is None else \
+                f"changed ({a.get('bytes')} -> {b['bytes']} bytes)"
+            out.append(f"data.{key[0]} {key[1]} {what}")
+    return out
+
+
+def _check_resume_state(ckpt: Checkpoint) -> None:
+    """What a resumed run reads from state.json and run.safetensors, checked before any file is touched."""
+    st = ckpt.state
+
+    def count(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    data, meta = st.get("data"), st.get("rng", {})
+    problem = None
+    if not isinstance(data, dict) or not count(data.get("epoch")) or not count(data.get("index")):
+        problem = "its data position is missing or malformed"
+    elif not count(st.get("total_steps")) or not isinstance(st.get("trainer", {}), dict):
+        problem = "its step count or trainer state is malformed"
+    elif not isinstance(meta, dict):
+        problem = "its RNG state is malformed"
+    else:
+        try:
+            saved_py = random.getstate()
+            restore_rng({}, meta)  # Python's generator validates the state it is given
+            random.setstate(saved_py)
+            torch_state = ckpt.run_tensors.get("rng.torch")
+            if torch_state is not None and (torch_state.dtype != torch.uint8
+                                            or torch_state.shape != torch.get_rng_state().shape):
+                raise ValueError("torch")
+            for s, gs, lr in st.get("ledger", []):
+                int(s), [float(g) for g in gs], float(lr)
+            for key in ("first_eval", "last_eval"):
+                eval_from(st.get(key))
+        except (TypeError, ValueError, KeyError) as e:
+            problem = f"its RNG state, ledger or evaluations are malformed ({type(e).__name__})"
+    if problem:
+        raise CheckpointError(f"checkpoint {ckpt.path} is damaged: {problem}; resume from an older checkpoint")
+
+
+def open_for_resume(recipe: Recipe, resume: str | Path | bool, *, data_files: list[dict] | None = None,
+                    allow_data_change: bool = False, note=None) -> Checkpoint:
+    """Open and verify the checkpoint and check that it belongs to this recipe and (given `data_files`, this
+    run's data_fingerprint) to the same data; loads no weights and changes no file."""
     ckpt = load_checkpoint(find_resume_checkpoint(recipe, resume))
+    _check_resume_state(ckpt)
     try:
         saved = validate_recipe(ckpt.state.get("recipe") or {}).model_dump(mode="json")
     except FuyouError as e:
@@ -125,7 +197,15 @@ def open_for_resume(recipe: Recipe, resume: str | Path | bool) -> Checkpoint:
         if not base_path.is_dir():
             raise CheckpointError(f"checkpoint {ckpt.path} is a seed ledger over {base}, which is missing; "
                                   "resume from an older full checkpoint")
-        load_checkpoint(base_path)  # verified now, before any weights load
+        _check_resume_state(load_checkpoint(base_path))  # verified now, before any weights load
+    changed = data_changes(ckpt, data_files) if data_files is not None else []
+    if changed and not allow_data_change:
+        more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
+        raise CheckpointError(f"checkpoint {ckpt.path} was trained on other data: {changed[0]}{more}; restore the "
+                              "files, or pass --allow-data-change to continue on the new data")
+    for c in changed:
+        if note is not None:
+            note(f"warning: {c} since the checkpoint (--allow-data-change): the run continues on the new data")
     return ckpt
 
 
@@ -161,9 +241,11 @@ def eval_from(doc: dict | None) -> EvalDone | None:
 class Checkpointer:
     """Decides when a checkpoint is due and writes it (full, or a zo2 seed ledger over the last full one)."""
 
-    def __init__(self, recipe: Recipe, plan: Plan | None, trainer, *, total_steps: int, device: torch.device):
+    def __init__(self, recipe: Recipe, plan: Plan | None, trainer, *, total_steps: int, device: torch.device,
+                 data_files: list[dict] | None = None):
         t = recipe.training
         self.recipe, self.plan, self.trainer = recipe, plan, trainer
+        self.data_files = data_files
         self.total_steps, self.device = total_steps, device
         self.root = checkpoint_root(t.output_dir)
         self.every, self.minutes, self.keep = t.checkpoint_every, t.checkpoint_minutes, t.keep_checkpoints
@@ -212,6 +294,8 @@ class Checkpointer:
             "last_eval": dataclasses.asdict(last_eval) if last_eval else None,
             "created_unix": time.time(),
         }
+        if self.data_files is not None:
+            state["data_files"] = self.data_files
         if ledger:
             state.update(ledger_base=self.base, ledger_base_step=self.base_step,
                          ledger=[[s, g, lr] for s, g, lr in self.ledger])

@@ -16,9 +16,11 @@ from pathlib import Path
 
 import torch
 
-from fuyoucli.checkpoint import checkpoint_root, clean_unfinished, crash_point, remove_stale_swap, save_final_model
+from fuyoucli.checkpoint import (CheckpointError, checkpoint_root, clean_unfinished, crash_point, list_checkpoints,
+                                 remove_leftovers, remove_stale_swap, save_final_model)
 from fuyoucli.engine.lanes import lanes_choice, synchronize_device
 from fuyoucli.errors import FuyouError, RecipeError
+from fuyoucli.folder_lock import LOCK_FILE, folder_lock, holds_only_lock
 from fuyoucli.model.inventory import inventory
 from fuyoucli.model.loading import load_model, load_tokenizer
 from fuyoucli.plan.types import Plan
@@ -114,6 +116,21 @@ def evaluate(trainer, data: Datasets, recipe: Recipe, device: torch.device, step
                     examples=len(data.eval))
 
 
+def check_finite(res, step: int, lr: float, scale_used: float | None) -> None:
+    """Stop a run whose loss or gradients stopped being finite. Without loss scaling (fp32, bf16) the first
+    such step ends it. fp16 loss scaling skips an overflowing step and halves the scale; a step that
+    overflows with the scale already at its floor (1.0) ends it, so at most log2(scale) + 1 steps are
+    skipped in a row (17 from the initial 2**16)."""
+    scaled = "loss_scale" in res.extra
+    if scaled and res.skipped and (scale_used is None or scale_used > 1.0):
+        return
+    if res.skipped or not math.isfinite(res.loss):
+        what = f"the loss became {res.loss}" if not math.isfinite(res.loss) else "the gradients became non-finite"
+        floor = " (fp16: it overflowed with the loss scale already at its floor, 1.0)" if scaled else ""
+        raise TrainingDiverged(f"{what} at step {step}{floor}: lower method.lr (now {lr:g}) or use "
+                               "float32/bfloat16")
+
+
 def check_recipe_for_method(recipe: Recipe) -> None:
     if recipe.method.name == "zo2" and recipe.peft.type == "lora" and recipe.peft.dropout > 0:
         raise RecipeError("peft.dropout must be 0 with method zo2: both perturbed forward passes must compute "
@@ -121,7 +138,8 @@ def check_recipe_for_method(recipe: Recipe) -> None:
 
 
 def prepare_output_dir(path: Path, overwrite: bool) -> None:
-    check_output_dir(path, overwrite=overwrite, resuming=False)
+    if path.is_dir() and not holds_only_lock(path):  # a lock file alone is this process's
+        check_output_dir(path, overwrite=overwrite, resuming=False)
     if overwrite:
         # The old run's checkpoints and model must not be mistaken for this run's (by --resume, by a reader).
         import shutil
@@ -168,21 +186,70 @@ def _planned(plan: Plan | None) -> dict[str, float]:
             "device_bytes": float(plan.memory.device), "pinned_bytes": float(plan.pinned_pool_bytes + plan.memory.pinned)}
 
 
+def _never_started(out_dir: Path) -> bool:
+    """True if out_dir holds only what a start that completed no step leaves (an empty or eval-only
+    metrics.jsonl, no checkpoint, no model, interrupted temporaries): such a folder is not a run."""
+    from fuyoucli.telemetry.jsonl import read_metrics
+
+    for p in out_dir.iterdir():
+        if p.name in (LOCK_FILE, "metrics.jsonl.tmp") or p.name.startswith(".model."):
+            continue
+        if p.name == "checkpoints" and p.is_dir() and not list_checkpoints(p):
+            continue
+        if p.name == "metrics.jsonl" and p.is_file():
+            try:
+                if not any(r.get("kind") == "train" for r in read_metrics(p)):
+                    continue
+            except (OSError, ValueError):
+                pass
+        return False
+    return True
+
+
+def _forget_unstarted(out_dir: Path) -> bool:
+    """Remove the leftovers of a start that completed no step (see _never_started); True if there were any."""
+    import shutil
+
+    if not out_dir.is_dir() or holds_only_lock(out_dir) or not _never_started(out_dir):
+        return False
+    shutil.rmtree(checkpoint_root(out_dir), ignore_errors=True)
+    remove_leftovers(out_dir, "model")
+    for name in ("metrics.jsonl", "metrics.jsonl.tmp"):
+        (out_dir / name).unlink(missing_ok=True)
+    return True
+
+
 def finetune(recipe: Recipe, sinks: list[Sink] | None = None, *, overwrite: bool = False,
              plan: Plan | None | str = "auto", resume: str | Path | bool | None = None,
-             recipe_path: str | None = None) -> RunFinished:
+             recipe_path: str | None = None, allow_data_change: bool = False) -> RunFinished:
     """Run a recipe. `plan` decides where weights live: "auto" asks the planner (per offload.mode),
     a Plan is taken as given, None runs everything in memory (the reference path). `resume` (True for
     the newest checkpoint under training.output_dir, or a checkpoint folder) continues a run exactly,
-    with the plan saved in the checkpoint."""
-    from fuyoucli.train import resume as ckpts
-
+    with the plan saved in the checkpoint; a checkpoint of other data files is refused unless
+    `allow_data_change`. The output folder is locked for the whole run (fuyoucli/folder_lock.py)."""
     check_recipe_for_method(recipe)
     out_dir = Path(recipe.training.output_dir)
-    check_output_dir(out_dir, overwrite=overwrite, resuming=bool(resume))
+    # The lock comes before every look at the folder, --overwrite's deletions included: a second process
+    # must not judge, cut or delete what a live run is writing.
+    with folder_lock(out_dir, what="training.output_dir"):
+        return _finetune(recipe, sinks, out_dir, overwrite=overwrite, plan=plan, resume=resume,
+                         recipe_path=recipe_path, allow_data_change=allow_data_change)
+
+
+def _finetune(recipe: Recipe, sinks: list[Sink] | None, out_dir: Path, *, overwrite: bool, plan: Plan | None | str,
+              resume: str | Path | bool | None, recipe_path: str | None, allow_data_change: bool) -> RunFinished:
+    from fuyoucli.train import resume as ckpts
+
+    notes: list[str] = []
+    if not resume and not overwrite and _forget_unstarted(out_dir):
+        notes.append(f"removed what an earlier start that completed no step left in {out_dir}")
+    if not holds_only_lock(out_dir):
+        check_output_dir(out_dir, overwrite=overwrite, resuming=bool(resume))
     ckpt = None
+    data_files = ckpts.data_fingerprint(recipe)
     if resume:
-        ckpt = ckpts.open_for_resume(recipe, resume)
+        ckpt = ckpts.open_for_resume(recipe, resume, data_files=data_files, allow_data_change=allow_data_change,
+                                     note=notes.append)
         if plan == "auto":
             plan = ckpts.saved_plan(ckpt, recipe)
     t0 = time.perf_counter()
@@ -194,7 +261,7 @@ def finetune(recipe: Recipe, sinks: list[Sink] | None = None, *, overwrite: bool
     # Tokenize first (cheap) so that the label count is known when a classification head is built.
     tokenizer = load_tokenizer(recipe.model)
     data = build_datasets(recipe.data, tokenizer, seed=seed, head=recipe.model.head)
-    notes = [f"data: {n}" for n in data.notes]
+    notes += [f"data: {n}" for n in data.notes]
     num_labels = len(data.label_names) or None
     if plan == "auto":
         plan = plan_for_run(recipe, num_labels=num_labels, note=notes.append)
@@ -205,6 +272,8 @@ def finetune(recipe: Recipe, sinks: list[Sink] | None = None, *, overwrite: bool
     if ckpt is None:
         prepare_output_dir(out_dir, overwrite)
     clean_unfinished(checkpoint_root(out_dir))
+    for stale in remove_leftovers(out_dir, "model"):
+        notes.append(f"removed {stale}, the final model a killed run was writing")
     if plan is not None:
         for stale in remove_stale_swap(plan.swap_dir):
             notes.append(f"removed {stale}, swap files of a run that was killed")
@@ -219,16 +288,21 @@ def finetune(recipe: Recipe, sinks: list[Sink] | None = None, *, overwrite: bool
     total = sum(p.numel() for p in params)
     m = recipe.method
     start = ckpt.step if ckpt is not None else 0
-    all_sinks = Sinks([JsonlSink(out_dir / "metrics.jsonl", keep_through_step=start if ckpt else None),
-                       *(sinks or [])])
+    all_sinks = Sinks(list(sinks or []))
     trainer = None
     try:
         trainer = build_trainer(model, recipe, data, plan, device)
-        checkpointer = ckpts.Checkpointer(recipe, plan, trainer, total_steps=steps, device=device)
+        checkpointer = ckpts.Checkpointer(recipe, plan, trainer, total_steps=steps, device=device,
+                                          data_files=data_files)
         if ckpt is not None:
             if not checkpointer.supported:
                 raise FuyouError(f"--resume is not supported yet for this trainer ({trainer.where})")
-            ledger = ckpts.restore_trainer(trainer, ckpt)
+            try:
+                ledger = ckpts.restore_trainer(trainer, ckpt)
+            except (KeyError, ValueError, IndexError) as e:
+                raise CheckpointError(f"checkpoint {ckpt.path} does not fit this run's trainer ({type(e).__name__}: "
+                                      f"{str(e).splitlines()[0] if str(e) else ''}); resume from another "
+                                      "checkpoint") from e
             checkpointer.resumed(ckpt, ledger)
             notes.append(f"resumed from {ckpt.path} (step {start} of {steps}"
                          + (f", {len(ledger)} ledger steps replayed" if ledger else "") + ")")
@@ -244,6 +318,9 @@ def finetune(recipe: Recipe, sinks: list[Sink] | None = None, *, overwrite: bool
             planned_s = f"{step_s:.2f} s" if step_s >= 0.1 else f"{step_s * 1000:.1f} ms"
             offload += f"; planned {planned_s}/step, bottleneck {bottleneck}" if step_s else ""
             notes += [f"plan: {n}" for n in plan.notes]
+        # metrics.jsonl is opened (a resumed run's cut to its checkpoint's step) only now that the whole
+        # checkpoint has been validated and loaded: a refused one leaves the file as it was.
+        all_sinks.sinks.insert(0, JsonlSink(out_dir / "metrics.jsonl", keep_through_step=start if ckpt else None))
         all_sinks.emit(RunStarted(
             name=recipe.name, method=m.name + (" + lora" if recipe.peft.type == "lora" else ""),
             model=recipe.model.path, device=str(device), offload=offload, total_steps=steps,
@@ -262,6 +339,7 @@ def finetune(recipe: Recipe, sinks: list[Sink] | None = None, *, overwrite: bool
             stream = MicroBatches(data, recipe, device, (ckpt.state["data"]["epoch"], ckpt.state["data"]["index"]))
             ckpts.restore_rng(ckpt.run_tensors, ckpt.state.get("rng", {}))
         eval_every = recipe.training.eval_every
+        scale_used: float | None = None  # fp16: the loss scale the current step ran with
         with StopRequests(recipe.training.checkpoint_on_interrupt and checkpointer.supported) as stop:
             for step in range(start + 1, steps + 1):
                 micro = [next(stream) for _ in range(recipe.training.grad_accum)]
@@ -271,9 +349,8 @@ def finetune(recipe: Recipe, sinks: list[Sink] | None = None, *, overwrite: bool
                 synchronize_device(device)
                 elapsed = time.perf_counter() - began
                 crash_point("step", step)
-                if not math.isfinite(res.loss) and not res.skipped:
-                    raise TrainingDiverged(f"the loss became {res.loss} at step {step}: lower method.lr "
-                                           f"(now {m.lr:g}) or use float32/bfloat16")
+                check_finite(res, step, m.lr, scale_used)
+                scale_used = res.extra.get("loss_scale")
                 checkpointer.record(step, res.projected_grads, lr if res.applied_lr is None else res.applied_lr)
                 # tokens: the step's input tokens (padding excluded), what throughput is measured in;
                 # target_tokens: those the loss is over (answers, label words).
@@ -300,7 +377,7 @@ def finetune(recipe: Recipe, sinks: list[Sink] | None = None, *, overwrite: bool
         if last_eval:
             all_sinks.emit(last_eval)
         trainer.finalize()
-        model_dir = save_final_model(model, tokenizer, out_dir / "model", recipe=recipe)
+        model_dir = save_final_model(model, tokenizer, out_dir / "model", recipe=recipe, step=steps)
         finished = RunFinished(steps=steps, wall_time_s=time.perf_counter() - t0, model_dir=str(model_dir),
                                first_eval=first_eval, last_eval=last_eval)
         all_sinks.emit(finished)
