@@ -102,3 +102,18 @@ def test_report_on_a_file_that_is_not_utf8_or_rows_without_fields(capsys, tmp_pa
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     err = one_line(capsys, "report", str(run), "--no-plot")
     assert "metrics.jsonl:2: a train row without a number for loss" in err
+
+
+@pytest.mark.parametrize("mode", ["in_memory", "auto"])
+def test_host_memory_limit_is_honoured_on_a_cpu_machine(capsys, tmp_path, tiny_models, text_data, mode):
+    """offload.host_memory_limit below what the run needs is refused before anything is written (in_memory
+    used to skip the planner and run on regardless)."""
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_models["llama"], text_data, out,
+                          f"offload:\n  mode: {mode}\n  host_memory_limit: 300kB\nhardware:\n  preset: cpu-laptop-8c-32g\n")
+    with pytest.raises(SystemExit) as info:
+        main(["finetune", str(recipe), "--quiet"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err, err
+    assert "does not fit" in err and "offload.host_memory_limit 300,000 B caps it" in err, err
+    assert not out.exists()
