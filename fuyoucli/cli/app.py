@@ -21,7 +21,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
+    # No markup in help text: option help names extras like `[deepspeed]`, which rich markup would eat.
+    rich_markup_mode=None,
 )
 app.command(name="finetune", no_args_is_help=True)(finetune.finetune)
 app.command(name="profile")(profile.profile)
@@ -67,6 +68,10 @@ def _click_exception_types() -> tuple[tuple[type, ...], tuple[type, ...]]:
 
 def main(argv: list[str] | None = None) -> None:
     debug = os.environ.get("FUYOU_DEBUG", "") not in ("", "0")
+    if not sys.stderr.isatty():
+        # Piped logs: no tqdm bars from transformers/huggingface_hub (they redraw with carriage returns).
+        # Read when those libraries are first imported, which happens after this, inside a command.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         # Non-standalone click returns what standalone mode would have exited with: a command's
         # typer.Exit code, or 130 for a Ctrl-C it caught (commands themselves return None).

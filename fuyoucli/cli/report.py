@@ -3,6 +3,7 @@ fuyoucli.telemetry.report, drawn with rich."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
@@ -14,13 +15,14 @@ def report(
 ) -> None:
     """Summarize a run: loss, evaluations, throughput, where the step time went, checkpoints; plot it."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from fuyoucli.telemetry import report as rep
 
     s = rep.summarize(output_dir)
-    c = Console(highlight=False)
-    c.print(f"[bold]fuyou report[/] {s['output_dir']}")
+    c = Console(highlight=False, soft_wrap=not sys.stdout.isatty())  # piped: no 80-column wrapping of paths
+    c.print(f"[bold]fuyou report[/] {escape(s['output_dir'])}")
     t = Table(show_header=False, box=None, padding=(0, 2))
     t.add_column(style="bold")
     t.add_column()
@@ -50,4 +52,5 @@ def report(
     c.print(t)
     if plot and s["steps"]:
         png = rep.plot(output_dir)
-        c.print(f"plot: {png}" if png else "plot: not written: install matplotlib (pip install 'fuyoucli[plot]')")
+        c.print(f"plot: {png}" if png else "plot: not written: install matplotlib (pip install 'fuyoucli[plot]')",
+                markup=False)

@@ -127,6 +127,12 @@ def _o_direct_works(directory: Path) -> bool:
         probe.unlink(missing_ok=True)
 
 
+SWAP_MARGIN_BYTES = 256 << 20
+"""Free space the swap store leaves on swap_dir's disk beyond its block files (the filesystem's own
+metadata, other writers, the page cache's dirty data). Preflight checks the same number before a run
+starts, so a run that passes it never stops for space when the store opens."""
+
+
 class SsdStore:
     """One file per key under `swap_dir/fuyou-<pid>/`; async reads and writes on a thread pool."""
 
@@ -137,11 +143,11 @@ class SsdStore:
         base = Path(swap_dir).expanduser()
         base.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(base).free
-        margin = 256 * 1024 * 1024
-        if needed_bytes + margin > free:
+        if needed_bytes + SWAP_MARGIN_BYTES > free:
             raise ResourceError(
                 f"not enough free space in swap_dir {base}: {needed_bytes / 2**30:.2f} GiB of block files "
-                f"need room, {free / 2**30:.2f} GiB free; point offload.swap_dir at a larger disk")
+                f"plus a {SWAP_MARGIN_BYTES >> 20} MiB margin need room, {free / 2**30:.2f} GiB free; "
+                "point offload.swap_dir at a larger disk")
         self.root = base / f"fuyou-swap-{os.getpid()}"
         self.root.mkdir(exist_ok=True)
         self.direct = _o_direct_works(self.root)

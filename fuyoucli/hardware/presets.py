@@ -1,7 +1,7 @@
 """Hardware profile stage, what-if machines: named HardwareProfiles for planning without the hardware.
 
-These are PRESETS, not measurements: vendor peak figures and rules of thumb from
-shared/BACKGROUND.md, each line saying where its number comes from and which ones are assumptions.
+These are PRESETS, not measurements: vendor peak figures and common rules of thumb
+(PCIe, NVMe, CPU AdamW rates), each line saying where its number comes from and which ones are assumptions.
 A measured profile (`fuyou profile`) always beats a preset. Imports no torch.
 """
 
@@ -16,7 +16,7 @@ from fuyoucli.hardware.profile import (
 
 GB, GIB, MIB = 10**9, 1 << 30, 1 << 20
 TFLOPS = 1e12
-# BACKGROUND.md: CPU AdamW (torch fused, fp32) moves ~28 bytes per parameter and ran at ~0.8 G
+# Rule of thumb: CPU AdamW (torch fused, fp32) moves ~28 bytes per parameter and ran at ~0.8 G
 # params/s per core on a small VM (fuyou's own probe measured 0.7-0.8 on one core of a Xeon VM).
 ADAMW_BYTES_PER_PARAM = 28
 ADAMW_PER_CORE_PARAMS_PER_S = 0.8e9
@@ -32,7 +32,7 @@ DUPLEX_FRACTION = 0.8
 # reuse limit costs page faults: new-tensor adds ran at ~1/3 of the in-place rate on that VM (assumed).
 CPU_RANDN_PARAMS_PER_S = 0.25e9
 CPU_FRESH_FRACTION = 1 / 3
-# BACKGROUND.md: one NVMe Gen4 drive sustains 3-4 GB/s in practice; writes drop when its cache fills.
+# Rule of thumb: one NVMe Gen4 drive sustains 3-4 GB/s in practice; writes drop when its cache fills.
 NVME_GEN4_READ_GBPS, NVME_GEN4_WRITE_GBPS = 3.5, 3.0
 
 
@@ -63,13 +63,13 @@ class _Box:
 # Vendor sheets: NVIDIA Ada whitepaper (RTX 4090: 165.2 TFLOPS dense FP16/BF16 with FP32 accumulate,
 # 82.6 FP32, 1008 GB/s), GA102 whitepaper (RTX 3090: 71 / 35.6 TFLOPS, 936 GB/s), A100 datasheet
 # (80GB PCIe: 312 dense BF16/FP16, 19.5 FP32, 1935 GB/s), H100/H200 datasheets (SXM: ~989 dense
-# BF16/FP16, 67 FP32; 3.35 TB/s HBM3 / 4.8 TB/s HBM3e). BACKGROUND.md rounds these to 165/71/312/990.
+# BF16/FP16, 67 FP32; 3.35 TB/s HBM3 / 4.8 TB/s HBM3e). common rules of thumb round these to 165/71/312/990.
 RTX4090 = _Gpu("NVIDIA GeForce RTX 4090 (preset)", 24 * GIB, 165.2, 165.2, 82.6, 1008)
 RTX3090 = _Gpu("NVIDIA GeForce RTX 3090 (preset)", 24 * GIB, 71.0, 71.0, 35.6, 936)
 A100_80G_PCIE = _Gpu("NVIDIA A100 80GB PCIe (preset)", 80 * GIB, 312.0, 312.0, 19.5, 1935)
 H100_SXM = _Gpu("NVIDIA H100 80GB SXM (preset)", 80 * GIB, 989.0, 989.0, 67.0, 3350)
-# H200: this workplace's lent H200 measured ~790 TFLOP/s bf16 (8192^3, random data) and ~4300 GB/s
-# device copy counting read+write, and nvidia-smi showed 143771 MiB (device/KINDS.md); those measured figures are used over the
+# H200: an H200 measured ~790 TFLOP/s bf16 (8192^3, random data) and ~4300 GB/s
+# device copy counting read+write, and nvidia-smi showed 143771 MiB; those measured figures are used over the
 # 989 / 4800 datasheet peaks. fp16 assumed equal to bf16 (same tensor-core rate on Hopper).
 H200 = _Gpu("NVIDIA H200 (preset)", 143771 * MIB, 790.0, 790.0, 67.0, 4300)
 
@@ -77,45 +77,45 @@ _BOXES: dict[str, _Box] = {
     "rtx4090-pcie4-1nvme-128g": _Box(
         "consumer desktop: RTX 4090, PCIe 4.0 x16, 16-core CPU, 128 GB 2-channel DDR5, one NVMe Gen4",
         RTX4090, 25.0, "16-core desktop CPU (preset)", 16, 32, 128 * GB, 89.6, 1,
-        "Ada whitepaper; BACKGROUND.md (PCIe 4 pinned ~25 GB/s, DDR5 2-channel ~90 GB/s theoretical "
+        "Ada whitepaper; rules of thumb (PCIe 4 pinned ~25 GB/s, DDR5 2-channel ~90 GB/s theoretical "
         "= DDR5-5600, NVMe Gen4 sustained 3-4 GB/s); CPU core count assumed",
     ),
     "rtx3090-pcie4-1nvme-64g": _Box(
         "older desktop: RTX 3090, PCIe 4.0 x16, 12-core CPU, 64 GB 2-channel DDR4-3200, one NVMe Gen4",
         RTX3090, 25.0, "12-core desktop CPU (preset)", 12, 24, 64 * GB, 51.2, 1,
-        "GA102 whitepaper; BACKGROUND.md (PCIe 4 pinned ~25 GB/s, NVMe Gen4 3-4 GB/s); DDR4-3200 x 2 "
+        "GA102 whitepaper; rules of thumb (PCIe 4 pinned ~25 GB/s, NVMe Gen4 3-4 GB/s); DDR4-3200 x 2 "
         "channels = 51.2 GB/s theoretical; CPU core count assumed",
     ),
     "a100-80g-pcie4-server": _Box(
         "server: A100 80GB PCIe, PCIe 4.0 x16, 32-core CPU, 512 GB 8-channel DDR4-3200, one NVMe Gen4",
         A100_80G_PCIE, 25.0, "32-core server CPU (preset)", 32, 64, 512 * GB, 204.8, 1,
-        "A100 datasheet; BACKGROUND.md (PCIe 4 pinned ~25 GB/s); DDR4-3200 x 8 channels = 204.8 GB/s "
+        "A100 datasheet; rules of thumb (PCIe 4 pinned ~25 GB/s); DDR4-3200 x 8 channels = 204.8 GB/s "
         "theoretical (one socket); core count, RAM size and one NVMe drive assumed",
     ),
     "rtx4090-768g-12nvme": _Box(
         "Fuyou/LoHan paper testbed: RTX 4090, PCIe 4.0, 768 GB DDR4-3200, 12 NVMe Gen4 in RAID0",
         RTX4090, 25.0, "server CPU (preset)", 32, 64, 768 * GB, 204.8, 12,
-        "BACKGROUND.md (Fuyou arXiv 2403.06504 testbed: 768 GB DDR4-3200, 12 NVMe Gen4 RAID0); RAID0 "
+        "the Fuyou paper's testbed (arXiv 2403.06504: 768 GB DDR4-3200, 12 NVMe Gen4 RAID0); RAID0 "
         "figures assume linear scaling of one drive's sustained rate, an upper bound; CPU assumed "
         "32 cores with 8 DDR4-3200 channels",
     ),
     "h100-80g-pcie5-server": _Box(
         "server: H100 80GB SXM, PCIe 5.0 host link, 56-core CPU, 1 TB 8-channel DDR5-4800, one NVMe Gen4",
         H100_SXM, 50.0, "56-core server CPU (preset)", 56, 112, 1000 * GB, 307.2, 1,
-        "H100 datasheet; BACKGROUND.md (PCIe 5 ~50 GB/s each way, H100 ~990 TFLOPS); DDR5-4800 x 8 "
+        "H100 datasheet; rules of thumb (PCIe 5 ~50 GB/s each way, H100 ~990 TFLOPS); DDR5-4800 x 8 "
         "channels = 307.2 GB/s theoretical; CPU and RAM size assumed",
     ),
     "h200-141g-pcie5-16c-128g": _Box(
-        "this workplace's lent GPU machine: one H200, PCIe 5.0, 16 cores, 128 GiB RAM, one NVMe Gen4",
+        "one H200 server: PCIe 5.0, 16 cores, 128 GiB RAM, one NVMe Gen4",
         H200, 50.0, "16-core server CPU (preset)", 16, 16, 128 * GIB, 307.2, 1,
-        "device/KINDS.md measurements (bf16 ~790 TFLOP/s, device copy ~4.3 TB/s); H200 datasheet "
-        "(141 GB, fp32 67 TFLOPS); BACKGROUND.md (PCIe 5 ~50 GB/s); DRAM channels and NVMe assumed",
+        "measured on an H200 (bf16 ~790 TFLOP/s, device copy ~4.3 TB/s); H200 datasheet "
+        "(141 GB, fp32 67 TFLOPS); rules of thumb (PCIe 5 ~50 GB/s); DRAM channels and NVMe assumed",
     ),
     "cpu-laptop-8c-32g": _Box(
         "CPU-only laptop: 8 cores with AVX2, 32 GB LPDDR5-6400 (128-bit), one NVMe Gen4",
         None, 0.0, "8-core laptop CPU (preset)", 8, 16, 32 * GB, 102.4, 1,
         "LPDDR5-6400 x 128 bit = 102.4 GB/s theoretical; matmul rates assumed (fp32 ~60% of 8 cores x "
-        "32 FLOP/cycle x 3 GHz; bf16/fp16 without native kernels ~100 GFLOP/s); NVMe from BACKGROUND.md",
+        "32 FLOP/cycle x 3 GHz; bf16/fp16 without native kernels ~100 GFLOP/s); NVMe a Gen4 rule of thumb",
     ),
 }
 
@@ -177,7 +177,7 @@ def _build(name: str, box: _Box) -> HardwareProfile:
         duplex = _curve(box.link_gbps * DUPLEX_FRACTION)
         links = Links(kind="host_device", h2d_pinned=pinned, h2d_pageable=pageable, d2h_pinned=pinned,
                       d2h_pageable=pageable, duplex_h2d_pinned=duplex, duplex_d2h_pinned=duplex,
-                      note="preset: PCIe rule of thumb from BACKGROUND.md; pageable and duplex assumed")
+                      note="preset: PCIe rule of thumb; pageable and duplex assumed")
     host = Host(
         cpu_model=box.cpu, physical_cores=box.cores, logical_cores=box.threads, ram_total_bytes=box.ram_bytes,
         ram_available_bytes=int(0.9 * box.ram_bytes), memlock_limit_bytes=None,

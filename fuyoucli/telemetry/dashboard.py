@@ -17,6 +17,7 @@ from collections import deque
 from pathlib import Path
 
 from rich.console import Console, Group
+from rich.markup import escape
 from rich.panel import Panel
 from rich.progress_bar import ProgressBar
 from rich.table import Table
@@ -155,7 +156,7 @@ class DashboardSink:
         if isinstance(event, RunStarted):
             self.started, self.step = event, event.start_step
             c = self.console
-            c.print(f"[bold]fuyou[/] {event.name}: {event.method} on {event.model}"
+            c.print(f"[bold]fuyou[/] {escape(event.name)}: {escape(event.method)} on {escape(event.model)}"
                     + (f" (resuming after step {event.start_step})" if event.start_step else ""), highlight=False)
             c.print(f"  device {event.device}, offload {event.offload}", markup=False, highlight=False)
             c.print(f"  {event.trainable_params:,} trainable of {event.total_params:,} parameters; "
@@ -306,7 +307,7 @@ class DashboardSink:
             parts.append(Text(f"warning: the measured step time ({_s(measured)}) is {abs(d):.0%} "
                               f"{'above' if d > 0 else 'below'} the plan's ({_s(plan.get('step_s'))}): the hardware "
                               "profile may be stale (`fuyou profile`) or the machine busy", style="bold yellow"))
-        return Panel(Group(*parts), title=f"fuyou · {s.name} · {s.method}", title_align="left", border_style="blue")
+        return Panel(Group(*parts), title=f"fuyou · {escape(s.name)} · {escape(s.method)}", title_align="left", border_style="blue")
 
 
 def _eval_text(e: EvalDone) -> str:

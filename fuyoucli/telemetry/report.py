@@ -18,18 +18,32 @@ SPLIT = (("compute", "compute_s"), ("waiting on fetch", "wait_fetch_s"), ("waiti
 LINKS = (("H2D", "h2d"), ("D2H", "d2h"), ("SSD read", "ssd_read"), ("SSD write", "ssd_write"))
 
 
+NUMBERS = {"train": ("step", "loss", "step_time_s"), "eval": ("step", "loss", "perplexity")}
+"""The fields the summary computes with, per row kind: a row without one is not a row fuyou wrote."""
+
+
 def load_rows(output_dir: Path) -> list[dict]:
     path = Path(output_dir) / "metrics.jsonl"
     if not path.is_file():
         raise InputError(f"no metrics.jsonl in {output_dir}: point fuyou report at a run's training.output_dir")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path} is not UTF-8 text (byte {e.start}): not a metrics.jsonl that fuyou wrote") from None
     rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for number, line in enumerate(text.splitlines(), 1):
         try:
             row = json.loads(line)
         except ValueError:
             continue  # a line cut short by a kill
-        if isinstance(row, dict) and "step" in row:
-            rows.append(row)
+        if not (isinstance(row, dict) and "step" in row):
+            continue
+        missing = [k for k in NUMBERS.get(row.get("kind"), ())
+                   if isinstance(row.get(k), bool) or not isinstance(row.get(k), (int, float))]
+        if missing:
+            raise InputError(f"{path}:{number}: a {row['kind']} row without a number for {', '.join(missing)}: "
+                             "not a row fuyou wrote (edited?); fix or remove that line")
+        rows.append(row)
     return rows
 
 

@@ -24,6 +24,8 @@ from fuyoucli.resources import resolve_path
 
 IGNORE = -100
 """Label of a position with no loss (prompt tokens, padding); torch's cross_entropy ignore_index."""
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+"""Roles a chat record may use (what chat templates render); the loss is on assistant turns."""
 
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -322,6 +324,13 @@ class _Builder:
         for i, m in enumerate(messages):
             if not (isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m):
                 raise DataError(f"{where}: messages[{i}] must be an object with 'role' and 'content'")
+        # Only assistant turns are trained on: a conversation in other role names (wizard/oracle) would
+        # otherwise be dropped later as "no loss tokens left after truncation", which misleads.
+        unknown = sorted({m["role"] for m in messages} - set(CHAT_ROLES))
+        if unknown:
+            raise DataError(f"{where}: unknown chat role{'s' if len(unknown) > 1 else ''} "
+                            f"{', '.join(repr(r) for r in unknown)}; expected {', '.join(CHAT_ROLES)} "
+                            "(the loss is on assistant turns)")
 
         def render(msgs, generation: bool) -> str:
             try:

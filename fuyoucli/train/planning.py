@@ -33,8 +33,10 @@ def machine_profile(recipe: Recipe, note: Callable[[str], None]):
 
 
 def plan_for_run(recipe: Recipe, *, num_labels: int | None, note: Callable[[str], None] = lambda s: None) -> Plan | None:
-    """The plan for this recipe on this machine; None for offload.mode: in_memory (the reference path)."""
-    if recipe.offload.mode == "in_memory":
+    """The plan for this recipe on this machine; None for offload.mode: in_memory (the reference path),
+    which is still planned when it sets a memory limit, so that a run over the limit is refused."""
+    o = recipe.offload
+    if o.mode == "in_memory" and o.host_memory_limit is None and o.device_memory_limit is None:
         return None
     from fuyoucli.model.inventory import inventory, lora_inventory
     from fuyoucli.plan.search import plan_recipe
@@ -46,6 +48,9 @@ def plan_for_run(recipe: Recipe, *, num_labels: int | None, note: Callable[[str]
         lines = [f"the run does not fit this machine ({plan.machine}):"] + [f"  {r}" for r in plan.reasons]
         if plan.suggestions:
             lines += ["what would make it fit:"] + [f"  {s}" for s in plan.suggestions]
+        if plan.compute_device == "cpu" and o.host_memory_limit is not None:
+            lines.append(f"(on a CPU machine the device is host RAM: offload.host_memory_limit "
+                         f"{o.host_memory_limit:,} B caps it)")
         lines.append("`fuyou plan RECIPE --dry-run` shows the whole placement")
         raise InfeasiblePlan("\n".join(lines))
-    return plan
+    return None if o.mode == "in_memory" else plan

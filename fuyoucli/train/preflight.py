@@ -3,26 +3,31 @@
 Trainer-side glue between the plan and the run loop: CUDA requested but absent, the memlock limit
 against the bytes the plan pins, free RAM against the plan's host memory, free space in swap_dir and
 output_dir against the swap files and the checkpoints the run will write, swap_dir writable (and
-whether it takes O_DIRECT), and an output folder holding another run. A failure is one line
-(PreflightError, exit 2); what is only slower becomes a note. Never imports rich.
+whether it takes O_DIRECT), output_dir and swap_dir being writable folders, the model's safetensors
+files being whole, and an output folder holding another run. A failure is one line (PreflightError,
+exit 2); what is only slower becomes a note. Never imports rich.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from fuyoucli.errors import FuyouError
+from fuyoucli.errors import FuyouError, ModelError
 from fuyoucli.plan.types import DTYPE_BYTES, Plan, Tier
 from fuyoucli.recipe import Recipe
+from fuyoucli.resources import resolve_path
 
 GiB = 1 << 30
 RAM_MARGIN = 0.05
 """Share of available RAM left for the allocator, the tokenizer and the Python heap."""
 DISK_MARGIN_BYTES = 64 << 20
+"""Free space left on the output disk beyond the checkpoints and the model (swap_dir's disk keeps the
+swap store's own margin, engine.tiers.SWAP_MARGIN_BYTES)."""
 
 
 class PreflightError(FuyouError):
@@ -69,12 +74,41 @@ def _gib(n: float) -> str:
     return f"{n / GiB:.2f} GiB"
 
 
+def _size(n: float) -> str:
+    """Bytes in the largest binary unit that keeps them >= 1 (a tiny model's swap files are KiB, not 0.00 GiB)."""
+    for unit, scale in (("GiB", GiB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def _check_writable_folder(path: Path, key: str, use: str) -> None:
+    """`path` (which may not exist yet) can become a folder this process writes: no file in the way,
+    a writable filesystem with storage behind it (not /proc or /sys)."""
+    base = _existing(path)
+    if path.exists() and not path.is_dir():
+        raise PreflightError(f"{key} {path} is a file; point it at a folder")
+    if not base.is_dir():
+        raise PreflightError(f"{key} {path} lies under {base}, which is a file; point it at a folder")
+    try:
+        stat = os.statvfs(base)
+    except OSError as e:
+        raise PreflightError(f"{key} {path}: cannot read {base}: {e.strerror or e}") from None
+    if stat.f_flag & os.ST_RDONLY:
+        raise PreflightError(f"{key} {path} is on a read-only filesystem ({base}); point it at a folder {use}")
+    if stat.f_blocks == 0:
+        raise PreflightError(f"{key} {path} is on a virtual filesystem with no storage ({base}, like /proc or "
+                             f"/sys); point it at a folder {use}")
+    if not os.access(base, os.W_OK):
+        raise PreflightError(f"{key} {path} is not writable ({base}); point it at a folder {use}")
+
+
 def check_output_dir(out_dir: Path, *, overwrite: bool, resuming: bool) -> None:
-    """An output folder that holds another run is refused (nothing is written to decide that)."""
+    """An output folder that holds another run, or that cannot be written, is refused (nothing is written
+    to decide that)."""
+    _check_writable_folder(out_dir, "training.output_dir", "you can write")
     if resuming or overwrite or not out_dir.exists():
         return
-    if out_dir.is_file():
-        raise PreflightError(f"training.output_dir {out_dir} is a file; point it at a folder")
     if any(out_dir.iterdir()):
         raise PreflightError(f"output directory {out_dir} already holds a run; set training.output_dir elsewhere, "
                              "pass --overwrite to replace it, or --resume to continue it")
@@ -116,6 +150,7 @@ def preflight(recipe: Recipe, plan: Plan | None, *, trainable_params: int, param
                                  f"{_gib(machine.available_ram_bytes)} is available now; close other programs, "
                                  "set offload.host_memory_limit (the planner then uses swap_dir), or use a smaller model")
 
+    check_model_files(recipe.model.path)
     one_ckpt, final = checkpoint_bytes(recipe, trainable_params, params)
     t = recipe.training
     ledger_only = recipe.method.name == "zo2" and t.zo_ledger_steps > 0
@@ -128,15 +163,23 @@ def preflight(recipe: Recipe, plan: Plan | None, *, trainable_params: int, param
     if plan is not None and plan.memory.ssd:
         if not plan.swap_dir:
             raise PreflightError("the plan homes data on SSD but sets no swap_dir; set offload.swap_dir")
+        _check_writable_folder(Path(plan.swap_dir), "offload.swap_dir", "on an SSD you can write")
         swap_base = _existing(Path(plan.swap_dir))
         needs.setdefault(machine.device_id(swap_base), []).append(("swap_dir", swap_base, plan.memory.ssd))
+    from fuyoucli.engine.tiers import SWAP_MARGIN_BYTES
+
     for entries in needs.values():
         total = sum(n for _, _, n in entries)
         free = machine.free_bytes(entries[0][1])
-        if total + DISK_MARGIN_BYTES > free:
-            what = " and ".join(f"{name} {path} ({_gib(n)})" for name, path, n in entries)
-            raise PreflightError(f"not enough free disk space: {what} need {_gib(total)}, {_gib(free)} is free; "
-                                 "free space, point them at a larger disk, or lower training.keep_checkpoints")
+        # The swap store refuses to open without its margin: the disk it is on must keep that much free.
+        swap = any(name == "swap_dir" for name, _, _ in entries)
+        margin = SWAP_MARGIN_BYTES if swap else DISK_MARGIN_BYTES
+        if total + margin > free:
+            what = " and ".join(f"{name} {path} ({_size(n)})" for name, path, n in entries)
+            kept = "for the swap store" if swap else "on the disk"
+            raise PreflightError(f"not enough free disk space: {what} need {_size(total)} plus {_size(margin)} "
+                                 f"kept free {kept}, {_size(free)} is free; free space, point them at a larger "
+                                 "disk, or lower training.keep_checkpoints")
 
     if plan is not None and any(b.weights_home is Tier.SSD or b.optimizer_home is Tier.SSD for b in plan.blocks):
         _check_swap_dir(Path(plan.swap_dir), note)
@@ -156,9 +199,31 @@ def _pins_past_limit(machine: Machine) -> bool:
 def _check_swap_dir(swap: Path, note: Callable[[str], None]) -> None:
     from fuyoucli.engine.tiers import _o_direct_works
 
-    base = _existing(swap)
-    if not os.access(base, os.W_OK):
-        raise PreflightError(f"offload.swap_dir {swap} is not writable; choose a folder on an SSD you can write")
-    if base == swap and not _o_direct_works(swap):
+    _check_writable_folder(swap, "offload.swap_dir", "on an SSD you can write")
+    if _existing(swap) == swap and not _o_direct_works(swap):
         note(f"swap_dir {swap} does not take O_DIRECT (tmpfs or a network filesystem?): SSD I/O goes through the "
              "page cache, slower and using RAM; put swap_dir on a local ext4/xfs SSD")
+
+
+def check_model_files(model_spec: str) -> None:
+    """A safetensors file shorter than its header says (a download or a copy cut short) is refused here, in
+    one line, rather than as a SafetensorError after the output folder was made. Reads headers only."""
+    folder = resolve_path(model_spec, what="model.path")
+    if not folder.is_dir():
+        return
+    for path in sorted(folder.glob("*.safetensors")):
+        size = path.stat().st_size
+        try:
+            with path.open("rb") as f:
+                header_bytes = int.from_bytes(f.read(8), "little") if size >= 8 else size
+                if header_bytes > size - 8:
+                    raise ValueError
+                header = json.loads(f.read(header_bytes))
+            data_bytes = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
+                             default=0)
+        except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+            raise ModelError(f"model file {path} is damaged ({size} bytes, no readable safetensors header); "
+                             "download or copy the model again") from None
+        if 8 + header_bytes + data_bytes > size:
+            raise ModelError(f"model file {path} is truncated: {size} bytes, its header describes "
+                             f"{8 + header_bytes + data_bytes}; download or copy the model again")

@@ -283,9 +283,8 @@ def _finetune(recipe: Recipe, sinks: list[Sink] | None, out_dir: Path, *, overwr
                        device="cpu" if streams(plan) else device,
                        streamed_layers=streamed_layers(plan))
     steps = total_steps(recipe, len(data.train))
-    params = list(model.parameters())
-    trainable = sum(p.numel() for p in params if p.requires_grad)
-    total = sum(p.numel() for p in params)
+    # From the inventory, not the model: a streamed layer loads lazily and holds empty parameters until then.
+    trainable, total = inv.trainable_params, inv.params
     m = recipe.method
     start = ckpt.step if ckpt is not None else 0
     all_sinks = Sinks(list(sinks or []))

@@ -322,3 +322,13 @@ def test_json_array_with_records(tmp_path, tiny_tokenizer):
     path.write_text(json.dumps([{"prompt": "p", "completion": " q"}]), encoding="utf-8")
     (e,) = build_datasets(cfg(path, format="prompt_completion"), tiny_tokenizer, seed=0).train
     assert labelled(tiny_tokenizer, e) == " q" + EOS
+
+
+def test_chat_with_unknown_roles_names_them_and_the_expected_ones(tmp_path, tiny_tokenizer):
+    """It used to say "dropped 20 examples with no loss tokens left after truncation"."""
+    conv = [{"role": "wizard", "content": "ask"}, {"role": "oracle", "content": "answer"}]
+    path = write_jsonl(tmp_path / "c.jsonl", [{"messages": conv}] * 20)
+    with pytest.raises(DataError, match=r"unknown chat roles 'oracle', 'wizard'; expected system, user, "
+                                         r"assistant, tool") as info:
+        build_datasets(cfg(path, format="chat"), tiny_tokenizer, seed=0)
+    assert "truncation" not in str(info.value)

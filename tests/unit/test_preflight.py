@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from fuyoucli.engine.tiers import SWAP_MARGIN_BYTES, SsdStore
+from fuyoucli.errors import ResourceError
 from fuyoucli.plan.manual import fixed_plan
 from fuyoucli.plan.types import Tier, TierBytes
 from fuyoucli.recipe import validate_recipe
@@ -75,10 +77,27 @@ def test_disk_space_for_swap_and_checkpoints_adds_up_on_one_disk(tmp_path, tiny_
     need = 3 * 12 * 10**8 + 4 * 10**8
     with pytest.raises(PreflightError, match="output_dir .* and swap_dir .* need"):
         check(r, p, machine(free={tmp_path.name: need + 2 * GiB - 1}), trainable=10**8, params=10**8)
-    check(r, p, machine(free={tmp_path.name: need + 2 * GiB + (128 << 20)}), trainable=10**8, params=10**8)
+    check(r, p, machine(free={tmp_path.name: need + 2 * GiB + SWAP_MARGIN_BYTES}), trainable=10**8, params=10**8)
     # On two disks each needs only its own share.
     with pytest.raises(PreflightError, match="output_dir"):
         check(r, None, machine(free={tmp_path.name: need // 2}, same_disk=False), trainable=10**8, params=10**8)
+
+
+def test_preflight_keeps_the_swap_stores_margin_free(tmp_path, tiny_models, text_data):
+    """A disk with room for the swap files but not the store's margin is refused before the run starts
+    (it used to pass preflight with 64 MiB spare and then fail when the store opened), naming the margin;
+    with the margin free, the store opens on the same numbers."""
+    r = recipe(tmp_path, tiny_models, text_data)
+    swap_bytes = 1 << 20
+    p = plan(tmp_path, memory=TierBytes(ssd=swap_bytes), home=Tier.SSD)
+    files = swap_bytes + 1024  # one trainable parameter: the checkpoints and the model take a few bytes
+    with pytest.raises(PreflightError, match=r"swap_dir .* need .* plus 256.00 MiB kept free for the swap store"):
+        check(r, p, machine(free={tmp_path.name: files + (64 << 20)}), trainable=1, params=1)
+    check(r, p, machine(free={tmp_path.name: files + SWAP_MARGIN_BYTES}), trainable=1, params=1)
+    # The store asks for the very same margin: with less free than files + margin it refuses, naming it.
+    free = __import__("shutil").disk_usage(tmp_path).free
+    with pytest.raises(ResourceError, match="256 MiB margin"):
+        SsdStore(tmp_path / "swap", needed_bytes=free - SWAP_MARGIN_BYTES + (64 << 20))
 
 
 def test_zo2_ledger_and_lora_need_less(tmp_path, tiny_models, text_data):

@@ -95,7 +95,20 @@ CASES = [
     (lambda m, d: minimal(m, d) + "peft:\n  r: 4\n", ["only apply with type: lora"]),
     (lambda m, d: minimal(m, d, "name: zo2\n  momentum: 0.5"), ["variant: momentum"]),
     (lambda m, d: minimal(m, d) + "  batch_size: 0\n", ["training.batch_size = 0"]),
+    # A key given twice would silently keep the last (lr 5.0; the second training block drops max_steps).
+    (lambda m, d: minimal(m, d, "name: adamw\n  lr: 1.0e-3\n  lr: 5.0"), ["recipe.yaml:6", "duplicate key 'lr'",
+                                                                         "lines 5 and 6"]),
+    (lambda m, d: minimal(m, d) + "training:\n  seed: 3\n", ["recipe.yaml:9", "duplicate key 'training'",
+                                                             "lines 7 and 9"]),
 ]
+
+
+def test_yaml_merge_keys_still_override(tmp_path, tiny_models, text_data):
+    """Duplicate keys are refused, but a merge (`<<: *base`) overriding a merged key is YAML by design."""
+    path = write(tmp_path, minimal(tiny_models["llama"], text_data).replace(
+        "training:\n  max_steps: 2\n", "training:\n  <<: &b {max_steps: 2, seed: 1}\n  seed: 7\n"))
+    r = load_recipe(path)
+    assert (r.training.max_steps, r.training.seed) == (2, 7)
 
 
 @pytest.mark.parametrize("case", range(len(CASES)))

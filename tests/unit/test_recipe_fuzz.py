@@ -72,11 +72,29 @@ def put(doc: dict, path: tuple, value) -> None:
     node[path[-1]] = value
 
 
+def duplicated(draw, doc: dict) -> str:
+    """The recipe's YAML with one of its keys given a second time (a section or a key inside one), with a
+    value that would be valid on its own: only the repetition is wrong."""
+    lines = yaml.safe_dump(doc, default_flow_style=False).splitlines()
+    keyed = [i for i, line in enumerate(lines) if ":" in line and not line.lstrip().startswith("-")]
+    i = draw(st.sampled_from(keyed))
+    indent = lines[i][: len(lines[i]) - len(lines[i].lstrip())]
+    # The copy goes after the whole block the key opens (its deeper-indented lines), still inside its mapping.
+    end = i + 1
+    while end < len(lines) and (lines[end].startswith(indent + " ") or lines[end].startswith(indent + "-")):
+        end += 1
+    lines[end:end] = lines[i:end]
+    return "\n".join(lines) + "\n"
+
+
 @st.composite
 def malformed(draw, base: dict) -> tuple[str | bytes, list[str]]:
     """(recipe file content, extra CLI arguments), with exactly one defect."""
-    kind = draw(st.sampled_from(["wrong_type", "unknown_key", "missing", "absurd", "not_yaml", "bytes", "bad_set"]))
+    kind = draw(st.sampled_from(["wrong_type", "unknown_key", "missing", "absurd", "not_yaml", "bytes", "bad_set",
+                                 "duplicate_key"]))
     doc = copy.deepcopy(base)
+    if kind == "duplicate_key":
+        return duplicated(draw, doc), []
     if kind == "wrong_type":
         put(doc, draw(st.sampled_from(SCALARS)), draw(WRONG_TYPE))
     elif kind == "unknown_key":
