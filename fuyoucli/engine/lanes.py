@@ -366,6 +366,25 @@ def lanes_for(device: torch.device, choice: str | None = None):
     return SimulatedAsyncLanes(device) if kind == "async-sim" else CpuLanes(device)
 
 
+def cap_device_memory(device: torch.device, limit_bytes: int) -> None:
+    """Make `limit_bytes` a hard cap for this process on a GPU: the caching allocator raises an
+    out-of-memory error rather than reserve past it (the plan keeps the engine's own budget under it)."""
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, limit_bytes / total), device)
+
+
+def reset_device_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def device_peak_reserved_bytes(device: torch.device) -> int | None:
+    """What the caching allocator held at most since the last reset (what the process really keeps on
+    the GPU, fragmentation included, the CUDA context not); None on a CPU device."""
+    return torch.cuda.max_memory_reserved(device) if device.type == "cuda" else None
+
+
 def synchronize_device(device: torch.device) -> None:
     """Wait for everything queued on the device (a step's time ends when its work is done, not queued)."""
     if device.type == "cuda":

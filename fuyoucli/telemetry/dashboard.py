@@ -289,6 +289,9 @@ class DashboardSink:
                else "- (install nvidia-ml-py for GPU figures)")
         machine.add_row(Text("GPU", style="bold"), gpu,
                         f"plan {plan['device_bytes'] / GiB:.1f} GiB" if plan.get("device_bytes") and "gpu_util" in m else "")
+        if "device_peak_reserved_bytes" in x:  # the allocator's high-water mark, from the step's metrics
+            machine.add_row(Text("GPU peak", style="bold"), f"{x['device_peak_reserved_bytes'] / GiB:.2f} GiB reserved",
+                            f"plan {plan['device_bytes'] / GiB:.2f} GiB" if plan.get("device_bytes") else "", "")
         ram = f"{m['ram_used'] / GiB:.1f} / {m['ram_total'] / GiB:.1f} GiB" if "ram_used" in m else "-"
         cpu = f"{m['cpu_percent']:.0f}%" if "cpu_percent" in m else "-"
         pinned = f"pinned {plan['pinned_bytes'] / GiB:.2f} GiB (plan)" if plan.get("pinned_bytes") else ""

@@ -53,12 +53,20 @@ def adamw_param_groups(params: list[torch.Tensor], weight_decay: float) -> list[
 
 
 class AdamWReference:
-    def __init__(self, model, method: AdamWMethod, *, head: str, label_token_ids: tuple[int, ...] = ()):
+    def __init__(self, model, method: AdamWMethod, *, head: str, label_token_ids: tuple[int, ...] = (),
+                 host_optimizer: bool = False):
+        """`host_optimizer`: keep fp32 masters in host memory and update them with the CPU's fused AdamW,
+        the gradient norms taken there too: the streamed engine's arithmetic, so that a GPU parity test
+        compares like with like (CUDA's fused AdamW rounds differently, and Adam turns round-off in
+        near-zero gradients into full-size steps)."""
         self.model, self.method, self.head, self.label_token_ids = model, method, head, label_token_ids
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.mixed = any(p.dtype != torch.float32 for p in self.params)
-        self.master = [p.detach().float().clone() for p in self.params] if self.mixed else self.params
         self.device = next(model.parameters()).device
+        host = host_optimizer and self.device.type != "cpu"
+        self.mixed = host or any(p.dtype != torch.float32 for p in self.params)
+        """Masters apart from the weights (fp32 beside 16-bit weights, or in host memory)."""
+        self.master = ([p.detach().to("cpu" if host else p.device, torch.float32, copy=True) for p in self.params]
+                       if self.mixed else self.params)
         device_type = self.master[0].device.type if self.master else "cpu"
         self.optimizer = torch.optim.AdamW(
             adamw_param_groups(self.master, method.weight_decay),
@@ -83,7 +91,7 @@ class AdamWReference:
             loss_total += float(out.loss_sum.detach())
         if self.mixed:
             for p, m in zip(self.params, self.master):
-                m.grad = None if p.grad is None else p.grad.float()
+                m.grad = None if p.grad is None else p.grad.to(m.device, torch.float32)
         inv_scale = 1.0 / self.scaler.scale
         grads = [m.grad for m in self.master if m.grad is not None]
         if self.scaler.enabled:

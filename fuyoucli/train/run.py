@@ -18,7 +18,8 @@ import torch
 
 from fuyoucli.checkpoint import (CheckpointError, checkpoint_root, clean_unfinished, crash_point, list_checkpoints,
                                  remove_leftovers, remove_stale_swap, save_final_model)
-from fuyoucli.engine.lanes import lanes_choice, synchronize_device
+from fuyoucli.engine.lanes import (cap_device_memory, device_peak_reserved_bytes, lanes_choice, reset_device_peak,
+                                   synchronize_device)
 from fuyoucli.errors import FuyouError, RecipeError
 from fuyoucli.folder_lock import LOCK_FILE, folder_lock, holds_only_lock
 from fuyoucli.model.inventory import inventory
@@ -277,6 +278,8 @@ def _finetune(recipe: Recipe, sinks: list[Sink] | None, out_dir: Path, *, overwr
     if plan is not None:
         for stale in remove_stale_swap(plan.swap_dir):
             notes.append(f"removed {stale}, swap files of a run that was killed")
+    if recipe.offload.device_memory_limit is not None:
+        cap_device_memory(device, recipe.offload.device_memory_limit)  # the allocator too, not only the plan
     # A streamed run loads on the host; the engine moves only resident blocks to the device.
     model = load_model(recipe.model, recipe.peft, seed=seed, pad_token_id=tokenizer.pad_token_id,
                        num_labels=num_labels,
@@ -343,6 +346,7 @@ def _finetune(recipe: Recipe, sinks: list[Sink] | None, out_dir: Path, *, overwr
             for step in range(start + 1, steps + 1):
                 micro = [next(stream) for _ in range(recipe.training.grad_accum)]
                 lr = lr_at(step, peak_lr=m.lr, total_steps=steps, warmup_steps=m.warmup_steps, schedule=m.schedule)
+                reset_device_peak(device)
                 began = time.perf_counter()
                 res = trainer.step(step, micro, lr)
                 synchronize_device(device)
@@ -355,6 +359,9 @@ def _finetune(recipe: Recipe, sinks: list[Sink] | None, out_dir: Path, *, overwr
                 # target_tokens: those the loss is over (answers, label words).
                 tokens = int(sum(int(mb["attention_mask"].sum()) for mb in micro))
                 extra = {"target_tokens": res.tokens, **res.extra}
+                peak = device_peak_reserved_bytes(device)
+                if peak is not None:
+                    extra["device_peak_reserved_bytes"] = peak
                 if "wait_fetch_s" in extra:  # compute: the rest of the step, when the lane was not blocked
                     extra["compute_s"] = max(0.0, elapsed - extra["wait_fetch_s"] - extra["wait_ssd_s"])
                 all_sinks.emit(StepDone(step=step, loss=res.loss, lr=lr, tokens=tokens, step_time_s=elapsed,

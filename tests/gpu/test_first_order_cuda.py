@@ -1,7 +1,10 @@
 """Offloaded first-order AdamW on a real GPU: CudaLanes (pinned memory, upload/offload streams, events;
 gradients go down on the offload stream while the backward continues) against the in-memory AdamW
-reference on the same GPU. The reference updates with CUDA fused AdamW and the engine with the CPU's,
-so fp32 agrees to round-off, not bit for bit; bf16 to its resolution."""
+reference on the same GPU, like with like: every block's AdamW runs on the CPU in both (the reference
+with `host_optimizer`, the engine with embeddings/head states on the host too), deterministic algorithms,
+no TF32 (tests/gpu/conftest.py). What is left to differ is the device's own round-off between a whole-model
+and a block-wise backward of the same kernels, so fp32 must agree to 1e-5 (the CPU suite: 1e-5), and
+anything larger is an ordering bug. Run once more under TORCH_CUDA_SANITIZER=1 by scripts/gpu_check.sh."""
 
 from __future__ import annotations
 
@@ -31,9 +34,11 @@ def _to_cuda(steps):
     return [[{k: v.cuda() for k, v in mb.items()} for mb in micro] for micro in steps[:STEPS]]
 
 
-def run_both(recipe, tok, steps, plan, lanes=None, **kwargs):
+def run_both(recipe, tok, steps, plan, lanes=None, host_optimizer=True, **kwargs):
+    """`host_optimizer`: the reference runs AdamW on the CPU, as the engine does for every block whose
+    states the plan homes on the host (LoRA adapters train on the device in both)."""
     model = load_model(recipe.model, recipe.peft, seed=5, pad_token_id=tok.pad_token_id, device="cuda")
-    ref = AdamWReference(model, recipe.method, head="causal_lm")
+    ref = AdamWReference(model, recipe.method, head="causal_lm", host_optimizer=host_optimizer)
     ref_losses = [ref.step(micro, lr=lr_at(t)).loss for t, micro in enumerate(steps)]
     ref_weights = {n: p.detach().float().cpu() for n, p in model.named_parameters()}
     model = load_model(recipe.model, recipe.peft, seed=5, pad_token_id=tok.pad_token_id, device="cpu")
@@ -67,9 +72,10 @@ CASES = [
 def test_first_order_cuda_equals_cuda_reference(home, opt, act, clip, dtype, tiny_models, text_data, tmp_path):
     recipe, tok, steps = setup(tiny_models["llama"], text_data, tmp_path, clip=clip, dtype=dtype)
     plan = fixed_plan(2, home, method="adamw", optimizer_home=opt, activation=act, swap_dir=str(tmp_path / "swap"),
-                      compute_dtype=dtype, home_dtype=dtype, compute_device="cuda")
+                      compute_dtype=dtype, home_dtype=dtype, compute_device="cuda",
+                      resident_optimizer_home=Tier.PAGEABLE)
     got, want, _ = run_both(recipe, tok, _to_cuda(steps), plan)
-    check(got, want, 1e-4 if dtype == "float32" else 2e-2)
+    check(got, want, 1e-5 if dtype == "float32" else 1e-2)
     assert torch.cuda.max_memory_allocated() > 0
 
 
@@ -77,8 +83,8 @@ def test_lora_cuda_streams_base_from_ssd(tiny_models, text_data, tmp_path):
     recipe, tok, steps = setup(tiny_models["llama"], text_data, tmp_path, peft=LORA, lr=5e-2)
     plan = fixed_plan(2, Tier.SSD, method="adamw", activation="keep", swap_dir=str(tmp_path / "swap"),
                       compute_device="cuda")
-    got, want, trainer = run_both(recipe, tok, _to_cuda(steps), plan)
-    check(got, want, 1e-4)
+    got, want, trainer = run_both(recipe, tok, _to_cuda(steps), plan, host_optimizer=False)
+    check(got, want, 1e-5)
     assert trainer.store.stats.writebacks == 0
 
 
@@ -90,6 +96,6 @@ def test_slow_cpu_optimizer_and_resident_blocks_on_host(tiny_models, text_data, 
                       resident_optimizer_home=Tier.PAGEABLE, compute_device="cuda")
     lanes = RecordingLanes(CudaLanes("cuda"))
     got, want, _ = run_both(recipe, tok, _to_cuda(steps), plan, lanes=lanes, on_job=lambda e: time.sleep(0.01))
-    check(got, want, 1e-4)
+    check(got, want, 1e-5)
     kinds = {k for k, _ in lanes.log}
     assert {"upload", "offload", "compute_wait", "host_wait"} <= kinds

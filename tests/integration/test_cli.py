@@ -58,7 +58,7 @@ def test_finetune_end_to_end_and_refuses_to_clobber(tmp_path, tiny_models, text_
 
 BAD = {
     "unknown_key": ("  seeed: 3\n", ["r.yaml:15", "unknown key 'training.seeed'", "did you mean 'seed'"]),
-    "wrong_type": ("  batch_size: many\n", ["training.batch_size = 'many'", "integer"]),
+    "wrong_type": ("  grad_accum: many\n", ["training.grad_accum = 'many'", "integer"]),
 }
 
 

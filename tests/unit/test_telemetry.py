@@ -144,3 +144,21 @@ def test_only_the_dashboard_draws_and_the_timeline_is_plain_python():
             assert "rich" not in imports(path), path
     for name in ("timeline.py", "events.py", "trace.py", "report.py"):
         assert "torch" not in imports(pkg / "telemetry" / name), name
+
+
+def test_dashboard_shows_the_device_peak_beside_the_plan():
+    """A GPU run's steps carry the allocator's peak (metrics.jsonl device_peak_reserved_bytes); the
+    dashboard puts it beside the plan's device bytes."""
+    out = io.StringIO()
+    sink = DashboardSink(Console(file=out, force_terminal=True, width=120, height=40), sample_machine=False)
+    sink.handle(started())
+    for n in range(1, 4):
+        s = step(n, 0.1)
+        sink.handle(StepDone(step=s.step, loss=s.loss, lr=s.lr, tokens=s.tokens, step_time_s=s.step_time_s,
+                             extra={**s.extra, "device_peak_reserved_bytes": 3 * 2**30}, spans=s.spans))
+    rendered = io.StringIO()
+    Console(file=rendered, width=120, force_terminal=False).print(sink.render())
+    sink.close()
+    line = next(x for x in rendered.getvalue().splitlines() if "GPU peak" in x)
+    assert "3.00 GiB reserved" in line and "plan 2.00 GiB" in line
+    assert "GPU peak" not in run_dashboard(0.11)  # a CPU run has none
