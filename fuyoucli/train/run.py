@@ -21,6 +21,7 @@ from fuyoucli.checkpoint import (CheckpointError, checkpoint_root, clean_unfinis
 from fuyoucli.engine.lanes import lanes_choice, synchronize_device
 from fuyoucli.errors import FuyouError, RecipeError
 from fuyoucli.folder_lock import LOCK_FILE, folder_lock, holds_only_lock
+from fuyoucli.interrupts import interrupt
 from fuyoucli.model.inventory import inventory
 from fuyoucli.model.loading import load_model, load_tokenizer
 from fuyoucli.plan.types import Plan
@@ -152,19 +153,23 @@ def prepare_output_dir(path: Path, overwrite: bool) -> None:
 
 class StopRequests:
     """Ctrl-C / SIGTERM during the loop: the first asks the loop to stop after the current step (and write
-    a checkpoint); a second one interrupts at once. Outside the main thread nothing is installed."""
+    a checkpoint); a second one interrupts at once, and later ones are ignored while the run shuts down.
+    Outside the main thread nothing is installed."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, enabled: bool):
         self.enabled = enabled and threading.current_thread() is threading.main_thread()
         self.requested: int | None = None
+        self.interrupted = False
         self._previous: dict = {}
 
     def _handle(self, signum, frame) -> None:
-        if self.requested is not None:
-            raise KeyboardInterrupt
-        self.requested = signum
+        if self.requested is None:
+            self.requested = signum
+        elif not self.interrupted:
+            self.interrupted = True
+            interrupt()
 
     def __enter__(self) -> "StopRequests":
         if self.enabled:
@@ -371,7 +376,8 @@ def _finetune(recipe: Recipe, sinks: list[Sink] | None, out_dir: Path, *, overwr
                 if stop.requested:
                     all_sinks.emit(RunInterrupted(step=step, checkpoint=str(checkpointer.last_saved),
                                                   resume_hint=f"fuyou finetune {recipe_path or 'RECIPE'} --resume"))
-                    raise KeyboardInterrupt
+                    stop.interrupted = True
+                    interrupt()
         last_eval = evaluate(trainer, data, recipe, device, step=steps)
         if last_eval:
             all_sinks.emit(last_eval)
