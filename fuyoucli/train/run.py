@@ -26,7 +26,8 @@ from fuyoucli.model.inventory import inventory
 from fuyoucli.model.loading import load_model, load_tokenizer
 from fuyoucli.plan.types import Plan
 from fuyoucli.recipe import Recipe
-from fuyoucli.telemetry.events import EvalDone, RunFinished, RunInterrupted, RunStarted, Sink, Sinks, StepDone
+from fuyoucli.telemetry.events import (EvalDone, EvalStarted, RunFinished, RunInterrupted, RunStarted, Sink, Sinks,
+                                       StepDone)
 from fuyoucli.telemetry.jsonl import JsonlSink
 from fuyoucli.train.data import Datasets, batches, build_datasets, collate
 from fuyoucli.train.schedule import lr_at
@@ -182,6 +183,12 @@ class StopRequests:
             signal.signal(s, handler)
 
 
+def _evaluate(sinks: Sinks, trainer, data: Datasets, recipe: Recipe, device, step: int) -> EvalDone | None:
+    if data.eval:  # an evaluation can take as long as many steps: the dashboard says it is evaluating
+        sinks.emit(EvalStarted(step=step, examples=len(data.eval)))
+    return evaluate(trainer, data, recipe, device, step=step)
+
+
 def _planned(plan: Plan | None) -> dict[str, float]:
     if plan is None or not plan.times.step_s:
         return {}
@@ -333,7 +340,7 @@ def _finetune(recipe: Recipe, sinks: list[Sink] | None, out_dir: Path, *, overwr
             start_step=start, planned=_planned(plan),
         ))
         if ckpt is None:
-            first_eval = last_eval = (evaluate(trainer, data, recipe, device, step=0)
+            first_eval = last_eval = (_evaluate(all_sinks, trainer, data, recipe, device, step=0)
                                       if recipe.training.eval_before else None)
             if first_eval:
                 all_sinks.emit(first_eval)
@@ -365,7 +372,7 @@ def _finetune(recipe: Recipe, sinks: list[Sink] | None, out_dir: Path, *, overwr
                 all_sinks.emit(StepDone(step=step, loss=res.loss, lr=lr, tokens=tokens, step_time_s=elapsed,
                                         extra=extra, spans=res.spans, started_s=began))
                 if eval_every and step % eval_every == 0 and step != steps:
-                    last_eval = evaluate(trainer, data, recipe, device, step=step) or last_eval
+                    last_eval = _evaluate(all_sinks, trainer, data, recipe, device, step=step) or last_eval
                     if last_eval and last_eval.step == step:
                         all_sinks.emit(last_eval)
                 # The last step needs no scheduled checkpoint: the final model is saved right after.
@@ -378,7 +385,7 @@ def _finetune(recipe: Recipe, sinks: list[Sink] | None, out_dir: Path, *, overwr
                                                   resume_hint=f"fuyou finetune {recipe_path or 'RECIPE'} --resume"))
                     stop.interrupted = True
                     interrupt()
-        last_eval = evaluate(trainer, data, recipe, device, step=steps)
+        last_eval = _evaluate(all_sinks, trainer, data, recipe, device, step=steps)
         if last_eval:
             all_sinks.emit(last_eval)
         trainer.finalize()
