@@ -14,6 +14,7 @@ import typer
 
 from fuyoucli.cli import export, finetune, plan, profile, report
 from fuyoucli.errors import FuyouError
+from fuyoucli.interrupts import CliInterrupts
 
 app = typer.Typer(
     name="fuyou",
@@ -72,20 +73,23 @@ def main(argv: list[str] | None = None) -> None:
         # Piped logs: no tqdm bars from transformers/huggingface_hub (they redraw with carriage returns).
         # Read when those libraries are first imported, which happens after this, inside a command.
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    with CliInterrupts() as interrupts:
+        _run(argv, debug, interrupts)
+
+
+def _run(argv: list[str] | None, debug: bool, interrupts: CliInterrupts) -> None:
     try:
         # Non-standalone click returns what standalone mode would have exited with: a command's
         # typer.Exit code, or 130 for a Ctrl-C it caught (commands themselves return None).
         rv = app(args=argv, prog_name="fuyou", standalone_mode=False)
     except KeyboardInterrupt:
-        print("fuyou: interrupted", file=sys.stderr)
-        sys.exit(130)
+        _interrupted(interrupts)
     except SystemExit:
         raise
     except Exception as exc:  # noqa: BLE001 - the one place that turns failures into messages
         aborts, usage_errors = _click_exception_types()
         if isinstance(exc, aborts):
-            print("fuyou: interrupted", file=sys.stderr)
-            sys.exit(130)
+            _interrupted(interrupts)
         if isinstance(exc, usage_errors):
             exc.show()
             sys.exit(exc.exit_code)
@@ -98,5 +102,12 @@ def main(argv: list[str] | None = None) -> None:
     else:
         code = rv if isinstance(rv, int) else 0
         if code == 130:
-            print("fuyou: interrupted", file=sys.stderr)
+            _interrupted(interrupts)
         sys.exit(code)
+
+
+def _interrupted(interrupts: CliInterrupts) -> None:
+    # A second Ctrl-C from here on must not cut the exit (torch's atexit callbacks) short with a traceback.
+    interrupts.shutting_down()
+    print("fuyou: interrupted", file=sys.stderr)
+    sys.exit(130)

@@ -19,6 +19,12 @@ from pathlib import Path
 
 from fuyoucli.errors import FuyouError, RecipeError
 
+
+class LaunchError(FuyouError):
+    """--nproc / --engine / --hostfile / --trace asked for what the launch cannot do: bad input, like a recipe's."""
+
+    exit_code = 2
+
 DEEPSPEED_ENTRY = "fuyoucli.distributed.deepspeed_train"
 ZO_ENTRY = "fuyoucli.distributed.zo_run"
 
@@ -149,10 +155,10 @@ def hostfile_hosts(path: Path) -> int:
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as e:
-        raise FuyouError(f"cannot read hostfile {path}: {e.strerror or e}") from None
+        raise LaunchError(f"cannot read hostfile {path}: {e.strerror or e}") from None
     hosts = [ln.split()[0] for ln in lines if ln.split() and not ln.lstrip().startswith("#")]
     if not hosts:
-        raise FuyouError(f"hostfile {path} names no machine (expected lines like `worker-1 slots=8`)")
+        raise LaunchError(f"hostfile {path} names no machine (expected lines like `worker-1 slots=8`)")
     return len(hosts)
 
 
@@ -187,7 +193,7 @@ def launch(recipe, *, recipe_path: str, sets: list[str], engine: str, nproc: int
            overwrite: bool, resume: str | bool | None, display: str, trace: Path | None) -> int:
     """Start the run's processes; returns the exit code of the run (0, or the first failing rank's)."""
     if trace is not None:
-        raise FuyouError("--trace records one process's lanes: not available with --nproc or --engine deepspeed")
+        raise LaunchError("--trace records one process's lanes: not available with --nproc or --engine deepspeed")
     if engine == "deepspeed":
         from fuyoucli.distributed.deepspeed_config import ZO_ON_DEEPSPEED
 
@@ -197,7 +203,7 @@ def launch(recipe, *, recipe_path: str, sets: list[str], engine: str, nproc: int
         launcher = deepspeed_launcher()
         out_dir = Path(recipe.training.output_dir)
         if not resume and not overwrite and holds_other_run(out_dir):
-            raise FuyouError(f"output directory {out_dir} already holds a run; set training.output_dir elsewhere, "
+            raise LaunchError(f"output directory {out_dir} already holds a run; set training.output_dir elsewhere, "
                              "pass --overwrite to replace it, or --resume to continue it")
         world = nproc * (hostfile_hosts(hostfile) if hostfile is not None else 1)
         config, plan = write_run_config(recipe, world=world)
@@ -209,7 +215,7 @@ def launch(recipe, *, recipe_path: str, sets: list[str], engine: str, nproc: int
                                 resume=resume, display=display, gradient_checkpointing=recompute)
         return run_deepspeed(cmd)
     if hostfile is not None:
-        raise FuyouError("--hostfile is for --engine deepspeed; the fuyou engine's --nproc ranks run on this "
+        raise LaunchError("--hostfile is for --engine deepspeed; the fuyou engine's --nproc ranks run on this "
                          "machine (across machines: torchrun ... -m fuyoucli.distributed.zo_run RECIPE)")
     check_data_parallel_recipe(recipe, nproc)
     return run_local(ZO_ENTRY, worker_args(recipe_path, sets, overwrite=overwrite, resume=resume, display=display),

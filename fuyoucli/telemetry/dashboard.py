@@ -23,8 +23,8 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from fuyoucli.telemetry.events import (CheckpointSaved, EvalDone, Event, RunFinished, RunInterrupted, RunStarted,
-                                       StepDone)
+from fuyoucli.telemetry.events import (CheckpointSaved, EvalDone, EvalStarted, Event, RunFinished, RunInterrupted,
+                                       RunStarted, StepDone)
 
 DRIFT = 0.25
 SPARK = "▁▂▃▄▅▆▇█"
@@ -140,6 +140,7 @@ class DashboardSink:
         self.extras: deque[dict] = deque(maxlen=20)
         self.last: StepDone | None = None
         self.last_eval: EvalDone | None = None
+        self.evaluating: EvalStarted | None = None
         self.checkpoint: CheckpointSaved | None = None
         self.t0 = time.monotonic()
         self.first_step_at: float | None = None
@@ -179,8 +180,10 @@ class DashboardSink:
             self.extras.append(event.extra)
             if self.machine is not None:
                 self.machine_now = self.machine.sample()
+        elif isinstance(event, EvalStarted):
+            self.evaluating = event
         elif isinstance(event, EvalDone):
-            self.last_eval = event
+            self.last_eval, self.evaluating = event, None
         elif isinstance(event, CheckpointSaved):
             self.checkpoint = event
         elif isinstance(event, RunInterrupted):
@@ -240,7 +243,8 @@ class DashboardSink:
         bar = Table.grid(padding=(0, 1))
         bar.add_row(ProgressBar(total=total, completed=self.step, width=60),
                     Text(f"step {self.step}/{total}  {self.step / total:.0%}  elapsed {_dur(elapsed)}  "
-                         f"ETA {_dur(eta) if eta is not None else '-'}"))
+                         + (f"evaluating {self.evaluating.examples} examples…" if self.evaluating
+                            else f"ETA {_dur(eta) if eta is not None else '-'}")))
 
         plan = s.planned
         last = self.last

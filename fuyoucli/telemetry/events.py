@@ -56,6 +56,13 @@ class StepDone:
 
 
 @dataclass(frozen=True)
+class EvalStarted:
+    """An evaluation began (it can take as long as many steps; the dashboard says it is evaluating)."""
+    step: int
+    examples: int
+
+
+@dataclass(frozen=True)
 class EvalDone:
     step: int
     loss: float
@@ -99,7 +106,7 @@ class RunInterrupted:
     resume_hint: str = ""
 
 
-Event = RunStarted | StepDone | EvalDone | RunFinished | CheckpointSaved | RunInterrupted
+Event = RunStarted | StepDone | EvalStarted | EvalDone | RunFinished | CheckpointSaved | RunInterrupted
 
 
 class Sink(Protocol):

@@ -54,8 +54,8 @@ class JsonlSink:
 class JsonLogSink:
     """`--json-logs`: every event as one JSON object per line on stdout, {"event": "<kind>", ...}."""
 
-    NAMES = {"RunStarted": "run_started", "StepDone": "step", "EvalDone": "eval", "RunFinished": "run_finished",
-             "CheckpointSaved": "checkpoint", "RunInterrupted": "interrupted"}
+    NAMES = {"RunStarted": "run_started", "StepDone": "step", "EvalStarted": "eval_started", "EvalDone": "eval",
+             "RunFinished": "run_finished", "CheckpointSaved": "checkpoint", "RunInterrupted": "interrupted"}
 
     def __init__(self, stream=None):
         self.stream = stream or sys.stdout

@@ -1,13 +1,14 @@
 """From a recipe to the plan a run executes: the machine's profile, the model's inventory, the planner.
 
 Trainer-side glue between the pure planner (plan/) and the run loop. A run whose machine has no saved
-profile measures it once (the quick probe, ~10 s) and saves it, so the first `fuyou finetune` on a new
-machine plans from measurements instead of failing. An infeasible plan stops the run before any
+profile measures it once (the quick probe, about a minute, a progress line per phase on stderr) and
+saves it, so the first `fuyou finetune` on a new machine plans from measurements instead of failing. An infeasible plan stops the run before any
 weights load, with the planner's reasons and suggestions.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Callable
 
 from fuyoucli.errors import InfeasiblePlan
@@ -26,10 +27,18 @@ def machine_profile(recipe: Recipe, note: Callable[[str], None]):
     disks = [recipe.offload.swap_dir] if recipe.offload.swap_dir else ["."]
     note(f"no hardware profile of this machine yet: measuring it (quick) for the planner; "
          f"`fuyou profile` makes a fuller one")
-    profile = probe(disks, quick=True)
+    # About a minute with no other output: say what is happening, phase by phase (plain lines, for piped logs too).
+    print("fuyou: profiling this machine once (quick, about a minute; saved for later runs; `fuyou profile` "
+          "makes a fuller one) ...", file=sys.stderr, flush=True)
+    profile = probe(disks, quick=True, on_step=_print_phase)
     path = save_profile(profile, default_profile_path())
     note(f"saved the profile to {path}")
     return load_profile(path)
+
+
+def _print_phase(label: str, index: int, total: int) -> None:
+    if index < total:
+        print(f"fuyou: profiling {index + 1}/{total}: {label}", file=sys.stderr, flush=True)
 
 
 def plan_for_run(recipe: Recipe, *, num_labels: int | None, note: Callable[[str], None] = lambda s: None) -> Plan | None:

@@ -22,11 +22,13 @@ from fuyoucli.engine.lanes import (cap_device_memory, device_peak_reserved_bytes
                                    synchronize_device)
 from fuyoucli.errors import FuyouError, RecipeError
 from fuyoucli.folder_lock import LOCK_FILE, folder_lock, holds_only_lock
+from fuyoucli.interrupts import interrupt
 from fuyoucli.model.inventory import inventory
 from fuyoucli.model.loading import load_model, load_tokenizer
 from fuyoucli.plan.types import Plan
 from fuyoucli.recipe import Recipe
-from fuyoucli.telemetry.events import EvalDone, RunFinished, RunInterrupted, RunStarted, Sink, Sinks, StepDone
+from fuyoucli.telemetry.events import (EvalDone, EvalStarted, RunFinished, RunInterrupted, RunStarted, Sink, Sinks,
+                                       StepDone)
 from fuyoucli.telemetry.jsonl import JsonlSink
 from fuyoucli.train.data import Datasets, batches, build_datasets, collate
 from fuyoucli.train.schedule import lr_at
@@ -153,19 +155,23 @@ def prepare_output_dir(path: Path, overwrite: bool) -> None:
 
 class StopRequests:
     """Ctrl-C / SIGTERM during the loop: the first asks the loop to stop after the current step (and write
-    a checkpoint); a second one interrupts at once. Outside the main thread nothing is installed."""
+    a checkpoint); a second one interrupts at once, and later ones are ignored while the run shuts down.
+    Outside the main thread nothing is installed."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, enabled: bool):
         self.enabled = enabled and threading.current_thread() is threading.main_thread()
         self.requested: int | None = None
+        self.interrupted = False
         self._previous: dict = {}
 
     def _handle(self, signum, frame) -> None:
-        if self.requested is not None:
-            raise KeyboardInterrupt
-        self.requested = signum
+        if self.requested is None:
+            self.requested = signum
+        elif not self.interrupted:
+            self.interrupted = True
+            interrupt()
 
     def __enter__(self) -> "StopRequests":
         if self.enabled:
@@ -176,6 +182,12 @@ class StopRequests:
     def __exit__(self, *exc) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
+
+
+def _evaluate(sinks: Sinks, trainer, data: Datasets, recipe: Recipe, device, step: int) -> EvalDone | None:
+    if data.eval:  # an evaluation can take as long as many steps: the dashboard says it is evaluating
+        sinks.emit(EvalStarted(step=step, examples=len(data.eval)))
+    return evaluate(trainer, data, recipe, device, step=step)
 
 
 def _planned(plan: Plan | None) -> dict[str, float]:
@@ -331,7 +343,7 @@ def _finetune(recipe: Recipe, sinks: list[Sink] | None, out_dir: Path, *, overwr
             start_step=start, planned=_planned(plan),
         ))
         if ckpt is None:
-            first_eval = last_eval = (evaluate(trainer, data, recipe, device, step=0)
+            first_eval = last_eval = (_evaluate(all_sinks, trainer, data, recipe, device, step=0)
                                       if recipe.training.eval_before else None)
             if first_eval:
                 all_sinks.emit(first_eval)
@@ -367,7 +379,7 @@ def _finetune(recipe: Recipe, sinks: list[Sink] | None, out_dir: Path, *, overwr
                 all_sinks.emit(StepDone(step=step, loss=res.loss, lr=lr, tokens=tokens, step_time_s=elapsed,
                                         extra=extra, spans=res.spans, started_s=began))
                 if eval_every and step % eval_every == 0 and step != steps:
-                    last_eval = evaluate(trainer, data, recipe, device, step=step) or last_eval
+                    last_eval = _evaluate(all_sinks, trainer, data, recipe, device, step=step) or last_eval
                     if last_eval and last_eval.step == step:
                         all_sinks.emit(last_eval)
                 # The last step needs no scheduled checkpoint: the final model is saved right after.
@@ -378,8 +390,9 @@ def _finetune(recipe: Recipe, sinks: list[Sink] | None, out_dir: Path, *, overwr
                 if stop.requested:
                     all_sinks.emit(RunInterrupted(step=step, checkpoint=str(checkpointer.last_saved),
                                                   resume_hint=f"fuyou finetune {recipe_path or 'RECIPE'} --resume"))
-                    raise KeyboardInterrupt
-        last_eval = evaluate(trainer, data, recipe, device, step=steps)
+                    stop.interrupted = True
+                    interrupt()
+        last_eval = _evaluate(all_sinks, trainer, data, recipe, device, step=steps)
         if last_eval:
             all_sinks.emit(last_eval)
         trainer.finalize()

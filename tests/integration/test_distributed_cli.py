@@ -78,8 +78,17 @@ def test_plan_export_of_zo2_says_use_nproc(capsys, tmp_path, tiny_models, text_d
 def test_unsupported_combinations_are_one_line(capsys, tmp_path, tiny_models, text_data, method, args, needle):
     recipe = write_recipe(tmp_path, tiny_models["llama"], text_data, method=method)
     code, _, err = run(capsys, "finetune", str(recipe), *args)
-    assert code != 0 and needle in err, err
+    assert code == 2 and needle in err, err  # bad input, as a bad recipe value is
     assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def test_bad_hostfiles_are_bad_input(tmp_path):
+    empty = tmp_path / "hosts"
+    empty.write_text("# no machine\n")
+    for path, needle in ((tmp_path / "absent", "cannot read hostfile"), (empty, "names no machine")):
+        with pytest.raises(launch.LaunchError, match=needle) as info:
+            launch.hostfile_hosts(path)
+        assert info.value.exit_code == 2
 
 
 def test_engine_deepspeed_without_deepspeed_says_how_to_install(capsys, tmp_path, tiny_models, text_data,

@@ -160,3 +160,26 @@ def _default_sigint() -> None:
     # A shell without job control starts background jobs with SIGINT ignored, and Python keeps an
     # ignored SIGINT ignored; give the child the default so it gets KeyboardInterrupt.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def test_a_first_run_says_it_is_profiling_the_machine(tmp_path, tiny_models, text_data):
+    """With no saved profile (an empty FUYOU_CACHE_DIR) a run measures the machine for about a minute before
+    anything else shows: a line on stderr says so at once, then one per phase. Stopped once seen."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: first\nmodel:\n  path: {tiny_models['llama']}\nmethod:\n  name: zo2\n"
+                      f"data:\n  train: {text_data}\n  max_length: 32\n"
+                      f"training:\n  max_steps: 2\n  output_dir: {tmp_path / 'out'}\n")
+    env = {**os.environ, "FUYOU_CACHE_DIR": str(tmp_path / "cache")}
+    proc = subprocess.Popen([sys.executable, "-m", "fuyoucli", "finetune", str(recipe), "--quiet"], cwd=tmp_path,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen = []
+    try:
+        for line in proc.stderr:  # ends when the process does
+            seen.append(line)
+            if line.startswith("fuyou: profiling 1/"):
+                break
+    finally:
+        proc.kill()
+        proc.wait()
+    assert any(s.startswith("fuyou: profiling this machine once (quick, about a minute") for s in seen), seen
+    assert seen[-1].startswith("fuyou: profiling 1/"), seen

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fuyoucli.checkpoint import CheckpointError, list_checkpoints
+from fuyoucli.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from fuyoucli.recipe import load_recipe
 from fuyoucli.telemetry.jsonl import comparable, read_metrics
 from fuyoucli.train.run import finetune
@@ -189,3 +189,29 @@ def test_corrupt_missing_and_foreign_checkpoints_are_refused(tmp_path, tiny_mode
     (ckpt / "state.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="damaged"):
         finetune(recipe, resume=str(ckpt))
+
+
+def test_a_second_ctrl_c_while_stopping_prints_no_traceback(tmp_path, tiny_models, text_data):
+    """Ctrl-C, then Ctrl-C again 50 ms later (and every 50 ms until the process ends): the first stops the run
+    after a checkpoint; the later ones land while it shuts down (its atexit callbacks included) and must not
+    print an "Exception ignored in atexit callback ... KeyboardInterrupt" traceback."""
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_models["llama"], text_data, out, "zo2")
+    proc = subprocess.Popen([sys.executable, "-m", "fuyoucli", "finetune", str(recipe), "--quiet",
+                             "--set", "training.max_steps=100000", "--set", "training.eval_every=0",
+                             "--set", "hardware.preset=cpu-laptop-8c-32g"],  # no profiling
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_step(proc, out, 3)
+    proc.send_signal(signal.SIGINT)
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    saved = list_checkpoints(out / "checkpoints")
+    assert saved
+    for ckpt in saved:  # verified against its checksum manifest
+        load_checkpoint(ckpt)

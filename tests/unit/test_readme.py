@@ -1,7 +1,9 @@
-"""The README's recipe reference is the schema's own, and its set-up commands are the CI's."""
+"""The README's recipe reference is the schema's own, its set-up commands are the CI's, and the tests it cites
+to back a claim exist."""
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -25,3 +27,13 @@ def test_ci_runs_the_readme_commands():
     assert install in readme
     assert install.replace("pip install", "pip install -q") in ci
     assert "python -m pytest -q" in readme and "\npython -m pytest -q\n" in ci
+
+
+def test_the_tests_the_readme_cites_exist():
+    """A claim a recipe cannot reproduce (lr=0 leaves weights bit-identical: method.lr must be > 0) names the test
+    that checks it; every `pytest FILE -k NAME` in the README must select a test."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    cited = re.findall(r"pytest (tests/\S+\.py) -k (\w+)", readme)
+    assert ("tests/integration/test_zo2_parity.py", "lr_zero") in cited
+    for path, name in cited:
+        assert re.search(rf"^def test_\w*{name}", (ROOT / path).read_text(encoding="utf-8"), re.M), (path, name)

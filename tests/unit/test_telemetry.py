@@ -9,7 +9,7 @@ import json
 from rich.console import Console
 
 from fuyoucli.telemetry.dashboard import DashboardSink, drift, sparkline
-from fuyoucli.telemetry.events import CheckpointSaved, EvalDone, RunFinished, RunStarted, StepDone
+from fuyoucli.telemetry.events import CheckpointSaved, EvalDone, EvalStarted, RunFinished, RunStarted, StepDone
 from fuyoucli.telemetry.jsonl import JsonLogSink
 from fuyoucli.telemetry.timeline import LANES, Span, busy_seconds
 from fuyoucli.telemetry.trace import TRACKS, TraceSink
@@ -162,3 +162,43 @@ def test_dashboard_shows_the_device_peak_beside_the_plan():
     line = next(x for x in rendered.getvalue().splitlines() if "GPU peak" in x)
     assert "3.00 GiB reserved" in line and "plan 2.00 GiB" in line
     assert "GPU peak" not in run_dashboard(0.11)  # a CPU run has none
+
+
+def test_dashboard_says_it_is_evaluating_until_the_evaluation_ends():
+    """The first evaluation runs before step 1: without a sign the dashboard reads "step 0/10 0% ETA -" as if stuck."""
+    sink = DashboardSink(Console(file=io.StringIO(), force_terminal=True, width=120, height=40), sample_machine=False)
+
+    def shown() -> str:
+        console = Console(record=True, width=120, file=io.StringIO())
+        console.print(sink.render())
+        return console.export_text()
+
+    sink.handle(started())
+    assert "evaluating" not in shown()
+    sink.handle(EvalStarted(step=0, examples=2))
+    assert "step 0/10" in shown() and "evaluating 2 examples…" in shown()
+    sink.handle(EvalDone(step=0, loss=2.5, perplexity=12.2, accuracy=None, examples=2))
+    assert "evaluating" not in shown()
+    sink.close()
+
+
+def test_a_run_emits_eval_started_before_each_evaluation(tmp_path, tiny_models, text_data):
+    from fuyoucli.recipe import load_recipe
+    from fuyoucli.train.run import finetune
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"name: t\nmodel:\n  path: {tiny_models['llama']}\nmethod:\n  name: zo2\n"
+                      f"data:\n  train: {text_data}\n  max_length: 32\n  eval_fraction: 0.2\n"
+                      f"training:\n  max_steps: 2\n  batch_size: 4\n  output_dir: {tmp_path / 'out'}\n")
+    seen = []
+
+    class Recorder:
+        def handle(self, event):
+            seen.append(type(event).__name__)
+
+        def close(self):
+            pass
+
+    finetune(load_recipe(recipe), [Recorder()], plan=None)
+    evals = [n for n in seen if n.startswith("Eval")]
+    assert evals == ["EvalStarted", "EvalDone"] * 2, seen
