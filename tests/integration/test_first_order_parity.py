@@ -29,8 +29,8 @@ LORA = {"type": "lora", "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj
 
 @pytest.fixture(scope="module")
 def models(tiny_models, tmp_path_factory):
-    """Tiny llama, qwen2 (tied embeddings) and opt (tied, learned positions) without dropout: the
-    reference and the layer-major engine draw dropout masks in different orders."""
+    """Tiny llama, qwen2 (tied embeddings) and opt (tied, learned positions) without dropout, so that
+    these cases test placement alone (dropout parity has its own test: test_dropout_draws_the_reference_masks)."""
     from tiny import make_tokenizer, tiny_config
     from transformers import AutoModelForCausalLM
 
