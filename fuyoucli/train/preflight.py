@@ -103,10 +103,15 @@ def _check_writable_folder(path: Path, key: str, use: str) -> None:
         raise PreflightError(f"{key} {path} is not writable ({base}); point it at a folder {use}")
 
 
+def check_output_writable(out_dir: Path) -> None:
+    """The output folder can be created and written (nothing is written to decide that)."""
+    _check_writable_folder(out_dir, "training.output_dir", "you can write")
+
+
 def check_output_dir(out_dir: Path, *, overwrite: bool, resuming: bool) -> None:
     """An output folder that holds another run, or that cannot be written, is refused (nothing is written
     to decide that)."""
-    _check_writable_folder(out_dir, "training.output_dir", "you can write")
+    check_output_writable(out_dir)
     if resuming or overwrite or not out_dir.exists():
         return
     if any(out_dir.iterdir()):
@@ -150,7 +155,6 @@ def preflight(recipe: Recipe, plan: Plan | None, *, trainable_params: int, param
                                  f"{_gib(machine.available_ram_bytes)} is available now; close other programs, "
                                  "set offload.host_memory_limit (the planner then uses swap_dir), or use a smaller model")
 
-    check_model_files(recipe.model.path)
     one_ckpt, final = checkpoint_bytes(recipe, trainable_params, params)
     t = recipe.training
     ledger_only = recipe.method.name == "zo2" and t.zo_ledger_steps > 0

@@ -33,7 +33,7 @@ from fuyoucli.telemetry.jsonl import JsonlSink
 from fuyoucli.train.data import Datasets, batches, build_datasets, collate
 from fuyoucli.train.schedule import lr_at
 from fuyoucli.train.planning import plan_for_run
-from fuyoucli.train.preflight import check_output_dir, preflight
+from fuyoucli.train.preflight import check_model_files, check_output_dir, check_output_writable, preflight
 from fuyoucli.train.trainers import build_trainer, streamed_layers, streams
 
 
@@ -242,8 +242,10 @@ def finetune(recipe: Recipe, sinks: list[Sink] | None = None, *, overwrite: bool
     `allow_data_change`. The output folder is locked for the whole run (fuyoucli/folder_lock.py)."""
     check_recipe_for_method(recipe)
     out_dir = Path(recipe.training.output_dir)
-    # The lock comes before every look at the folder, --overwrite's deletions included: a second process
-    # must not judge, cut or delete what a live run is writing.
+    # Taking the lock creates the folder: first say precisely why it cannot be (a file in the way, a
+    # read-only disk). Then the lock comes before every look at the folder's contents, --overwrite's
+    # deletions included: a second process must not judge, cut or delete what a live run is writing.
+    check_output_writable(out_dir)
     with folder_lock(out_dir, what="training.output_dir"):
         return _finetune(recipe, sinks, out_dir, overwrite=overwrite, plan=plan, resume=resume,
                          recipe_path=recipe_path, allow_data_change=allow_data_change)
@@ -258,6 +260,9 @@ def _finetune(recipe: Recipe, sinks: list[Sink] | None, out_dir: Path, *, overwr
         notes.append(f"removed what an earlier start that completed no step left in {out_dir}")
     if not holds_only_lock(out_dir):
         check_output_dir(out_dir, overwrite=overwrite, resuming=bool(resume))
+    # A cut-short model file is found from its headers in milliseconds: before the planner, which may first
+    # profile this machine for a minute.
+    check_model_files(recipe.model.path)
     ckpt = None
     data_files = ckpts.data_fingerprint(recipe)
     if resume:
