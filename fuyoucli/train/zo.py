@@ -6,7 +6,8 @@ The arithmetic is defined block by block so that a streamed implementation can r
 - the weights a forward pass sees are cast(home +/- eps * z), always computed from the unperturbed
   fp32 home copy, so nothing drifts (no in-place perturb/restore round-off, MeZO issue 42);
 - the update is home -= lr * (direction term + weight_decay * home), in fp32 (decay on matrices only);
-  the home copy is fp32 unless the plan stores it in bfloat16/float16 (then rounded once per update);
+  the home copy is fp32 unless the plan stores it in bfloat16/float16 (then rounded once per update,
+  to nearest or stochastically with draws seeded by (seed, step, block): train/rounding.py);
   the momentum buffer (variant momentum) is fp32 whatever the home dtype;
 - variant conservative (ZO-Bench's ZO-SGD-Cons): with u = lr * (direction + weight_decay * home), the
   step also evaluates the loss at w, w - u and w + u on the same micro-batches and keeps the lowest
@@ -25,6 +26,7 @@ import torch
 from fuyoucli.model.blocks import ParamBlock, block_generator, block_seed
 from fuyoucli.recipe import ZO2Method
 from fuyoucli.train.losses import batch_loss
+from fuyoucli.train.rounding import HomeRounding, Rounding
 
 CANDIDATES = (1, 0, -1)
 """Conservative variant: the update multipliers c (w - c*u), in the order ties are broken."""
@@ -81,11 +83,19 @@ def iter_z(seed: int, step: int, direction: int, block: int, shapes, device: tor
 class ZStreams:
     """z of one (step, block) for every direction, tensor by tensor: direction d's generator draws the
     block's tensors in order, so each tensor's numbers are the ones draw_z makes for it (all at once).
-    What lets an update or a candidate work one tensor at a time, in tensor-sized buffers."""
+    What lets an update or a candidate work one tensor at a time, in tensor-sized buffers. It also
+    hands out the (step, block)'s home rounding (train/rounding.py), one fresh stream per pass."""
 
-    def __init__(self, seed: int, step: int, block: int, q: int, device: torch.device):
+    def __init__(self, seed: int, step: int, block: int, q: int, device: torch.device,
+                 rounding: Rounding = "nearest"):
         self.device = device
         self.gens = [block_generator(device, block_seed(seed, step, d, block)) for d in range(q)]
+        self._rounding = (rounding, seed, step, block)
+
+    def home_rounding(self) -> HomeRounding:
+        """How this pass over the block's tensors stores fp32 results into a narrower home."""
+        mode, seed, step, block = self._rounding
+        return HomeRounding(mode, seed, step, block, self.device)
 
     def draw(self, d: int, shape, out: torch.Tensor | None = None) -> torch.Tensor:
         if out is None:
@@ -134,7 +144,8 @@ def update_home(home: list[torch.Tensor], zs: ZStreams, grads: list[float], lr: 
     """home -= lr * (sum_d g_d z_d / q [sign / momentum] + weight_decay * home), in place, in fp32,
     tensor by tensor (z from `zs`).
 
-    A bfloat16/float16 home is updated through an fp32 copy and rounded once. `acc`, `home32`, `zbuf`:
+    A bfloat16/float16 home is updated through an fp32 copy and rounded once, as `zs` says (nearest or
+    stochastic, train/rounding.py). `acc`, `home32`, `zbuf`:
     flat fp32 buffers at least as large as the largest tensor, for the direction, the fp32 copy and z;
     without them new tensors are made. Shared by the in-memory reference and the streamed engine, so
     both do the same operations in the same order (bit-identical on one device). A conservative step
@@ -142,6 +153,7 @@ def update_home(home: list[torch.Tensor], zs: ZStreams, grads: list[float], lr: 
     """
     if lr == 0 and method.variant == "conservative":
         return False
+    rounding = zs.home_rounding()
     for i, h in enumerate(home):
         if h.dtype == torch.float32:
             h32 = h
@@ -153,19 +165,27 @@ def update_home(home: list[torch.Tensor], zs: ZStreams, grads: list[float], lr: 
                              momentum[i] if momentum is not None else None, scratch=z)
         h32.add_(g, alpha=-lr)
         if h32 is not h:
-            h.copy_(h32)
+            rounding.store(h, h32)
     return True
 
 
 @torch.no_grad()
 def candidate_into(dst: torch.Tensor, home32: torch.Tensor, g_est: torch.Tensor, alpha: float,
-                   home_dtype: torch.dtype, out32: torch.Tensor | None = None) -> None:
+                   home_dtype: torch.dtype, out32: torch.Tensor | None = None,
+                   rounding: HomeRounding | None = None) -> None:
     """dst := cast(home + alpha * g_est) as update_home with lr = -alpha would store it (rounded to the
-    home dtype first when that is neither fp32 nor dst's dtype). `out32`: an fp32 buffer for the sum
+    home dtype first when that is not fp32, as `rounding` says: the same pass's stream as the update's,
+    so the candidate kept is the weights stored; None: nearest). `out32`: an fp32 buffer for the sum
     (may be dst itself when dst is fp32)."""
     t = torch.add(home32, g_est, alpha=alpha) if out32 is None else torch.add(home32, g_est, alpha=alpha, out=out32)
-    if home_dtype != torch.float32 and home_dtype != dst.dtype:
-        t = t.to(home_dtype)
+    if home_dtype != torch.float32:
+        if rounding is not None and rounding.mode == "stochastic":
+            if dst.dtype == home_dtype:
+                rounding.store(dst, t)
+                return
+            t = rounding.rounded(t, home_dtype)
+        elif home_dtype != dst.dtype:
+            t = t.to(home_dtype)
     if t is not dst:
         dst.copy_(t)
 
@@ -175,14 +195,15 @@ class ZOReference:
 
     def __init__(self, model, blocks: list[ParamBlock], method: ZO2Method, *, seed: int, head: str,
                  label_token_ids: tuple[int, ...] = (), home_dtype: torch.dtype = torch.float32,
-                 z_per_tensor: bool = False):
+                 z_per_tensor: bool = False, home_rounding: Rounding = "nearest"):
         self.model, self.blocks, self.method = model, blocks, method
+        self.home_rounding = home_rounding
         self.seed, self.head, self.label_token_ids = seed, head, label_token_ids
         # A plan's z_buffer 'tensor': a block's z is never whole in memory, one tensor's at a time
         # (the same numbers: draw_z draws tensor by tensor from one generator).
         self.z_per_tensor = z_per_tensor
         # The home copy is what the optimizer updates: fp32 by default (exact small updates), or the
-        # plan's home dtype (half the bytes, updates rounded once per step).
+        # plan's home dtype (half the bytes, updates rounded once per step, nearest or stochastically).
         self.home = [[p.detach().to(home_dtype, copy=True) for _, p in b.params] for b in blocks]
         self.momentum = ([[torch.zeros_like(h, dtype=torch.float32) for h in hb] for hb in self.home]
                          if method.variant == "momentum" else None)
@@ -203,11 +224,15 @@ class ZOReference:
     def _load_candidate(self, step: int, grads: list[float], alpha: float) -> None:
         """Model weights := cast(home + alpha * direction): the conservative variant's w -/+ u."""
         for b, block in enumerate(self.blocks):
-            zs = ZStreams(self.seed, step, b, len(grads), self.home[b][0].device)
+            zs = self._zstreams(step, b, len(grads))
+            rounding = zs.home_rounding()
             for (_, p), h in zip(block.params, self.home[b]):
                 h32 = h if h.dtype == torch.float32 else h.float()
                 g = tensor_direction(torch.empty_like(h32), h32, lambda d: zs.draw(d, h.shape), grads, self.method)
-                candidate_into(p, h32, g, alpha, h.dtype)
+                candidate_into(p, h32, g, alpha, h.dtype, rounding=rounding)
+
+    def _zstreams(self, step: int, b: int, q: int) -> ZStreams:
+        return ZStreams(self.seed, step, b, q, self.home[b][0].device, self.home_rounding)
 
     @torch.no_grad()
     def _losses(self, micro_batches: list[dict]) -> tuple[float, int]:
@@ -246,7 +271,7 @@ class ZOReference:
 
     def _update(self, step: int, grads: list[float], lr: float) -> None:
         for b in range(len(self.blocks)):
-            update_home(self.home[b], ZStreams(self.seed, step, b, len(grads), self.home[b][0].device), grads, lr,
+            update_home(self.home[b], self._zstreams(step, b, len(grads)), grads, lr,
                         self.method, self.momentum[b] if self.momentum else None)
 
     # -- checkpoints: the state is the home copy (and momentum); z comes back from the seed ----------
