@@ -20,6 +20,7 @@ import torch
 
 from fuyoucli.checkpoint import (FINAL_INFO, MANIFEST, STATE_FILE, Checkpoint, CheckpointError, atomic_dir, crash_point,
                                  latest_checkpoint, load_checkpoint, remove_leftovers)
+from fuyoucli.engine.lanes import cuda_available
 from fuyoucli.errors import FuyouError, InputError
 from fuyoucli.folder_lock import folder_lock, holds_only_lock
 from fuyoucli.recipe import Recipe, validate_recipe
@@ -142,7 +143,7 @@ def _trained_tensors(ckpt: Checkpoint, model, recipe: Recipe):
     from fuyoucli.train.zo import ZOReference
 
     device = ckpt.state.get("device", "cpu")
-    if device != "cpu" and not (device == "cuda" and torch.cuda.is_available()):
+    if device != "cpu" and not (device == "cuda" and cuda_available()):
         raise CheckpointError(f"checkpoint {ckpt.path} is a seed ledger drawn on {device}: export it on a machine "
                               f"with {device} (z must be regenerated there), or export a full checkpoint")
     source = load_checkpoint(ckpt.path.parent / base)

@@ -81,7 +81,7 @@ def run(recipe: Recipe, config: dict, sinks: list, *, overwrite: bool = False, r
     from fuyoucli.train.first_order import adamw_param_groups
     from fuyoucli.train.losses import batch_loss, count_targets
     from fuyoucli.train.run import MicroBatches, StopRequests, TrainingDiverged, evaluate, prepare_output_dir, total_steps
-    from fuyoucli.train.schedule import lr_at
+    from fuyoucli.train.lr_schedule import lr_at
 
     if recipe.method.name != "adamw":
         from fuyoucli.distributed.deepspeed_config import ZO_ON_DEEPSPEED

@@ -173,11 +173,11 @@ def write_run_config(recipe, *, world: int):
     labels = len(d.labels or d.label_words) or None
     plan = plan_for_run(recipe, num_labels=labels)
     inv = inventory(recipe.model, recipe.peft, num_labels=labels)
-    import torch
+    from fuyoucli.engine.lanes import compute_device
 
     export = deepspeed_config(recipe, plan, _profile_or_none(recipe) if plan is not None else None, world_size=world,
                               max_tensor_params=max((b.max_tensor_params for b in inv.blocks), default=0),
-                              compute_device="cuda" if torch.cuda.is_available() else "cpu")
+                              compute_device=compute_device().type)
     path, _ = write_export(export, Path(recipe.training.output_dir) / "deepspeed" / "ds_config.json",
                            recipe=recipe, plan=plan, world_size=world)
     return path, plan

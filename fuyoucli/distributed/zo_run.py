@@ -57,7 +57,7 @@ def finetune_data_parallel(recipe: Recipe, ranks, sinks: list | None = None, *, 
     from fuyoucli.train.run import (
         MicroBatches, StopRequests, TrainingDiverged, check_recipe_for_method, evaluate, prepare_output_dir, total_steps,
     )
-    from fuyoucli.train.schedule import lr_at
+    from fuyoucli.train.lr_schedule import lr_at
     from fuyoucli.train.trainers import streams
 
     check_recipe_for_method(recipe)

@@ -31,7 +31,7 @@ from fuyoucli.telemetry.events import (EvalDone, EvalStarted, RunFinished, RunIn
                                        StepDone)
 from fuyoucli.telemetry.jsonl import JsonlSink
 from fuyoucli.train.data import Datasets, batches, build_datasets, collate
-from fuyoucli.train.schedule import lr_at
+from fuyoucli.train.lr_schedule import lr_at
 from fuyoucli.train.planning import plan_for_run
 from fuyoucli.train.preflight import check_model_files, check_output_dir, check_output_writable, preflight
 from fuyoucli.train.trainers import build_trainer, streamed_layers, streams
