@@ -46,12 +46,14 @@ def rank_env(base: dict[str, str], *, rank: int, world: int, port: int, cores: i
 
 
 def worker_args(recipe: str, sets: list[str], *, overwrite: bool = False, resume: str | bool | None = None,
-                display: str = "plain") -> list[str]:
+                display: str = "plain", allow_data_change: bool = False) -> list[str]:
     args = [recipe, *[a for s in sets for a in ("--set", s)], "--display", display]
     if overwrite:
         args.append("--overwrite")
     if resume:
         args += ["--resume"] + ([] if resume is True else [str(resume)])
+    if allow_data_change:
+        args.append("--allow-data-change")
     return args
 
 
@@ -190,8 +192,10 @@ def _profile_or_none(recipe):
 
 
 def launch(recipe, *, recipe_path: str, sets: list[str], engine: str, nproc: int, hostfile: Path | None,
-           overwrite: bool, resume: str | bool | None, display: str, trace: Path | None) -> int:
-    """Start the run's processes; returns the exit code of the run (0, or the first failing rank's)."""
+           overwrite: bool, resume: str | bool | None, display: str, trace: Path | None,
+           allow_data_change: bool = False) -> int:
+    """Start the run's processes; returns the exit code of the run (0, or the first failing rank's).
+    `allow_data_change` is the zo2 ranks' (DeepSpeed's checkpoints record no data files)."""
     if trace is not None:
         raise LaunchError("--trace records one process's lanes: not available with --nproc or --engine deepspeed")
     if engine == "deepspeed":
@@ -218,5 +222,5 @@ def launch(recipe, *, recipe_path: str, sets: list[str], engine: str, nproc: int
         raise LaunchError("--hostfile is for --engine deepspeed; the fuyou engine's --nproc ranks run on this "
                          "machine (across machines: torchrun ... -m fuyoucli.distributed.zo_run RECIPE)")
     check_data_parallel_recipe(recipe, nproc)
-    return run_local(ZO_ENTRY, worker_args(recipe_path, sets, overwrite=overwrite, resume=resume, display=display),
-                     nproc)
+    return run_local(ZO_ENTRY, worker_args(recipe_path, sets, overwrite=overwrite, resume=resume, display=display,
+                                           allow_data_change=allow_data_change), nproc)

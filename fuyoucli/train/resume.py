@@ -238,11 +238,14 @@ def eval_from(doc: dict | None) -> EvalDone | None:
 
 
 class Checkpointer:
-    """Decides when a checkpoint is due and writes it (full, or a zo2 seed ledger over the last full one)."""
+    """Decides when a checkpoint is due and writes it (full, or a zo2 seed ledger over the last full one).
+    With `writes` False (a data-parallel rank other than the main one, whose weights are the main one's)
+    it keeps the books but writes nothing."""
 
     def __init__(self, recipe: Recipe, plan: Plan | None, trainer, *, total_steps: int, device: torch.device,
-                 data_files: list[dict] | None = None):
+                 data_files: list[dict] | None = None, writes: bool = True):
         t = recipe.training
+        self.writes = writes
         self.recipe, self.plan, self.trainer = recipe, plan, trainer
         self.data_files = data_files
         self.total_steps, self.device = total_steps, device
@@ -276,7 +279,9 @@ class Checkpointer:
         return bool(self.minutes) and time.monotonic() - self.last_time >= 60 * self.minutes
 
     def save(self, step: int, *, position: tuple[int, int], first_eval: EvalDone | None,
-             last_eval: EvalDone | None, reason: str = "scheduled") -> CheckpointSaved:
+             last_eval: EvalDone | None, reason: str = "scheduled") -> CheckpointSaved | None:
+        if not self.writes:
+            return None
         start = time.perf_counter()
         ledger = bool(self.ledger_steps) and self.base is not None and step - self.base_step < self.ledger_steps \
             and (self.root / self.base).is_dir()
