@@ -236,9 +236,11 @@ def model_for_export(recipe: Recipe, merge: bool):
     return tokenizer, model
 
 
-def write_export(model, tokenizer, out_dir: Path, recipe: Recipe, merge: bool, info: dict) -> Path:
+def write_export(model, tokenizer, out_dir: Path, recipe: Recipe, merge: bool, info: dict, *,
+                 final_step: int | None = None) -> Path:
     """Merge LoRA if asked and write the folder atomically, with fuyou_export.json (`info` first: where the
-    weights came from)."""
+    weights came from). With `final_step` the folder is also a run's final model, as save_final_model
+    writes one (its recipe and step, what `fuyou export RUN_DIR` looks for)."""
     if merge:
         model = model.merge_and_unload()
     model.eval()
@@ -249,4 +251,8 @@ def write_export(model, tokenizer, out_dir: Path, recipe: Recipe, merge: bool, i
         (tmp / "fuyou_export.json").write_text(json.dumps({
             **info, "kind": "peft adapter" if recipe.peft.type == "lora" and not merge else "full model",
             "recipe": recipe.model_dump(mode="json")}, indent=2), encoding="utf-8")
+        if final_step is not None:
+            (tmp / FINAL_RECIPE).write_text(json.dumps(recipe.model_dump(mode="json", exclude_unset=True), indent=2),
+                                            encoding="utf-8")
+            (tmp / FINAL_INFO).write_text(json.dumps({"step": final_step}), encoding="utf-8")
     return out_dir

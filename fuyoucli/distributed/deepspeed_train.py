@@ -244,7 +244,7 @@ def run(recipe: Recipe, config: dict, sinks: list, *, overwrite: bool = False, r
         sinks.emit(checkpoints.save(steps, position=position, reason="final"))
         model_dir = out_dir / "model"
         if lead:
-            export_deepspeed_checkpoint(root / checkpoint_name(steps), model_dir, overwrite=True)
+            export_deepspeed_checkpoint(root / checkpoint_name(steps), model_dir, overwrite=True, final_step=steps)
         ranks.barrier()
         return model_dir
 
