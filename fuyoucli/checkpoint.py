@@ -114,8 +114,9 @@ def save_final_model(model, tokenizer, target: Path, *, recipe=None, step: int |
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             if recipe is not None:
-                (tmp / "fuyou_recipe.json").write_text(json.dumps(recipe.model_dump(mode="json"), indent=2),
-                                                       encoding="utf-8")
+                # As written (unset fields left out), so that it validates again as a recipe (`fuyou export`).
+                (tmp / "fuyou_recipe.json").write_text(
+                    json.dumps(recipe.model_dump(mode="json", exclude_unset=True), indent=2), encoding="utf-8")
             if step is not None:
                 (tmp / FINAL_INFO).write_text(json.dumps({"step": step}), encoding="utf-8")
                 crash_point("final_model", step)

@@ -20,6 +20,7 @@ import torch
 
 from fuyoucli.checkpoint import (FINAL_INFO, MANIFEST, STATE_FILE, Checkpoint, CheckpointError, atomic_dir, crash_point,
                                  latest_checkpoint, load_checkpoint, remove_leftovers)
+from fuyoucli.engine.lanes import cuda_available
 from fuyoucli.errors import FuyouError, InputError
 from fuyoucli.folder_lock import folder_lock, holds_only_lock
 from fuyoucli.recipe import Recipe, validate_recipe
@@ -142,7 +143,7 @@ def _trained_tensors(ckpt: Checkpoint, model, recipe: Recipe):
     from fuyoucli.train.zo import ZOReference
 
     device = ckpt.state.get("device", "cpu")
-    if device != "cpu" and not (device == "cuda" and torch.cuda.is_available()):
+    if device != "cpu" and not (device == "cuda" and cuda_available()):
         raise CheckpointError(f"checkpoint {ckpt.path} is a seed ledger drawn on {device}: export it on a machine "
                               f"with {device} (z must be regenerated there), or export a full checkpoint")
     source = load_checkpoint(ckpt.path.parent / base)
@@ -235,9 +236,11 @@ def model_for_export(recipe: Recipe, merge: bool):
     return tokenizer, model
 
 
-def write_export(model, tokenizer, out_dir: Path, recipe: Recipe, merge: bool, info: dict) -> Path:
+def write_export(model, tokenizer, out_dir: Path, recipe: Recipe, merge: bool, info: dict, *,
+                 final_step: int | None = None) -> Path:
     """Merge LoRA if asked and write the folder atomically, with fuyou_export.json (`info` first: where the
-    weights came from)."""
+    weights came from). With `final_step` the folder is also a run's final model, as save_final_model
+    writes one (its recipe and step, what `fuyou export RUN_DIR` looks for)."""
     if merge:
         model = model.merge_and_unload()
     model.eval()
@@ -248,4 +251,8 @@ def write_export(model, tokenizer, out_dir: Path, recipe: Recipe, merge: bool, i
         (tmp / "fuyou_export.json").write_text(json.dumps({
             **info, "kind": "peft adapter" if recipe.peft.type == "lora" and not merge else "full model",
             "recipe": recipe.model_dump(mode="json")}, indent=2), encoding="utf-8")
+        if final_step is not None:
+            (tmp / FINAL_RECIPE).write_text(json.dumps(recipe.model_dump(mode="json", exclude_unset=True), indent=2),
+                                            encoding="utf-8")
+            (tmp / FINAL_INFO).write_text(json.dumps({"step": final_step}), encoding="utf-8")
     return out_dir

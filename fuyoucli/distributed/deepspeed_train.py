@@ -1,10 +1,11 @@
 """The training script DeepSpeed's launcher runs for `fuyou finetune RECIPE --engine deepspeed`.
 
-Run stage on DeepSpeed: fuyou's recipe loading, data pipeline, model + LoRA loading and schedule;
-DeepSpeed's engine (ZeRO-3, offload) for the forward/backward/step with the config `fuyou plan
---export deepspeed` writes. Rank 0 writes metrics.jsonl (fuyou's sinks) and the final model;
-checkpoints are DeepSpeed's own (OUTPUT_DIR/checkpoints/step-NNNNNNNN, ZeRO shards) plus
-fuyou_deepspeed.json (step, data position, recipe) for --resume and `fuyou export`. Never imports rich.
+Run stage on DeepSpeed: fuyou's recipe loading, data pipeline, model + LoRA loading, schedule and run
+loop (train/loop.py); DeepSpeed's engine (ZeRO-3, offload) for the forward/backward/step, behind the
+loop's trainer interface, with the config `fuyou plan --export deepspeed` writes. Rank 0 writes
+metrics.jsonl (fuyou's sinks) and the final model; checkpoints are DeepSpeed's own
+(OUTPUT_DIR/checkpoints/step-NNNNNNNN, ZeRO shards) plus fuyou_deepspeed.json (step, data position,
+recipe) for --resume and `fuyou export`. Never imports rich.
 """
 
 from __future__ import annotations
@@ -23,25 +24,6 @@ from fuyoucli.distributed.deepspeed_export import STATE_FILE
 from fuyoucli.distributed.launch import holds_other_run
 from fuyoucli.errors import FuyouError, RecipeError
 from fuyoucli.recipe import Recipe
-
-
-class _EngineEval:
-    """run.evaluate's trainer interface over a DeepSpeed engine. Every rank evaluates every batch:
-    under ZeRO-3 a forward gathers parameters collectively, so all ranks must run the same forwards."""
-
-    def __init__(self, engine, head: str, label_token_ids: tuple[int, ...]):
-        self.engine, self.head, self.label_token_ids = engine, head, label_token_ids
-
-    @torch.no_grad()
-    def eval_losses(self, micro: list[dict]):
-        from fuyoucli.train.losses import batch_loss
-
-        self.engine.eval()
-        try:
-            return [batch_loss(self.engine, {k: v.to(self.engine.device) for k, v in mb.items()}, head=self.head,
-                               label_token_ids=self.label_token_ids) for mb in micro]
-        finally:
-            self.engine.train()
 
 
 def split_step(micro: list[dict], size: int) -> list[dict]:
@@ -66,156 +48,218 @@ def check_batch(config: dict, recipe: Recipe, world: int) -> tuple[int, int]:
     return micro, accum
 
 
-def run(recipe: Recipe, config: dict, sinks: list, *, overwrite: bool = False, resume: str | bool | None = None,
-        recipe_path: str | None = None, gradient_checkpointing: bool = False):
-    import deepspeed
-    import torch.distributed as dist
+class DeepSpeedRanks:
+    """The loop's ranks over DeepSpeed's process group. The stop flag travels as a tensor on the engine's
+    device (NCCL reduces no host tensors)."""
 
-    from fuyoucli.checkpoint import checkpoint_name, checkpoint_root, latest_checkpoint, list_checkpoints
-    from fuyoucli.distributed.deepspeed_export import export_deepspeed_checkpoint
-    from fuyoucli.model.loading import load_model, load_tokenizer
-    from fuyoucli.telemetry.events import (CheckpointSaved, RunFinished, RunInterrupted, RunStarted, Sinks,
-                                           StepDone)
-    from fuyoucli.telemetry.jsonl import JsonlSink
-    from fuyoucli.train.data import build_datasets
-    from fuyoucli.train.first_order import adamw_param_groups
-    from fuyoucli.train.losses import batch_loss, count_targets
-    from fuyoucli.train.run import MicroBatches, StopRequests, TrainingDiverged, evaluate, prepare_output_dir, total_steps
-    from fuyoucli.train.schedule import lr_at
+    def __init__(self, device: torch.device):
+        import torch.distributed as dist
 
-    if recipe.method.name != "adamw":
-        from fuyoucli.distributed.deepspeed_config import ZO_ON_DEEPSPEED
+        self.dist, self.device = dist, device
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
 
-        raise RecipeError(ZO_ON_DEEPSPEED)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    lead = rank == 0
-    micro_size, accum = check_batch(config, recipe, world)
-    t = recipe.training
-    out_dir = Path(t.output_dir)
-    root = checkpoint_root(out_dir)
-    t0 = time.perf_counter()
-    ckpt_dir: Path | None = None
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def any(self, flag: bool) -> bool:
+        t = torch.tensor([float(flag)], device=self.device)
+        self.dist.all_reduce(t, op=self.dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def barrier(self) -> None:
+        self.dist.barrier()
+
+
+class EngineTrainer:
+    """The loop's trainer interface over a DeepSpeed engine. A step runs this rank's share of the step's
+    micro-batches (cut to the config's micro-batch) through the engine; an evaluation runs every batch on
+    every rank: under ZeRO-3 a forward gathers parameters collectively, so all ranks run the same forwards."""
+
+    def __init__(self, engine, recipe: Recipe, label_token_ids: tuple[int, ...], *, micro_size: int, accum: int,
+                 ranks: DeepSpeedRanks):
+        self.engine, self.head, self.label_token_ids = engine, recipe.model.head, label_token_ids
+        self.micro_size, self.accum, self.ranks = micro_size, accum, ranks
+
+    def step(self, step: int, micro: list[dict], lr: float):
+        from fuyoucli.train.losses import batch_loss, count_targets
+        from fuyoucli.train.trainers import StepOutcome
+
+        engine, rank, world, accum = self.engine, self.ranks.rank, self.ranks.world, self.accum
+        # The step's examples are the single-GPU run's: every rank draws them, each takes its slice.
+        chunks = split_step(micro, self.micro_size)
+        targets = sum(count_targets(c, self.head) for c in chunks)
+        for group in engine.optimizer.param_groups:
+            group["lr"] = lr  # fuyou's schedule, step for step (the config's scheduler only guides others)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
+        for c in chunks[rank * accum:(rank + 1) * accum]:
+            out = batch_loss(engine, {k: v.to(engine.device) for k, v in c.items()}, head=self.head,
+                             label_token_ids=self.label_token_ids)
+            # DeepSpeed divides by the accumulation steps and averages over ranks; this scale makes
+            # the gradient that of the whole step's summed loss over its target tokens, as fuyou's.
+            engine.backward(out.loss_sum * (accum * world / max(targets, 1)))
+            engine.step()
+            loss_sum += out.loss_sum.detach().double()
+        self.ranks.dist.all_reduce(loss_sum)
+        norm = engine.get_global_grad_norm()
+        return StepOutcome(float(loss_sum) / max(targets, 1), targets,
+                           extra={"grad_norm": float(norm)} if norm is not None else {})
+
+    @torch.no_grad()
+    def eval_losses(self, micro: list[dict]):
+        from fuyoucli.train.losses import batch_loss
+
+        self.engine.eval()
+        try:
+            return [batch_loss(self.engine, {k: v.to(self.engine.device) for k, v in mb.items()}, head=self.head,
+                               label_token_ids=self.label_token_ids) for mb in micro]
+        finally:
+            self.engine.train()
+
+
+class DeepSpeedCheckpoints:
+    """The loop's checkpoint writer: DeepSpeed's own checkpoint (every rank writes its ZeRO shards) plus
+    fuyou_deepspeed.json (step, data position, recipe), every training.checkpoint_every steps."""
+
+    supported = True
+
+    def __init__(self, engine, recipe: Recipe, root: Path, *, total_steps: int, ranks: DeepSpeedRanks):
+        self.engine, self.recipe, self.root, self.total_steps, self.ranks = engine, recipe, root, total_steps, ranks
+        self.last_saved: Path | None = None
+
+    def record(self, step: int, grads, lr: float) -> None:
+        pass
+
+    def due(self, step: int) -> bool:
+        every = self.recipe.training.checkpoint_every
+        return bool(every) and step % every == 0
+
+    def save(self, step: int, *, position: tuple[int, int], first_eval=None, last_eval=None,
+             reason: str = "scheduled"):
+        import deepspeed
+
+        from fuyoucli.checkpoint import checkpoint_name, list_checkpoints
+        from fuyoucli.telemetry.events import CheckpointSaved
+
+        began = time.perf_counter()
+        root, tag, lead = self.root, checkpoint_name(step), self.ranks.is_main
+        self.engine.save_checkpoint(str(root), tag=tag)
+        self.ranks.barrier()  # every rank's shards are written before the checkpoint is described and old ones pruned
+        if lead:
+            (root / tag / STATE_FILE).write_text(json.dumps({
+                "step": step, "total_steps": self.total_steps, "data": {"epoch": position[0], "index": position[1]},
+                "world_size": self.ranks.world, "deepspeed": deepspeed.__version__,
+                "recipe": self.recipe.model_dump(mode="json", exclude_unset=True)}, indent=1), encoding="utf-8")
+            for old in list_checkpoints(root)[:-self.recipe.training.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.ranks.barrier()
+        self.last_saved = root / tag
+        nbytes = sum(f.stat().st_size for f in (root / tag).rglob("*") if f.is_file()) if lead else 0
+        return CheckpointSaved(step=step, path=str(root / tag), nbytes=nbytes, seconds=time.perf_counter() - began,
+                               kind="full", reason=reason)
+
+
+def _open_run(recipe: Recipe, out_dir: Path, root: Path, *, overwrite: bool, resume, lead: bool) -> Path | None:
+    """The checkpoint --resume names (checked), or, for a new run, the output folder made ready (rank 0)."""
+    from fuyoucli.checkpoint import latest_checkpoint
+    from fuyoucli.train.run import prepare_output_dir
+
     if resume:
         ckpt_dir = latest_checkpoint(root) if resume is True else Path(resume)
         if ckpt_dir is None or not (ckpt_dir / STATE_FILE).is_file():
             raise FuyouError(f"no DeepSpeed checkpoint to resume from under {root}" if ckpt_dir is None else
                              f"{ckpt_dir} is not a checkpoint of a DeepSpeed run (no {STATE_FILE})")
-    elif lead:
+        return ckpt_dir
+    if lead:
         if holds_other_run(out_dir) and not overwrite:
             raise FuyouError(f"output directory {out_dir} already holds a run; set training.output_dir elsewhere, "
                              "pass --overwrite to replace it, or --resume to continue it")
         prepare_output_dir(out_dir, overwrite=True)  # checked just above; keeps OUTPUT_DIR/deepspeed
-    dist.barrier()
+    return None
 
-    seed = t.seed
-    torch.manual_seed(seed)
-    tokenizer = load_tokenizer(recipe.model)
-    data = build_datasets(recipe.data, tokenizer, seed=seed, head=recipe.model.head)
-    num_labels = len(data.label_names) or None
-    # Every rank builds the model on the host; deepspeed.initialize partitions it (ZeRO-3) and places it.
-    model = load_model(recipe.model, recipe.peft, seed=seed, pad_token_id=tokenizer.pad_token_id,
-                       num_labels=num_labels, device="cpu")
+
+def _engine(recipe: Recipe, config: dict, model, gradient_checkpointing: bool):
+    """deepspeed.initialize over the host-built model (ZeRO-3 partitions and places it); returns the engine
+    and the (trainable, total) parameter counts."""
+    import deepspeed
+
+    from fuyoucli.train.first_order import adamw_param_groups
+
     if gradient_checkpointing:  # the plan recomputes activations in the backward rather than keeping them
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable = [p for p in model.parameters() if p.requires_grad]
-    n_trainable, n_total = sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
+    counts = sum(p.numel() for p in trainable), sum(p.numel() for p in model.parameters())
     engine, _, _, _ = deepspeed.initialize(model=model, config=config,
                                            model_parameters=adamw_param_groups(trainable, recipe.method.weight_decay))
+    return engine, counts
+
+
+def run(recipe: Recipe, config: dict, sinks: list, *, overwrite: bool = False, resume: str | bool | None = None,
+        recipe_path: str | None = None, gradient_checkpointing: bool = False):
+    import deepspeed
+    import torch.distributed as dist
+
+    from fuyoucli.checkpoint import checkpoint_name, checkpoint_root
+    from fuyoucli.distributed.deepspeed_export import export_deepspeed_checkpoint
+    from fuyoucli.model.loading import load_model
+    from fuyoucli.telemetry.events import RunStarted, Sinks
+    from fuyoucli.telemetry.jsonl import JsonlSink
+    from fuyoucli.train.loop import Loop, Start, run_loop, total_steps
+    from fuyoucli.train.run import load_data
+
+    if recipe.method.name != "adamw":
+        from fuyoucli.distributed.deepspeed_config import ZO_ON_DEEPSPEED
+
+        raise RecipeError(ZO_ON_DEEPSPEED)
+    lead, world = dist.get_rank() == 0, dist.get_world_size()
+    micro_size, accum = check_batch(config, recipe, world)
+    out_dir = Path(recipe.training.output_dir)
+    root = checkpoint_root(out_dir)
+    t0 = time.perf_counter()
+    ckpt_dir = _open_run(recipe, out_dir, root, overwrite=overwrite, resume=resume, lead=lead)
+    dist.barrier()
+
+    seed = recipe.training.seed
+    torch.manual_seed(seed)
+    tokenizer, data, num_labels = load_data(recipe, [])
+    # Every rank builds the model on the host; deepspeed.initialize partitions it (ZeRO-3) and places it.
+    model = load_model(recipe.model, recipe.peft, seed=seed, pad_token_id=tokenizer.pad_token_id,
+                       num_labels=num_labels, device="cpu")
+    engine, (n_trainable, n_total) = _engine(recipe, config, model, gradient_checkpointing)
     steps = total_steps(recipe, len(data.train))
-    m, head, labels = recipe.method, recipe.model.head, data.label_token_ids
-    start, position = 0, (0, 0)
+    start = Start()
     if ckpt_dir is not None:
         engine.load_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
         saved = json.loads((ckpt_dir / STATE_FILE).read_text(encoding="utf-8"))
-        start, position = int(saved["step"]), (saved["data"]["epoch"], saved["data"]["index"])
-    all_sinks = Sinks([JsonlSink(out_dir / "metrics.jsonl", keep_through_step=start if ckpt_dir else None),
+        start = Start(step=int(saved["step"]), position=(saved["data"]["epoch"], saved["data"]["index"]),
+                      resumed=True)
+    all_sinks = Sinks([JsonlSink(out_dir / "metrics.jsonl", keep_through_step=start.step if ckpt_dir else None),
                        *sinks] if lead else [])
+    ranks = DeepSpeedRanks(engine.device)
+    checkpoints = DeepSpeedCheckpoints(engine, recipe, root, total_steps=steps, ranks=ranks)
 
-    def save(step: int, reason: str) -> CheckpointSaved:
-        began = time.perf_counter()
-        tag = checkpoint_name(step)
-        engine.save_checkpoint(str(root), tag=tag)
-        dist.barrier()  # every rank's shards are written before the checkpoint is described and old ones pruned
+    def finish(sinks: Sinks, position: tuple[int, int]) -> Path:
+        # The final state is DeepSpeed's checkpoint; the Hugging Face folder is consolidated from it on the
+        # host (zero_to_fp32), so no rank ever gathers the whole model on its device.
+        sinks.emit(checkpoints.save(steps, position=position, reason="final"))
+        model_dir = out_dir / "model"
         if lead:
-            (root / tag / STATE_FILE).write_text(json.dumps({
-                "step": step, "total_steps": steps, "data": {"epoch": stream.position[0], "index": stream.position[1]},
-                "world_size": world, "deepspeed": deepspeed.__version__,
-                "recipe": recipe.model_dump(mode="json", exclude_unset=True)}, indent=1), encoding="utf-8")
-            for old in list_checkpoints(root)[:-t.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
-        dist.barrier()
-        nbytes = sum(f.stat().st_size for f in (root / tag).rglob("*") if f.is_file()) if lead else 0
-        return CheckpointSaved(step=step, path=str(root / tag), nbytes=nbytes, seconds=time.perf_counter() - began,
-                               kind="full", reason=reason)
+            export_deepspeed_checkpoint(root / checkpoint_name(steps), model_dir, overwrite=True, final_step=steps)
+        ranks.barrier()
+        return model_dir
 
-    stream = MicroBatches(data, recipe, torch.device("cpu"), position)
-    evaluator = _EngineEval(engine, head, labels)
     try:
-        all_sinks.emit(RunStarted(
+        started = RunStarted(
             name=recipe.name, method="adamw" + (" + lora" if recipe.peft.type == "lora" else ""),
             model=recipe.model.path, device=f"{engine.device} x {world} ranks",
             offload=f"deepspeed {deepspeed.__version__} ZeRO-{config.get('zero_optimization', {}).get('stage', 0)}: "
                     f"micro-batch {micro_size} x {accum} per rank",
             total_steps=steps, trainable_params=n_trainable, total_params=n_total, train_examples=len(data.train),
-            eval_examples=len(data.eval), output_dir=str(out_dir), start_step=start))
-        first_eval = last_eval = (evaluate(evaluator, data, recipe, engine.device, step=0)
-                                  if not start and t.eval_before else None)
-        if first_eval:
-            all_sinks.emit(first_eval)
-        with StopRequests(t.checkpoint_on_interrupt) as stop:
-            for step in range(start + 1, steps + 1):
-                # The step's examples are the single-GPU run's: every rank draws them, each takes its slice.
-                chunks = split_step([next(stream) for _ in range(t.grad_accum)], micro_size)
-                targets = sum(count_targets(c, head) for c in chunks)
-                lr = lr_at(step, peak_lr=m.lr, total_steps=steps, warmup_steps=m.warmup_steps, schedule=m.schedule)
-                for group in engine.optimizer.param_groups:
-                    group["lr"] = lr  # fuyou's schedule, step for step (the config's scheduler only guides others)
-                began = time.perf_counter()
-                loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
-                for c in chunks[rank * accum:(rank + 1) * accum]:
-                    out = batch_loss(engine, {k: v.to(engine.device) for k, v in c.items()}, head=head,
-                                     label_token_ids=labels)
-                    # DeepSpeed divides by the accumulation steps and averages over ranks; this scale makes
-                    # the gradient that of the whole step's summed loss over its target tokens, as fuyou's.
-                    engine.backward(out.loss_sum * (accum * world / max(targets, 1)))
-                    engine.step()
-                    loss_sum += out.loss_sum.detach().double()
-                dist.all_reduce(loss_sum)
-                loss = float(loss_sum) / max(targets, 1)
-                elapsed = time.perf_counter() - began
-                if loss != loss or loss in (float("inf"), float("-inf")):
-                    raise TrainingDiverged(f"the loss became {loss} at step {step}: lower method.lr (now {m.lr:g})")
-                norm = engine.get_global_grad_norm()
-                extra = {"target_tokens": targets, **({"grad_norm": float(norm)} if norm is not None else {})}
-                all_sinks.emit(StepDone(step=step, loss=loss, lr=lr, step_time_s=elapsed, extra=extra, started_s=began,
-                                        tokens=int(sum(int(c["attention_mask"].sum()) for c in chunks))))
-                if t.eval_every and step % t.eval_every == 0 and step != steps:
-                    last_eval = evaluate(evaluator, data, recipe, engine.device, step=step) or last_eval
-                    if last_eval and last_eval.step == step:
-                        all_sinks.emit(last_eval)
-                flag = torch.tensor([float(stop.requested is not None)], device=engine.device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                if (t.checkpoint_every and step % t.checkpoint_every == 0 and step != steps) or flag.item():
-                    all_sinks.emit(save(step, "interrupt" if flag.item() else "scheduled"))
-                if flag.item():
-                    all_sinks.emit(RunInterrupted(step=step, checkpoint=str(root / checkpoint_name(step)),
-                                                  resume_hint=f"fuyou finetune {recipe_path or 'RECIPE'} "
-                                                              "--engine deepspeed --resume"))
-                    raise KeyboardInterrupt
-        last_eval = evaluate(evaluator, data, recipe, engine.device, step=steps)
-        if last_eval:
-            all_sinks.emit(last_eval)
-        # The final state is DeepSpeed's checkpoint; the Hugging Face folder is consolidated from it on the
-        # host (zero_to_fp32), so no rank ever gathers the whole model on its device.
-        all_sinks.emit(save(steps, "final"))
-        model_dir = out_dir / "model"
-        if lead:
-            export_deepspeed_checkpoint(root / checkpoint_name(steps), model_dir, overwrite=True)
-        dist.barrier()
-        finished = RunFinished(steps=steps, wall_time_s=time.perf_counter() - t0, model_dir=str(model_dir),
-                               first_eval=first_eval, last_eval=last_eval)
-        all_sinks.emit(finished)
-        return finished
+            eval_examples=len(data.eval), output_dir=str(out_dir), start_step=start.step)
+        trainer = EngineTrainer(engine, recipe, data.label_token_ids, micro_size=micro_size, accum=accum, ranks=ranks)
+        hint = f"fuyou finetune {recipe_path or 'RECIPE'} --engine deepspeed --resume"
+        return run_loop(Loop(recipe, data, trainer, checkpoints, all_sinks, engine.device, steps, started,
+                             resume_hint=hint, finish=finish, t0=t0, ranks=ranks), start)
     finally:
         all_sinks.close()
 

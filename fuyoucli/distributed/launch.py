@@ -46,12 +46,14 @@ def rank_env(base: dict[str, str], *, rank: int, world: int, port: int, cores: i
 
 
 def worker_args(recipe: str, sets: list[str], *, overwrite: bool = False, resume: str | bool | None = None,
-                display: str = "plain") -> list[str]:
+                display: str = "plain", allow_data_change: bool = False) -> list[str]:
     args = [recipe, *[a for s in sets for a in ("--set", s)], "--display", display]
     if overwrite:
         args.append("--overwrite")
     if resume:
         args += ["--resume"] + ([] if resume is True else [str(resume)])
+    if allow_data_change:
+        args.append("--allow-data-change")
     return args
 
 
@@ -173,11 +175,11 @@ def write_run_config(recipe, *, world: int):
     labels = len(d.labels or d.label_words) or None
     plan = plan_for_run(recipe, num_labels=labels)
     inv = inventory(recipe.model, recipe.peft, num_labels=labels)
-    import torch
+    from fuyoucli.engine.lanes import compute_device
 
     export = deepspeed_config(recipe, plan, _profile_or_none(recipe) if plan is not None else None, world_size=world,
                               max_tensor_params=max((b.max_tensor_params for b in inv.blocks), default=0),
-                              compute_device="cuda" if torch.cuda.is_available() else "cpu")
+                              compute_device=compute_device().type)
     path, _ = write_export(export, Path(recipe.training.output_dir) / "deepspeed" / "ds_config.json",
                            recipe=recipe, plan=plan, world_size=world)
     return path, plan
@@ -190,8 +192,10 @@ def _profile_or_none(recipe):
 
 
 def launch(recipe, *, recipe_path: str, sets: list[str], engine: str, nproc: int, hostfile: Path | None,
-           overwrite: bool, resume: str | bool | None, display: str, trace: Path | None) -> int:
-    """Start the run's processes; returns the exit code of the run (0, or the first failing rank's)."""
+           overwrite: bool, resume: str | bool | None, display: str, trace: Path | None,
+           allow_data_change: bool = False) -> int:
+    """Start the run's processes; returns the exit code of the run (0, or the first failing rank's).
+    `allow_data_change` is the zo2 ranks' (DeepSpeed's checkpoints record no data files)."""
     if trace is not None:
         raise LaunchError("--trace records one process's lanes: not available with --nproc or --engine deepspeed")
     if engine == "deepspeed":
@@ -218,5 +222,5 @@ def launch(recipe, *, recipe_path: str, sets: list[str], engine: str, nproc: int
         raise LaunchError("--hostfile is for --engine deepspeed; the fuyou engine's --nproc ranks run on this "
                          "machine (across machines: torchrun ... -m fuyoucli.distributed.zo_run RECIPE)")
     check_data_parallel_recipe(recipe, nproc)
-    return run_local(ZO_ENTRY, worker_args(recipe_path, sets, overwrite=overwrite, resume=resume, display=display),
-                     nproc)
+    return run_local(ZO_ENTRY, worker_args(recipe_path, sets, overwrite=overwrite, resume=resume, display=display,
+                                           allow_data_change=allow_data_change), nproc)

@@ -21,10 +21,15 @@ from fuyoucli.train.zo import ZOReference
 
 
 class Ranks:
-    """This process's place in the group, and the two collectives the ZO path needs."""
+    """This process's place in the group, and the collectives the ZO path and the run loop need."""
 
     def __init__(self, rank: int, world: int):
         self.rank, self.world = rank, world
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one that writes metrics.jsonl, checkpoints and the final model."""
+        return self.rank == 0
 
     @classmethod
     def current(cls) -> "Ranks":

@@ -1,9 +1,10 @@
-"""The data-parallel zeroth-order run: one process per rank, the same loop as train/run.py.
+"""The data-parallel zeroth-order run: one process per rank, the loop of train/loop.py over these ranks.
 
 Run stage for `fuyou finetune RECIPE --nproc N` (or `torchrun ... -m fuyoucli.distributed.zo_run`):
 each rank loads the recipe, the data (every rank draws the same seeded micro-batches) and the whole
-model, steps with zo_parallel, and rank 0 alone writes metrics.jsonl, checkpoints (the in-memory zo2
-format: a single-process run resumes them and the reverse) and the final model. Never imports rich.
+model, steps with zo_parallel, and rank 0 alone holds the output folder's lock and writes metrics.jsonl,
+checkpoints (the in-memory zo2 format: a single-process run resumes them and the reverse) and the final
+model. Never imports rich.
 """
 
 from __future__ import annotations
@@ -35,60 +36,68 @@ def init_ranks(backend: str = "gloo"):
     return Ranks.current()
 
 
-def _device(local_rank: int) -> torch.device:
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def finetune_data_parallel(recipe: Recipe, ranks, sinks: list | None = None, *, overwrite: bool = False,
-                           resume: str | bool | None = None, recipe_path: str | None = None):
-    """Run a zo2 recipe on this rank of `ranks`. Returns RunFinished (on every rank)."""
-    from fuyoucli.checkpoint import checkpoint_root, clean_unfinished, save_final_model
-    from fuyoucli.distributed.zo_parallel import DataParallelZOTrainer
-    from fuyoucli.model.loading import load_model, load_tokenizer
-    from fuyoucli.telemetry.events import RunFinished, RunInterrupted, RunStarted, Sinks, StepDone
-    from fuyoucli.telemetry.jsonl import JsonlSink
-    from fuyoucli.train import resume as ckpts
-    from fuyoucli.train.data import build_datasets
-    from fuyoucli.train.planning import plan_for_run
-    from fuyoucli.train.preflight import check_output_dir
-    from fuyoucli.train.run import (
-        MicroBatches, StopRequests, TrainingDiverged, check_recipe_for_method, evaluate, prepare_output_dir, total_steps,
-    )
-    from fuyoucli.train.schedule import lr_at
-    from fuyoucli.train.trainers import streams
+                           resume: str | bool | None = None, recipe_path: str | None = None,
+                           allow_data_change: bool = False):
+    """Run a zo2 recipe on this rank of `ranks`. Returns RunFinished (on every rank). The main rank holds
+    the output folder's lock for the whole run, as a single-process run does."""
+    from fuyoucli.folder_lock import folder_lock
+    from fuyoucli.train.preflight import check_output_writable
+    from fuyoucli.train.run import check_recipe_for_method
 
     check_recipe_for_method(recipe)
     check_data_parallel_recipe(recipe, ranks.world)
-    lead = ranks.rank == 0
     out_dir = Path(recipe.training.output_dir)
-    t0 = time.perf_counter()
-    device = _device(int(os.environ.get("LOCAL_RANK", ranks.rank)))
-    seed = recipe.training.seed
-    torch.manual_seed(seed)
-    ckpt = None
-    if resume:
-        ckpt = ckpts.open_for_resume(recipe, resume)
-    elif lead:
-        check_output_dir(out_dir, overwrite=overwrite, resuming=False)
+    args = dict(overwrite=overwrite, resume=resume, recipe_path=recipe_path, allow_data_change=allow_data_change)
+    if not ranks.is_main:
+        return _run_rank(recipe, ranks, [], out_dir, **args)
+    check_output_writable(out_dir)
+    with folder_lock(out_dir, what="training.output_dir"):
+        return _run_rank(recipe, ranks, list(sinks or []), out_dir, **args)
 
-    tokenizer = load_tokenizer(recipe.model)
-    data = build_datasets(recipe.data, tokenizer, seed=seed, head=recipe.model.head)
-    notes = [f"data: {n}" for n in data.notes]
-    num_labels = len(data.label_names) or None
-    # Rank 0 plans first: on a machine without a saved profile it measures one, the others then read it.
+
+def _plan_in_turns(recipe: Recipe, ranks, ckpt, num_labels: int | None, notes: list[str]):
+    """Rank 0 plans first: on a machine without a saved profile it measures one, the others then read it."""
+    from fuyoucli.train import resume as ckpts
+    from fuyoucli.train.planning import plan_for_run
+
     plan = None
     for turn in (0, 1):
-        if (turn == 0) == lead:
+        if (turn == 0) == ranks.is_main:
             plan = ckpts.saved_plan(ckpt, recipe) if ckpt is not None else \
-                plan_for_run(recipe, num_labels=num_labels, note=notes.append if lead else (lambda s: None))
+                plan_for_run(recipe, num_labels=num_labels, note=notes.append if ranks.is_main else (lambda s: None))
         ranks.barrier()
+    return plan
+
+
+def _run_rank(recipe: Recipe, ranks, sinks: list, out_dir: Path, *, overwrite: bool, resume: str | bool | None,
+              recipe_path: str | None, allow_data_change: bool):
+    from fuyoucli.checkpoint import checkpoint_root, clean_unfinished, save_final_model
+    from fuyoucli.distributed.zo_parallel import DataParallelZOTrainer
+    from fuyoucli.engine.lanes import bind_local_device
+    from fuyoucli.model.loading import load_model
+    from fuyoucli.telemetry.events import RunStarted, Sinks
+    from fuyoucli.telemetry.jsonl import JsonlSink
+    from fuyoucli.train import resume as ckpts
+    from fuyoucli.train.loop import Loop, run_loop, total_steps
+    from fuyoucli.train.run import check_output_folder, load_data, open_inputs, prepare_output_dir, resume_trainer
+    from fuyoucli.train.trainers import streams
+
+    notes: list[str] = []
+    if ranks.is_main:
+        check_output_folder(out_dir, overwrite=overwrite, resume=resume, notes=notes)
+    t0 = time.perf_counter()
+    device = bind_local_device(int(os.environ.get("LOCAL_RANK", ranks.rank)))
+    seed = recipe.training.seed
+    torch.manual_seed(seed)
+    ckpt, data_files = open_inputs(recipe, resume, allow_data_change=allow_data_change,
+                                   notes=notes if ranks.is_main else [])
+    tokenizer, data, num_labels = load_data(recipe, notes)
+    plan = _plan_in_turns(recipe, ranks, ckpt, num_labels, notes)
     if streams(plan):
         raise FuyouError("the data-parallel zo2 path holds the whole model on every rank, and the plan streams "
                          "layers from host memory or SSD; set offload.mode: in_memory, or run one process")
-    if ckpt is None and lead:
+    if ckpt is None and ranks.is_main:
         prepare_output_dir(out_dir, overwrite)
         clean_unfinished(checkpoint_root(out_dir))
     ranks.barrier()
@@ -96,76 +105,33 @@ def finetune_data_parallel(recipe: Recipe, ranks, sinks: list | None = None, *, 
                        num_labels=num_labels, device=device)
     steps = total_steps(recipe, len(data.train))
     params = list(model.parameters())
-    m = recipe.method
-    start = ckpt.step if ckpt is not None else 0
-    all_sinks = Sinks([JsonlSink(out_dir / "metrics.jsonl", keep_through_step=start if ckpt else None),
-                       *(sinks or [])] if lead else [])
+    all_sinks = Sinks(sinks)
     home = getattr(torch, plan.home_dtype) if plan is not None else torch.float32
     trainer = DataParallelZOTrainer(model, recipe, data, ranks, home_dtype=home)
     try:
-        checkpointer = ckpts.Checkpointer(recipe, plan, trainer, total_steps=steps, device=device)
-        if ckpt is not None:
-            ledger = ckpts.restore_trainer(trainer, ckpt)
-            checkpointer.resumed(ckpt, ledger)
-            notes.append(f"resumed from {ckpt.path} (step {start} of {steps})")
-        all_sinks.emit(RunStarted(
-            name=recipe.name, method=m.name + (" + lora" if recipe.peft.type == "lora" else ""),
+        checkpointer = ckpts.Checkpointer(recipe, plan, trainer, total_steps=steps, device=device,
+                                          data_files=data_files, writes=ranks.is_main)
+        start = resume_trainer(recipe, trainer, checkpointer, ckpt, steps, notes)
+        started = RunStarted(
+            name=recipe.name, method=recipe.method.name + (" + lora" if recipe.peft.type == "lora" else ""),
             model=recipe.model.path, device=f"{device} x {ranks.world} ranks", offload=trainer.where,
             total_steps=steps, trainable_params=sum(p.numel() for p in params if p.requires_grad),
             total_params=sum(p.numel() for p in params), train_examples=len(data.train),
-            eval_examples=len(data.eval), output_dir=str(out_dir), notes=tuple(notes), start_step=start))
-        if ckpt is None:
-            first_eval = last_eval = (evaluate(trainer, data, recipe, device, step=0)
-                                      if recipe.training.eval_before else None)
-            if first_eval:
-                all_sinks.emit(first_eval)
-            stream = MicroBatches(data, recipe, device)
-        else:
-            first_eval, last_eval = ckpts.eval_from(ckpt.state.get("first_eval")), ckpts.eval_from(ckpt.state.get("last_eval"))
-            stream = MicroBatches(data, recipe, device, (ckpt.state["data"]["epoch"], ckpt.state["data"]["index"]))
-            ckpts.restore_rng(ckpt.run_tensors, ckpt.state.get("rng", {}))
-        eval_every = recipe.training.eval_every
-        with StopRequests(recipe.training.checkpoint_on_interrupt) as stop:
-            for step in range(start + 1, steps + 1):
-                # Every rank draws the step's micro-batches (cheap: tokenized already) and evaluates its share.
-                micro = [next(stream) for _ in range(recipe.training.grad_accum)]
-                lr = lr_at(step, peak_lr=m.lr, total_steps=steps, warmup_steps=m.warmup_steps, schedule=m.schedule)
-                began = time.perf_counter()
-                res = trainer.step(step, micro, lr)
-                elapsed = time.perf_counter() - began
-                if not torch.isfinite(torch.tensor(res.loss)):
-                    raise TrainingDiverged(f"the loss became {res.loss} at step {step}: lower method.lr (now {m.lr:g})")
-                checkpointer.record(step, res.projected_grads, lr if getattr(res, "applied_lr", None) is None else res.applied_lr)
-                tokens = int(sum(int(mb["attention_mask"].sum()) for mb in micro))
-                all_sinks.emit(StepDone(step=step, loss=res.loss, lr=lr, tokens=tokens, step_time_s=elapsed,
-                                        extra={"target_tokens": res.tokens, **res.extra}, started_s=began))
-                if eval_every and step % eval_every == 0 and step != steps:
-                    last_eval = evaluate(trainer, data, recipe, device, step=step) or last_eval
-                    if last_eval and last_eval.step == step:
-                        all_sinks.emit(last_eval)
-                # One decision for all ranks: a Ctrl-C seen by one rank stops every rank after this step.
-                stopping = ranks.any(stop.requested is not None)
-                if lead and ((checkpointer.due(step) and step != steps) or stopping):
-                    all_sinks.emit(checkpointer.save(step, position=stream.position, first_eval=first_eval,
-                                                     last_eval=last_eval,
-                                                     reason="interrupt" if stopping else "scheduled"))
-                if stopping:
-                    ranks.barrier()
-                    all_sinks.emit(RunInterrupted(step=step, checkpoint=str(checkpointer.last_saved),
-                                                  resume_hint=f"fuyou finetune {recipe_path or 'RECIPE'} "
-                                                              f"--nproc {ranks.world} --resume"))
-                    raise KeyboardInterrupt
-        last_eval = evaluate(trainer, data, recipe, device, step=steps)
-        if last_eval:
-            all_sinks.emit(last_eval)
-        model_dir = out_dir / "model"
-        if lead:
-            save_final_model(model, tokenizer, model_dir, recipe=recipe)
-        ranks.barrier()
-        finished = RunFinished(steps=steps, wall_time_s=time.perf_counter() - t0, model_dir=str(model_dir),
-                               first_eval=first_eval, last_eval=last_eval)
-        all_sinks.emit(finished)
-        return finished
+            eval_examples=len(data.eval), output_dir=str(out_dir), notes=tuple(notes), start_step=start.step)
+        if ranks.is_main:  # opened once the checkpoint is loaded: a refused one leaves the file as it was
+            all_sinks.sinks.insert(0, JsonlSink(out_dir / "metrics.jsonl",
+                                                keep_through_step=start.step if ckpt else None))
+
+        def finish(_sinks, _position) -> Path:
+            model_dir = out_dir / "model"
+            if ranks.is_main:
+                save_final_model(model, tokenizer, model_dir, recipe=recipe)
+            ranks.barrier()
+            return model_dir
+
+        hint = f"fuyou finetune {recipe_path or 'RECIPE'} --nproc {ranks.world} --resume"
+        return run_loop(Loop(recipe, data, trainer, checkpointer, all_sinks, device, steps, started, resume_hint=hint,
+                             finish=finish, t0=t0, ranks=ranks), start)
     finally:
         all_sinks.close()
 
@@ -180,6 +146,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], dest="set_")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--resume", nargs="?", const="newest", default=None)
+    p.add_argument("--allow-data-change", action="store_true")
     p.add_argument("--display", choices=("plain", "quiet", "json"), default="plain")
     return p
 
@@ -210,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         resume = None if args.resume is None else (True if args.resume == "newest" else args.resume)
         command = args.recipe + "".join(f" --set {s}" for s in args.set_)
         finetune_data_parallel(recipe, ranks, _sinks(recipe, args.display) if rank == 0 else [],
-                               overwrite=args.overwrite, resume=resume, recipe_path=command)
+                               overwrite=args.overwrite, resume=resume, recipe_path=command,
+                               allow_data_change=args.allow_data_change)
     except KeyboardInterrupt:
         if rank == 0:
             print("fuyou: interrupted", file=sys.stderr)

@@ -389,3 +389,60 @@ def synchronize_device(device: torch.device) -> None:
     """Wait for everything queued on the device (a step's time ends when its work is done, not queued)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+# ---- the device, for the code around the engine (run loop, checkpoints, preflight, launchers) -------------
+# Every torch.cuda call of the training path lives in this module; each helper below does nothing (or
+# answers for the CPU) on a machine without CUDA.
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def compute_device() -> torch.device:
+    """The device a run computes on: the GPU when CUDA is available, else the CPU."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def device_count() -> int:
+    """GPUs this process can see (0 without CUDA)."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def bind_local_device(local_rank: int) -> torch.device:
+    """This rank's device: GPU `local_rank` (modulo the GPUs present), made the current one; the CPU without CUDA."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def device_rng_states() -> list[torch.Tensor]:
+    """Every GPU generator's state, in device order; none when CUDA is unavailable or was never initialized
+    (no generator has been drawn from, so there is nothing to save)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return list(torch.cuda.get_rng_state_all())
+    return []
+
+
+def set_device_rng_states(states: list[torch.Tensor]) -> None:
+    """Put back what device_rng_states() returned; nothing happens without CUDA."""
+    if states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states)
+
+
+def seed_device(device: torch.device, seed: int) -> None:
+    """Seed `device`'s generator (a CPU device has none of its own: torch's default generator serves it)."""
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            torch.cuda.manual_seed(seed)
+
+
+def pins_bytes(nbytes: int) -> bool:
+    """Whether this process can page-lock `nbytes` of host memory now (tries, then frees them)."""
+    try:
+        torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+        return True
+    except RuntimeError:
+        return False

@@ -108,7 +108,7 @@ def _aligned_part(raw: torch.Tensor, padded: int, align: int) -> torch.Tensor:
     return raw[offset: offset + padded]
 
 
-def _o_direct_works(directory: Path) -> bool:
+def o_direct_works(directory: Path) -> bool:
     if not hasattr(os, "O_DIRECT"):
         return False
     probe = directory / ".fuyou-odirect-probe"
@@ -150,7 +150,7 @@ class SsdStore:
                 "point offload.swap_dir at a larger disk")
         self.root = base / f"fuyou-swap-{os.getpid()}"
         self.root.mkdir(exist_ok=True)
-        self.direct = _o_direct_works(self.root)
+        self.direct = o_direct_works(self.root)
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fuyou-ssd")
         self._lock = threading.Lock()
         self.bytes_read = 0

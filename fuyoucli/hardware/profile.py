@@ -17,6 +17,7 @@ from typing import Literal
 
 from fuyoucli.errors import InputError
 from fuyoucli.hardware.strict_json import FieldError, decode
+from fuyoucli.resources import cache_dir
 
 SCHEMA_VERSION = 1
 PROFILE_FILENAME = "hardware_profile.json"
@@ -398,17 +399,6 @@ def profile_from_json(text: str, *, source: str = "profile") -> HardwareProfile:
 
 
 # ---- files ----------------------------------------------------------------------------------
-
-
-def cache_dir() -> Path:
-    """fuyou's cache folder: $FUYOU_CACHE_DIR, else $XDG_CACHE_HOME/fuyou, else ~/.cache/fuyou."""
-    override = os.environ.get("FUYOU_CACHE_DIR", "")
-    if override:
-        return Path(override).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME", "")
-    # The XDG spec says a relative value is invalid and must be ignored.
-    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
-    return base / "fuyou"
 
 
 def default_profile_path() -> Path:

@@ -15,9 +15,8 @@ from pathlib import Path
 import torch
 
 from fuyoucli.errors import ModelError
-from fuyoucli.hardware.profile import cache_dir
 from fuyoucli.recipe import ModelConfig, PeftConfig
-from fuyoucli.resources import resolve_path
+from fuyoucli.resources import cache_dir, resolve_path
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -1,11 +1,12 @@
 """Dropout's random numbers as a pure function of (step, micro-batch, block), for first-order training.
 
-Trainer stage, shared by the in-memory AdamW reference and the streamed engine; imports torch and
-model/blocks only. The reference runs micro-batch-major, the engine layer-major (and runs a dropped
-layer again in its backward), so the global RNG would hand a (micro-batch, block) forward different
-masks in each. Instead each such forward draws from the global RNG reseeded by `block_seed(step seed,
-micro-batch, block)`. The step seed is one draw from the global CPU RNG at the start of a step, so a
-checkpoint's saved RNG state resumes it, and the global RNG is otherwise left as it was.
+Trainer stage, shared by the in-memory AdamW reference and the streamed engine; imports torch,
+model/blocks and (for a GPU's generator) engine/lanes only. The reference runs micro-batch-major, the
+engine layer-major (and runs a dropped layer again in its backward), so the global RNG would hand a
+(micro-batch, block) forward different masks in each. Instead each such forward draws from the global
+RNG reseeded by `block_seed(step seed, micro-batch, block)`. The step seed is one draw from the global
+CPU RNG at the start of a step, so a checkpoint's saved RNG state resumes it, and the global RNG is
+otherwise left as it was.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from fuyoucli.engine.lanes import seed_device
 from fuyoucli.model.blocks import block_seed, find_layer_list
 
 
@@ -29,9 +31,7 @@ def forward_seed(step_seed: int, micro_batch: int, block: int) -> int:
 
 def reseed(device: torch.device, seed: int) -> None:
     torch.random.default_generator.manual_seed(seed)
-    if device.type == "cuda":
-        with torch.cuda.device(device):
-            torch.cuda.manual_seed(seed)
+    seed_device(device, seed)
 
 
 @contextmanager

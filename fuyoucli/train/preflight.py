@@ -48,7 +48,8 @@ class Machine:
 
 def this_machine() -> Machine:
     import psutil
-    import torch
+
+    from fuyoucli.engine.lanes import cuda_available
 
     try:
         import resource
@@ -57,7 +58,7 @@ def this_machine() -> Machine:
         memlock = None if soft == resource.RLIM_INFINITY else int(soft)
     except (ImportError, ValueError, OSError):
         memlock = None
-    return Machine(cuda=torch.cuda.is_available(), available_ram_bytes=int(psutil.virtual_memory().available),
+    return Machine(cuda=cuda_available(), available_ram_bytes=int(psutil.virtual_memory().available),
                    memlock_bytes=memlock, free_bytes=lambda p: shutil.disk_usage(p).free,
                    device_id=lambda p: os.stat(p).st_dev)
 
@@ -191,20 +192,16 @@ def preflight(recipe: Recipe, plan: Plan | None, *, trainable_params: int, param
 
 def _pins_past_limit(machine: Machine) -> bool:
     """Whether this CUDA driver pins more than RLIMIT_MEMLOCK (it usually does: the limit then binds nothing)."""
-    import torch
+    from fuyoucli.engine.lanes import pins_bytes
 
-    try:
-        torch.empty(machine.memlock_bytes + (1 << 20), dtype=torch.uint8).pin_memory()
-        return True
-    except RuntimeError:
-        return False
+    return pins_bytes(machine.memlock_bytes + (1 << 20))
 
 
 def _check_swap_dir(swap: Path, note: Callable[[str], None]) -> None:
-    from fuyoucli.engine.tiers import _o_direct_works
+    from fuyoucli.engine.tiers import o_direct_works
 
     _check_writable_folder(swap, "offload.swap_dir", "on an SSD you can write")
-    if _existing(swap) == swap and not _o_direct_works(swap):
+    if _existing(swap) == swap and not o_direct_works(swap):
         note(f"swap_dir {swap} does not take O_DIRECT (tmpfs or a network filesystem?): SSD I/O goes through the "
              "page cache, slower and using RAM; put swap_dir on a local ext4/xfs SSD")
 

@@ -1,6 +1,6 @@
 """Checkpoints of a run and exact resume: what a checkpoint holds, when one is written, how a run continues.
 
-Trainer stage, beside the loop (train/run.py). A checkpoint is the trainer's state (state_shards /
+Trainer stage, beside the loop (train/loop.py). A checkpoint is the trainer's state (state_shards /
 state_meta), the data position (epoch, index of the next micro-batch: the order is a pure function of
 (seed, epoch)), the RNG states (torch CPU/CUDA, Python), the step, the recipe and the plan. For zo2 a
 checkpoint can also be a seed ledger: the (step, projected gradients, lr) of every step since the last
@@ -20,8 +20,9 @@ import torch
 
 from fuyoucli.checkpoint import (Checkpoint, CheckpointError, checkpoint_name, checkpoint_root, clean_unfinished,
                                  latest_checkpoint, load_checkpoint, save_checkpoint)
-from fuyoucli.plan.types import Plan
+from fuyoucli.engine.lanes import device_rng_states, set_device_rng_states
 from fuyoucli.errors import FuyouError
+from fuyoucli.plan.types import Plan
 from fuyoucli.recipe import Recipe, validate_recipe
 from fuyoucli.telemetry.events import CheckpointSaved, EvalDone
 
@@ -41,9 +42,8 @@ FREE_ON_RESUME = {
 def rng_tensors() -> dict[str, torch.Tensor]:
     """Global generators a step may read (dropout draws from torch's CPU or CUDA generator)."""
     out = {"rng.torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for i, state in enumerate(torch.cuda.get_rng_state_all()):
-            out[f"rng.cuda.{i}"] = state
+    for i, state in enumerate(device_rng_states()):
+        out[f"rng.cuda.{i}"] = state
     return out
 
 
@@ -56,8 +56,7 @@ def restore_rng(tensors: dict, meta: dict) -> None:
     if "rng.torch" in tensors:
         torch.set_rng_state(tensors["rng.torch"])
     cuda = sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
+    set_device_rng_states([tensors[k] for k in cuda])
     if "python" in meta:
         version, internal, gauss = meta["python"]
         random.setstate((version, tuple(internal), gauss))
@@ -239,11 +238,14 @@ def eval_from(doc: dict | None) -> EvalDone | None:
 
 
 class Checkpointer:
-    """Decides when a checkpoint is due and writes it (full, or a zo2 seed ledger over the last full one)."""
+    """Decides when a checkpoint is due and writes it (full, or a zo2 seed ledger over the last full one).
+    With `writes` False (a data-parallel rank other than the main one, whose weights are the main one's)
+    it keeps the books but writes nothing."""
 
     def __init__(self, recipe: Recipe, plan: Plan | None, trainer, *, total_steps: int, device: torch.device,
-                 data_files: list[dict] | None = None):
+                 data_files: list[dict] | None = None, writes: bool = True):
         t = recipe.training
+        self.writes = writes
         self.recipe, self.plan, self.trainer = recipe, plan, trainer
         self.data_files = data_files
         self.total_steps, self.device = total_steps, device
@@ -277,7 +279,9 @@ class Checkpointer:
         return bool(self.minutes) and time.monotonic() - self.last_time >= 60 * self.minutes
 
     def save(self, step: int, *, position: tuple[int, int], first_eval: EvalDone | None,
-             last_eval: EvalDone | None, reason: str = "scheduled") -> CheckpointSaved:
+             last_eval: EvalDone | None, reason: str = "scheduled") -> CheckpointSaved | None:
+        if not self.writes:
+            return None
         start = time.perf_counter()
         ledger = bool(self.ledger_steps) and self.base is not None and step - self.base_step < self.ledger_steps \
             and (self.root / self.base).is_dir()

@@ -25,7 +25,7 @@ def files(*parts: str) -> list[Path]:
 
 def test_recipe_and_pure_modules_import_no_torch():
     pure = files("recipe.py") + files("errors.py") + files("resources.py") + files("telemetry", "events.py") \
-        + files("train", "schedule.py")
+        + files("train", "lr_schedule.py")
     for path in pure:
         bad = {n for n in imports_of(path) if n == "torch" or n.startswith("torch.")}
         assert not bad, f"{path.relative_to(PKG)} imports {bad}"

@@ -133,7 +133,7 @@ def test_swap_dir_without_o_direct_is_a_note(tmp_path, tiny_models, text_data, m
     import fuyoucli.engine.tiers as tiers
 
     (tmp_path / "swap").mkdir()
-    monkeypatch.setattr(tiers, "_o_direct_works", lambda d: False)
+    monkeypatch.setattr(tiers, "o_direct_works", lambda d: False)
     notes: list[str] = []
     check(recipe(tmp_path, tiny_models, text_data), plan(tmp_path, home=Tier.SSD), machine(), notes)
     assert any("O_DIRECT" in n for n in notes)
