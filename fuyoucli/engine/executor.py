@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from fuyoucli.engine.flat import views_of
 from fuyoucli.engine.lanes import Mark
 from fuyoucli.engine.residency import Residency, State
 from fuyoucli.engine.tiers import ALIGN, DeviceArena, SsdStore, aligned_host, release_freed_host_memory
@@ -43,12 +44,7 @@ class StreamUnit:
     """The last write-back of this block; its next fetch waits for it."""
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        out, offset = [], 0
-        for shape in self.shapes:
-            n = shape.numel()
-            out.append(flat[offset: offset + n].view(shape))
-            offset += n
-        return out
+        return views_of(flat, self.shapes)
 
 
 @dataclass

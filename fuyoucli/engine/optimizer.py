@@ -8,11 +8,10 @@ the trainer submits blocks, while the device computes other blocks. No CUDA here
 for gradient copies through `Lanes.host_wait` and hands the new weights to a `publish` callback.
 
 Where the device is the CPU itself there is nothing to overlap the optimizer with: its cores are the
-compute's. A worker thread there only fights the compute's OpenMP team for them (measured on 2 cores,
-streamed AdamW on a 27M-parameter model: each update 4x slower, the products 30% slower, the step
-0.36-0.41 s against 0.27-0.30 s inline). So the jobs can also run inline (`thread=False`), in the
-caller's thread when submitted: the same jobs in the same order, the SSD reads and writes still on
-the store's I/O threads.
+compute's. A worker thread there only competes with the compute's OpenMP team for the same cores:
+both sides run slower, and the step takes longer than running the updates in turn. So the jobs can
+also run inline (`thread=False`), in the caller's thread when submitted: the same jobs in the same
+order, the SSD reads and writes still on the store's I/O threads.
 """
 
 from __future__ import annotations
@@ -26,6 +25,7 @@ from typing import Any, Callable
 
 import torch
 
+from fuyoucli.engine.flat import views_of
 from fuyoucli.engine.lanes import Mark
 from fuyoucli.engine.tiers import ALIGN, SsdStore, aligned_host
 from fuyoucli.plan.types import Tier
@@ -105,15 +105,6 @@ class _State:
     steps: list[torch.Tensor]
     buffer: torch.Tensor | None
     """[master | m | v], fp32, 3 * numel, for states homed in memory."""
-
-
-def views_of(flat: torch.Tensor, shapes: list[torch.Size]) -> list[torch.Tensor]:
-    out, offset = [], 0
-    for shape in shapes:
-        n = shape.numel()
-        out.append(flat[offset: offset + n].view(shape))
-        offset += n
-    return out
 
 
 def _aligned(nbytes: int) -> int:

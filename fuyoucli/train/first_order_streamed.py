@@ -25,6 +25,7 @@ import torch
 
 from fuyoucli.engine.activations import SavedActivations, Swapped
 from fuyoucli.engine.executor import StreamUnit, WeightStore, run_pass
+from fuyoucli.engine.flat import views_of
 from fuyoucli.engine.tiers import DeviceArena, SsdStore
 from fuyoucli.model.blocks import param_blocks
 from fuyoucli.model.runner import BlockRunner, Prepared
@@ -380,8 +381,6 @@ class AdamWStreamed:
 
     def state_shards(self):
         """(shard, tensors): the device-side AdamW's, then each host-optimized block's, one at a time."""
-        from fuyoucli.engine.optimizer import views_of
-
         self.settle()
         names, u = self._names(), self.updates
         dev, shard = u.device, {}
@@ -408,8 +407,6 @@ class AdamWStreamed:
 
     @torch.no_grad()
     def load_state(self, tensors, meta: dict) -> None:
-        from fuyoucli.engine.optimizer import views_of
-
         self.settle()
         names, u = self._names(), self.updates
         dev = u.device

@@ -26,7 +26,8 @@ from concurrent.futures import Future
 import torch
 
 from fuyoucli.engine.lanes import Mark
-from fuyoucli.engine.optimizer import AdamBlock, CpuAdam, HostGrads, UpdateResult, views_of
+from fuyoucli.engine.flat import views_of
+from fuyoucli.engine.optimizer import AdamBlock, CpuAdam, HostGrads, UpdateResult
 from fuyoucli.errors import FuyouError
 from fuyoucli.plan.types import Tier
 from fuyoucli.recipe import AdamWMethod

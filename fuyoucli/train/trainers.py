@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 import torch
 
 from fuyoucli.engine.lanes import lanes_for
+from fuyoucli.engine.timed_lanes import TimedLanes
 from fuyoucli.model.blocks import param_blocks
 from fuyoucli.plan.types import Plan
 from fuyoucli.recipe import Recipe
-from fuyoucli.telemetry.timeline import Span, TimedLanes, Timeline, busy_seconds
+from fuyoucli.telemetry.timeline import Span, Timeline, busy_seconds
 from fuyoucli.train.data import Datasets
 from fuyoucli.train.first_order import AdamWReference
 from fuyoucli.train.losses import BatchLoss, batch_loss

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from fuyoucli.engine.executor import StreamUnit, WeightStore, run_pass
+from fuyoucli.engine.flat import views_of
 from fuyoucli.engine.tiers import DeviceArena, SsdStore
 from fuyoucli.errors import FuyouError
 from fuyoucli.model.blocks import param_blocks
@@ -59,15 +60,6 @@ class _Pending:
     step: int
     grads: list[float]
     lr: float
-
-
-def _views(buf: torch.Tensor, shapes) -> list[torch.Tensor]:
-    out, offset = [], 0
-    for shape in shapes:
-        n = shape.numel()
-        out.append(buf[offset: offset + n].view(shape))
-        offset += n
-    return out
 
 
 class _ZeroSource:
@@ -250,7 +242,7 @@ class ZOStreamed:
         holds the numbers draw_z gives it."""
         if self.z_per_tensor:
             return iter_z(self.seed, step, d, b, shapes, self.device, buffer=self.zbuf)
-        views = _views(self.zbuf, shapes)
+        views = views_of(self.zbuf, shapes)
         if self._zkey != (b, step, d):
             draw_z(self.seed, step, d, b, None, self.device, out=views)
             self._zkey = (b, step, d)
