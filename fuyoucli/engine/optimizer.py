@@ -8,11 +8,13 @@ the trainer submits blocks, while the device computes other blocks. No CUDA here
 for gradient copies through `Lanes.host_wait` and hands the new weights to a `publish` callback.
 
 Where the device is the CPU itself there is nothing to overlap the optimizer with: its cores are the
-compute's. A worker thread there only fights the compute's OpenMP team for them (measured on 2 cores,
-streamed AdamW on a 27M-parameter model: each update 4x slower, the products 30% slower, the step
-0.36-0.41 s against 0.27-0.30 s inline). So the jobs can also run inline (`thread=False`), in the
-caller's thread when submitted: the same jobs in the same order, the SSD reads and writes still on
-the store's I/O threads.
+compute's. A worker thread there only competes with the compute's OpenMP team for the same cores:
+both sides run slower, and the step takes longer than running the updates in turn. So the jobs can
+also run inline (`thread=False`), in the caller's thread when submitted: the same jobs in the same
+order, the SSD reads and writes still on the store's I/O threads.
+
+(Over 400 lines: one class whose job queue, read-ahead and write-behind buffers and checkpoint
+reads all share the same bookkeeping, clearer read together than split.)
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any, Callable
 
 import torch
 
+from fuyoucli.engine.flat import views_of
 from fuyoucli.engine.lanes import Mark
 from fuyoucli.engine.tiers import ALIGN, SsdStore, aligned_host
 from fuyoucli.plan.types import Tier
@@ -107,15 +110,6 @@ class _State:
     """[master | m | v], fp32, 3 * numel, for states homed in memory."""
 
 
-def views_of(flat: torch.Tensor, shapes: list[torch.Size]) -> list[torch.Tensor]:
-    out, offset = [], 0
-    for shape in shapes:
-        n = shape.numel()
-        out.append(flat[offset: offset + n].view(shape))
-        offset += n
-    return out
-
-
 def _aligned(nbytes: int) -> int:
     return -(-nbytes // ALIGN) * ALIGN
 
@@ -130,6 +124,11 @@ class CpuAdam:
     """
 
     STATE_KEYS = ("exp_avg", "exp_avg_sq")
+
+    @staticmethod
+    def state_bytes(numel: int) -> int:
+        """Bytes of one block's state at its home: fp32 master weights, m and v ([master | m | v])."""
+        return 3 * 4 * numel
     TRACE_CAP = 100_000
 
     def __init__(self, blocks: list[AdamBlock], make_optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer],
@@ -157,7 +156,7 @@ class CpuAdam:
         # update it precedes, and a write only holds back the read `read_ahead + 1` blocks later.
         self._free: queue.Queue = queue.Queue()
         for _ in range(read_ahead + 2 if on_ssd else 0):
-            self._free.put(aligned_host(3 * ssd_numel * 4))
+            self._free.put(aligned_host(self.state_bytes(ssd_numel)))
         self._reads: dict[int, tuple[Future, torch.Tensor]] = {}
         self._writes: set[Future] = set()
         self._order: list[int] = []
@@ -173,8 +172,8 @@ class CpuAdam:
         shapes = list(b.shapes)
         n = sum(s.numel() for s in shapes)
         if b.home is Tier.SSD:
-            buf = aligned_host(3 * n * 4)
-            flat = buf[: 3 * n * 4].view(torch.float32)
+            buf = aligned_host(self.state_bytes(n))
+            flat = buf[: self.state_bytes(n)].view(torch.float32)
         else:
             flat = torch.empty(3 * n, dtype=torch.float32)
         master = flat[:n]
@@ -236,7 +235,7 @@ class CpuAdam:
 
     def _read(self, key: int, buf: torch.Tensor) -> None:
         t0 = time.perf_counter()
-        nbytes = _aligned(3 * self.states[key].numel * 4)
+        nbytes = _aligned(self.state_bytes(self.states[key].numel))
         self.ssd.read_sync(self._key(key), buf[:nbytes])
         self._record("read", key, t0, time.perf_counter())
         with self._lock:
@@ -245,7 +244,7 @@ class CpuAdam:
     def _write(self, key: int, buf: torch.Tensor) -> None:
         try:
             t0 = time.perf_counter()
-            nbytes = _aligned(3 * self.states[key].numel * 4)
+            nbytes = _aligned(self.state_bytes(self.states[key].numel))
             self.ssd.write_sync(self._key(key), buf[:nbytes])
             self._record("write", key, t0, time.perf_counter())
             with self._lock:
@@ -271,7 +270,7 @@ class CpuAdam:
         fut.result()
         if st.key in self._order:  # the next reads go out while this block updates
             self._read_up_to(self._order.index(st.key) + 1 + self.read_ahead)
-        return buf[: 3 * st.numel * 4].view(torch.float32), buf
+        return buf[: self.state_bytes(st.numel)].view(torch.float32), buf
 
     # -- the jobs --------------------------------------------------------------------------------------
 
@@ -398,7 +397,7 @@ class CpuAdam:
         st = self.states[key]
         if st.home is not Tier.SSD:
             return st.buffer[: st.numel].clone()
-        buf = aligned_host(3 * st.numel * 4)
+        buf = aligned_host(self.state_bytes(st.numel))
         self.ssd.read_sync(self._key(key), buf)
         return buf[: st.numel * 4].view(torch.float32).clone()
 

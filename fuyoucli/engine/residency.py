@@ -33,7 +33,6 @@ class Residency:
         self.state = {name: State.HOME for name in names}
         self.max_on_device = max_on_device
         self.peak_on_device = 0
-        self.history: list[tuple[str, State]] = []
 
     def on_device(self) -> int:
         return sum(s in (State.IN_FLIGHT, State.RESIDENT) for s in self.state.values())
@@ -43,7 +42,6 @@ class Residency:
         if to not in ALLOWED[current]:
             raise IllegalTransition(f"block {name}: {current.value} -> {to.value} is not allowed")
         self.state[name] = to
-        self.history.append((name, to))
         count = self.on_device()
         if count > self.max_on_device:
             raise IllegalTransition(f"{count} blocks on the device at once; the plan allows {self.max_on_device}")

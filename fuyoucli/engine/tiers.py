@@ -76,10 +76,10 @@ def release_freed_host_memory() -> bool:
 
     Loading a model leaves its temporaries' memory in glibc's heap: blocks of a few MiB come from the
     heap once glibc has raised its mmap threshold, and freed blocks between live ones are never
-    unmapped. Placing a 1.3 GB model's layers on SSD left about 300 MiB there. WeightStore calls this
-    once it has placed the streamed blocks' weights at their homes. (A fixed mmap threshold would
-    return such blocks at every free instead, but re-faulting every activation cost 20-35% of a
-    CPU-device step.)
+    unmapped, so a model whose layers went to SSD would still hold a large share of their size in
+    RAM. WeightStore calls this once it has placed the streamed blocks' weights at their homes. (A
+    fixed mmap threshold would return such blocks at every free instead, but then every activation
+    is faulted in afresh, which slows a CPU-device step far more than one trim costs.)
     True when memory was released; False where the C library has no malloc_trim (nothing changes)."""
     name = ctypes.util.find_library("c")
     try:

@@ -1,14 +1,16 @@
 """Offloaded first-order (AdamW) training: decoder layers streamed between their home tier and the
 device; fp32 master weights and AdamW states on the host or SSD, updated by a CPU worker (Fuyou).
 
-Trainer stage, over the engine (WeightStore + schedule, lanes, SavedActivations) and the optimizer
-side in first_order_updates.py. One step:
+Trainer stage, a step function over an Engine (engine/build.py: stores, arena, the CPU optimizer's
+state homes, as the plan decided), the first-order schedules (plan/schedule.py), SavedActivations,
+and the optimizer side in first_order_updates.py. One step:
 1. Forward, layer-major (every micro-batch goes through a block while it is on the device), with
    the plan's prefetch depth. Per the plan, each layer's saved activations stay on the device
    ('keep': its autograd graph stays; streamed weights in it are re-made from the backward's fetch,
    never saved), go to host memory and come back ahead of its backward ('swap'), or are dropped
    with only the layer's input kept ('recompute': the backward runs the layer again, with the
-   same random numbers), on the device or, like swapped ones, in host memory ('recompute-swap'). The head computes the loss and its backward at once.
+   same random numbers), on the device or, like swapped ones, in host memory ('recompute-swap').
+   The head computes the loss and its backward at once.
 2. Backward in reverse block order: fetch, (recompute,) backward for every micro-batch in order, so
    that gradients accumulate as in the in-memory reference; then the block's gradients go to host
    memory at once, and the CPU optimizer takes them (overlapped with the backward of the blocks
@@ -24,18 +26,17 @@ import time
 import torch
 
 from fuyoucli.engine.activations import SavedActivations, Swapped
-from fuyoucli.engine.executor import StreamUnit, WeightStore, run_pass
-from fuyoucli.engine.tiers import DeviceArena, SsdStore
-from fuyoucli.model.blocks import param_blocks
-from fuyoucli.model.runner import BlockRunner, Prepared
-from fuyoucli.plan.schedule import pass_schedule
-from fuyoucli.plan.types import Plan, Tier
+from fuyoucli.engine.build import CpuOptimizerSpec, Engine, UnsupportedPlan, build
+from fuyoucli.engine.executor import run_pass
+from fuyoucli.engine.flat import views_of
+from fuyoucli.model.runner import Prepared
+from fuyoucli.plan.schedule import first_order_backward, first_order_forward, first_order_updates
+from fuyoucli.plan.types import Plan
 from fuyoucli.recipe import AdamWMethod
 from fuyoucli.train.dropout import draw_step_seed, forward_seed, seeded
 from fuyoucli.train.first_order import DynamicLossScale, FirstOrderStepResult
-from fuyoucli.train.first_order_updates import BlockUpdates, deferred_updates
+from fuyoucli.train.first_order_updates import BlockUpdates, cpu_adamw, deferred_updates
 from fuyoucli.train.losses import count_targets, loss_from_logits
-from fuyoucli.train.zo_streamed import DTYPES, UnsupportedPlan
 
 
 def _tensors(obj):
@@ -50,130 +51,53 @@ def _tensors(obj):
 
 
 class AdamWStreamed:
-    def __init__(self, model, plan: Plan, method: AdamWMethod, *, head: str, lanes,
-                 label_token_ids: tuple[int, ...] = (), on_job=None, on_backward=None,
-                 optimizer_thread: bool | None = None):
-        """`on_job(block)` (on the CPU worker, inside an update) and `on_backward(block)` (inside a
-        block's backward) are hooks for tests that check what overlaps what. `optimizer_thread`: run
-        the CPU AdamW on its worker thread, overlapped with the device's work; default: yes on a GPU,
-        no on a CPU device, where it would only compete with the compute for the same cores (inline:
-        the same jobs in the same order; engine/optimizer.py)."""
-        self.model, self.plan, self.method, self.head = model, plan, method, head
-        self.label_token_ids, self.lanes, self.on_backward = label_token_ids, lanes, on_backward
-        self.device = lanes.device
-        self.runner = BlockRunner(model)
-        self.names = ["embed"] + [f"layers.{i}" for i in range(self.runner.n_layers)] + ["head"]
-        self.compute_dtype = DTYPES[plan.compute_dtype]
-        bp = {b.name: b for b in plan.blocks}
-        self._check(plan, bp)
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        self.lora = len(trainable) < len(list(model.parameters()))
+    def __init__(self, engine: Engine, method: AdamWMethod, *, head: str, label_token_ids: tuple[int, ...] = (),
+                 on_backward=None):
+        """`on_backward(block)` (inside a block's backward) is a hook for tests that check what overlaps what."""
+        self.engine, self.model, self.plan, self.method, self.head = engine, engine.model, engine.plan, method, head
+        self.label_token_ids, self.lanes, self.on_backward = label_token_ids, engine.lanes, on_backward
+        self.device, self.runner, self.arena, self.store = engine.device, engine.runner, engine.arena, engine.store
+        self.names = [b.name for b in engine.order]
+        self.compute_dtype, self.lora, self.streamed = engine.compute_dtype, engine.lora, engine.streamed
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.scaler = DynamicLossScale(any(p.dtype == torch.float16 for p in trainable))
         self.deferred = deferred_updates(method, self.scaler.enabled)
-        homes = {n: bp[n].weights_home if n in bp else Tier.DEVICE for n in self.names}
-        self.streamed = [homes[n] is not Tier.DEVICE for n in self.names]
-        self.activation = [(bp[n].activation if n in bp and bp[n].activation else "recompute")
-                           if n.startswith("layers.") else "keep" for n in self.names]
-        blocks = {b.name: b for b in param_blocks(model)}
+        planned = {b.name: b.activation for b in self.plan.blocks}
+        self.activation = [(planned.get(b.name) or "recompute") if b.layer is not None else "keep" for b in engine.order]
+        blocks = {b.name: b for b in engine.trainable}
         self._embed_trains = "embed" in blocks
         self._embed_params = [p for _, p in blocks["embed"].params] if self._embed_trains else []
-
-        # Where each trainable block's optimizer runs: on the device, or on the CPU worker.
-        host: dict[int, tuple[str, list, Tier]] = {}
-        device_params: list[torch.nn.Parameter] = []
-        for name, blk in blocks.items():
-            e = self.names.index(name)
-            oh = bp[name].optimizer_home if name in bp else None
-            if oh is None or self.lora:  # LoRA: adapters (and a new head) train on the device
-                oh = Tier.PAGEABLE if self.streamed[e] and not self.lora else Tier.DEVICE
-            if oh is Tier.DEVICE and self.streamed[e] and not self.lora:
-                if self.device.type != "cpu":
-                    raise UnsupportedPlan(f"{name} streams its weights but homes its optimizer on the device: "
-                                          "the first-order engine updates streamed blocks on the CPU")
-                oh = Tier.PAGEABLE  # a CPU run's device memory is host RAM
-            if oh is Tier.DEVICE:
-                device_params += [p for _, p in blk.params]
-            else:
-                host[e] = (name, [p for _, p in blk.params], oh)
-        order = {id(p): n for n, p in enumerate(trainable)}
-        device_params.sort(key=lambda p: order[id(p)])
-
-        # A lazily loaded model (model.lazy) leaves streamed layers' parameters empty: their shapes and
-        # values come from the model file, by qualified name, a tensor at a time.
-        source = getattr(model, "fuyou_source", None)
-        qualified = {id(p): n for n, p in model.named_parameters()}
-
-        def lazy(p) -> bool:
-            return source is not None and p.numel() == 0
-
-        units = []
-        for e, name in enumerate(self.names):
-            if not self.streamed[e]:
-                continue
-            params = [(qualified[id(p)], p) for p in self.runner.layers[e - 1].parameters() if p.requires_grad != self.lora]
-            if any(p.dtype != self.compute_dtype for _, p in params):
-                raise UnsupportedPlan(f"the model's weights are not in the plan's compute dtype {plan.compute_dtype}")
-            if not self.lora and [id(p) for _, p in params] != [id(p) for p in host[e][1]]:
-                raise UnsupportedPlan(f"{name}: its parameters are not all trained; stream it only with LoRA")
-            units.append(StreamUnit(index=e, name=name, params=params, shapes=[], dtype=self.compute_dtype,
-                                    home=homes[name], writable=False))
-        def shape(p) -> torch.Size:
-            return source.shape(qualified[id(p)]) if lazy(p) else p.shape
-
-        def value(p) -> torch.Tensor:
-            return source.read(qualified[id(p)], p.dtype) if lazy(p) else p
-
-        ssd_bytes = sum(sum(shape(p).numel() for _, p in u.params) * u.dtype.itemsize for u in units
-                        if u.home is Tier.SSD)
-        ssd_bytes += sum(3 * 4 * sum(shape(p).numel() for p in ps) for _, ps, oh in host.values() if oh is Tier.SSD)
-        self.ssd = SsdStore(plan.swap_dir, ssd_bytes) if ssd_bytes else None
-        self.updates: BlockUpdates | None = None
-        try:
-            self.arena = DeviceArena(self.device, plan.device_budget_bytes)
-            # Before any weight leaves the model: the CPU states copy their fp32 masters from it.
-            self.updates = BlockUpdates(trainable, host, device_params, self.streamed, method, lanes=lanes,
-                                        ssd=self.ssd, deferred=self.deferred, shape=shape, value=value, on_job=on_job,
-                                        thread=lanes.kind != "cpu" if optimizer_thread is None else optimizer_thread)
-            streamed_ids = {id(p) for u in units for _, p in u.params}
-            resident_bytes = 0
-            for p in model.parameters():
-                if id(p) not in streamed_ids:
-                    p.data = p.data.to(self.device)
-                    resident_bytes += p.numel() * p.element_size()
-            for module in model.modules():
-                for bname, buf in list(module.named_buffers(recurse=False)):
-                    module._buffers[bname] = buf.to(self.device)
-            self.arena.charge(resident_bytes, "resident weights")
-            self.store = WeightStore(units, lanes=lanes, arena=self.arena, slots=plan.device_buffers, ssd=self.ssd,
-                                     pin=any(u.home is Tier.PINNED for u in units), source=source)
-            self.updates.attach(self.store, self.compute_dtype)
-            resident_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters() if id(p) not in streamed_ids}
-            self.acts = SavedActivations(lanes, self.device, [s.device for s in self.store.slots], resident_ptrs,
-                                         self.arena)
-        except BaseException:
-            self.close()
-            raise
-        self.cpu = self.updates.cpu
+        self.updates = BlockUpdates(engine, method, deferred=self.deferred)
+        self.host_updated = [e in self.updates.host_params for e in range(len(engine.order))]
+        streamed_ids = {id(p) for u in self.store.units.values() for _, p in u.params}
+        resident_ptrs = {p.untyped_storage().data_ptr() for p in self.model.parameters() if id(p) not in streamed_ids}
+        self.acts = SavedActivations(self.lanes, self.device, [s.device for s in self.store.slots], resident_ptrs,
+                                     self.arena)
+        self.cpu = engine.cpu
         self.timeline: list[tuple[str, int, float, float]] = []
         """('fwd' | 'bwd', block, start, end) of the last step: a block's compute, once its weights were
         on the device."""
 
-    @staticmethod
-    def _check(plan: Plan, bp: dict) -> None:
-        for name in ("embed", "head"):
-            if name in bp and bp[name].weights_home is not Tier.DEVICE:
-                raise UnsupportedPlan(f"the first-order engine keeps {name} on the device; the plan homes it on "
-                                      f"{bp[name].weights_home.value}")
-        if plan.home_dtype != plan.compute_dtype:
-            raise UnsupportedPlan(f"first-order training stores weights at home in the compute dtype "
-                                  f"({plan.compute_dtype}); the plan says home {plan.home_dtype}")
+    @classmethod
+    def from_plan(cls, model, plan: Plan, method: AdamWMethod, *, head: str, lanes,
+                  label_token_ids: tuple[int, ...] = (), on_job=None, on_backward=None,
+                  optimizer_thread: bool | None = None) -> AdamWStreamed:
+        """The engine built from the plan (engine.build), and the trainer over it. `on_job(block)` (on
+        the CPU worker, inside an update) is a hook for tests. `optimizer_thread`: run the CPU AdamW on
+        its worker thread, overlapped with the device's work; default: yes on a GPU, no on a CPU
+        device, where it would only compete with the compute for the same cores (inline: the same
+        jobs in the same order; engine/optimizer.py)."""
+        thread = lanes.kind != "cpu" if optimizer_thread is None else optimizer_thread
+        engine = build(plan, model, lanes, cpu_optimizer=CpuOptimizerSpec(cpu_adamw(method), thread, on_job))
+        try:
+            return cls(engine, method, head=head, label_token_ids=label_token_ids, on_backward=on_backward)
+        except BaseException:
+            engine.close()
+            raise
 
     def close(self) -> None:
-        """Stop the worker and remove the SSD files (safe to call twice, and from a failed __init__)."""
-        if getattr(self, "updates", None) is not None:
-            self.updates.close()
-        if getattr(self, "ssd", None) is not None:
-            self.ssd.close()
+        """Stop the worker and remove the SSD files (safe to call twice)."""
+        self.engine.close()
 
     def _bind(self, e: int, slot: int) -> None:
         for (_, p), view in zip(self.store.units[e].params, self.store.acquire(e, slot)):
@@ -204,7 +128,6 @@ class AdamWStreamed:
         def compute(e: int, slot: int | None) -> bool:
             if slot is not None:
                 self._bind(e, slot)
-            self.updates.wait_ready(e)
             t0 = time.perf_counter()
             if e == 0:
                 with torch.set_grad_enabled(train and self._embed_trains):
@@ -230,15 +153,15 @@ class AdamWStreamed:
                             self._stash_shared(k, n)
                     results[k], hidden[k] = out, None
             else:
-                act = self.activation[e]
+                act, layer = self.activation[e], self.engine.order[e].layer
                 for k in range(n):
                     if not train:
                         with torch.no_grad():
-                            hidden[k] = self.runner.run_layer(e - 1, hidden[k], self._prepared[k])
+                            hidden[k] = self.runner.run_layer(layer, hidden[k], self._prepared[k])
                     elif act in ("recompute", "recompute-swap"):
                         rng = self._rng_state(k, e)
                         with torch.no_grad(), self._replay(rng):
-                            out = self.runner.run_layer(e - 1, hidden[k], self._prepared[k])
+                            out = self.runner.run_layer(layer, hidden[k], self._prepared[k])
                         if act == "recompute-swap":
                             self._saved[(e, k)] = (self.acts.stash(e, hidden[k]), None, rng)
                         else:
@@ -251,13 +174,14 @@ class AdamWStreamed:
                         leaf = hidden[k].detach().requires_grad_(True)
                         with torch.enable_grad(), self.acts.recording(e, swap=act == "swap"), \
                                 self._replay(self._rng_state(k, e)):
-                            out = self.runner.run_layer(e - 1, leaf, self._prepared[k])
+                            out = self.runner.run_layer(layer, leaf, self._prepared[k])
                         self._saved[(e, k)] = (leaf, out, None)
                         hidden[k] = out.detach()
             self.timeline.append(("fwd", e, t0, time.perf_counter()))
             return False
 
-        run_pass(pass_schedule(self.streamed, self.plan.prefetch_depth), self.store, compute)
+        run_pass(first_order_forward(self.streamed, self.plan.prefetch_depth, self.host_updated), self.store, compute,
+                 self.updates)
         self.acts.end_forward()
         return results
 
@@ -294,7 +218,7 @@ class AdamWStreamed:
     # -- backward -----------------------------------------------------------------------------------------
 
     def _backward(self, n: int, lr: float, inv_scale: float | None) -> None:
-        ops = pass_schedule(self.streamed, self.plan.prefetch_depth, reverse=True)
+        ops = first_order_backward(self.streamed, self.plan.prefetch_depth, self.host_updated, deferred=self.deferred)
         computes = [op.block for op in ops if op.kind == "compute"]
         following = dict(zip(computes, computes[1:] + [None]))
         last = len(self.names) - 1
@@ -322,17 +246,16 @@ class AdamWStreamed:
                     if out is None:
                         leaf = (leaf.device if isinstance(leaf, Swapped) else leaf).detach().requires_grad_(True)
                         with torch.enable_grad(), self._replay(rng):
-                            out = self.runner.run_layer(e - 1, leaf, self._prepared[k])
+                            out = self.runner.run_layer(self.engine.order[e].layer, leaf, self._prepared[k])
                     torch.autograd.backward(out, self._grad_out[k])
                     self._grad_out[k] = leaf.grad
                 self.acts.release(e)
                 self.arena.release(self._charged.pop(e, 0))
             self.timeline.append(("bwd", e, t0, time.perf_counter()))
-            self.updates.ship(e)  # the block's gradients leave the device now
-            return False
+            return False  # next in the schedule: the block's gradients leave the device, its update
 
         self.updates.begin(lr, inv_scale, computes)
-        run_pass(ops, self.store, compute)
+        run_pass(ops, self.store, compute, self.updates)
 
     # -- the step, evaluation and the final weights ----------------------------------------------------
 
@@ -345,7 +268,12 @@ class AdamWStreamed:
         outs = self._forward(micro, train=True, scale=scale, total=total)
         loss = sum(float(o.loss_sum) for o in outs) / max(total, 1)
         self._backward(len(micro), lr, 1.0 / scale if self.scaler.enabled else None)
-        norm, skipped = self.updates.finish(self.scaler)
+        try:
+            norm, skipped = self.updates.finish(self.scaler)
+            if self.deferred and not skipped:  # the global norm allowed them: the host updates, clipped
+                run_pass(first_order_updates(self.host_updated), self.store, updates=self.updates)
+        finally:
+            self.updates.end_step()
         return FirstOrderStepResult(loss, norm, total, skipped, self.scaler.scale)
 
     def losses(self, micro: list[dict]) -> list:
@@ -380,8 +308,6 @@ class AdamWStreamed:
 
     def state_shards(self):
         """(shard, tensors): the device-side AdamW's, then each host-optimized block's, one at a time."""
-        from fuyoucli.engine.optimizer import views_of
-
         self.settle()
         names, u = self._names(), self.updates
         dev, shard = u.device, {}
@@ -408,8 +334,6 @@ class AdamWStreamed:
 
     @torch.no_grad()
     def load_state(self, tensors, meta: dict) -> None:
-        from fuyoucli.engine.optimizer import views_of
-
         self.settle()
         names, u = self._names(), self.updates
         dev = u.device

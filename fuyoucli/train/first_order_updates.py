@@ -11,8 +11,9 @@ blocks' gradients go to host memory as soon as the block's backward is done, and
   computes their per-tensor norms during the backward; then the updates are queued in *forward*
   order and overlap the next step's forward (block k updated while the device runs block k-1's
   forward). What that costs is CLIP_OVERLAP_NOTE. The clipping is never approximate.
-The worker writes the new weights (compute dtype) to the weights' home: a streamed block's next
-fetch waits for that write (WeightStore.hold); a resident block's forward waits for its upload.
+The worker writes the new weights (compute dtype) to the weights' home: the schedule's next wait
+for a streamed block (before its fetch) waits for that write (WeightStore.hold), for a resident block
+(before its forward) for the upload of its new weights.
 On a CPU device the same jobs run inline, when queued (CpuAdam(thread=False)): the device's cores
 are the optimizer's, so there is nothing to overlap and a thread would only compete for them.
 """
@@ -25,9 +26,13 @@ from concurrent.futures import Future
 
 import torch
 
+from fuyoucli.engine.build import Engine
+from fuyoucli.engine.flat import views_of
 from fuyoucli.engine.lanes import Mark
-from fuyoucli.engine.optimizer import AdamBlock, CpuAdam, HostGrads, UpdateResult, views_of
+from fuyoucli.engine.optimizer import HostGrads, UpdateResult
+from fuyoucli.engine.ticket import Ticket
 from fuyoucli.errors import FuyouError
+from fuyoucli.plan.schedule import Op
 from fuyoucli.plan.types import Tier
 from fuyoucli.recipe import AdamWMethod
 from fuyoucli.train.first_order import adamw_param_groups
@@ -43,13 +48,22 @@ class NonFiniteGradients(FuyouError):
     exit_code = 4
 
 
+def cpu_adamw(method: AdamWMethod):
+    """The CPU optimizer of one block's fp32 tensors (engine/optimizer.py: CpuAdam builds one per block)."""
+    def make(tensors: list[torch.Tensor]) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(adamw_param_groups(tensors, method.weight_decay), lr=method.lr, betas=method.betas,
+                                 eps=method.eps, fused=True)
+    return make
+
+
 def deferred_updates(method: AdamWMethod, fp16: bool) -> bool:
     """Whether updates must wait for the whole backward (exact clipping, or an fp16 overflow check)."""
     return method.max_grad_norm is not None or fp16
 
 
 def _chain(fut: Future) -> Future:
-    """Done when `fut` is and, if its result published a Future (an SSD write), when that one is."""
+    """Done when the update `fut` is and, if it published a Future (a streamed block's SSD home being
+    written: WeightStore.write_home), when that one is."""
     out: Future = Future()
 
     def inner(f: Future) -> None:
@@ -65,7 +79,7 @@ def _chain(fut: Future) -> Future:
             out.cancel()
         elif f.exception() is not None:
             out.set_exception(f.exception())
-        elif isinstance(f.result().published, Future):
+        elif f.result().published is not None:  # the file write of an SSD home
             f.result().published.add_done_callback(inner)
         else:
             out.set_result(None)
@@ -147,90 +161,104 @@ class DeviceAdamW:
 
 
 class BlockUpdates:
-    """The optimizer side of a streamed first-order step. Built while the model still holds every
-    weight (the CPU states copy their masters from it); `attach` finishes it once the weights sit
-    where they will stay."""
+    """The optimizer side of a streamed first-order step: the engine's CPU optimizer (engine.cpu, its
+    states where the plan put them) for blocks optimized on the host, torch's AdamW for the others.
+    It performs the optimizer's operations of the schedule (plan/schedule.py): grad_offload, the wait
+    on it, grad_norm and update, and the wait for a resident block's new weights."""
 
-    def __init__(self, trainable: list[torch.nn.Parameter], host: dict[int, tuple[str, list, Tier]],
-                 device_params: list[torch.nn.Parameter], streamed: list[bool], method: AdamWMethod, *,
-                 lanes, ssd, deferred: bool, shape=None, value=None, on_job=None, thread: bool = True):
-        """`host`: block -> (name, params, optimizer home) for the CPU worker. `shape(p)` and `value(p)`
-        give a parameter's shape and initial value (default: its own; a lazily loaded model's empty
-        streamed parameters read them from the model file)."""
-        self.trainable, self.method, self.lanes, self.deferred = trainable, method, lanes, deferred
-        self.streamed = streamed
-        shape = shape or (lambda p: p.shape)
-        value = value or (lambda p: p)
-        self.host_params = {e: ps for e, (_, ps, _) in host.items()}
-        self.host_shapes = {e: [shape(p) for p in ps] for e, ps in self.host_params.items()}
+    def __init__(self, engine: Engine, method: AdamWMethod, *, deferred: bool):
+        self.method, self.lanes, self.deferred = method, engine.lanes, deferred
+        self.store, self.streamed, self.cpu, self.ops = engine.store, engine.streamed, engine.cpu, engine.ops
+        self.trainable = [p for p in engine.model.parameters() if p.requires_grad]
+        index = {b.name: b.index for b in engine.order}
+        on_host = [blk for blk in engine.trainable if engine.optimizer_homes[blk.name] is not Tier.DEVICE]
+        self.host_params = {index[blk.name]: [p for _, p in blk.params] for blk in on_host}
+        self.host_shapes = {e: list(self.cpu.states[e].shapes) for e in self.host_params}
         self.numels = {e: sum(s.numel() for s in shapes) for e, shapes in self.host_shapes.items()}
-        self.cpu = CpuAdam([AdamBlock(e, name, self.host_shapes[e], (lambda ps=ps: [value(p) for p in ps]), home)
-                            for e, (name, ps, home) in host.items()],
-                           self._make_optimizer, lanes=lanes, ssd=ssd, on_job=on_job, thread=thread)
-        self._device_params = device_params
-        self._ready: dict[int, Future] = {}
-        self._last_upload: dict[int, Mark | None] = {}
-        self._after: dict[int, Mark] = {}
-        """Per block, the compute mark after its backward: its old weights are not read after it."""
-        self.grad_bytes = 0
-
-    def attach(self, store, compute_dtype: torch.dtype) -> None:
-        self.store = store
-        self.device = DeviceAdamW(self._device_params, self.method)
+        order = {id(p): n for n, p in enumerate(self.trainable)}
+        device_params = [p for blk in engine.trainable if engine.optimizer_homes[blk.name] is Tier.DEVICE
+                         for _, p in blk.params]
+        self.device = DeviceAdamW(sorted(device_params, key=lambda p: order[id(p)]), method)
         pin = self.lanes.pin if self.lanes.kind == "cuda" else None
-        self.grads = GradBuffers(self.numels, compute_dtype, pin, per_block=self.deferred)
+        self.grads = GradBuffers(self.numels, engine.compute_dtype, pin, per_block=deferred)
         # Resident blocks updated on the host: their new weights go up from a staging buffer.
         self._staging = {}
         for e in self.host_params:
             if not self.streamed[e]:
-                t = torch.empty(self.numels[e], dtype=compute_dtype)
+                t = torch.empty(self.numels[e], dtype=engine.compute_dtype)
                 self._staging[e] = pin(t) if pin is not None else t
+        self._ready: dict[int, Future] = {}
+        self._last_upload: dict[int, Mark | None] = {}
+        self._after: dict[int, Mark] = {}
+        """Per block, the compute mark after its backward: its old weights are not read after it."""
+        self._host_grads: dict[int, HostGrads] = {}
+        self._awaited: set[int] = set()
+        self.grad_bytes = 0
 
-    def _make_optimizer(self, tensors: list[torch.Tensor]) -> torch.optim.Optimizer:
-        m = self.method
-        return torch.optim.AdamW(adamw_param_groups(tensors, m.weight_decay), lr=m.lr, betas=m.betas, eps=m.eps,
-                                 fused=True)
-
-    # -- during the backward --------------------------------------------------------------------------
+    # -- during the backward: the schedule's grad_offload, wait, grad_norm and update ----------------
 
     def begin(self, lr: float, inv_scale: float | None, backward_order: list[int]) -> None:
-        self.lr, self.inv_scale = lr, inv_scale
+        self.lr, self.inv_scale, self.coef = lr, inv_scale, None
         self._jobs: dict[int, Future] = {}
         self._norm_jobs: dict[int, Future] = {}
-        self._held: dict[int, HostGrads] = {}
         # The worker reads SSD-homed states ahead in the order it will update them: as the backward
         # produces gradients (overlapped), or, deferred, in the next forward's order; then the first
         # block's states are read during this backward instead of after it.
         order = [e for e in backward_order if e in self.host_params]
         self.cpu.begin(order[::-1] if self.deferred else order)
 
-    def ship(self, e: int) -> None:
-        """Block e's backward is done: its gradients go to host memory now; then its update
-        (overlapped) or the norms of its gradients (deferred) are queued on the worker."""
-        params = self.host_params.get(e)
-        if params is None:
-            return
-        shapes = self.host_shapes[e]
+    def offload_grads(self, e: int) -> None:
+        """Block e's backward is done: its gradients go to host memory now (offload lane)."""
         flat, release = self.grads.acquire(e, self.numels[e])
         done = self.lanes.mark_compute()  # the block's backward (all micro-batches) is complete
         present, keep, mark = [], [], None
-        for p, view in zip(params, views_of(flat, shapes)):
+        for p, view in zip(self.host_params[e], views_of(flat, self.host_shapes[e])):
             present.append(p.grad is not None)
             if p.grad is not None:
                 mark = self.lanes.offload(view, p.grad, after=done)
                 keep.append(p.grad)
                 p.grad = None
         self.grad_bytes += flat.numel() * flat.element_size()
-        grads = HostGrads(flat, present, mark, keep, release)
+        self._host_grads[e] = HostGrads(flat, present, mark, keep, release)
         self._after[e] = done
+        self.ops.performed(Op("grad_offload", e))
+
+    def await_grads(self, e: int) -> None:
+        """The schedule's wait for block e's gradient copy. The job that reads them takes it, on the
+        worker (HostGrads.ready), so that the device goes on meanwhile; here it is only allowed."""
+        if e not in self._host_grads:
+            raise RuntimeError(f"block {e}: a wait for gradients that were never offloaded")
+        self._awaited.add(e)
+        self.ops.performed(Op("wait", e, on="grad_offload"))
+
+    def _readable(self, e: int, what: str) -> HostGrads:
+        if e not in self._awaited:
+            raise RuntimeError(f"block {e}: {what} would read gradients whose offload the schedule did not wait on")
+        return self._host_grads[e]
+
+    def grad_norms(self, e: int) -> None:
+        """Deferred: the norms of block e's gradients, on the worker; the update waits for the global norm."""
+        grads = self._readable(e, "grad_norm")
+        self._norm_jobs[e] = self.cpu.norms(e, grads, 1.0 if self.inv_scale is None else self.inv_scale)
+        self.ops.performed(Op("grad_norm", e))
+
+    def update(self, e: int) -> None:
+        """Queue block e's update on the worker (overlapped: at once, with its norms, a non-finite block
+        left as it is; deferred: clipped by the global norm). Registered at once, not at the step's end:
+        any later use of block e's weights waits for it."""
+        grads = self._readable(e, "update")
+        self._awaited.discard(e)
         if self.deferred:
-            self._held[e] = grads
-            self._norm_jobs[e] = self.cpu.norms(e, grads, 1.0 if self.inv_scale is None else self.inv_scale)
+            job = self.cpu.update(e, grads, lr=self.lr, publish=self._publisher(e),
+                                  inv_scale=1.0 if self.inv_scale is None else self.inv_scale, coef=self.coef)
         else:
-            self._jobs[e] = self.cpu.update(e, grads, lr=self.lr, publish=self._publisher(e), want_norms=True)
-            # At once, not at the step's end: any fetch of block e from now on (a later pass, or this one
-            # if it ever fetched a block twice) must find the update of its home and wait for it.
-            self._register(e, self._jobs[e])
+            del self._host_grads[e]
+            job = self._jobs[e] = self.cpu.update(e, grads, lr=self.lr, publish=self._publisher(e), want_norms=True)
+        if self.streamed[e]:
+            self.store.hold(e, Ticket(job=_chain(job)))
+        else:
+            self._ready[e] = job
+        self.ops.performed(Op("update", e))
 
     def _publisher(self, e: int):
         if self.streamed[e]:
@@ -248,12 +276,6 @@ class BlockUpdates:
             return mark
         return upload
 
-    def _register(self, e: int, fut: Future) -> None:
-        if self.streamed[e]:
-            self.store.hold(e, _chain(fut))
-        else:
-            self._ready[e] = fut
-
     # -- after the backward ---------------------------------------------------------------------------
 
     def _global_norm(self, norms: dict[int, torch.Tensor]) -> float:
@@ -265,7 +287,8 @@ class BlockUpdates:
         norms.update({id(p): x for p, x in zip(self.host_params[e], per_tensor) if x is not None})
 
     def finish(self, scaler) -> tuple[float, bool]:
-        """Global norm, overflow check, clipping and the updates; returns (norm, skipped)."""
+        """Global norm, overflow check and the device's update; returns (norm, skipped). Deferred, the
+        host updates then run as the schedule's first_order_updates (clipped by `self.coef`)."""
         norms = self.device.norms(self.inv_scale)
         try:
             if not self.deferred:
@@ -286,36 +309,40 @@ class BlockUpdates:
             overflow = not math.isfinite(norm)
             scaler.update(overflow)
             if overflow:
-                for grads in self._held.values():
-                    grads.done()
                 return norm, True
             clip = self.method.max_grad_norm
-            coef = clip / (norm + 1e-6) if clip is not None and norm > clip else None
-            self.device.step(self.lr, coef)
-            for e in sorted(self._held):  # the next forward's order, announced by begin()
-                self._register(e, self.cpu.update(e, self._held[e], lr=self.lr, publish=self._publisher(e),
-                                                  inv_scale=1.0 if self.inv_scale is None else self.inv_scale,
-                                                  coef=coef))
+            self.coef = clip / (norm + 1e-6) if clip is not None and norm > clip else None
+            self.device.step(self.lr, self.coef)
             return norm, False
         finally:
-            self._held = {}
             self.device.clear()
+
+    def end_step(self) -> None:
+        """The step's gradients are the queued updates' now (or, skipped, nobody's): let go of them."""
+        for grads in self._host_grads.values():
+            grads.done()
+        self._host_grads, self._awaited = {}, set()
 
     # -- before a block computes, and at the end ------------------------------------------------------
 
     def wait_ready(self, e: int) -> None:
-        """A resident block updated on the host: the compute lane waits for its new weights."""
+        """The schedule's wait for a resident block updated on the host: the compute lane waits for
+        its new weights."""
+        self._wait_ready(e)
+        self.ops.performed(Op("wait", e, on="update"))
+
+    def _wait_ready(self, e: int) -> None:
         fut = self._ready.pop(e, None)
         if fut is not None:
             res: UpdateResult = fut.result()
-            if isinstance(res.published, Mark):
+            if res.published is not None:  # the upload of the new weights (None: nothing changed)
                 self.lanes.compute_wait(res.published)
 
     def settle(self) -> None:
         """Every queued update done and written home."""
         self.cpu.drain()
         for e in list(self._ready):
-            self.wait_ready(e)
+            self._wait_ready(e)
 
     def close(self) -> None:
         self.cpu.close()

@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 import torch
 
 from fuyoucli.engine.lanes import lanes_for
+from fuyoucli.engine.timed_lanes import TimedLanes
 from fuyoucli.model.blocks import param_blocks
 from fuyoucli.plan.types import Plan
 from fuyoucli.recipe import Recipe
-from fuyoucli.telemetry.timeline import Span, TimedLanes, Timeline, busy_seconds
+from fuyoucli.telemetry.timeline import Span, Timeline, busy_seconds
 from fuyoucli.train.data import Datasets
 from fuyoucli.train.first_order import AdamWReference
 from fuyoucli.train.losses import BatchLoss, batch_loss
@@ -45,11 +46,11 @@ class _Measure:
     ssd_read_s, ssd_write_s, cpu_optimizer_s, each lane's busy time. Bytes: h2d_bytes, d2h_bytes,
     ssd_read_bytes, ssd_write_bytes."""
 
-    def __init__(self, timeline: Timeline, store, ssd, cpu=None):
-        self.timeline, self.store, self.ssd, self.cpu = timeline, store, ssd, cpu
-        store.recorder = timeline
-        if ssd is not None:
-            ssd.recorder = timeline
+    def __init__(self, timeline: Timeline, engine):
+        self.timeline, self.store, self.ssd, self.cpu = timeline, engine.store, engine.ssd, engine.cpu
+        self.store.recorder = timeline
+        if self.ssd is not None:
+            self.ssd.recorder = timeline
 
     def _counters(self) -> tuple[int, int, int, int]:
         st = self.store.stats
@@ -199,9 +200,9 @@ class StreamedZO:
 
         timeline = Timeline()
         self.lanes = TimedLanes(lanes_for(device), timeline)
-        self.impl = ZOStreamed(model, plan, recipe.method, seed=recipe.training.seed, head=recipe.model.head,
-                               lanes=self.lanes, label_token_ids=data.label_token_ids)
-        self.measure = _Measure(timeline, self.impl.store, self.impl.ssd)
+        self.impl = ZOStreamed.from_plan(model, plan, recipe.method, seed=recipe.training.seed, head=recipe.model.head,
+                                         lanes=self.lanes, label_token_ids=data.label_token_ids)
+        self.measure = _Measure(timeline, self.impl.engine)
         homes = sorted({b.weights_home.value for b in plan.blocks if b.weights_home.value != "device"})
         self.where = (f"zo2 streamed: layers homed on {'/'.join(homes)}, prefetch depth {plan.prefetch_depth}"
                       + (", z drawn per tensor" if plan.z_buffer == "tensor" else "") + f"; lanes: {self.lanes.name}")
@@ -242,9 +243,9 @@ class StreamedAdamW:
 
         timeline = Timeline()
         self.lanes = TimedLanes(lanes_for(device), timeline)
-        self.impl = AdamWStreamed(model, plan, recipe.method, head=recipe.model.head, lanes=self.lanes,
-                                  label_token_ids=data.label_token_ids)
-        self.measure = _Measure(timeline, self.impl.store, self.impl.ssd, self.impl.cpu)
+        self.impl = AdamWStreamed.from_plan(model, plan, recipe.method, head=recipe.model.head, lanes=self.lanes,
+                                            label_token_ids=data.label_token_ids)
+        self.measure = _Measure(timeline, self.impl.engine)
         homes = sorted({b.weights_home.value for b in plan.blocks if b.weights_home.value != "device"})
         states = sorted({b.optimizer_home.value for b in plan.blocks if b.optimizer_home is not None})
         overlap = ("updates wait for the global norm, then overlap the next forward" if self.impl.deferred

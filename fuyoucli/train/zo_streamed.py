@@ -1,27 +1,23 @@
 """ZO2: the MeZO step with decoder layers streamed between their home tier and the device.
 
-Trainer stage, over the engine (WeightStore, schedule, lanes). Each streamed layer crosses the link
-once up and (full-parameter) once down per step. On arrival the device applies the previous step's
-deferred update (regenerating its z from the seed), then draws this step's z once per direction and
-runs the +eps and -eps passes for every micro-batch while the layer is resident: layer-major order,
+Trainer stage, a step function over an Engine (engine/build.py: the stores, arena and homes the plan
+decided) and the zo2 schedules (plan/schedule.py). Each streamed layer crosses the link once up and
+(full-parameter) once down per step. On arrival the device applies the previous step's deferred
+update (regenerating its z from the seed), then draws this step's z once per direction and runs the
++eps and -eps passes for every micro-batch while the layer is resident: layer-major order,
 2 * q * micro-batches hidden states in flight. Embeddings and head stay resident. With LoRA the
 adapters stay resident and are perturbed there; the frozen base streams read-only.
 
-Variant momentum: each streamed layer's fp32 momentum buffer lives at the layer's home (host memory
-or an SSD file beside the weights), in a second WeightStore fetched into the same slot number and
-written back with the layer whenever an update is applied. Variant conservative: a second streamed
-pass per step (read-only) runs three hidden streams per micro-batch, at w, w - u and w + u, each
-candidate's weights made from the home copy and z regenerated from the seed; the kept candidate's
-update (c * lr) is deferred like any other.
+Variants: momentum keeps each streamed layer's fp32 momentum at the layer's home, fetched into the
+same slot and written back with the layer; conservative runs a second, read-only pass per step with
+three hidden streams per micro-batch (w, w - u, w + u, made from the home copy and z from the seed),
+and defers the kept candidate's update (c * lr) like any other.
 
-No allocation in the hot loop: buffers allocated once from the device arena and reused by every
-block: z (fp32), the update direction and (half-precision homes) the fp32 working copy (the largest
-tensor's: updates and candidates go tensor by tensor, z from ZStreams), and the compute copy of a
-streamed layer. The model's own forward still makes its activations. The z buffer is the plan's
-choice (Plan.z_buffer): 'block', the largest block's, a direction's z drawn once for its +eps and
--eps passes; or 'tensor', the largest tensor's, z drawn tensor by tensor for each pass that needs it
-(the block's generator replayed from its start: the same numbers, one more draw per direction, and
-a block's worth of fp32 less on the device).
+No allocation in the hot loop: z (fp32), the update direction, the fp32 working copy of a
+half-precision home and the compute copy of a streamed layer are allocated once from the device
+arena. The z buffer is the plan's choice (Plan.z_buffer): 'block', the largest block's, a direction's
+z drawn once for its +eps and -eps passes; or 'tensor', the largest tensor's, z drawn tensor by
+tensor for each pass that needs it (the block's generator replayed: the same numbers).
 
 The arithmetic is the in-memory reference's (train/zo.py: draw_z, ZStreams, tensor_direction,
 update_home, candidate_into, home + s*eps*z), so on one device the losses and weights are
@@ -30,28 +26,19 @@ bit-identical to it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
-from fuyoucli.engine.executor import StreamUnit, WeightStore, run_pass
-from fuyoucli.engine.tiers import DeviceArena, SsdStore
-from fuyoucli.errors import FuyouError
-from fuyoucli.model.blocks import param_blocks
-from fuyoucli.model.runner import BlockRunner
-from fuyoucli.plan.schedule import pass_schedule
-from fuyoucli.plan.types import Plan, Tier
+from fuyoucli.engine.build import Engine, build
+from fuyoucli.engine.executor import StorePair, run_pass
+from fuyoucli.engine.flat import views_of
+from fuyoucli.plan.schedule import zo_flush, zo_pass
+from fuyoucli.plan.types import Plan
 from fuyoucli.recipe import ZO2Method
 from fuyoucli.train.losses import loss_from_logits
 from fuyoucli.train.zo import (CANDIDATES, ZOStepResult, ZStreams, candidate_into, choose_candidate, draw_z, iter_z,
                                tensor_direction, update_home)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class UnsupportedPlan(FuyouError):
-    exit_code = 2
 
 
 @dataclass
@@ -61,139 +48,60 @@ class _Pending:
     lr: float
 
 
-def _views(buf: torch.Tensor, shapes) -> list[torch.Tensor]:
-    out, offset = [], 0
-    for shape in shapes:
-        n = shape.numel()
-        out.append(buf[offset: offset + n].view(shape))
-        offset += n
-    return out
+@dataclass
+class _Pass:
+    """One layer-major pass: every (variant, micro-batch) stream's hidden state, block after block."""
 
-
-class _ZeroSource:
-    """Where the momentum store's placeholder parameters take their shapes and first values (zeros),
-    one tensor at a time, as a lazily loaded model's layers come from their file."""
-
-    def __init__(self, shapes: dict[str, torch.Size]):
-        self.shapes = shapes
-
-    def shape(self, name: str) -> torch.Size:
-        return self.shapes[name]
-
-    def read(self, name: str, dtype: torch.dtype) -> torch.Tensor:
-        return torch.zeros(self.shapes[name], dtype=dtype)
-
-
-class _WithMomentum:
-    """The weights' store and the momentum's, walked as one by run_pass: a layer's momentum goes into
-    the same slot number as its weights, and is written back with them when the update changed it."""
-
-    def __init__(self, weights: WeightStore, momentum: WeightStore):
-        self.weights, self.momentum = weights, momentum
-
-    @property
-    def units(self):
-        return self.weights.units
-
-    @property
-    def recorder(self):
-        return self.weights.recorder
-
-    def fetch(self, b: int, slot: int) -> None:
-        self.weights.fetch(b, slot)
-        self.momentum.recorder = self.weights.recorder
-        self.momentum.fetch(b, slot)
-
-    def release(self, b: int, slot: int, dirty: bool) -> None:
-        self.weights.release(b, slot, dirty)
-        self.momentum.release(b, slot, dirty)
+    step: int
+    micro: list[dict]
+    variants: list
+    hidden: dict = field(default_factory=dict)
+    prepared: list = field(default_factory=list)
+    losses: dict = field(default_factory=dict)
+    charged_bytes: int = 0
+    """Hidden states charged to the arena (released when the pass ends)."""
 
 
 class ZOStreamed:
-    def __init__(self, model, plan: Plan, method: ZO2Method, *, seed: int, head: str, lanes,
+    def __init__(self, engine: Engine, method: ZO2Method, *, seed: int, head: str,
                  label_token_ids: tuple[int, ...] = ()):
-        self.model, self.plan, self.method, self.seed = model, plan, method, seed
-        self.head, self.label_token_ids, self.lanes = head, label_token_ids, lanes
-        self.device = lanes.device
-        self.runner = BlockRunner(model)
-        self._check(plan, method)
-        self.z_per_tensor = plan.z_buffer == "tensor"
-        self.blocks = param_blocks(model)  # trainable blocks: the reference's seed indices
+        self.engine, self.model, self.plan, self.method, self.seed = engine, engine.model, engine.plan, method, seed
+        self.head, self.label_token_ids, self.lanes = head, label_token_ids, engine.lanes
+        self.device, self.runner, self.arena = engine.device, engine.runner, engine.arena
+        self.store, self.mstore = engine.store, engine.momentum
+        self.z_per_tensor = self.plan.z_buffer == "tensor"
+        self.blocks = engine.trainable  # trainable blocks: the reference's seed indices
         self.block_index = {b.name: i for i, b in enumerate(self.blocks)}
-        self.arena = DeviceArena(self.device, plan.device_budget_bytes)
-        homes = {b.name: b.weights_home for b in plan.blocks}
-        self.streamed_layers = [i for i in range(self.runner.n_layers) if homes.get(f"layers.{i}", Tier.DEVICE) is not Tier.DEVICE]
-        self.compute_dtype = DTYPES[plan.compute_dtype]
-        self.home_dtype = DTYPES[plan.home_dtype]
-        lora = any(not p.requires_grad for p in model.parameters())
-        self.full = not lora
-        self.mstore: WeightStore | None = None
-        self.ssd = None
-        momentum = method.variant == "momentum"
-
-        units = []
-        for i in self.streamed_layers:
-            prefix = f"{self.runner.layer_path}.{i}."
-            layer_params = [(prefix + n, p) for n, p in self.runner.layers[i].named_parameters()]
-            params = [(n, p) for n, p in layer_params if p.requires_grad == self.full]
-            units.append(StreamUnit(index=i + 1, name=f"layers.{i}", params=params, shapes=[],
-                                    dtype=self.home_dtype if self.full else self.compute_dtype,
-                                    home=homes[f"layers.{i}"], writable=self.full))
-        per_elem = (self.home_dtype.itemsize + (4 if momentum else 0)) if self.full else self.compute_dtype.itemsize
-        needed = sum(sum(p.numel() for _, p in u.params) * per_elem for u in units if u.home is Tier.SSD)
-        try:
-            self.ssd = SsdStore(plan.swap_dir, needed) if any(u.home is Tier.SSD for u in units) else None
-            # Resident parts first, from the model's (still complete) weights.
-            streamed_names = {f"layers.{i}" for i in self.streamed_layers} if self.full else set()
-            self.resident = [b for b in range(len(self.blocks)) if self.blocks[b].name not in streamed_names]
-            for i, layer in enumerate(self.runner.layers):
-                if i not in self.streamed_layers:
-                    layer.to(self.device)
-            self._move_rest_to_device()
-            self.home = {b: [p.detach().to(self.home_dtype, copy=True) for _, p in self.blocks[b].params]
-                         for b in self.resident}
-            self.res_shapes = {b: [h.shape for h in self.home[b]] for b in self.resident}
-            for b in self.resident:
-                for h in self.home[b]:
-                    self.arena.charge(h.numel() * h.element_size(), f"home copy of {self.blocks[b].name}")
-            self.mom_res: dict[int, list[torch.Tensor]] = {}
-            if momentum:
-                for b in self.resident:
-                    self.mom_res[b] = [self.arena.alloc(s.numel(), torch.float32, f"momentum of {self.blocks[b].name}")
-                                       .zero_().view(s) for s in self.res_shapes[b]]
-            source = getattr(model, "fuyou_source", None)
-            pin = any(u.home is Tier.PINNED for u in units)
-            self.store = WeightStore(units, lanes=lanes, arena=self.arena, slots=plan.device_buffers,
-                                     ssd=self.ssd, pin=pin, source=source)
-            if source is not None:
-                source.close()
-            if self.full and units and momentum:
-                self.mstore = self._momentum_store(units, pin)
-            self._allocate_buffers(units)
-        except BaseException:
-            self.close()
-            raise
+        self.compute_dtype, self.home_dtype = engine.compute_dtype, engine.home_dtype
+        self.full = not engine.lora
+        self.streamed = engine.streamed
+        self.resident = [b for b, blk in enumerate(self.blocks) if blk.name in engine.resident_homes]
+        self.home = {b: engine.resident_homes[self.blocks[b].name] for b in self.resident}
+        self.res_shapes = {b: [h.shape for h in self.home[b]] for b in self.resident}
+        self.mom_res = {b: engine.resident_momentum[self.blocks[b].name] for b in self.resident
+                        if self.blocks[b].name in engine.resident_momentum}
+        self._allocate_buffers()
         self.pending: _Pending | None = None
-        self.streamed = [self._is_streamed_layer_block(b) for b in range(self._n_exec_blocks())]
         self._zkey: tuple | None = None  # which (block, step, direction) z the z buffer holds
         self._grads: list[float] = []  # the step's projected gradients, for the conservative candidates
 
-    def _momentum_store(self, units: list[StreamUnit], pin: bool) -> WeightStore:
-        """Each streamed layer's fp32 momentum, at the layer's home tier, zeros to begin with."""
-        shapes = {n: s for u in units for (n, _), s in zip(u.params, u.shapes)}
-        placeholders = [StreamUnit(index=u.index, name=f"{u.name}.momentum",
-                                   params=[(n, nn.Parameter(torch.empty(0), requires_grad=False)) for n, _ in u.params],
-                                   shapes=[], dtype=torch.float32, home=u.home, writable=True) for u in units]
-        store = WeightStore(placeholders, lanes=self.lanes, arena=self.arena, slots=self.plan.device_buffers,
-                            ssd=self.ssd, pin=pin, source=_ZeroSource(shapes), key_prefix="momentum")
-        store.stats = self.store.stats  # one count of what crossed the link
-        return store
+    @classmethod
+    def from_plan(cls, model, plan: Plan, method: ZO2Method, *, seed: int, head: str, lanes,
+                  label_token_ids: tuple[int, ...] = ()) -> ZOStreamed:
+        """The engine built from the plan (engine.build), and the trainer over it."""
+        engine = build(plan, model, lanes, zo_momentum=method.variant == "momentum")
+        try:
+            return cls(engine, method, seed=seed, head=head, label_token_ids=label_token_ids)
+        except BaseException:
+            engine.close()
+            raise
 
-    def _allocate_buffers(self, units: list[StreamUnit]) -> None:
+    def _allocate_buffers(self) -> None:
         """The step's working buffers, once: z (fp32) for the largest block, or with the plan's z_buffer
         'tensor' for the largest tensor; the update direction (also the perturbation's scaled z) and the
         fp32 copy of a half-precision home for the largest tensor; and the compute-dtype copy a streamed
         layer computes with."""
+        units = list(self.store.units.values())
         shapes = [s for b in self.resident for s in self.res_shapes[b]]
         slot = 0
         if self.full and units:
@@ -208,37 +116,8 @@ class ZOStreamed:
                        if self.home_dtype != torch.float32 else None)
         self.work = self.arena.alloc(slot, self.compute_dtype, "perturbed weights") if slot else None
 
-    @staticmethod
-    def _check(plan: Plan, method: ZO2Method) -> None:
-        for b in plan.blocks:
-            if b.name in ("embed", "head") and b.weights_home is not Tier.DEVICE:
-                raise UnsupportedPlan(f"the zo2 engine keeps {b.name} on the device; the plan homes it on {b.weights_home.value}")
-        if plan.wire_dtype != plan.home_dtype:
-            raise UnsupportedPlan(f"the zo2 engine sends home weights as they are stored (home {plan.home_dtype}, "
-                                  f"wire {plan.wire_dtype}); the device applies the update, so both must match")
-        if plan.z_buffer not in ("block", "tensor"):
-            raise UnsupportedPlan(f"z_buffer {plan.z_buffer!r}: the zo2 engine holds z per 'block' or per 'tensor'")
-
-    def _move_rest_to_device(self) -> None:
-        layer_ids = {id(p) for layer in self.runner.layers for p in layer.parameters()}
-        for p in self.model.parameters():
-            if id(p) not in layer_ids:
-                p.data = p.data.to(self.device)
-        for module in self.model.modules():
-            for name, buf in list(module.named_buffers(recurse=False)):
-                module._buffers[name] = buf.to(self.device)
-
-    # execution blocks: 0 = embed stage, 1..L = layers, L+1 = head stage
-    def _n_exec_blocks(self) -> int:
-        return self.runner.n_layers + 2
-
-    def _is_streamed_layer_block(self, e: int) -> bool:
-        return 1 <= e <= self.runner.n_layers and (e - 1) in self.streamed_layers
-
     def close(self) -> None:
-        if getattr(self, "ssd", None) is not None:
-            self.ssd.close()
-            self.ssd = None
+        self.engine.close()
 
     # -- the shared buffers: z, the update direction, the fp32 working copy ----------------------------
 
@@ -250,7 +129,7 @@ class ZOStreamed:
         holds the numbers draw_z gives it."""
         if self.z_per_tensor:
             return iter_z(self.seed, step, d, b, shapes, self.device, buffer=self.zbuf)
-        views = _views(self.zbuf, shapes)
+        views = views_of(self.zbuf, shapes)
         if self._zkey != (b, step, d):
             draw_z(self.seed, step, d, b, None, self.device, out=views)
             self._zkey = (b, step, d)
@@ -308,87 +187,94 @@ class ZOStreamed:
     def _forward(self, step: int, micro: list[dict], variants: list):
         """Run every (variant, micro-batch) stream through the model; returns their BatchLoss lists.
         A variant is (direction, sign) for cast(home + sign*eps*z), ("u", c, alpha) for a conservative
-        candidate cast(home + alpha * direction), or None for the weights themselves."""
-        names = ["embed"] + [f"layers.{i}" for i in range(self.runner.n_layers)] + ["head"]
-        hidden: dict[tuple, torch.Tensor] = {}
-        prepared: list = [None] * len(micro)
-        losses: dict = {v: [None] * len(micro) for v in variants}
-        tied = self._tied()
-        charged = 0
-        paired = self.mstore is not None and self.pending is not None
-
-        def per_variant(name: str, fn) -> None:
-            for v in variants:
-                self._bind_resident(name, step, v)
-                fn(v)
+        candidate cast(home + alpha * direction), or None for the weights themselves. A pending update
+        is applied to each streamed layer on arrival and the layer goes home from its slot."""
+        ps = _Pass(step, micro, variants, prepared=[None] * len(micro), losses={v: [None] * len(micro) for v in variants})
+        updating = self.pending is not None
+        last = len(self.streamed) - 1
 
         def compute(e: int, slot: int | None) -> bool:
-            nonlocal charged
             if e == 0:
-                def embed(v):
-                    nonlocal charged
-                    for k, mb in enumerate(micro):
-                        out = self.runner.capture(mb["input_ids"], mb["attention_mask"])
-                        prepared[k] = prepared[k] or out
-                        hidden[(v, k)] = out.hidden
-                    nbytes = sum(t.numel() * t.element_size() for t in hidden.values())
-                    if nbytes > charged:
-                        self.arena.charge(nbytes - charged, "hidden states")
-                        charged = nbytes
-                per_variant("embed", embed)
-                return False
-            if e == len(names) - 1:
-                def head_fn(v):
-                    if tied:
-                        self._bind_resident("embed", step, v)
-                    for k, mb in enumerate(micro):
-                        logits = self.runner.run_head(hidden[(v, k)], mb["input_ids"], mb["attention_mask"])
-                        losses[v][k] = loss_from_logits(logits, mb, head=self.head, label_token_ids=self.label_token_ids)
-                per_variant("head", head_fn)
-                return False
-            i = e - 1
-            name = names[e]
-            if slot is None or not self.full:
+                self._embed_stage(ps)
+            elif e == last:
+                self._head_stage(ps)
+            elif slot is not None and self.full:
+                return self._streamed_layer(ps, e, slot, updating)
+            else:
                 if slot is not None:  # LoRA: the frozen base computes straight from its slot
-                    unit = self.store.units[e]
-                    for (_, p), view in zip(unit.params, self.store.acquire(e, slot)):
+                    for (_, p), view in zip(self.store.units[e].params, self.store.acquire(e, slot)):
                         p.data = view
+                self._per_variant(ps, e, lambda v: self._run_layer(ps, e, v))
+            return False
 
-                def run(v):
-                    for k, mb in enumerate(micro):
-                        hidden[(v, k)] = self.runner.run_layer(i, hidden[(v, k)], prepared[k])
-                per_variant(name, run)
-                return False
-            views = self.store.acquire(e, slot)
-            unit = self.store.units[e]
-            momentum = self.mstore.acquire(e, slot) if paired else None
-            dirty = self._apply_pending(unit, views, momentum)
-            work = unit.views(self.work[: unit.numel])
-            b = self.block_index[name]
-            for v in variants:
-                with torch.no_grad():
-                    self._variant_into(b, step, v, work, views, unit.shapes)
-                for (_, p), wv in zip(unit.params, work):
-                    p.data = wv
-                for k, mb in enumerate(micro):
-                    hidden[(v, k)] = self.runner.run_layer(i, hidden[(v, k)], prepared[k])
-            return dirty
-
-        ops = pass_schedule(self.streamed, self.plan.prefetch_depth)
-        store = _WithMomentum(self.store, self.mstore) if paired else self.store
+        ops = zo_pass(self.streamed, self.plan.prefetch_depth, writable=self.full, writes_home=updating)
         try:
             with torch.no_grad():
-                run_pass(ops, store, compute)
+                run_pass(ops, self._stores(updating), compute)
         finally:
-            self.arena.release(charged)
-        return losses
+            self.arena.release(ps.charged_bytes)
+        return ps.losses
+
+    def _stores(self, updating: bool):
+        """What a pass fetches: the weights, and with an update to apply, their momentum beside them."""
+        return StorePair(self.store, self.mstore) if (self.mstore is not None and updating) else self.store
+
+    def _per_variant(self, ps: _Pass, e: int, fn) -> None:
+        for v in ps.variants:
+            self._bind_resident(self.engine.order[e].name, ps.step, v)
+            fn(v)
+
+    def _run_layer(self, ps: _Pass, e: int, v) -> None:
+        layer = self.engine.order[e].layer
+        for k in range(len(ps.micro)):
+            ps.hidden[(v, k)] = self.runner.run_layer(layer, ps.hidden[(v, k)], ps.prepared[k])
+
+    def _embed_stage(self, ps: _Pass) -> None:
+        def embed(v):
+            for k, mb in enumerate(ps.micro):
+                out = self.runner.capture(mb["input_ids"], mb["attention_mask"])
+                ps.prepared[k] = ps.prepared[k] or out
+                ps.hidden[(v, k)] = out.hidden
+            nbytes = sum(t.numel() * t.element_size() for t in ps.hidden.values())
+            if nbytes > ps.charged_bytes:
+                self.arena.charge(nbytes - ps.charged_bytes, "hidden states")
+                ps.charged_bytes = nbytes
+        self._per_variant(ps, 0, embed)
+
+    def _head_stage(self, ps: _Pass) -> None:
+        tied = self._tied()
+
+        def head_fn(v):
+            if tied:
+                self._bind_resident("embed", ps.step, v)
+            for k, mb in enumerate(ps.micro):
+                logits = self.runner.run_head(ps.hidden[(v, k)], mb["input_ids"], mb["attention_mask"])
+                ps.losses[v][k] = loss_from_logits(logits, mb, head=self.head, label_token_ids=self.label_token_ids)
+        self._per_variant(ps, len(self.streamed) - 1, head_fn)
+
+    def _streamed_layer(self, ps: _Pass, e: int, slot: int, updating: bool) -> bool:
+        """A full-parameter layer in its slot: the pending update applied to it there (and to its
+        momentum), then each variant's weights made in the working copy and run."""
+        views = self.store.acquire(e, slot)
+        unit = self.store.units[e]
+        momentum = self.mstore.acquire(e, slot) if (self.mstore is not None and updating) else None
+        changed = self._apply_pending(unit, views, momentum)
+        work = unit.views(self.work[: unit.numel])
+        b = self.block_index[unit.name]
+        for v in ps.variants:
+            with torch.no_grad():
+                self._variant_into(b, ps.step, v, work, views, unit.shapes)
+            for (_, p), wv in zip(unit.params, work):
+                p.data = wv
+            self._run_layer(ps, e, v)
+        return changed
 
     def _tied(self) -> bool:
         out, inp = self.model.get_output_embeddings(), self.model.get_input_embeddings()
         return out is not None and inp is not None and out.weight is inp.weight
 
     @torch.no_grad()
-    def _apply_pending(self, unit: StreamUnit, views: list[torch.Tensor], momentum: list[torch.Tensor] | None) -> bool:
+    def _apply_pending(self, unit, views: list[torch.Tensor], momentum: list[torch.Tensor] | None) -> bool:
         if self.pending is None:
             return False
         return self._update(self.block_index[unit.name], views, self.pending, momentum)
@@ -437,7 +323,7 @@ class ZOStreamed:
             self._update(b, self.home[b], pend, self.mom_res.get(b))
             self._bind_resident(self.blocks[b].name, step, None)
         rejected = self.method.variant == "conservative" and lr == 0
-        self.pending = pend if (self.full and self.streamed_layers and not rejected) else None
+        self.pending = pend if (self.full and any(self.streamed) and not rejected) else None
 
     def flush(self) -> None:
         """Apply the deferred update to every streamed layer and write it home (before eval or save)."""
@@ -452,8 +338,7 @@ class ZOStreamed:
             momentum = self.mstore.acquire(e, slot) if paired else None
             return self._apply_pending(self.store.units[e], views, momentum)
 
-        store = _WithMomentum(self.store, self.mstore) if paired else self.store
-        run_pass(pass_schedule(self.streamed, self.plan.prefetch_depth), store, compute)
+        run_pass(zo_flush(self.streamed, self.plan.prefetch_depth), self._stores(updating=True), compute)
         self.pending = None
         self.store.settle_all()
         if paired:

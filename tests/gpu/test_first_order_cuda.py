@@ -42,7 +42,7 @@ def run_both(recipe, tok, steps, plan, lanes=None, host_optimizer=True, **kwargs
     ref_losses = [ref.step(micro, lr=lr_at(t)).loss for t, micro in enumerate(steps)]
     ref_weights = {n: p.detach().float().cpu() for n, p in model.named_parameters()}
     model = load_model(recipe.model, recipe.peft, seed=5, pad_token_id=tok.pad_token_id, device="cpu")
-    trainer = AdamWStreamed(model, plan, recipe.method, head="causal_lm", lanes=lanes or CudaLanes("cuda"), **kwargs)
+    trainer = AdamWStreamed.from_plan(model, plan, recipe.method, head="causal_lm", lanes=lanes or CudaLanes("cuda"), **kwargs)
     try:
         losses = [trainer.step(micro, lr=lr_at(t)).loss for t, micro in enumerate(steps)]
         trainer.materialize()

@@ -42,7 +42,7 @@ def test_zo2_cuda_streamed_equals_cuda_reference(home, dtype, z_buffer, tiny_mod
     model = load_model(recipe.model, recipe.peft, seed=5, pad_token_id=tok.pad_token_id, device="cpu")
     plan = dataclasses.replace(manual_plan(2, home, prefetch=1, swap_dir=tmp_path / "swap", compute_dtype=dtype),
                                z_buffer=z_buffer)
-    trainer = ZOStreamed(model, plan, recipe.method, seed=5, head="causal_lm", lanes=CudaLanes("cuda"))
+    trainer = ZOStreamed.from_plan(model, plan, recipe.method, seed=5, head="causal_lm", lanes=CudaLanes("cuda"))
     try:
         losses = [trainer.step(t + 1, micro, lr=recipe.method.lr).loss for t, micro in enumerate(steps)]
         trainer.materialize()

@@ -48,7 +48,7 @@ class ForgetfulSimLanes(_SkipsOffloadWaits, SimulatedAsyncLanes):
 def _streamed_losses(recipe, tok, steps, lanes) -> list[float]:
     model = load_model(recipe.model, recipe.peft, seed=5, pad_token_id=tok.pad_token_id)
     plan = fixed_plan(2, Tier.PAGEABLE, method="adamw", optimizer_home=Tier.PAGEABLE, activation="recompute")
-    trainer = AdamWStreamed(model, plan, recipe.method, head="causal_lm", lanes=lanes, optimizer_thread=True)
+    trainer = AdamWStreamed.from_plan(model, plan, recipe.method, head="causal_lm", lanes=lanes, optimizer_thread=True)
     try:
         return [trainer.step(micro, lr=lr_at(t)).loss for t, micro in enumerate(steps)]
     finally:

@@ -85,7 +85,7 @@ def reference(key, recipe, tok, steps):
 
 def streamed(recipe, tok, steps, plan, **kwargs):
     model = load_model(recipe.model, recipe.peft, seed=5, pad_token_id=tok.pad_token_id)
-    trainer = AdamWStreamed(model, plan, recipe.method, head="causal_lm", lanes=lanes_for(torch.device("cpu")), **kwargs)
+    trainer = AdamWStreamed.from_plan(model, plan, recipe.method, head="causal_lm", lanes=lanes_for(torch.device("cpu")), **kwargs)
     try:
         losses = [trainer.step(micro, lr=lr_at(t)).loss for t, micro in enumerate(steps)]
         trainer.materialize()
@@ -202,8 +202,8 @@ def test_mixed_precision_equals_reference(dtype, models, text_data, tmp_path):
     want = [ref.step(micro, lr=lr_at(t)) for t, micro in enumerate(steps)]
     ref_weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     model = load_model(recipe.model, recipe.peft, seed=5, pad_token_id=tok.pad_token_id)
-    trainer = AdamWStreamed(model, plan(Tier.SSD, Tier.SSD, "swap", tmp_path, compute_dtype=dtype, home_dtype=dtype),
-                            recipe.method, head="causal_lm", lanes=lanes_for(torch.device("cpu")))
+    trainer = AdamWStreamed.from_plan(model, plan(Tier.SSD, Tier.SSD, "swap", tmp_path, compute_dtype=dtype, home_dtype=dtype),
+                                      recipe.method, head="causal_lm", lanes=lanes_for(torch.device("cpu")))
     trainer.scaler.scale *= boost
     try:
         got = [trainer.step(micro, lr=lr_at(t)) for t, micro in enumerate(steps)]
@@ -225,8 +225,8 @@ def test_lazily_loaded_model_streams_from_the_file(models, text_data, tmp_path):
     recipe, tok, steps = setup(models["qwen2"], text_data, tmp_path)
     model = load_model(recipe.model, recipe.peft, seed=5, pad_token_id=tok.pad_token_id, streamed_layers={0, 1})
     assert model.fuyou_source is not None and model.model.layers[0].mlp.up_proj.weight.numel() == 0
-    trainer = AdamWStreamed(model, plan(Tier.SSD, Tier.SSD, "keep", tmp_path), recipe.method, head="causal_lm",
-                            lanes=lanes_for(torch.device("cpu")))
+    trainer = AdamWStreamed.from_plan(model, plan(Tier.SSD, Tier.SSD, "keep", tmp_path), recipe.method, head="causal_lm",
+                                      lanes=lanes_for(torch.device("cpu")))
     try:
         losses = [trainer.step(micro, lr=lr_at(t)).loss for t, micro in enumerate(steps)]
         trainer.materialize()
@@ -242,8 +242,8 @@ def test_checkpoint_round_trip_into_a_lazily_loaded_model(models, text_data, tmp
     recipe, tok, steps = setup(models["qwen2"], text_data, tmp_path)
     want, _ = reference(("qwen2", 1.0), recipe, tok, steps)
     model = load_model(recipe.model, recipe.peft, seed=5, pad_token_id=tok.pad_token_id)
-    first = AdamWStreamed(model, plan(Tier.SSD, Tier.SSD, "recompute", tmp_path / "a"), recipe.method,
-                          head="causal_lm", lanes=lanes_for(torch.device("cpu")))
+    first = AdamWStreamed.from_plan(model, plan(Tier.SSD, Tier.SSD, "recompute", tmp_path / "a"), recipe.method,
+                                    head="causal_lm", lanes=lanes_for(torch.device("cpu")))
     try:
         losses = [first.step(micro, lr=lr_at(t)).loss for t, micro in enumerate(steps[:3])]
         tensors = {k: v.clone() for _, shard in first.state_shards() for k, v in shard.items()}
@@ -251,8 +251,8 @@ def test_checkpoint_round_trip_into_a_lazily_loaded_model(models, text_data, tmp
     finally:
         first.close()
     model = load_model(recipe.model, recipe.peft, seed=5, pad_token_id=tok.pad_token_id, streamed_layers={0, 1})
-    second = AdamWStreamed(model, plan(Tier.SSD, Tier.SSD, "recompute", tmp_path / "b"), recipe.method,
-                           head="causal_lm", lanes=lanes_for(torch.device("cpu")))
+    second = AdamWStreamed.from_plan(model, plan(Tier.SSD, Tier.SSD, "recompute", tmp_path / "b"), recipe.method,
+                                     head="causal_lm", lanes=lanes_for(torch.device("cpu")))
     try:
         # Weights only (as before any update: no moments yet), then the full state.
         second.load_state({k: v for k, v in tensors.items() if k.startswith("param.")}, meta)

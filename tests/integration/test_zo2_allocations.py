@@ -84,7 +84,7 @@ def test_streamed_steps_allocate_no_weight_sized_tensor(variant, home, dtype, tm
     method = ZO2Method(name="zo2", lr=1e-3, eps=1e-3, q=2, variant=variant, weight_decay=0.1)
     model = wide_model().to(getattr(torch, dtype))
     plan = fixed_plan(2, home, swap_dir=str(tmp_path / "swap"), compute_dtype=dtype, home_dtype=dtype)
-    trainer = ZOStreamed(model, plan, method, seed=1, head="causal_lm", lanes=lanes_for(torch.device("cpu")))
+    trainer = ZOStreamed.from_plan(model, plan, method, seed=1, head="causal_lm", lanes=lanes_for(torch.device("cpu")))
     steps = batches(4)
     try:
         trainer.step(1, steps[0], lr=1e-3)  # step 1 has no deferred update yet; steps 2.. have everything

@@ -48,9 +48,12 @@ def run_reference(recipe, tok, steps, home_dtype=torch.float32):
     return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def run_streamed(recipe, tok, steps, plan, lanes=None):
+def run_streamed(recipe, tok, steps, plan, lanes=None, record_ops=False):
     model = load_model(recipe.model, recipe.peft, seed=5, pad_token_id=tok.pad_token_id)
-    trainer = ZOStreamed(model, plan, recipe.method, seed=5, head="causal_lm", lanes=lanes or lanes_for(torch.device("cpu")))
+    trainer = ZOStreamed.from_plan(model, plan, recipe.method, seed=5, head="causal_lm",
+                                   lanes=lanes or lanes_for(torch.device("cpu")))
+    if record_ops:
+        trainer.engine.ops.start()
     try:
         losses = [trainer.step(t + 1, micro, lr=recipe.method.lr).loss for t, micro in enumerate(steps)]
         trainer.materialize()
@@ -107,8 +110,10 @@ def test_lora_zo2_streams_the_frozen_base_read_only(home, tiny_models, text_data
 def test_schedule_order_is_respected(tiny_models, text_data, tmp_path):
     recipe, tok, steps = setup(tiny_models["opt"], text_data, tmp_path, ZO)
     lanes = RecordingLanes(lanes_for(torch.device("cpu")))
-    _, _, trainer = run_streamed(recipe, tok, steps[:2], manual_plan(2, Tier.PAGEABLE, prefetch=1), lanes)
-    trace = trainer.store.stats.trace
+    _, _, trainer = run_streamed(recipe, tok, steps[:2], manual_plan(2, Tier.PAGEABLE, prefetch=1), lanes, record_ops=True)
+    names = {u.index: u.name for u in trainer.store.units.values()}  # the operations on streamed blocks
+    trace = [(op.kind, names[op.block]) for op in trainer.engine.ops.done
+             if op.kind in ("fetch", "compute", "evict") and op.block in names]
     check_schedule(pass_schedule([False, True, True, False], 1), 2)
     # Per block: fetch before compute before evict, every time.
     for name in ("layers.0", "layers.1"):
@@ -136,7 +141,7 @@ def test_lr_zero_leaves_weights_bit_identical(dtype, tiny_models, text_data, tmp
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     method = ZO2Method(name="zo2", lr=1e-3, eps=1e-2)
     plan = manual_plan(2, Tier.PAGEABLE, compute_dtype=dtype, home_dtype=dtype)
-    trainer = ZOStreamed(model, plan, method, seed=5, head="causal_lm", lanes=lanes_for(torch.device("cpu")))
+    trainer = ZOStreamed.from_plan(model, plan, method, seed=5, head="causal_lm", lanes=lanes_for(torch.device("cpu")))
     for t in range(100):
         trainer.step(t + 1, steps[t % 4], lr=0.0)
     trainer.materialize()
@@ -196,8 +201,8 @@ def test_lazy_load_streams_layers_from_the_file(arch, tiny_models, text_data, tm
     layer_params = [p for n, p in model.named_parameters() if ".0." in n or ".1." in n]
     assert layer_params and all(p.numel() == 0 for p in layer_params)
     assert all(p.numel() > 0 for n, p in model.named_parameters() if ".0." not in n and ".1." not in n)
-    trainer = ZOStreamed(model, manual_plan(2, Tier.SSD, swap_dir=tmp_path / "swap"), recipe.method, seed=5,
-                         head="causal_lm", lanes=lanes_for(torch.device("cpu")))
+    trainer = ZOStreamed.from_plan(model, manual_plan(2, Tier.SSD, swap_dir=tmp_path / "swap"), recipe.method, seed=5,
+                                   head="causal_lm", lanes=lanes_for(torch.device("cpu")))
     try:
         losses = [trainer.step(t + 1, micro, lr=recipe.method.lr).loss for t, micro in enumerate(steps)]
         trainer.materialize()
@@ -218,7 +223,7 @@ def run_both(recipe, tok, steps, plan, home_dtype=torch.float32):
     ref_out = [ref.step(t + 1, micro, lr=recipe.method.lr) for t, micro in enumerate(steps)]
     ref_weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     model = load_model(recipe.model, recipe.peft, seed=5, pad_token_id=tok.pad_token_id)
-    trainer = ZOStreamed(model, plan, recipe.method, seed=5, head="causal_lm", lanes=lanes_for(torch.device("cpu")))
+    trainer = ZOStreamed.from_plan(model, plan, recipe.method, seed=5, head="causal_lm", lanes=lanes_for(torch.device("cpu")))
     try:
         out = [trainer.step(t + 1, micro, lr=recipe.method.lr) for t, micro in enumerate(steps)]
         trainer.materialize()
@@ -302,8 +307,8 @@ def test_zo2_conservative_replays_from_the_ledger(tiny_models, text_data, tmp_pa
     assert all(torch.equal(p.detach(), final[n]) for n, p in fresh.named_parameters())
 
     fresh = load_model(recipe.model, recipe.peft, seed=5, pad_token_id=tok.pad_token_id)
-    streamed = ZOStreamed(fresh, manual_plan(2, Tier.SSD, swap_dir=tmp_path / "swap"), recipe.method, seed=5,
-                          head="causal_lm", lanes=lanes_for(torch.device("cpu")))
+    streamed = ZOStreamed.from_plan(fresh, manual_plan(2, Tier.SSD, swap_dir=tmp_path / "swap"), recipe.method, seed=5,
+                                    head="causal_lm", lanes=lanes_for(torch.device("cpu")))
     try:
         streamed.load_state({f"param.{n}": t for n, t in start.items()})
         for entry in ledger:
@@ -328,8 +333,8 @@ def test_zo2_momentum_streamed_equals_reference(arch, home, tiny_models, text_da
     ref_state = {k: v.clone() for k, v in ref.state_tensors().items()}
     model = load_model(recipe.model, recipe.peft, seed=5, pad_token_id=tok.pad_token_id)
     swap = tmp_path / "swap"
-    trainer = ZOStreamed(model, manual_plan(2, home, swap_dir=swap), recipe.method, seed=5, head="causal_lm",
-                         lanes=lanes_for(torch.device("cpu")))
+    trainer = ZOStreamed.from_plan(model, manual_plan(2, home, swap_dir=swap), recipe.method, seed=5, head="causal_lm",
+                                   lanes=lanes_for(torch.device("cpu")))
     try:
         losses = [trainer.step(t + 1, micro, lr=recipe.method.lr).loss for t, micro in enumerate(steps)]
         if home is Tier.SSD:
@@ -360,8 +365,8 @@ def test_zo2_momentum_streamed_resumes_from_a_checkpoint(tiny_models, text_data,
     ref_losses = [ref.step(t + 1, steps[t], lr=recipe.method.lr).loss for t in (2, 3)]
     ref_state = ref.state_tensors()
     model = load_model(recipe.model, recipe.peft, seed=5, pad_token_id=tok.pad_token_id)
-    trainer = ZOStreamed(model, manual_plan(2, Tier.SSD, swap_dir=tmp_path / "swap"), recipe.method, seed=5,
-                         head="causal_lm", lanes=lanes_for(torch.device("cpu")))
+    trainer = ZOStreamed.from_plan(model, manual_plan(2, Tier.SSD, swap_dir=tmp_path / "swap"), recipe.method, seed=5,
+                                   head="causal_lm", lanes=lanes_for(torch.device("cpu")))
     try:
         trainer.load_state(saved)
         losses = [trainer.step(t + 1, steps[t], lr=recipe.method.lr).loss for t in (2, 3)]

@@ -136,7 +136,7 @@ def test_reference_per_tensor_equals_reference_per_block(tiny_models, text_data,
 
 
 def _run(model, plan, steps, method):
-    trainer = ZOStreamed(model, plan, method, seed=1, head="causal_lm", lanes=lanes_for(torch.device("cpu")))
+    trainer = ZOStreamed.from_plan(model, plan, method, seed=1, head="causal_lm", lanes=lanes_for(torch.device("cpu")))
     try:
         losses = [trainer.step(t + 1, micro, lr=method.lr).loss for t, micro in enumerate(steps)]
         trainer.materialize()
