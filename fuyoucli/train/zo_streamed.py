@@ -37,6 +37,7 @@ from fuyoucli.plan.schedule import zo_flush, zo_pass
 from fuyoucli.plan.types import Plan
 from fuyoucli.recipe import ZO2Method
 from fuyoucli.train.losses import loss_from_logits
+from fuyoucli.train.rounding import Rounding
 from fuyoucli.train.zo import (CANDIDATES, ZOStepResult, ZStreams, candidate_into, choose_candidate, draw_z, iter_z,
                                tensor_direction, update_home)
 
@@ -64,8 +65,9 @@ class _Pass:
 
 class ZOStreamed:
     def __init__(self, engine: Engine, method: ZO2Method, *, seed: int, head: str,
-                 label_token_ids: tuple[int, ...] = ()):
+                 label_token_ids: tuple[int, ...] = (), home_rounding: Rounding = "nearest"):
         self.engine, self.model, self.plan, self.method, self.seed = engine, engine.model, engine.plan, method, seed
+        self.home_rounding = home_rounding  # how an update is stored into a 16-bit home (train/rounding.py)
         self.head, self.label_token_ids, self.lanes = head, label_token_ids, engine.lanes
         self.device, self.runner, self.arena = engine.device, engine.runner, engine.arena
         self.store, self.mstore = engine.store, engine.momentum
@@ -87,11 +89,12 @@ class ZOStreamed:
 
     @classmethod
     def from_plan(cls, model, plan: Plan, method: ZO2Method, *, seed: int, head: str, lanes,
-                  label_token_ids: tuple[int, ...] = ()) -> ZOStreamed:
+                  label_token_ids: tuple[int, ...] = (), home_rounding: Rounding = "nearest") -> ZOStreamed:
         """The engine built from the plan (engine.build), and the trainer over it."""
         engine = build(plan, model, lanes, zo_momentum=method.variant == "momentum")
         try:
-            return cls(engine, method, seed=seed, head=head, label_token_ids=label_token_ids)
+            return cls(engine, method, seed=seed, head=head, label_token_ids=label_token_ids,
+                       home_rounding=home_rounding)
         except BaseException:
             engine.close()
             raise
@@ -141,7 +144,7 @@ class ZOStreamed:
         return h if h.dtype == torch.float32 else self.home32[: h.numel()].view(h.shape).copy_(h)
 
     def _update(self, b: int, home: list[torch.Tensor], pend: _Pending, momentum: list[torch.Tensor] | None) -> bool:
-        zs = ZStreams(self.seed, pend.step, b, len(pend.grads), self.device)
+        zs = ZStreams(self.seed, pend.step, b, len(pend.grads), self.device, self.home_rounding)
         changed = update_home(home, zs, pend.grads, pend.lr, self.method, momentum, acc=self.dirbuf, home32=self.home32,
                               zbuf=self.zbuf)
         self._zkey = None
@@ -154,13 +157,15 @@ class ZOStreamed:
             for p, h in zip(params, home):
                 p.copy_(h)
         elif v[0] == "u":
-            zs = ZStreams(self.seed, step, b, len(self._grads), self.device)
+            zs = ZStreams(self.seed, step, b, len(self._grads), self.device, self.home_rounding)
+            rounding = zs.home_rounding()  # the update's stream: the candidate is what it would store
             for p, h in zip(params, home):
                 h32 = self._widened(h)
                 z = self.zbuf[: h.numel()].view(h.shape)
                 g = tensor_direction(self.dirbuf[: h.numel()].view(h.shape), h32, lambda d: zs.draw(d, h.shape, out=z),
                                      self._grads, self.method, scratch=z)
-                candidate_into(p, h32, g, v[2], self.home_dtype, out32=p if p.dtype == torch.float32 else z)
+                candidate_into(p, h32, g, v[2], self.home_dtype, out32=p if p.dtype == torch.float32 else z,
+                               rounding=rounding)
             self._zkey = None
         else:
             d, s = v
