@@ -91,6 +91,7 @@ def to_json(p, inv) -> dict:
                   "layers": inv.num_layers},
         "machine": p.machine,
         "peak_bytes": {"gpu": m.device, "pinned": m.pinned, "host": m.pinned + m.pageable, "ssd": m.ssd},
+        "device_parts_bytes": dict(p.device_parts),
         "capacity_bytes": {"gpu": p.capacity.device, "pinned": p.capacity.pinned, "host": p.capacity.pageable,
                            "ssd": p.capacity.ssd},
         "step_time_s": p.times.step_s,
@@ -161,6 +162,9 @@ def render(console, p, inv, name: str) -> None:
         t.add_row(label, _bytes(cap), f"[{style}]{_bytes(need)}[/{style}]" if style else _bytes(need),
                   _bytes(cap - need) if cap >= need else f"[red]-{_bytes(need - cap)}[/red]")
     console.print(t)
+    if p.device_parts:
+        parts = ", ".join(f"{k} {_bytes(v)}" for k, v in sorted(p.device_parts, key=lambda kv: -kv[1]))
+        console.print(f"Device peak: {parts}.", highlight=False)
 
     t = Table(title="Placement", title_justify="left")
     for col in ("blocks", "count", "weights each", "weights home", "optimizer", "activations"):

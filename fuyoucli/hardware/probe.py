@@ -361,16 +361,30 @@ def measure_layers(spec: ProbeSpec, cuda: bool) -> tuple[LayerPoint, ...]:
     return tuple(points)
 
 
+def context_bytes(total_bytes: int, free_bytes: int, reserved_bytes: int) -> int:
+    """The device memory this process holds outside torch's caching allocator (its CUDA context): what
+    the device has in use less what the allocator reserved. Other processes' memory on the same GPU
+    is in use too, so this is an upper bound on a shared GPU."""
+    return max(0, total_bytes - free_bytes - reserved_bytes)
+
+
 def _cuda_device(matmul: tuple[MatmulRates, ...], devmem_gbps: float,
                  elementwise: tuple[ElementwisePoint, ...] = ()) -> ComputeDevice:
     import torch
 
+    # Called after every measurement: the context exists and its kernels (cuBLAS products, the decoder
+    # layers') have loaded, as they will have in a run. Cached blocks go back first, so that `free`
+    # counts them as free and what torch still reserves is only what stays allocated (workspaces).
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(0)
+    context = context_bytes(total, free, torch.cuda.memory_reserved(0))
     major, minor = torch.cuda.get_device_capability(0)
     count = torch.cuda.device_count()
     return ComputeDevice(
         kind="cuda", name=torch.cuda.get_device_name(0), count=count, total_memory_bytes=total,
         free_memory_bytes=free, memory_bandwidth_gbps=devmem_gbps, matmul=matmul, elementwise=elementwise,
+        context_bytes=context,
         note=f"compute capability {major}.{minor}; fp32 without TF32"
         + (f"; measured cuda:0 of {count}" if count > 1 else ""),
     )

@@ -31,9 +31,11 @@ from fuyoucli.plan.types import (
     DTYPE_BYTES, BlockSpec, Machine, ModelInventory, Options, StepTimes, Tier, TierBytes, Workload,
 )
 
-# Headroom: fractions of each capacity the plan leaves free. Device: allocator fragmentation and
-# library workspaces (cuBLAS, attention kernels) that no block accounts for. Host: the OS, Python,
-# the tokenized data. SSD: filesystems slow down when nearly full.
+# Headroom: fractions of each capacity the plan leaves free. Device: what no named part of the peak
+# accounts for (attention kernels' scratch, tensors of an op's own) and the error of the parts that
+# are estimates (the CUDA context when not measured, the allocator's slack): kept at its old value
+# until a GPU run calibrates those parts. Host: the OS, Python, the tokenized data. SSD: filesystems
+# slow down when nearly full.
 DEVICE_HEADROOM = 0.08
 HOST_HEADROOM = 0.10
 SSD_HEADROOM = 0.05
@@ -78,7 +80,9 @@ def capacities(machine: Machine, options: Options) -> TierBytes:
     host = machine.host_ram_bytes
     if options.host_memory_limit_bytes is not None:
         host = min(host, options.host_memory_limit_bytes)
-    device = machine.device_bytes if machine.compute_device == "cuda" else host
+    # cuda: free memory was seen by a process already holding its context, which the device peak
+    # counts: the run's process may hold both. A device_memory_limit is the whole process's memory.
+    device = machine.device_bytes + machine.context_bytes if machine.compute_device == "cuda" else host
     if options.device_memory_limit_bytes is not None:
         device = min(device, options.device_memory_limit_bytes)
     ssd = int(machine.disk_free_bytes * (1 - SSD_HEADROOM)) if options.swap_dir and machine.disk_read_bps > 0 else 0
@@ -132,6 +136,29 @@ def optimizer_bytes_per_param(wl: Workload, home: Tier | None = None) -> int:
     if home is Tier.DEVICE:
         return 8 + (4 if DTYPE_BYTES[wl.compute_dtype] != 4 else 0)
     return 12
+
+
+def logits_and_loss_bytes(inv: ModelInventory, wl: Workload, micro_tokens: int) -> int:
+    """Device bytes of the head's logits and the loss (train.losses) over one micro-batch, at their
+    peak. The head writes [tokens, vocab] logits in the compute dtype, kept until the backward ends.
+    Text scores every position: the logits reshaped (a view), taken up to fp32 (a copy unless fp32
+    already), and cross_entropy's fp32 log-softmax of that, all alive at once; a first-order backward
+    then holds the log-softmax autograd saved, the gradient nll_loss hands it and the one it hands
+    on, all fp32 (12 bytes per logit). With few positions scored (label words) they are gathered (a
+    copy) first, and their gradient is scattered back into zeros of the logits' shape, twice over
+    (the gather, then the slice that dropped the last position)."""
+    vocab = work.logits_per_token(inv)
+    cb = DTYPE_BYTES[wl.compute_dtype]
+    upcast = 4 if cb != 4 else 0
+    logits = micro_tokens * vocab * cb
+    if wl.loss_positions_fraction >= 1:
+        forward = micro_tokens * vocab * (upcast + 4)
+        backward = micro_tokens * vocab * 12
+    else:
+        scored = min(micro_tokens, max(1, round(wl.loss_positions_fraction * micro_tokens)))
+        forward = scored * vocab * (cb + upcast + 4)
+        backward = scored * vocab * 12 + 2 * logits
+    return logits + (forward if wl.method == "zo2" else max(forward, backward))
 
 
 def estimate(inv: ModelInventory, wl: Workload, machine: Machine, pl: Placement) -> Estimate:
@@ -223,8 +250,8 @@ def estimate(inv: ModelInventory, wl: Workload, machine: Machine, pl: Placement)
         compute_copy = 0 if wl.lora else max((blocks[i].params for i in streamed), default=0) * cb
         z = tensor if pl.z_buffer == "tensor" else largest
         dev["work buffers"] = compute_copy + z * 4 + (2 if hb != 4 else 1) * tensor * 4
-    # Activations.
-    layer_internal = max((s.internal_elems_per_token for s in blocks), default=0)
+    # Activations: the blocks' own; the head's vocabulary-wide tensors are the logits-and-loss part.
+    layer_internal = max((s.internal_elems_per_token for s in blocks if s.name != "head"), default=0)
     if zo:
         dev["activations"] = (max(2 * wl.q, 3 if cons else 0) * T * h + Tm * layer_internal) * cb
     else:
@@ -246,6 +273,11 @@ def estimate(inv: ModelInventory, wl: Workload, machine: Machine, pl: Placement)
             else:
                 saved += ckpt
         dev["activations"] = saved + 2 * T * h * cb + transient
+    dev["logits and loss"] = logits_and_loss_bytes(inv, wl, Tm)
+    if not cpu:  # what a CUDA process holds beyond its tensors (hardware.profile says why)
+        dev["CUDA context"] = machine.context_bytes
+        dev["library workspaces"] = machine.library_workspace_bytes
+        dev["allocator slack"] = int(machine.allocator_slack * (dev["activations"] + dev["logits and loss"]))
     if cpu:  # host RAM is the device; the 'host' tiers hold nothing separately
         dev["host-side"] = pinned + pageable
         pinned = pageable = pool = 0

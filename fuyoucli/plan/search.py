@@ -16,7 +16,9 @@ import os
 from typing import Callable
 
 from fuyoucli.errors import RecipeError
-from fuyoucli.hardware.profile import HardwareProfile
+from fuyoucli.hardware.profile import (
+    ALLOCATOR_SLACK, ASSUMED_CONTEXT_BYTES, BLAS_WORKSPACE_BYTES, HardwareProfile,
+)
 from fuyoucli.plan import work
 from fuyoucli.plan.cost import (
     Estimate, Placement, capacities, estimate, fits, home_bytes, optimizer_bytes_per_param, overflows,
@@ -37,6 +39,7 @@ def machine_from_profile(profile: HardwareProfile, swap_dir: str | None = None) 
     """The cost model's numbers from a profile; the disk is the profiled one holding swap_dir
     (longest matching path), else the fastest profiled disk (with a note)."""
     c, links, h = profile.compute, profile.links, profile.host
+    cuda = c.kind == "cuda"
     notes: list[str] = []
     pinned = h.ram_available_bytes if h.pinned_allocatable_bytes is None else h.pinned_allocatable_bytes
     if h.memlock_limit_bytes is not None:
@@ -98,7 +101,13 @@ def machine_from_profile(profile: HardwareProfile, swap_dir: str | None = None) 
                                        elementwise_elems_per_token=p.elementwise_elems_per_token),
                         forward_s=p.forward_s, forward_no_grad_s=p.forward_no_grad_s, backward_s=p.backward_s)
             for p in c.layers),
+        context_bytes=(c.context_bytes or ASSUMED_CONTEXT_BYTES) if cuda else 0,
+        library_workspace_bytes=BLAS_WORKSPACE_BYTES if cuda else 0,
+        allocator_slack=ALLOCATOR_SLACK if cuda else 0.0,
     )
+    if cuda and not c.context_bytes and profile.provenance.source == "measured":
+        notes.append(f"this profile has no measured CUDA context (measured by an older fuyou): assumed "
+                     f"{ASSUMED_CONTEXT_BYTES / 2**30:.1f} GiB; run `fuyou profile` again")
     if not c.layers and profile.provenance.source == "measured":
         notes.append("this profile has no decoder-layer timings (measured by an older fuyou): compute is priced "
                      "from isolated products and elementwise rates alone, which put real layers 1.3-1.7x faster "
@@ -522,6 +531,8 @@ def make_plan(inv: ModelInventory, wl: Workload, machine: Machine, opts: Options
         tflops=est.flops_per_step / step / 1e12 if step > 0 else 0.0,
         gpu_utilization=est.flops_per_step / step / best_rate if step > 0 and best_rate > 0 else 0.0,
         lora=wl.lora, model=inv.model_type, machine=machine.name, notes=tuple(notes), z_buffer=pl.z_buffer,
+        device_parts=est.device_parts,
+        device_context_bytes=machine.context_bytes if machine.compute_device == "cuda" else 0,
     )
 
 
@@ -529,7 +540,7 @@ def _reasons(est: Estimate, cap: TierBytes, machine: Machine, opts: Options) -> 
     out = []
     for tier, need, have in overflows(est.memory, cap):
         if tier == "device":
-            parts = ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in sorted(est.device_parts, key=lambda kv: -kv[1])[:3])
+            parts = ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in sorted(est.device_parts, key=lambda kv: -kv[1]))
             limit = " (offload.device_memory_limit)" if opts.device_memory_limit_bytes is not None else ""
             out.append(f"device memory: needs {_fmt_bytes(need)} at the least, the device offers "
                        f"{_fmt_bytes(cap.device)}{limit} after headroom ({parts})")

@@ -189,6 +189,15 @@ class Machine:
     layer_timings: tuple[LayerTiming, ...] = ()
     """Optional measured layers, by token count: the cost model prices them and scales a model's
     forward and backward work by measured / priced (work.calibration). Empty: no scaling."""
+    context_bytes: int = 0
+    """cuda: device memory the process holds outside torch's allocator (the CUDA context), measured
+    or assumed. device_bytes, free memory as a process holding its context saw it, leaves it out:
+    the device offers the run device_bytes + context_bytes, and the device peak counts it."""
+    library_workspace_bytes: int = 0
+    """cuda: workspaces libraries keep allocated for the process's life (cuBLAS, cuBLASLt)."""
+    allocator_slack: float = 0.0
+    """cuda: what the caching allocator reserves beyond the tensors made and freed every pass
+    (activations, logits and loss), as a fraction of them. 0 on a CPU (no caching allocator)."""
 
     def flops(self, dtype: str) -> float:
         return dict(self.matmul_flops).get(dtype, 0.0)
@@ -311,6 +320,13 @@ class Plan:
     model: str = ""
     machine: str = ""
     notes: tuple[str, ...] = ()
+    device_parts: tuple[tuple[str, int], ...] = ()
+    """What memory.device is made of: (part, bytes), e.g. resident weights, activations, the CUDA
+    context; the device peak is their sum."""
+    device_context_bytes: int = 0
+    """cuda: the CUDA context the device peak counts (outside torch's allocator): a run capping its
+    allocator under offload.device_memory_limit (the whole process's memory) caps it at the limit
+    less this."""
     z_buffer: ZBuffer = "block"
     """zo2: how a direction's z is held. 'block': drawn once per direction into an fp32 buffer the
     size of the largest trainable block, shared by its +eps and -eps passes. 'tensor': drawn tensor
