@@ -22,6 +22,7 @@ from typing import Callable, Optional, Sequence
 from fuyoucli.hardware import disk as disk_probe
 from fuyoucli.hardware import hostinfo
 from fuyoucli.hardware.interference import measure_burst_loss, measure_io_loss
+from fuyoucli.hardware.llama_layer import llama_layer
 from fuyoucli.hardware.profile import (
     SCHEMA_VERSION, BandwidthCurve, BandwidthPoint, ComputeDevice, Disk, ElementwisePoint, HardwareProfile, Host,
     LayerPoint, Links, MatmulPoint, MatmulRates, Provenance,
@@ -300,20 +301,18 @@ def measure_layers(spec: ProbeSpec, cuda: bool) -> tuple[LayerPoint, ...]:
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaModel
 
-    from fuyoucli.model.arithmetic import known_inventory
-
     device = "cuda" if cuda else "cpu"
     sync = _sync_for(device)
     dtype, torch_dtype = ("bf16", torch.bfloat16) if cuda else ("fp32", torch.float32)
     hidden, width, heads = spec.layer_shape_cuda if cuda else spec.layer_shape_cpu
     tokens_list = spec.layer_tokens_cuda if cuda else spec.layer_tokens_cpu
     max_seq = 2048 if cuda else 512
-    config = dict(model_type="llama", hidden_size=hidden, intermediate_size=width, num_attention_heads=heads,
-                  num_key_value_heads=heads, num_hidden_layers=spec.layer_count, vocab_size=256,
-                  max_position_embeddings=max_seq, tie_word_embeddings=False)
-    layer = known_inventory(config).blocks[1]
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=width, num_attention_heads=heads,
+                         num_key_value_heads=heads, num_hidden_layers=spec.layer_count, vocab_size=256,
+                         max_position_embeddings=max_seq, tie_word_embeddings=False)
+    layer = llama_layer(hidden, width, heads, heads, hidden // heads)  # as the planner counts the layer
     torch.manual_seed(0)
-    model = LlamaModel(LlamaConfig(**{k: v for k, v in config.items() if k != "model_type"}))
+    model = LlamaModel(config)
     model = model.to(device=device, dtype=torch_dtype).train()
     params = list(model.parameters())
     points = []
@@ -352,7 +351,7 @@ def measure_layers(spec: ProbeSpec, cuda: bool) -> tuple[LayerPoint, ...]:
         med = {k: sorted(v)[len(v) // 2] / spec.layer_count for k, v in times.items()}
         points.append(LayerPoint(
             dtype=dtype, tokens=batch * seq, seq_len=seq, hidden=hidden, params=layer.params,
-            max_tensor_params=layer.max_tensor_params, matmul_flops_per_token=layer.matmul_flops_per_token,
+            max_tensor_params=max(layer.tensors), matmul_flops_per_token=layer.matmul_flops_per_token,
             attention_flops_per_token_per_key=layer.attention_flops_per_token_per_key,
             elementwise_elems_per_token=layer.elementwise_elems_per_token,
             forward_s=med["fwd"], forward_no_grad_s=med["inf"], backward_s=med["bwd"]))
