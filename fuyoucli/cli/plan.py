@@ -1,8 +1,9 @@
 """`fuyou plan RECIPE --dry-run`: where every byte of a run will live and how fast a step will be.
 
-Thin: recipe + hardware profile -> model inventory (config only, no weights) -> plan.search -> a
-rich report or one JSON document. An infeasible plan is reported, then exits 2 (InfeasiblePlan).
-`--export deepspeed OUT.json` also writes the plan as a DeepSpeed config (fuyoucli.distributed).
+Thin: recipe + hardware profile -> model inventory (config only, no weights) -> the planner (through
+train.planning, which turns recipe and profile into its inputs) -> a rich report or one JSON document.
+An infeasible plan is reported, then exits 2 (InfeasiblePlan). `--export deepspeed OUT.json` also
+writes the plan as a DeepSpeed config (fuyoucli.distributed).
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ def plan(
         raise click.UsageError(f"--export {export[0]}: the formats are: deepspeed")
     from fuyoucli.errors import InfeasiblePlan
     from fuyoucli.model.inventory import inventory, lora_inventory
-    from fuyoucli.plan.search import hardware_for_recipe, plan_recipe
     from fuyoucli.recipe import PeftConfig, load_recipe
+    from fuyoucli.train.planning import hardware_for_recipe, plan_recipe
 
     loaded = load_recipe(recipe, set_ or [])
     if export is not None and loaded.method.name != "adamw":

@@ -1,8 +1,8 @@
 """Hardware profile stage: the HardwareProfile data every plan is computed from, and its JSON form.
 
 Frozen dataclasses with units in field names, a versioned JSON schema validated on load, and
-load_profile() (a file or a preset name) for the planner. Imports no torch and nothing from plan/,
-engine/ or train/: the pure planner imports this module.
+load_profile() (a file or a preset name), which train.plan_inputs turns into the planner's Machine.
+Imports no torch and nothing from model/, plan/, engine/ or train/.
 """
 
 from __future__ import annotations

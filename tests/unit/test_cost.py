@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from fuyoucli.plan.cost import Placement, capacities, estimate, fits, overflows
-from fuyoucli.plan.types import BlockSpec, Machine, ModelInventory, Options, Tier, TierBytes, Workload
+from fuyoucli.plan.cost import estimate
+from fuyoucli.plan.memory import capacities, fits, overflows
+from fuyoucli.model.types import BlockSpec, ModelInventory
+from fuyoucli.plan.types import Machine, Options, Placement, Tier, TierBytes, Workload
 
 D, P, G, S = Tier.DEVICE, Tier.PINNED, Tier.PAGEABLE, Tier.SSD
 
@@ -200,7 +202,7 @@ def test_device_peak_counts_the_logits_and_a_cuda_processs_own_memory():
 
 
 def test_logits_and_loss_by_dtype_method_and_scored_positions():
-    from fuyoucli.plan.cost import logits_and_loss_bytes
+    from fuyoucli.plan.memory import logits_and_loss_bytes
 
     inv = toy()
     zo16 = Workload("zo2", False, "bfloat16", batch_size=1, seq_len=8)
@@ -237,7 +239,9 @@ def test_capacity_adds_back_the_context_free_memory_left_out_and_a_limit_caps_th
 
 
 def test_plan_package_is_pure():
-    """STYLE.md principle 1: plan/ imports no torch and nothing from the model, engine or train stages."""
+    """STYLE.md principle 1: plan/ imports no torch and nothing from the model stage but its data
+    (model.types), nor the engine or train stages; and (issue 18) neither the recipe nor the hardware
+    profile, nor anything that reads files: its inputs come in as data."""
     import ast
     from pathlib import Path
 
@@ -247,7 +251,12 @@ def test_plan_package_is_pure():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             for name in names:
                 assert name.split(".")[0] != "torch", (path.name, name)
-                assert not name.startswith(("fuyoucli.model", "fuyoucli.engine", "fuyoucli.train")), (path.name, name)
+                assert not name.startswith(("fuyoucli.model", "fuyoucli.engine", "fuyoucli.train")) \
+                    or name == "fuyoucli.model.types", (path.name, name)
+                assert not name.startswith(("fuyoucli.recipe", "fuyoucli.hardware")), (path.name, name)
+                assert name.split(".")[0] not in ("os", "pathlib", "io", "shutil", "json"), (path.name, name)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+                assert node.func.id != "open", (path.name, "open()")
 
 
 # ---- elementwise work (plan/work.py) ---------------------------------------------------------------

@@ -8,8 +8,10 @@ import random
 
 import pytest
 
-from fuyoucli.plan.search import make_plan, machine_from_profile
-from fuyoucli.plan.types import BlockSpec, Machine, ModelInventory, Options, Plan, Tier, Workload
+from fuyoucli.plan.search import make_plan
+from fuyoucli.model.types import BlockSpec, ModelInventory
+from fuyoucli.plan.types import Machine, Options, Plan, Tier, Workload
+from fuyoucli.train.plan_inputs import machine_from_profile
 
 D, P, G, S = Tier.DEVICE, Tier.PINNED, Tier.PAGEABLE, Tier.SSD
 ZO = Workload("zo2", False, "float32", batch_size=1, seq_len=8)

@@ -8,10 +8,12 @@ import json
 
 import pytest
 
-from fuyoucli.plan.cost import Placement, estimate
-from fuyoucli.plan.search import make_plan, machine_from_profile
-from fuyoucli.plan.types import BlockSpec, Machine, ModelInventory, Options, Plan, Tier, Workload
+from fuyoucli.plan.cost import estimate
+from fuyoucli.plan.search import make_plan
+from fuyoucli.model.types import BlockSpec, ModelInventory
+from fuyoucli.plan.types import Machine, Options, Placement, Plan, Tier, Workload
 from fuyoucli.plan.work import zo_block_s
+from fuyoucli.train.plan_inputs import machine_from_profile
 from test_search import machine as search_machine
 
 D, P = Tier.DEVICE, Tier.PINNED
