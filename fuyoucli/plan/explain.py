@@ -124,6 +124,7 @@ def _smaller_batches(wl: Workload) -> list[Change]:
     while b > 1:
         b //= 2
         accum = wl.grad_accum * (wl.batch_size // b) if wl.method == "adamw" else wl.grad_accum
-        batches.append((f"lower training.batch_size to {b}" + (f" and raise training.grad_accum to {accum} (same "
-                        "examples per step)" if wl.method == "adamw" else ""), {"batch_size": b, "grad_accum": accum}, {}))
+        keep_examples = f" and raise training.grad_accum to {accum} (same examples per step)"
+        batches.append((f"lower training.batch_size to {b}" + (keep_examples if wl.method == "adamw" else ""),
+                        {"batch_size": b, "grad_accum": accum}, {}))
     return batches

@@ -117,7 +117,8 @@ def block_bytes(inv: ModelInventory, wl: Workload, pl: Placement) -> BlockBytes:
     for i, s in enumerate(inv.blocks):
         trainable = s.trainable_params
         if wl.lora:
-            on_device[i] = trainable * (compute_bytes + 4 + momentum_bytes) if zo else trainable * (compute_bytes + 4 + 12)
+            # the model's weights, their fp32 copy, and zo2's momentum or AdamW's master, m and v
+            on_device[i] = trainable * (compute_bytes + 4 + (momentum_bytes if zo else 12))
         elif zo:
             write_back[i] = home[i] if trainable else 0  # the updated weights go home
         else:

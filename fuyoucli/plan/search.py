@@ -42,16 +42,16 @@ class _Search:
         self.n = len(inv.blocks)
         self.evals = 0
 
-    def run(self, home_dtype: str, micro: int, depth: int, n_res: int, opt_dev: bool,
+    def run(self, home_dtype: str, micro: int, depth: int, n_res: int, optimizer_on_device: bool,
             swap: str | None = None) -> tuple[Placement, Estimate]:
-        pl = self.build(home_dtype, micro, depth, n_res, opt_dev, swap)
+        pl = self.build(home_dtype, micro, depth, n_res, optimizer_on_device, swap)
         return pl, self.eval(pl)
 
     def eval(self, pl: Placement) -> Estimate:
         self.evals += 1
         return estimate(self.inv, self.wl, self.m, pl)
 
-    def build(self, home_dtype: str, micro: int, depth: int, n_res: int, opt_dev: bool,
+    def build(self, home_dtype: str, micro: int, depth: int, n_res: int, optimizer_on_device: bool,
               swap: str | None = None) -> Placement:
         """Resident: embed, head and the last n_res layers. Streamed weights fill the fastest host
         tier first; optimizer states take the host RAM left, then the SSD. Layers recompute in the
@@ -59,32 +59,35 @@ class _Search:
         inputs wait in pinned host memory) or 'all' (every saved activation swapped, no recompute);
         that host memory is reserved before weights and optimizer states take theirs."""
         inv, wl, o, cap = self.inv, self.wl, self.o, self.cap
-        hb = home_bytes(inv, wl, home_dtype)
+        block_home_bytes = home_bytes(inv, wl, home_dtype)
         resident = set(i for i in range(self.n) if i not in self.layers)
         resident.update(self.layers[len(self.layers) - n_res:] if n_res else [])
         streamed = [i for i in range(self.n) if i not in resident]
-        max_stream = max((hb[i] for i in streamed), default=0)
-        opt_pp = 0 if (self.zo or wl.lora) else optimizer_bytes_per_param(wl)
-        grad = max((inv.blocks[i].trainable_params * DTYPE_BYTES[wl.compute_dtype] for i in range(self.n)), default=0)
-        reserve = (depth + 2) * max_stream + (0 if self.zo else 2 * grad)
+        largest_streamed = max((block_home_bytes[i] for i in streamed), default=0)
+        states_per_param = 0 if (self.zo or wl.lora) else optimizer_bytes_per_param(wl)
+        compute_bytes = DTYPE_BYTES[wl.compute_dtype]
+        largest_gradients = max((s.trainable_params * compute_bytes for s in inv.blocks), default=0)
+        reserve = (depth + 2) * largest_streamed + (0 if self.zo else 2 * largest_gradients)
         if swap is not None:
             per_token = {"all": lambda b: b.internal_elems_per_token, "inputs": lambda b: b.boundary_elems_per_token}[swap]
-            reserve += sum(wl.tokens_per_step * per_token(inv.blocks[i]) * DTYPE_BYTES[wl.compute_dtype]
-                           for i in self.layers)
+            reserve += sum(wl.tokens_per_step * per_token(inv.blocks[i]) * compute_bytes for i in self.layers)
         ssd_ok = cap.ssd > 0
-        opt_stage = 3 * max((b.trainable_params * opt_pp for b in inv.blocks), default=0) if ssd_ok else 0
-        weights, host_left = self._weights_homes(hb, streamed, cap.pinned - reserve,
-                                                 max(cap.pageable, cap.pinned) - reserve - opt_stage)
-        optim = self._optimizer_homes(resident, opt_dev, opt_pp, host_left)
-        act: list[str | None] = [None] * self.n
+        # states read ahead, updating and written back, when some go to the SSD
+        states_staging = 3 * max((b.trainable_params * states_per_param for b in inv.blocks), default=0) \
+            if ssd_ok else 0
+        weights, host_left = self._weights_homes(block_home_bytes, streamed, cap.pinned - reserve,
+                                                 max(cap.pageable, cap.pinned) - reserve - states_staging)
+        optimizer_homes = self._optimizer_homes(resident, optimizer_on_device, states_per_param, host_left)
+        activations: list[str | None] = [None] * self.n
         if not self.zo:
             for i in range(self.n):
                 default = {None: "recompute", "inputs": "recompute-swap", "all": "swap"}[swap]
-                act[i] = (o.activation or default) if i in self.layers else "keep"
-        return Placement(home_dtype=home_dtype, weights_home=tuple(weights), optimizer_home=tuple(optim),
-                         activation=tuple(act), prefetch_depth=depth if streamed else 0, micro_batch_size=micro)
+                activations[i] = (o.activation or default) if i in self.layers else "keep"
+        return Placement(home_dtype=home_dtype, weights_home=tuple(weights), optimizer_home=tuple(optimizer_homes),
+                         activation=tuple(activations), prefetch_depth=depth if streamed else 0,
+                         micro_batch_size=micro)
 
-    def _weights_homes(self, hb: list[int], streamed: list[int], pinned_left: int,
+    def _weights_homes(self, block_home_bytes: list[int], streamed: list[int], pinned_left: int,
                        host_left: int) -> tuple[list[Tier], int]:
         """Streamed weights fill pinned, then pageable host memory, then the SSD; returns the homes and
         the host RAM left for optimizer states."""
@@ -92,7 +95,7 @@ class _Search:
         ssd_ok = cap.ssd > 0
         weights = [Tier.DEVICE] * self.n
         for i in streamed:
-            b = hb[i]
+            b = block_home_bytes[i]
             if o.weights_home is not None:
                 weights[i] = o.weights_home  # on a CPU a host home is pointless but valid (benchmarks)
             elif self.cpu:  # streaming saves RAM only from the SSD; without a swap_dir, host RAM it is
@@ -106,36 +109,38 @@ class _Search:
             else:
                 weights[i], host_left = Tier.PAGEABLE, host_left - b  # does not fit: reported
         if o.weights_home is not None and not self.cpu:
-            host_left -= sum(hb[i] for i in streamed if o.weights_home in (Tier.PINNED, Tier.PAGEABLE))
+            if o.weights_home in (Tier.PINNED, Tier.PAGEABLE):
+                host_left -= sum(block_home_bytes[i] for i in streamed)
         if self.cpu:  # host RAM is the device: resident blocks and host-homed streamed ones use it
-            host_left = cap.device - sum(hb[i] for i in range(self.n) if weights[i] is not Tier.SSD)
+            host_left = cap.device - sum(block_home_bytes[i] for i in range(self.n) if weights[i] is not Tier.SSD)
         return weights, host_left
 
-    def _optimizer_homes(self, resident: set[int], opt_dev: bool, opt_pp: int, host_left: int) -> list[Tier | None]:
+    def _optimizer_homes(self, resident: set[int], optimizer_on_device: bool, states_per_param: int,
+                         host_left: int) -> list[Tier | None]:
         """First-order states: on the device for resident blocks when asked (and LoRA's always), else the
         host RAM left, then the SSD; on a CPU the 'device' is that RAM."""
         o, wl = self.o, self.wl
         ssd_ok = self.cap.ssd > 0
-        optim: list[Tier | None] = [None] * self.n
+        optimizer_homes: list[Tier | None] = [None] * self.n
         for i, s in enumerate(self.inv.blocks):
             if self.zo or not s.trainable_params:
                 continue
             if wl.lora:
-                optim[i] = Tier.DEVICE
+                optimizer_homes[i] = Tier.DEVICE
                 continue
-            need = s.trainable_params * opt_pp
+            need = s.trainable_params * states_per_param
             if o.optimizer_home is not None:
-                optim[i] = o.optimizer_home
-            elif i in resident and opt_dev:
-                optim[i] = Tier.DEVICE
+                optimizer_homes[i] = o.optimizer_home
+            elif i in resident and optimizer_on_device:
+                optimizer_homes[i] = Tier.DEVICE
             elif self.cpu:
-                optim[i] = Tier.DEVICE if need <= host_left or not ssd_ok else Tier.SSD
-                host_left -= need if optim[i] is Tier.DEVICE else 0
+                optimizer_homes[i] = Tier.DEVICE if need <= host_left or not ssd_ok else Tier.SSD
+                host_left -= need if optimizer_homes[i] is Tier.DEVICE else 0
             elif need <= host_left or not ssd_ok:
-                optim[i], host_left = Tier.PAGEABLE, host_left - need
+                optimizer_homes[i], host_left = Tier.PAGEABLE, host_left - need
             else:
-                optim[i] = Tier.SSD
-        return optim
+                optimizer_homes[i] = Tier.SSD
+        return optimizer_homes
 
     def per_tensor(self, pl: Placement) -> tuple[Placement, Estimate]:
         """zo2: the placement with z drawn tensor by tensor (a tensor's z on the device, not a block's)."""

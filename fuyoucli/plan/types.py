@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Literal
 
-from fuyoucli.model.types import DTYPE_BYTES, BlockSpec  # noqa: F401 - DTYPE_BYTES: read beside the Plan (train.preflight)
+# DTYPE_BYTES is also read from here, beside the Plan (train.preflight)
+from fuyoucli.model.types import DTYPE_BYTES, BlockSpec  # noqa: F401
 
 Method = Literal["zo2", "adamw"]
 Dtype = Literal["float32", "bfloat16", "float16"]

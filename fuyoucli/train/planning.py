@@ -19,7 +19,9 @@ from fuyoucli.model.types import ModelInventory
 from fuyoucli.plan.search import make_plan
 from fuyoucli.plan.types import Plan
 from fuyoucli.recipe import PeftConfig, Recipe
-from fuyoucli.train.plan_inputs import check_offload_applies, machine_from_profile, options_from_recipe, workload_from_recipe
+from fuyoucli.train.plan_inputs import (
+    check_offload_applies, machine_from_profile, options_from_recipe, workload_from_recipe,
+)
 
 
 def hardware_for_recipe(recipe: Recipe, *, profile: str | None = None, preset: str | None = None) -> HardwareProfile:
