@@ -169,7 +169,7 @@ def main() -> None:
     print(f"models and data in {work} ({time.perf_counter() - t0:.0f} s)", flush=True)
 
     from fuyoucli.hardware.profile import load_profile
-    from fuyoucli.plan.search import machine_from_profile
+    from fuyoucli.train.plan_inputs import machine_from_profile
 
     if not args.skip_profile and subprocess.run([sys.executable, "-m", "fuyoucli", "profile", "--quick", "--disk", str(swap)],
                       capture_output=True, text=True).returncode != 0:

@@ -18,8 +18,9 @@ sys.path.insert(0, str(HERE.parent))
 
 from fuyoucli.hardware.presets import get_preset  # noqa: E402
 from fuyoucli.model.inventory import inventory  # noqa: E402
-from fuyoucli.plan.search import machine_from_profile, make_plan  # noqa: E402
+from fuyoucli.plan.search import make_plan  # noqa: E402
 from fuyoucli.plan.types import Options, Tier, Workload  # noqa: E402
+from fuyoucli.train.plan_inputs import machine_from_profile  # noqa: E402
 from fuyoucli.recipe import ModelConfig, PeftConfig  # noqa: E402
 
 # ZO2 (arXiv 2503.12668), OPT, batch 1, seq 2048, fp16, parameters offloaded to CPU: GPU memory in GB.

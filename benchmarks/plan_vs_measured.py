@@ -1,6 +1,6 @@
 """The planner's predicted step time against measured steps on this machine (issue 4 acceptance).
 
-For each model size and placement, one subprocess: the real planner (fuyoucli.plan.search.plan_recipe
+For each model size and placement, one subprocess: the real planner (fuyoucli.train.planning.plan_recipe
 on the recipe, the model's config-only inventory and this machine's profile) predicts the step, then
 the trainer fuyou would run for that plan (fuyoucli.train.trainers.build_trainer) runs it on the same
 random-init Llama-shaped model and full-length batches (language-modelling loss on every position,
@@ -90,7 +90,7 @@ def one(args) -> dict:
 
     from fuyoucli.hardware.profile import load_profile
     from fuyoucli.model.inventory import inventory
-    from fuyoucli.plan.search import plan_recipe
+    from fuyoucli.train.planning import plan_recipe
     from fuyoucli.recipe import load_recipe
     from fuyoucli.train.trainers import build_trainer, streams
 

@@ -1,8 +1,9 @@
 """`fuyou plan RECIPE --dry-run`: where every byte of a run will live and how fast a step will be.
 
-Thin: recipe + hardware profile -> model inventory (config only, no weights) -> plan.search -> a
-rich report or one JSON document. An infeasible plan is reported, then exits 2 (InfeasiblePlan).
-`--export deepspeed OUT.json` also writes the plan as a DeepSpeed config (fuyoucli.distributed).
+Thin: recipe + hardware profile -> model inventory (config only, no weights) -> the planner (through
+train.planning, which turns recipe and profile into its inputs) -> a rich report or one JSON document.
+An infeasible plan is reported, then exits 2 (InfeasiblePlan). `--export deepspeed OUT.json` also
+writes the plan as a DeepSpeed config (fuyoucli.distributed).
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ def plan(
         raise click.UsageError(f"--export {export[0]}: the formats are: deepspeed")
     from fuyoucli.errors import InfeasiblePlan
     from fuyoucli.model.inventory import inventory, lora_inventory
-    from fuyoucli.plan.search import hardware_for_recipe, plan_recipe
     from fuyoucli.recipe import PeftConfig, load_recipe
+    from fuyoucli.train.planning import hardware_for_recipe, plan_recipe
 
     loaded = load_recipe(recipe, set_ or [])
     if export is not None and loaded.method.name != "adamw":
@@ -91,6 +92,7 @@ def to_json(p, inv) -> dict:
                   "layers": inv.num_layers},
         "machine": p.machine,
         "peak_bytes": {"gpu": m.device, "pinned": m.pinned, "host": m.pinned + m.pageable, "ssd": m.ssd},
+        "device_parts_bytes": dict(p.device_parts),
         "capacity_bytes": {"gpu": p.capacity.device, "pinned": p.capacity.pinned, "host": p.capacity.pageable,
                            "ssd": p.capacity.ssd},
         "step_time_s": p.times.step_s,
@@ -161,6 +163,9 @@ def render(console, p, inv, name: str) -> None:
         t.add_row(label, _bytes(cap), f"[{style}]{_bytes(need)}[/{style}]" if style else _bytes(need),
                   _bytes(cap - need) if cap >= need else f"[red]-{_bytes(need - cap)}[/red]")
     console.print(t)
+    if p.device_parts:
+        parts = ", ".join(f"{k} {_bytes(v)}" for k, v in sorted(p.device_parts, key=lambda kv: -kv[1]))
+        console.print(f"Device peak: {parts}.", highlight=False)
 
     t = Table(title="Placement", title_justify="left")
     for col in ("blocks", "count", "weights each", "weights home", "optimizer", "activations"):

@@ -1,7 +1,8 @@
 """Hardware profile stage: what the machine can do, measured once (probe) or named (presets).
 
-The planner reads HardwareProfile via load_profile(); nothing here imports torch at package import
-time (probe.py imports it inside its functions, and only the CLI and tests import probe).
+A run loads a HardwareProfile with load_profile() and train.plan_inputs turns it into the planner's
+Machine; nothing here imports torch at package import time (probe.py imports it inside its
+functions, and only the CLI, train.planning's first-run profiling and tests import probe).
 """
 
 from fuyoucli.hardware.profile import (

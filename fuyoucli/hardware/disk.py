@@ -55,7 +55,7 @@ def check_disk_path(path: str | Path) -> Path:
         raise InputError(f"--disk {path}: no such directory")
     if not p.is_dir():
         raise InputError(f"--disk {path}: not a directory")
-    fd = _open_test_file(p)
+    fd = open_test_file(p)
     os.close(fd)
     return p.resolve()
 
@@ -93,7 +93,7 @@ def measure_disk(path: str | Path, spec: DiskSpec = QUICK, on_progress: Optional
                             f"of free space and needs {MIN_TEST_FILE_BYTES // MIB} MiB: free space or pick another disk")
     fstype, device = filesystem_of(directory)
     say = on_progress or (lambda _label: None)
-    fd = _open_test_file(directory)
+    fd = open_test_file(directory)
     try:
         direct = allow_o_direct and _enable_o_direct(fd)
         can_drop = hasattr(os, "posix_fadvise")
@@ -149,7 +149,7 @@ def _note(fstype: str, direct: bool, can_drop: bool) -> str:
     return "; ".join(notes)
 
 
-def _open_test_file(directory: Path) -> int:
+def open_test_file(directory: Path) -> int:
     """A read-write descriptor on a file with no name in directory."""
     try:
         if hasattr(os, "O_TMPFILE"):
@@ -207,12 +207,12 @@ def _drop_cache(fd: int) -> None:
 
 def _point(fd: int, write: bool, file_bytes: int, block: int, threads: int,
            time_s: float | None, src: mmap.mmap) -> DiskPoint:
-    done_bytes, elapsed_s = _run_io(fd, write, file_bytes, block, threads, time_s, src)
+    done_bytes, elapsed_s = run_io(fd, write, file_bytes, block, threads, time_s, src)
     return DiskPoint(block_bytes=block, threads=threads, gbps=done_bytes / elapsed_s / 1e9)
 
 
-def _run_io(fd: int, write: bool, file_bytes: int, block: int, threads: int,
-            time_s: float | None, src: mmap.mmap) -> tuple[int, float]:
+def run_io(fd: int, write: bool, file_bytes: int, block: int, threads: int,
+           time_s: float | None, src: mmap.mmap) -> tuple[int, float]:
     """Threads take consecutive blocks from one counter: one sequential stream with `threads` calls in
     flight. Stops at the end of the file or after time_s. Writes count their fsync."""
     n_blocks = file_bytes // block

@@ -95,18 +95,18 @@ def measure_io_loss(path: str | Path, spec: "ProbeSpec") -> tuple[float, float]:
     block = 8 * MIB
     if size < 4 * block:
         return 0.0, 0.0
-    fd = disk_probe._open_test_file(directory)
+    fd = disk_probe.open_test_file(directory)
     src = mmap.mmap(-1, block)
     src.write(os.urandom(block))
     try:
         disk_probe._enable_o_direct(fd)
-        disk_probe._run_io(fd, True, size, block, 1, None, src)  # the file's blocks exist before reads
+        disk_probe.run_io(fd, True, size, block, 1, None, src)  # the file's blocks exist before reads
         out = []
         for write in (False, True):
             def io(stop: threading.Event, write: bool = write) -> float:
                 moved = 0
                 while not stop.is_set():
-                    moved += disk_probe._run_io(fd, write, size, block, 1, 0.05, src)[0]
+                    moved += disk_probe.run_io(fd, write, size, block, 1, 0.05, src)[0]
                 return moved
 
             lost, moved = _lost_s(io, spec.interference_time_s)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from fuyoucli.errors import InputError
 from fuyoucli.hardware.profile import (
-    SCHEMA_VERSION, BandwidthCurve, BandwidthPoint, ComputeDevice, Disk, DiskPoint, ElementwisePoint,
+    ASSUMED_CONTEXT_BYTES, SCHEMA_VERSION, BandwidthCurve, BandwidthPoint, ComputeDevice, Disk, DiskPoint, ElementwisePoint,
     HardwareProfile, Host, Links, MatmulPoint, MatmulRates, Provenance,
 )
 
@@ -167,7 +167,7 @@ def _build(name: str, box: _Box) -> HardwareProfile:
         g = box.gpu
         compute = ComputeDevice(
             kind="cuda", name=g.name, count=1, total_memory_bytes=g.memory_bytes,
-            free_memory_bytes=g.memory_bytes - GIB // 2,  # ~0.5 GiB goes to the CUDA context
+            free_memory_bytes=g.memory_bytes - ASSUMED_CONTEXT_BYTES,  # what a process sees: its context is out
             memory_bandwidth_gbps=g.memory_gbps, matmul=_matmul(g.bf16_tflops, g.fp16_tflops, g.fp32_tflops, 8192),
             note="preset: vendor figures (upper bounds for what a measurement will show)",
             elementwise=(ElementwisePoint(params=1 << 26, randn_params_per_s=g.memory_gbps * GB / 4,

@@ -22,6 +22,7 @@ from typing import Callable, Optional, Sequence
 from fuyoucli.hardware import disk as disk_probe
 from fuyoucli.hardware import hostinfo
 from fuyoucli.hardware.interference import measure_burst_loss, measure_io_loss
+from fuyoucli.hardware.llama_layer import llama_layer
 from fuyoucli.hardware.profile import (
     SCHEMA_VERSION, BandwidthCurve, BandwidthPoint, ComputeDevice, Disk, ElementwisePoint, HardwareProfile, Host,
     LayerPoint, Links, MatmulPoint, MatmulRates, Provenance,
@@ -300,20 +301,18 @@ def measure_layers(spec: ProbeSpec, cuda: bool) -> tuple[LayerPoint, ...]:
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaModel
 
-    from fuyoucli.model.arithmetic import known_inventory
-
     device = "cuda" if cuda else "cpu"
     sync = _sync_for(device)
     dtype, torch_dtype = ("bf16", torch.bfloat16) if cuda else ("fp32", torch.float32)
     hidden, width, heads = spec.layer_shape_cuda if cuda else spec.layer_shape_cpu
     tokens_list = spec.layer_tokens_cuda if cuda else spec.layer_tokens_cpu
     max_seq = 2048 if cuda else 512
-    config = dict(model_type="llama", hidden_size=hidden, intermediate_size=width, num_attention_heads=heads,
-                  num_key_value_heads=heads, num_hidden_layers=spec.layer_count, vocab_size=256,
-                  max_position_embeddings=max_seq, tie_word_embeddings=False)
-    layer = known_inventory(config).blocks[1]
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=width, num_attention_heads=heads,
+                         num_key_value_heads=heads, num_hidden_layers=spec.layer_count, vocab_size=256,
+                         max_position_embeddings=max_seq, tie_word_embeddings=False)
+    layer = llama_layer(hidden, width, heads, heads, hidden // heads)  # as the planner counts the layer
     torch.manual_seed(0)
-    model = LlamaModel(LlamaConfig(**{k: v for k, v in config.items() if k != "model_type"}))
+    model = LlamaModel(config)
     model = model.to(device=device, dtype=torch_dtype).train()
     params = list(model.parameters())
     points = []
@@ -352,7 +351,7 @@ def measure_layers(spec: ProbeSpec, cuda: bool) -> tuple[LayerPoint, ...]:
         med = {k: sorted(v)[len(v) // 2] / spec.layer_count for k, v in times.items()}
         points.append(LayerPoint(
             dtype=dtype, tokens=batch * seq, seq_len=seq, hidden=hidden, params=layer.params,
-            max_tensor_params=layer.max_tensor_params, matmul_flops_per_token=layer.matmul_flops_per_token,
+            max_tensor_params=max(layer.tensors), matmul_flops_per_token=layer.matmul_flops_per_token,
             attention_flops_per_token_per_key=layer.attention_flops_per_token_per_key,
             elementwise_elems_per_token=layer.elementwise_elems_per_token,
             forward_s=med["fwd"], forward_no_grad_s=med["inf"], backward_s=med["bwd"]))
@@ -361,16 +360,30 @@ def measure_layers(spec: ProbeSpec, cuda: bool) -> tuple[LayerPoint, ...]:
     return tuple(points)
 
 
+def context_bytes(total_bytes: int, free_bytes: int, reserved_bytes: int) -> int:
+    """The device memory this process holds outside torch's caching allocator (its CUDA context): what
+    the device has in use less what the allocator reserved. Other processes' memory on the same GPU
+    is in use too, so this is an upper bound on a shared GPU."""
+    return max(0, total_bytes - free_bytes - reserved_bytes)
+
+
 def _cuda_device(matmul: tuple[MatmulRates, ...], devmem_gbps: float,
                  elementwise: tuple[ElementwisePoint, ...] = ()) -> ComputeDevice:
     import torch
 
+    # Called after every measurement: the context exists and its kernels (cuBLAS products, the decoder
+    # layers') have loaded, as they will have in a run. Cached blocks go back first, so that `free`
+    # counts them as free and what torch still reserves is only what stays allocated (workspaces).
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(0)
+    context = context_bytes(total, free, torch.cuda.memory_reserved(0))
     major, minor = torch.cuda.get_device_capability(0)
     count = torch.cuda.device_count()
     return ComputeDevice(
         kind="cuda", name=torch.cuda.get_device_name(0), count=count, total_memory_bytes=total,
         free_memory_bytes=free, memory_bandwidth_gbps=devmem_gbps, matmul=matmul, elementwise=elementwise,
+        context_bytes=context,
         note=f"compute capability {major}.{minor}; fp32 without TF32"
         + (f"; measured cuda:0 of {count}" if count > 1 else ""),
     )

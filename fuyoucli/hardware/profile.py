@@ -1,8 +1,8 @@
 """Hardware profile stage: the HardwareProfile data every plan is computed from, and its JSON form.
 
 Frozen dataclasses with units in field names, a versioned JSON schema validated on load, and
-load_profile() (a file or a preset name) for the planner. Imports no torch and nothing from plan/,
-engine/ or train/: the pure planner imports this module.
+load_profile() (a file or a preset name), which train.plan_inputs turns into the planner's Machine.
+Imports no torch and nothing from model/, plan/, engine/ or train/.
 """
 
 from __future__ import annotations
@@ -28,6 +28,28 @@ Dtype = Literal["bf16", "fp16", "fp32"]
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(message)
+
+
+# ---- what a CUDA process holds beyond its tensors --------------------------------------------
+# The planner's device peak is what nvidia-smi shows for the run's process; besides the tensors the
+# plan places, a CUDA process holds the following. Estimates, not yet calibrated on a GPU (issue 16):
+MIB, GIB = 1 << 20, 1 << 30
+ASSUMED_CONTEXT_BYTES = GIB // 2
+"""The CUDA context when the profile did not measure it (presets, older profiles): CUDA 12 contexts
+with lazily loaded kernels take a few hundred MiB on recent GPUs; half a GiB is the round figure
+presets have always set aside."""
+BLAS_WORKSPACE_BYTES = 2 * 32 * MIB
+"""cuBLAS and cuBLASLt workspaces: torch allocates one per (handle, stream) that runs a product,
+from its caching allocator, and keeps it for the process's life; on Hopper each is 32 MiB (4-8 MiB
+on older GPUs: the larger is assumed, the architecture is not in the profile). A run multiplies on
+one stream; the two libraries' workspaces are counted separately (torch versions that share one
+overstate by 32 MiB)."""
+ALLOCATOR_SLACK = 0.25
+"""torch's caching allocator keeps freed blocks for reuse and rounds blocks up (to 2 MiB segments
+for large ones), so what it reserves exceeds what tensors hold. Tensors made and freed every pass
+(activations, the logits and the loss) leave cached segments of one size that the next, larger
+shape cannot reuse; the engine's buffers, allocated once, leave none. This fraction of the
+per-pass tensors is added to the device peak."""
 
 
 # ---- compute device -------------------------------------------------------------------------
@@ -138,9 +160,16 @@ class ComputeDevice:
     layers: tuple[LayerPoint, ...] = ()
     """By token count, ascending; empty in presets and in profiles measured before fuyou timed it
     (the planner then prices products and elementwise work at the isolated rates alone)."""
+    context_bytes: int = 0
+    """CUDA: device memory the profiling process held outside torch's caching allocator once its
+    kernels had run (the CUDA context: code, runtime state): (total - free) - memory_reserved().
+    free_memory_bytes was seen from that process, so excludes it. On a GPU that other processes used
+    at the same time their memory is counted here too. 0: not measured (a CPU, a preset, an older
+    profile; the planner then assumes ASSUMED_CONTEXT_BYTES on a GPU)."""
 
     def __post_init__(self) -> None:
         _require(self.count >= 1, "count must be >= 1")
+        _require(self.context_bytes >= 0, "context_bytes must be >= 0")
         tokens = [(p.dtype, p.tokens) for p in self.layers]
         _require(tokens == sorted(set(tokens)), "layer points must have distinct (dtype, tokens), ascending")
         sizes = [p.params for p in self.elementwise]

@@ -11,11 +11,11 @@ returns None and the meta path builds the model.
 
 from __future__ import annotations
 
-from fuyoucli.plan.types import BlockSpec, ModelInventory
+from fuyoucli.hardware.llama_layer import TRACE_BATCH, TRACE_TOKENS, llama_layer
+from fuyoucli.model.types import BlockSpec, ModelInventory
 
 # The meta path traces a forward of TRACE_BATCH x TRACE_TOKENS tokens; elementwise counts below are
-# that trace's totals, divided the same way.
-TRACE_BATCH, TRACE_TOKENS = 2, 8
+# that trace's totals, divided the same way (the hardware probe times a Llama layer counted alike).
 _TOKENS = TRACE_BATCH * TRACE_TOKENS
 _POSITIONS = TRACE_BATCH * (TRACE_TOKENS - 1)
 
@@ -76,20 +76,16 @@ def _llama_like(kind: str, c: dict, source: str) -> ModelInventory | None:
             or (kind == "qwen2" and c.get("use_sliding_window"))):
         return None
     vocab, tied = c["vocab_size"], bool(c["tie_word_embeddings"])
-    q, kv = heads * hd, kvh * hd
-    attn_bias = kind == "qwen2" or bool(c.get("attention_bias"))
-    o_bias = kind != "qwen2" and bool(c.get("attention_bias"))
-    mlp_bias = bool(c.get("mlp_bias"))
-    tensors = [h * q, h * kv, h * kv, q * h, h * inter, h * inter, inter * h]
-    params = sum(tensors) + 2 * h + (q + 2 * kv if attn_bias else 0) + (h if o_bias else 0) \
-        + (2 * inter + h if mlp_bias else 0)
-    flops = 2 * sum(tensors)
+    layer = llama_layer(h, inter, heads, kvh, hd, attention_bias=kind == "qwen2" or bool(c.get("attention_bias")),
+                        output_bias=kind != "qwen2" and bool(c.get("attention_bias")), mlp_bias=bool(c.get("mlp_bias")))
     window = c.get("sliding_window") if kind == "mistral" else None
-    gqa = q if 1 < kvh < heads else 0  # repeat_kv copies k and v unless heads share one (or none do)
     blocks = [_spec("embed", vocab * h, [vocab * h], 0, 0, None, h, h, 40 + 32 * h + (169 * hd) // 2)]
-    layer_ew = 192 + 514 * h + 160 * kv + 80 * inter + 32 * hd + 64 * gqa
-    blocks += [_spec(f"layers.{i}", params, tensors, flops, 4 * heads * hd, window, h,
-                     q + 2 * kv + h + 2 * inter + h + 4 * h, layer_ew) for i in range(L)]
+    blocks += [BlockSpec(name=f"layers.{i}", params=layer.params, trainable_params=layer.params,
+                         max_tensor_params=max(layer.tensors), matmul_flops_per_token=layer.matmul_flops_per_token,
+                         attention_flops_per_token_per_key=layer.attention_flops_per_token_per_key,
+                         attention_window=window, boundary_elems_per_token=h,
+                         internal_elems_per_token=layer.internal_elems_per_token,
+                         elementwise_elems_per_token=layer.elementwise_elems_per_token) for i in range(L)]
     head_params = h + (0 if tied else vocab * h)
     blocks.append(_spec("head", head_params, [h] + ([] if tied else [vocab * h]), 2 * h * vocab, 0, None, 0,
                         h + 3 * vocab, 96 + 113 * h))

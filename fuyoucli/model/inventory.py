@@ -2,7 +2,7 @@
 
 Built from a model's config alone: the model is instantiated on the meta device (no weight file is
 read, no memory allocated), LoRA applied there too, and split with model.blocks.param_blocks so the
-planner sees exactly the blocks the trainers stream. Returns plan.types data; imports torch lazily.
+planner sees exactly the blocks the trainers stream. Returns model.types data; imports torch lazily.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from fuyoucli.errors import ModelError
 from fuyoucli.model.arithmetic import TRACE_BATCH, TRACE_TOKENS, known_inventory
-from fuyoucli.plan.types import BlockSpec, ModelInventory
+from fuyoucli.model.types import BlockSpec, ModelInventory
 from fuyoucli.recipe import ModelConfig, PeftConfig
 from fuyoucli.resources import resolve_path
 

@@ -1,199 +1,23 @@
-"""Plan stage, the search: the fastest placement that fits every tier, or why none does.
+"""Plan stage, the search: the fastest placement that fits every tier, assembled into the Plan.
 
 Chooses how many decoder layers stay resident, where streamed weights live (pinned, pageable, SSD,
 filled fastest first), where optimizer states live, the activation policy (keep / swap / recompute,
 Fuyou's seconds saved per byte), prefetch depth, the zo2 home dtype, how zo2 holds z (a block's at
-once, or tensor by tensor where that is what fits) and the largest micro-batch, by evaluating
-candidates with plan.cost. Pure (no torch); also turns a Recipe and a HardwareProfile
-into the numbers the cost model reads.
+once, or tensor by tensor where that is what fits) and the largest micro-batch, by pricing candidates
+with plan.cost. When nothing fits, plan.explain says why and what would. Pure: the workload, the
+machine and the options come in as data (train.plan_inputs builds them); no torch, no file.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
-import os
 from typing import Callable
 
-from fuyoucli.errors import RecipeError
-from fuyoucli.hardware.profile import HardwareProfile
-from fuyoucli.plan import work
-from fuyoucli.plan.cost import (
-    Estimate, Placement, capacities, estimate, fits, home_bytes, optimizer_bytes_per_param, overflows,
-)
-from fuyoucli.plan.types import (
-    DTYPE_BYTES, BlockPlan, BlockSpec, LayerTiming, Machine, ModelInventory, Options, Plan, Tier, TierBytes, Workload,
-)
-from fuyoucli.recipe import Recipe
-
-GB = 10**9
-_LINK_SIZE_BYTES = 256 << 20  # blocks stream in transfers of tens of MB and up: the curve's large end
-
-
-# ---- inputs ------------------------------------------------------------------------------------
-
-
-def machine_from_profile(profile: HardwareProfile, swap_dir: str | None = None) -> tuple[Machine, tuple[str, ...]]:
-    """The cost model's numbers from a profile; the disk is the profiled one holding swap_dir
-    (longest matching path), else the fastest profiled disk (with a note)."""
-    c, links, h = profile.compute, profile.links, profile.host
-    notes: list[str] = []
-    pinned = h.ram_available_bytes if h.pinned_allocatable_bytes is None else h.pinned_allocatable_bytes
-    if h.memlock_limit_bytes is not None:
-        pinned = min(pinned, h.memlock_limit_bytes)
-    if c.kind == "cpu":
-        pinned = 0
-    disk = None
-    if profile.disks:
-        if swap_dir:
-            target = os.path.abspath(os.path.expanduser(swap_dir))
-            matches = [d for d in profile.disks
-                       if target == d.path or target.startswith(d.path.rstrip("/") + "/") or d.path == "/"]
-            if matches:
-                disk = max(matches, key=lambda d: len(d.path))
-            else:
-                disk = max(profile.disks, key=lambda d: d.read_gbps)
-                notes.append(f"swap_dir {swap_dir} is on no profiled disk; assuming the speed of {disk.path} "
-                             f"(run `fuyou profile --disk {swap_dir}` to measure it)")
-        else:
-            disk = max(profile.disks, key=lambda d: d.read_gbps)
-    dtypes = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-    theirs_to_ours = {theirs: ours for ours, theirs in dtypes.items()}
-    machine = Machine(
-        name=(profile.provenance.preset or c.name) if profile.provenance.source == "preset" else c.name,
-        compute_device=c.kind,
-        device_bytes=c.free_memory_bytes,
-        matmul_flops=tuple((ours, c.matmul_flops(theirs)) for ours, theirs in dtypes.items()),
-        matmul_points=tuple((ours, p.size, p.flops) for ours, theirs in dtypes.items()
-                            for m in c.matmul if m.dtype == theirs for p in m.points),
-        device_mem_bps=c.memory_bandwidth_gbps * GB,
-        h2d_bps=links.h2d_pinned.gbps_at(_LINK_SIZE_BYTES) * GB,
-        d2h_bps=links.d2h_pinned.gbps_at(_LINK_SIZE_BYTES) * GB,
-        duplex_h2d_bps=links.duplex_h2d_pinned.gbps_at(_LINK_SIZE_BYTES) * GB,
-        duplex_d2h_bps=links.duplex_d2h_pinned.gbps_at(_LINK_SIZE_BYTES) * GB,
-        host_ram_bytes=h.ram_available_bytes,
-        pinned_bytes=pinned,
-        dram_bps=h.dram_copy_gbps * GB,
-        cpu_adam_params_per_s=h.adamw_all_threads_params_per_s,
-        disk_path=disk.path if disk else None,
-        disk_free_bytes=disk.free_bytes if disk else 0,
-        disk_read_bps=disk.read_gbps * GB if disk else 0.0,
-        disk_write_bps=disk.write_gbps * GB if disk else 0.0,
-        disk_mixed_bps=disk.mixed_gbps * GB if disk else 0.0,
-        elementwise_points=tuple((p.params, p.randn_params_per_s, p.inplace_gbps * GB, p.fresh_gbps * GB,
-                                  (p.norm_gbps or p.inplace_gbps) * GB) for p in c.elementwise),
-        cpu_burst_loss=h.burst_compute_loss,
-        log_softmax_elems_per_s=c.log_softmax_elems_per_s,
-        log_softmax_backward_elems_per_s=c.log_softmax_backward_elems_per_s,
-        disk_read_loss_s_per_byte=disk.read_compute_loss_s_per_gb / GB if disk else 0.0,
-        disk_write_loss_s_per_byte=disk.write_compute_loss_s_per_gb / GB if disk else 0.0,
-        layer_timings=tuple(
-            LayerTiming(dtype=theirs_to_ours[p.dtype], tokens=p.tokens, seq_len=p.seq_len, hidden=p.hidden,
-                        spec=BlockSpec(name="layers.0", params=p.params, trainable_params=p.params,
-                                       max_tensor_params=p.max_tensor_params,
-                                       matmul_flops_per_token=p.matmul_flops_per_token,
-                                       attention_flops_per_token_per_key=p.attention_flops_per_token_per_key,
-                                       attention_window=None, boundary_elems_per_token=p.hidden,
-                                       internal_elems_per_token=0,
-                                       elementwise_elems_per_token=p.elementwise_elems_per_token),
-                        forward_s=p.forward_s, forward_no_grad_s=p.forward_no_grad_s, backward_s=p.backward_s)
-            for p in c.layers),
-    )
-    if not c.layers and profile.provenance.source == "measured":
-        notes.append("this profile has no decoder-layer timings (measured by an older fuyou): compute is priced "
-                     "from isolated products and elementwise rates alone, which put real layers 1.3-1.7x faster "
-                     "than they ran on a 2-core CPU; run `fuyou profile` again")
-    if c.kind == "cpu" and not c.elementwise and profile.provenance.source == "measured":
-        notes.append("this profile has no elementwise rates (measured by an older fuyou): the step time "
-                     "leaves out most of zo2's work on a CPU; run `fuyou profile` again")
-    return machine, tuple(notes)
-
-
-def loss_positions_fraction(recipe: Recipe) -> float:
-    """Share of the positions the loss scores (train.losses): one per example for label-word
-    classification, none that matter for a classification head (its logits are the labels), and
-    every position otherwise (text; for prompt/answer data, an upper bound: only answers count)."""
-    d = recipe.data
-    if recipe.model.head == "sequence_classification":
-        return 1.0  # the head's logits are num_labels wide: the loss is negligible either way
-    if d.format == "classification":
-        return 1.0 / max(1, d.max_length)
-    return 1.0
-
-
-def workload_from_recipe(recipe: Recipe) -> Workload:
-    m = recipe.method
-    zo = m.name == "zo2"
-    return Workload(method=m.name, lora=recipe.peft.type == "lora", compute_dtype=recipe.model.dtype,
-                    batch_size=recipe.training.batch_size, seq_len=recipe.data.max_length,
-                    grad_accum=recipe.training.grad_accum, q=m.q if zo else 1,
-                    zo_momentum=zo and m.variant == "momentum",
-                    zo_conservative=zo and m.variant == "conservative",
-                    clips_grads=not zo and m.max_grad_norm is not None,
-                    loss_positions_fraction=loss_positions_fraction(recipe))
-
-
-_TIERS = {"device": Tier.DEVICE, "pinned": Tier.PINNED, "pageable": Tier.PAGEABLE, "host": Tier.PAGEABLE,
-          "ssd": Tier.SSD}
-
-
-def options_from_recipe(recipe: Recipe) -> Options:
-    o = recipe.offload
-    auto = lambda v: None if v == "auto" else v  # noqa: E731
-    return Options(
-        mode=o.mode, swap_dir=o.swap_dir, device_memory_limit_bytes=o.device_memory_limit,
-        host_memory_limit_bytes=o.host_memory_limit, prefetch_depth=auto(o.prefetch_depth),
-        home_dtype=auto(o.home_dtype), resident_layers=auto(o.resident_layers),
-        weights_home=_TIERS.get(o.weights_home), optimizer_home=_TIERS.get(o.optimizer_home),
-        activation=auto(o.activations),
-    )
-
-
-def check_offload_applies(recipe: Recipe) -> None:
-    """Offload settings that the recipe's method would not use are errors, not silently ignored."""
-    o, zo, lora = recipe.offload, recipe.method.name == "zo2", recipe.peft.type == "lora"
-    bad = []
-    if o.home_dtype != "auto" and (not zo or lora):
-        bad.append("offload.home_dtype applies to zo2 full-parameter runs (first-order and LoRA weights live "
-                   "in model.dtype)")
-    if zo and o.activations != "auto":
-        bad.append("offload.activations applies to first-order runs (zo2 keeps no activations for a backward)")
-    if zo and o.optimizer_home != "auto":
-        bad.append("offload.optimizer_home applies to first-order runs (zo2 has no optimizer states)")
-    if lora and o.optimizer_home != "auto":
-        bad.append("offload.optimizer_home: LoRA adapters and their states always stay on the device")
-    if bad:
-        raise RecipeError("; ".join(bad))
-
-
-def hardware_for_recipe(recipe: Recipe, *, profile: str | None = None, preset: str | None = None) -> HardwareProfile:
-    """The machine to plan for: a --profile/--preset given on the command line, else the recipe's
-    hardware section, else this machine's saved profile (an InputError saying how to get one)."""
-    from fuyoucli.errors import InputError
-    from fuyoucli.hardware.profile import default_profile_path, load_profile
-
-    spec = profile or preset or recipe.hardware.profile or recipe.hardware.preset
-    if spec is not None:
-        return load_profile(spec)
-    if not default_profile_path().is_file():
-        raise InputError(f"no hardware profile of this machine at {default_profile_path()}: run `fuyou profile` "
-                         "to measure it, or set hardware.preset in the recipe (or pass --preset NAME; "
-                         "`fuyou profile --list-presets` lists them)")
-    return load_profile(None)
-
-
-def plan_recipe(recipe: Recipe, inv: ModelInventory, profile: HardwareProfile,
-                lora_inventory: Callable[[], ModelInventory] | None = None) -> Plan:
-    """The plan for a recipe on a machine, given the model's inventory (model.inventory builds it), and
-    for the LoRA suggestion, a way to get its inventory under LoRA (called only if it does not fit)."""
-    check_offload_applies(recipe)
-    machine, notes = machine_from_profile(profile, recipe.offload.swap_dir)
-    p = make_plan(inv, workload_from_recipe(recipe), machine, options_from_recipe(recipe),
-                  lora_inventory=lora_inventory)
-    return dataclasses.replace(p, notes=notes + p.notes) if notes else p
-
-
-# ---- search ------------------------------------------------------------------------------------
+from fuyoucli.model.types import DTYPE_BYTES, ModelInventory
+from fuyoucli.plan import explain, work
+from fuyoucli.plan.cost import Estimate, estimate
+from fuyoucli.plan.memory import capacities, fits, home_bytes, optimizer_bytes_per_param, overflows
+from fuyoucli.plan.types import BlockPlan, Machine, Options, Placement, Plan, Tier, Workload
 
 
 @dataclasses.dataclass
@@ -208,6 +32,8 @@ class _Best:
 
 
 class _Search:
+    """Builds and prices candidates for one workload on one machine; counts the estimates it made."""
+
     def __init__(self, inv: ModelInventory, wl: Workload, machine: Machine, opts: Options):
         self.inv, self.wl, self.m, self.o = inv, wl, machine, opts
         self.cap = capacities(machine, opts)
@@ -216,16 +42,16 @@ class _Search:
         self.n = len(inv.blocks)
         self.evals = 0
 
-    def run(self, home_dtype: str, micro: int, depth: int, n_res: int, opt_dev: bool,
+    def run(self, home_dtype: str, micro: int, depth: int, n_res: int, optimizer_on_device: bool,
             swap: str | None = None) -> tuple[Placement, Estimate]:
-        pl = self.build(home_dtype, micro, depth, n_res, opt_dev, swap)
+        pl = self.build(home_dtype, micro, depth, n_res, optimizer_on_device, swap)
         return pl, self.eval(pl)
 
     def eval(self, pl: Placement) -> Estimate:
         self.evals += 1
         return estimate(self.inv, self.wl, self.m, pl)
 
-    def build(self, home_dtype: str, micro: int, depth: int, n_res: int, opt_dev: bool,
+    def build(self, home_dtype: str, micro: int, depth: int, n_res: int, optimizer_on_device: bool,
               swap: str | None = None) -> Placement:
         """Resident: embed, head and the last n_res layers. Streamed weights fill the fastest host
         tier first; optimizer states take the host RAM left, then the SSD. Layers recompute in the
@@ -233,25 +59,43 @@ class _Search:
         inputs wait in pinned host memory) or 'all' (every saved activation swapped, no recompute);
         that host memory is reserved before weights and optimizer states take theirs."""
         inv, wl, o, cap = self.inv, self.wl, self.o, self.cap
-        hb = home_bytes(inv, wl, home_dtype)
+        block_home_bytes = home_bytes(inv, wl, home_dtype)
         resident = set(i for i in range(self.n) if i not in self.layers)
         resident.update(self.layers[len(self.layers) - n_res:] if n_res else [])
         streamed = [i for i in range(self.n) if i not in resident]
-        weights = [Tier.DEVICE] * self.n
-        max_stream = max((hb[i] for i in streamed), default=0)
-        opt_pp = 0 if (self.zo or wl.lora) else optimizer_bytes_per_param(wl)
-        grad = max((inv.blocks[i].trainable_params * DTYPE_BYTES[wl.compute_dtype] for i in range(self.n)), default=0)
-        reserve = (depth + 2) * max_stream + (0 if self.zo else 2 * grad)
+        largest_streamed = max((block_home_bytes[i] for i in streamed), default=0)
+        states_per_param = 0 if (self.zo or wl.lora) else optimizer_bytes_per_param(wl)
+        compute_bytes = DTYPE_BYTES[wl.compute_dtype]
+        largest_gradients = max((s.trainable_params * compute_bytes for s in inv.blocks), default=0)
+        reserve = (depth + 2) * largest_streamed + (0 if self.zo else 2 * largest_gradients)
         if swap is not None:
             per_token = {"all": lambda b: b.internal_elems_per_token, "inputs": lambda b: b.boundary_elems_per_token}[swap]
-            reserve += sum(wl.tokens_per_step * per_token(inv.blocks[i]) * DTYPE_BYTES[wl.compute_dtype]
-                           for i in self.layers)
+            reserve += sum(wl.tokens_per_step * per_token(inv.blocks[i]) * compute_bytes for i in self.layers)
         ssd_ok = cap.ssd > 0
-        opt_stage = 3 * max((b.trainable_params * opt_pp for b in inv.blocks), default=0) if ssd_ok else 0
-        pinned_left = cap.pinned - reserve
-        host_left = max(cap.pageable, cap.pinned) - reserve - opt_stage
+        # states read ahead, updating and written back, when some go to the SSD
+        states_staging = 3 * max((b.trainable_params * states_per_param for b in inv.blocks), default=0) \
+            if ssd_ok else 0
+        weights, host_left = self._weights_homes(block_home_bytes, streamed, cap.pinned - reserve,
+                                                 max(cap.pageable, cap.pinned) - reserve - states_staging)
+        optimizer_homes = self._optimizer_homes(resident, optimizer_on_device, states_per_param, host_left)
+        activations: list[str | None] = [None] * self.n
+        if not self.zo:
+            for i in range(self.n):
+                default = {None: "recompute", "inputs": "recompute-swap", "all": "swap"}[swap]
+                activations[i] = (o.activation or default) if i in self.layers else "keep"
+        return Placement(home_dtype=home_dtype, weights_home=tuple(weights), optimizer_home=tuple(optimizer_homes),
+                         activation=tuple(activations), prefetch_depth=depth if streamed else 0,
+                         micro_batch_size=micro)
+
+    def _weights_homes(self, block_home_bytes: list[int], streamed: list[int], pinned_left: int,
+                       host_left: int) -> tuple[list[Tier], int]:
+        """Streamed weights fill pinned, then pageable host memory, then the SSD; returns the homes and
+        the host RAM left for optimizer states."""
+        o, cap = self.o, self.cap
+        ssd_ok = cap.ssd > 0
+        weights = [Tier.DEVICE] * self.n
         for i in streamed:
-            b = hb[i]
+            b = block_home_bytes[i]
             if o.weights_home is not None:
                 weights[i] = o.weights_home  # on a CPU a host home is pointless but valid (benchmarks)
             elif self.cpu:  # streaming saves RAM only from the SSD; without a swap_dir, host RAM it is
@@ -265,35 +109,38 @@ class _Search:
             else:
                 weights[i], host_left = Tier.PAGEABLE, host_left - b  # does not fit: reported
         if o.weights_home is not None and not self.cpu:
-            host_left -= sum(hb[i] for i in streamed if o.weights_home in (Tier.PINNED, Tier.PAGEABLE))
+            if o.weights_home in (Tier.PINNED, Tier.PAGEABLE):
+                host_left -= sum(block_home_bytes[i] for i in streamed)
         if self.cpu:  # host RAM is the device: resident blocks and host-homed streamed ones use it
-            host_left = cap.device - sum(hb[i] for i in range(self.n) if weights[i] is not Tier.SSD)
-        optim: list[Tier | None] = [None] * self.n
-        for i, s in enumerate(inv.blocks):
+            host_left = cap.device - sum(block_home_bytes[i] for i in range(self.n) if weights[i] is not Tier.SSD)
+        return weights, host_left
+
+    def _optimizer_homes(self, resident: set[int], optimizer_on_device: bool, states_per_param: int,
+                         host_left: int) -> list[Tier | None]:
+        """First-order states: on the device for resident blocks when asked (and LoRA's always), else the
+        host RAM left, then the SSD; on a CPU the 'device' is that RAM."""
+        o, wl = self.o, self.wl
+        ssd_ok = self.cap.ssd > 0
+        optimizer_homes: list[Tier | None] = [None] * self.n
+        for i, s in enumerate(self.inv.blocks):
             if self.zo or not s.trainable_params:
                 continue
             if wl.lora:
-                optim[i] = Tier.DEVICE
+                optimizer_homes[i] = Tier.DEVICE
                 continue
-            need = s.trainable_params * opt_pp
+            need = s.trainable_params * states_per_param
             if o.optimizer_home is not None:
-                optim[i] = o.optimizer_home
-            elif i in resident and opt_dev:
-                optim[i] = Tier.DEVICE
+                optimizer_homes[i] = o.optimizer_home
+            elif i in resident and optimizer_on_device:
+                optimizer_homes[i] = Tier.DEVICE
             elif self.cpu:
-                optim[i] = Tier.DEVICE if need <= host_left or not ssd_ok else Tier.SSD
-                host_left -= need if optim[i] is Tier.DEVICE else 0
+                optimizer_homes[i] = Tier.DEVICE if need <= host_left or not ssd_ok else Tier.SSD
+                host_left -= need if optimizer_homes[i] is Tier.DEVICE else 0
             elif need <= host_left or not ssd_ok:
-                optim[i], host_left = Tier.PAGEABLE, host_left - need
+                optimizer_homes[i], host_left = Tier.PAGEABLE, host_left - need
             else:
-                optim[i] = Tier.SSD
-        act: list[str | None] = [None] * self.n
-        if not self.zo:
-            for i in range(self.n):
-                default = {None: "recompute", "inputs": "recompute-swap", "all": "swap"}[swap]
-                act[i] = (o.activation or default) if i in self.layers else "keep"
-        return Placement(home_dtype=home_dtype, weights_home=tuple(weights), optimizer_home=tuple(optim),
-                         activation=tuple(act), prefetch_depth=depth if streamed else 0, micro_batch_size=micro)
+                optimizer_homes[i] = Tier.SSD
+        return optimizer_homes
 
     def per_tensor(self, pl: Placement) -> tuple[Placement, Estimate]:
         """zo2: the placement with z drawn tensor by tensor (a tensor's z on the device, not a block's)."""
@@ -381,97 +228,121 @@ def _grid(n_layers: int) -> list[int]:
 def search(inv: ModelInventory, wl: Workload, machine: Machine, opts: Options) -> tuple[Placement, Estimate, bool, list[str]]:
     """(placement, estimate, feasible, notes): the fastest fitting candidate, else the smallest one."""
     s = _Search(inv, wl, machine, opts)
-    cd = wl.compute_dtype
-    notes: list[str] = []
-    L = len(s.layers)
-    if opts.home_dtype is not None:
-        home_dtypes = [opts.home_dtype]
-    elif wl.method == "zo2" and not wl.lora:
-        home_dtypes = ["float32"] + ([cd] if cd != "float32" else [])
-    else:
-        home_dtypes = [cd]
-    if opts.mode == "in_memory":
-        n_res_options = [L]
-    elif opts.resident_layers is not None:
-        n_res_options = [min(opts.resident_layers, L)]
-    elif opts.optimizer_home is Tier.DEVICE:
-        n_res_options = [L]
-    elif opts.mode == "stream":
-        n_res_options = [0]
-    elif s.cpu and not s.cap.ssd and opts.weights_home is None:
-        n_res_options = [L]  # a CPU's device memory is host RAM: streaming saves RAM only from the SSD
-    else:
-        n_res_options = _grid(L)
-    opt_devs = [True, False] if (wl.method == "adamw" and not wl.lora and opts.optimizer_home is None) else [False]
-    depths = [opts.prefetch_depth] if opts.prefetch_depth is not None else [1, 0]
-
-    for hd in home_dtypes:
-        best = _Best()
-        for micro in _divisors_desc(wl.batch_size):
-            mbest = _Best()  # per micro-batch size: activation tuning depends on it
-            for depth in depths:
-                tried: set[tuple] = set()
-
-                def trial(n_res: int, od: bool) -> None:
-                    if (n_res, od) in tried:
-                        return
-                    tried.add((n_res, od))
-                    pl, est = s.run(hd, micro, depth, n_res, od)
-                    if fits(est.memory, s.cap):
-                        mbest.offer(pl, est, _key(pl, est))
-                    elif s.zo:
-                        # a block's z does not fit: draw it tensor by tensor, again for each pass (the
-                        # same placement with z per block is never slower, so it is tried first)
-                        pl, est = s.per_tensor(pl)
-                        if fits(est.memory, s.cap):
-                            mbest.offer(pl, est, _key(pl, est))
-                    elif s.swappable(pl) and {t for t, _, _ in overflows(est.memory, s.cap)} == {"device"}:
-                        # activations do not fit on the device even recomputed: the layers' inputs, or
-                        # every saved activation, to pinned host memory (whichever is faster and fits;
-                        # pointless when host or SSD is short already: the swaps only add to them)
-                        for swap in ("inputs", "all"):
-                            pl, est = s.run(hd, micro, depth, n_res, od, swap=swap)
-                            if fits(est.memory, s.cap):
-                                mbest.offer(pl, est, _key(pl, est))
-
-                for n_res in n_res_options:
-                    for od in opt_devs:
-                        trial(n_res, od)
-                if len(n_res_options) > 1 and mbest.placement is not None and len(n_res_options) < L + 1:
-                    center = sum(1 for i in s.layers if mbest.placement.weights_home[i] is Tier.DEVICE)
-                    step = max(1, L // 16)
-                    for n_res in range(max(0, center - step), min(L, center + step) + 1):
-                        for od in opt_devs:
-                            trial(n_res, od)
-            if mbest.placement is not None:
-                pl, est = s.tune_activations(mbest.placement, mbest.est)
-                best.offer(pl, est, _key(pl, est))
+    home_dtypes = _home_dtypes(wl, opts)
+    resident_counts = _resident_counts(s)
+    for home_dtype in home_dtypes:
+        best = _fastest(s, home_dtype, resident_counts)
         if best.placement is not None:
-            if hd != home_dtypes[0]:
-                notes.append(f"zo2 weights live in {hd} at home: float32 did not fit; updates smaller than "
-                             f"{hd}'s resolution are lost (set offload.home_dtype to choose)")
+            notes = []
+            if home_dtype != home_dtypes[0]:
+                notes.append(f"zo2 weights live in {home_dtype} at home: float32 did not fit; updates smaller than "
+                             f"{home_dtype}'s resolution are lost (set offload.home_dtype to choose)")
             return best.placement, best.est, True, notes
-    # Nothing fits: the smallest candidate, to say what binds and by how much (with the layers' inputs
-    # in host memory when that is what the device is short of).
-    hd = home_dtypes[-1]
-    n_res = n_res_options[0] if len(n_res_options) == 1 else 0
-    depth = 0 if opts.prefetch_depth is None else opts.prefetch_depth
-    pl, est = s.run(hd, 1, depth, n_res, False)
+    pl, est = _smallest(s, home_dtypes[-1], resident_counts)
+    return pl, est, False, []
+
+
+def _home_dtypes(wl: Workload, opts: Options) -> list[str]:
+    """zo2 full-parameter weights at home in fp32 (exact small updates) unless that does not fit."""
+    if opts.home_dtype is not None:
+        return [opts.home_dtype]
+    if wl.method == "zo2" and not wl.lora:
+        return ["float32"] + ([wl.compute_dtype] if wl.compute_dtype != "float32" else [])
+    return [wl.compute_dtype]
+
+
+def _resident_counts(s: _Search) -> list[int]:
+    """The numbers of resident decoder layers worth trying (a coarse grid on deep models, refined
+    around the best one by _fastest)."""
+    opts, n_layers = s.o, len(s.layers)
+    if opts.mode == "in_memory":
+        return [n_layers]
+    if opts.resident_layers is not None:
+        return [min(opts.resident_layers, n_layers)]
+    if opts.optimizer_home is Tier.DEVICE:
+        return [n_layers]
+    if opts.mode == "stream":
+        return [0]
+    if s.cpu and not s.cap.ssd and opts.weights_home is None:
+        return [n_layers]  # a CPU's device memory is host RAM: streaming saves RAM only from the SSD
+    return _grid(n_layers)
+
+
+def _fastest(s: _Search, home_dtype: str, resident_counts: list[int]) -> _Best:
+    """The fastest fitting candidate with weights at home in `home_dtype`: per micro-batch size, every
+    prefetch depth and resident count, then that micro-batch's best with its activations tuned."""
+    wl, opts = s.wl, s.o
+    optimizer_choices = [True, False] if (wl.method == "adamw" and not wl.lora and opts.optimizer_home is None) \
+        else [False]
+    depths = [opts.prefetch_depth] if opts.prefetch_depth is not None else [1, 0]
+    best = _Best()
+    for micro in _divisors_desc(wl.batch_size):
+        per_micro = _Best()  # activation tuning depends on the micro-batch
+        for depth in depths:
+            _try_depth(s, per_micro, home_dtype, micro, depth, resident_counts, optimizer_choices)
+        if per_micro.placement is not None:
+            pl, est = s.tune_activations(per_micro.placement, per_micro.est)
+            best.offer(pl, est, _key(pl, est))
+    return best
+
+
+def _try_depth(s: _Search, best: _Best, home_dtype: str, micro: int, depth: int, resident_counts: list[int],
+               optimizer_choices: list[bool]) -> None:
+    """Offer every fitting candidate at one prefetch depth: the resident counts given, then, on a coarse
+    grid, every count within a sixteenth of the layers of the best so far."""
+    tried: set[tuple[int, bool]] = set()
+
+    def trial(n_res: int, optimizer_on_device: bool) -> None:
+        if (n_res, optimizer_on_device) in tried:
+            return
+        tried.add((n_res, optimizer_on_device))
+        pl, est = s.run(home_dtype, micro, depth, n_res, optimizer_on_device)
+        if fits(est.memory, s.cap):
+            best.offer(pl, est, _key(pl, est))
+        elif s.zo:
+            # a block's z does not fit: draw it tensor by tensor, again for each pass (the same placement
+            # with z per block is never slower, so it is tried first)
+            pl, est = s.per_tensor(pl)
+            if fits(est.memory, s.cap):
+                best.offer(pl, est, _key(pl, est))
+        elif s.swappable(pl) and {t for t, _, _ in overflows(est.memory, s.cap)} == {"device"}:
+            # activations do not fit on the device even recomputed: the layers' inputs, or every saved
+            # activation, to pinned host memory (whichever is faster and fits; pointless when host or SSD
+            # is short already: the swaps only add to them)
+            for swap in ("inputs", "all"):
+                pl, est = s.run(home_dtype, micro, depth, n_res, optimizer_on_device, swap=swap)
+                if fits(est.memory, s.cap):
+                    best.offer(pl, est, _key(pl, est))
+
+    for n_res in resident_counts:
+        for optimizer_on_device in optimizer_choices:
+            trial(n_res, optimizer_on_device)
+    n_layers = len(s.layers)
+    if len(resident_counts) > 1 and best.placement is not None and len(resident_counts) < n_layers + 1:
+        center = sum(1 for i in s.layers if best.placement.weights_home[i] is Tier.DEVICE)
+        step = max(1, n_layers // 16)
+        for n_res in range(max(0, center - step), min(n_layers, center + step) + 1):
+            for optimizer_on_device in optimizer_choices:
+                trial(n_res, optimizer_on_device)
+
+
+def _smallest(s: _Search, home_dtype: str, resident_counts: list[int]) -> tuple[Placement, Estimate]:
+    """Nothing fits: the smallest candidate, to say what binds and by how much (with the layers' inputs
+    in host memory when that is what the device is short of)."""
+    n_res = resident_counts[0] if len(resident_counts) == 1 else 0
+    depth = 0 if s.o.prefetch_depth is None else s.o.prefetch_depth
+    pl, est = s.run(home_dtype, 1, depth, n_res, False)
     if s.swappable(pl):
         short = lambda e: sum(need - have for _, need, have in overflows(e.memory, s.cap))  # noqa: E731
-        swapped = s.run(hd, 1, depth, n_res, False, swap="inputs")
+        swapped = s.run(home_dtype, 1, depth, n_res, False, swap="inputs")
         if short(swapped[1]) < short(est):
             pl, est = swapped
     if s.zo:
         pl, est = s.per_tensor(pl)
-    return pl, est, False, notes
+    return pl, est
 
 
-def _fmt_bytes(n: int) -> str:
-    for unit, size in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6)):
-        if abs(n) >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} B"
+# ---- the Plan ------------------------------------------------------------------------------------
 
 
 def make_plan(inv: ModelInventory, wl: Workload, machine: Machine, opts: Options, *, suggest: bool = True,
@@ -488,126 +359,45 @@ def make_plan(inv: ModelInventory, wl: Workload, machine: Machine, opts: Options
                          f"instead of {est.times.step_s:.3g} (half the bytes to move; updates below "
                          f"{wl.compute_dtype}'s resolution are lost)")
     cap = capacities(machine, opts)
-    hb = home_bytes(inv, wl, pl.home_dtype)
-    mom = 4 if wl.zo_momentum and wl.method == "zo2" else 0
-    blocks = tuple(
-        BlockPlan(name=b.name, param_bytes=hb[i], weights_home=pl.weights_home[i], optimizer_home=pl.optimizer_home[i],
-                  activation=pl.activation[i], params=b.params, trainable_params=b.trainable_params,
-                  optimizer_bytes=b.trainable_params * (mom if wl.method == "zo2"
-                                                        else optimizer_bytes_per_param(wl, pl.optimizer_home[i])))
-        for i, b in enumerate(inv.blocks))
     reasons: tuple[str, ...] = ()
     suggestions: tuple[str, ...] = ()
     if not feasible:
-        reasons = tuple(_reasons(est, cap, machine, opts))
+        reasons = tuple(explain.reasons(est.memory, est.device_parts, cap, opts))
         if suggest:
-            suggestions = tuple(_suggestions(inv, wl, machine, opts, est, cap, lora_inventory))
+            def replan(i: ModelInventory, w: Workload, o: Options) -> Plan:
+                return make_plan(i, w, machine, o, suggest=False)
+            suggestions = tuple(explain.suggestions(inv, wl, machine, opts, est.memory, cap, replan, lora_inventory))
     step = est.times.step_s
     best_rate = machine.flops(wl.compute_dtype)
-    micro_batches = wl.batch_size * wl.grad_accum // pl.micro_batch_size
-    cal = work.calibration(machine, wl, pl.micro_batch_size * wl.seq_len)
     if machine.layer_timings:
+        cal = work.calibration(machine, wl, pl.micro_batch_size * wl.seq_len)
         passes = (f"forward x{cal.forward_no_grad:.2f}" if wl.method == "zo2"
                   else f"forward x{cal.forward:.2f}, backward x{cal.backward:.2f}")
         notes.append(f"compute priced against this device's measured decoder layers at "
                      f"{pl.micro_batch_size * wl.seq_len} tokens per micro-batch: {passes}")
     return Plan(
-        method=wl.method, compute_device=machine.compute_device, blocks=blocks, prefetch_depth=pl.prefetch_depth,
-        device_buffers=est.device_buffers, home_dtype=pl.home_dtype, wire_dtype=est.wire_dtype,
-        compute_dtype=wl.compute_dtype, pinned_pool_bytes=est.pinned_pool_bytes,
+        method=wl.method, compute_device=machine.compute_device, blocks=_block_plans(inv, wl, pl),
+        prefetch_depth=pl.prefetch_depth, device_buffers=est.device_buffers, home_dtype=pl.home_dtype,
+        wire_dtype=est.wire_dtype, compute_dtype=wl.compute_dtype, pinned_pool_bytes=est.pinned_pool_bytes,
         swap_dir=opts.swap_dir, device_budget_bytes=cap.device, memory=est.memory, capacity=cap, times=est.times,
         tokens_per_s=wl.tokens_per_step / step if step > 0 else 0.0, feasible=feasible, reasons=reasons,
-        suggestions=suggestions, micro_batch_size=pl.micro_batch_size, micro_batches=micro_batches,
+        suggestions=suggestions, micro_batch_size=pl.micro_batch_size,
+        micro_batches=wl.batch_size * wl.grad_accum // pl.micro_batch_size,
         seq_len=wl.seq_len, tokens_per_step=wl.tokens_per_step, flops_per_step=est.flops_per_step,
         tflops=est.flops_per_step / step / 1e12 if step > 0 else 0.0,
         gpu_utilization=est.flops_per_step / step / best_rate if step > 0 and best_rate > 0 else 0.0,
         lora=wl.lora, model=inv.model_type, machine=machine.name, notes=tuple(notes), z_buffer=pl.z_buffer,
+        device_parts=est.device_parts,
+        device_context_bytes=machine.context_bytes if machine.compute_device == "cuda" else 0,
     )
 
 
-def _reasons(est: Estimate, cap: TierBytes, machine: Machine, opts: Options) -> list[str]:
-    out = []
-    for tier, need, have in overflows(est.memory, cap):
-        if tier == "device":
-            parts = ", ".join(f"{k} {_fmt_bytes(v)}" for k, v in sorted(est.device_parts, key=lambda kv: -kv[1])[:3])
-            limit = " (offload.device_memory_limit)" if opts.device_memory_limit_bytes is not None else ""
-            out.append(f"device memory: needs {_fmt_bytes(need)} at the least, the device offers "
-                       f"{_fmt_bytes(cap.device)}{limit} after headroom ({parts})")
-        elif tier == "host":
-            out.append(f"host RAM: needs {_fmt_bytes(need)}, this machine offers {_fmt_bytes(have)} after headroom")
-        elif tier == "pinned":
-            out.append(f"pinned host memory: needs {_fmt_bytes(need)}, {_fmt_bytes(have)} can be pinned")
-        else:
-            where = f"under {opts.swap_dir}" if opts.swap_dir else "(no offload.swap_dir set)"
-            out.append(f"SSD: needs {_fmt_bytes(need)} {where}, has {_fmt_bytes(have)}")
-    if opts.mode == "in_memory" and not out:
-        out.append("offload.mode in_memory keeps everything on the device, and it does not fit")
-    return out or ["no placement fits the capacities above"]
-
-
-def _suggestions(inv: ModelInventory, wl: Workload, machine: Machine, opts: Options, est: Estimate,
-                 cap: TierBytes, lora_inventory: Callable[[], ModelInventory] | None) -> list[str]:
-    """Nearby changes, each planned again; the ones that fit come first, fastest first. When none fits
-    alone, pairs of them are planned too (LoRA and a swap_dir may each fall short where both fit)."""
-    tries: list[tuple[str, dict, dict]] = []  # (what to say, Workload fields, Options fields)
-    over = {t for t, _, _ in overflows(est.memory, cap)}
-    if opts.mode == "in_memory":
-        tries.append(("set offload.mode: auto (stream what does not fit)", {}, {"mode": "auto"}))
-    forced = [k for k in ("resident_layers", "weights_home", "optimizer_home", "activation", "prefetch_depth",
-                          "home_dtype") if getattr(opts, k) is not None]
-    if forced:
-        names = ", ".join("activations" if k == "activation" else k for k in forced)
-        tries.append((f"let the planner choose offload.{names} (remove the setting)", {}, {k: None for k in forced}))
-    ram = {"host", "pinned", "ssd"} | ({"device"} if machine.compute_device == "cpu" else set())  # a CPU's is RAM
-    if not opts.swap_dir and machine.disk_read_bps > 0 and over & ram:
-        tries.append((f"set offload.swap_dir to a folder on {machine.disk_path} "
-                      f"({_fmt_bytes(machine.disk_free_bytes)} free)", {}, {"swap_dir": machine.disk_path}))
-    if not wl.lora:
-        tries.append(("use peft.type: lora", {"lora": True}, {}))
-    lora_inv = [inv]  # the inventory under LoRA, built once, when a LoRA try is planned
-    if wl.method == "adamw":
-        tries.append(("use method.name: zo2", {"method": "zo2", "q": 1}, {}))
-    if wl.compute_dtype == "float32" and machine.flops("bfloat16") > 0:
-        tries.append(("use model.dtype: bfloat16", {"compute_dtype": "bfloat16"}, {}))
-    if opts.device_memory_limit_bytes is not None:
-        tries.append(("remove offload.device_memory_limit", {}, {"device_memory_limit_bytes": None}))
-    batches: list[tuple[str, dict, dict]] = []  # largest first: the largest that fits is the one worth saying
-    b = wl.batch_size
-    while b > 1:
-        b //= 2
-        accum = wl.grad_accum * (wl.batch_size // b) if wl.method == "adamw" else wl.grad_accum
-        batches.append((f"lower training.batch_size to {b}" + (f" and raise training.grad_accum to {accum} (same "
-                        "examples per step)" if wl.method == "adamw" else ""), {"batch_size": b, "grad_accum": accum}, {}))
-    if wl.seq_len > 256:
-        tries.append((f"lower data.max_length to {wl.seq_len // 2}", {"seq_len": wl.seq_len // 2}, {}))
-
-    def planned(*changes: tuple[str, dict, dict]) -> Plan:
-        w = dataclasses.replace(wl, **{k: v for _, wk, _ in changes for k, v in wk.items()})
-        o = dataclasses.replace(opts, **{k: v for _, _, ok in changes for k, v in ok.items()})
-        if w.lora and not wl.lora and lora_inventory is not None and lora_inv[0] is inv:
-            lora_inv[0] = lora_inventory()
-        return make_plan(lora_inv[0] if w.lora and not wl.lora else inv, w, machine, o, suggest=False)
-
-    fit: list[tuple[float, str]] = []
-    nofit: list[str] = []
-
-    def offer(text: str, p: Plan) -> bool:
-        if p.feasible:
-            fit.append((p.times.step_s, f"{text}: fits, {p.times.step_s:.3g} s/step ({p.times.bottleneck}-bound)"))
-        return p.feasible
-
-    for t in tries:
-        if not offer(t[0], planned(t)):
-            nofit.append(f"{t[0]}: still does not fit")
-    for t in batches:
-        if offer(t[0], planned(t)):
-            break
-    if not fit:  # two changes at once: pairs of the above, then each with the largest batch that fits
-        for one, other in itertools.combinations(tries, 2):
-            offer(f"{one[0]}, and {other[0]}", planned(one, other))
-    if not fit:
-        for one in tries:
-            for other in batches:
-                if offer(f"{one[0]}, and {other[0]}", planned(one, other)):
-                    break
-    return [t for _, t in sorted(fit)] + nofit[:2]
+def _block_plans(inv: ModelInventory, wl: Workload, pl: Placement) -> tuple[BlockPlan, ...]:
+    hb = home_bytes(inv, wl, pl.home_dtype)
+    momentum_bytes = 4 if wl.zo_momentum and wl.method == "zo2" else 0
+    return tuple(
+        BlockPlan(name=b.name, param_bytes=hb[i], weights_home=pl.weights_home[i], optimizer_home=pl.optimizer_home[i],
+                  activation=pl.activation[i], params=b.params, trainable_params=b.trainable_params,
+                  optimizer_bytes=b.trainable_params * (momentum_bytes if wl.method == "zo2"
+                                                        else optimizer_bytes_per_param(wl, pl.optimizer_home[i])))
+        for i, b in enumerate(inv.blocks))

@@ -1,8 +1,8 @@
-"""Plan stage, the data: what the planner reads (inventory, workload, machine) and the Plan it returns.
+"""Plan stage, the data: what the planner reads (workload, machine, options) and the Plan it returns.
 
 Frozen dataclasses of plain numbers; the Plan is the contract with the engine and is stored in
-checkpoints, so it round-trips through JSON (to_dict / from_dict). Imports no torch and nothing
-from engine/ or train/.
+checkpoints, so it round-trips through JSON (to_dict / from_dict). The model's blocks come as
+model.types data. Imports no torch and nothing from engine/ or train/.
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Literal
 
+# DTYPE_BYTES is also read from here, beside the Plan (train.preflight)
+from fuyoucli.model.types import DTYPE_BYTES, BlockSpec  # noqa: F401
+
 Method = Literal["zo2", "adamw"]
 Dtype = Literal["float32", "bfloat16", "float16"]
 Activation = Literal["keep", "swap", "recompute", "recompute-swap"]
 ZBuffer = Literal["block", "tensor"]
-
-DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
-
 
 class Tier(str, Enum):
     """Where bytes live. DEVICE is the compute device (for a CPU run: host RAM the CPU computes from)."""
@@ -32,68 +32,6 @@ class Tier(str, Enum):
 
 
 # ---- planner inputs ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BlockSpec:
-    """One block of the model as the inventory sees it (config only, no weights)."""
-
-    name: str
-    """'embed', 'layers.N' or 'head' (the names fuyoucli.model.blocks gives)."""
-    params: int
-    """Parameters owned by the block (a tied head's weight belongs to 'embed')."""
-    trainable_params: int
-    """Of those, the ones the recipe trains (all of them, or the LoRA adapters / a new head)."""
-    max_tensor_params: int
-    """The largest single tensor of the block (sizes per-tensor work buffers such as a ZO direction z)."""
-    matmul_flops_per_token: int
-    """Forward FLOPs per token of the block's matrix products (2 per multiply-add; a tied head counts here)."""
-    attention_flops_per_token_per_key: int
-    """Forward FLOPs per token per attended key (QK^T and AV: 4 * heads * head_dim); 0 outside attention."""
-    attention_window: int | None
-    """Sliding-window size when the block attends to at most that many keys; None: the whole sequence."""
-    boundary_elems_per_token: int
-    """Elements per token of the hidden state the block hands on (its output)."""
-    internal_elems_per_token: int
-    """Elements per token the block keeps for its backward (and allocates at peak in a forward)."""
-    elementwise_elems_per_token: int = 0
-    """Elements read plus written per token by the block's forward outside matrix products and
-    attention (norms, activations, rotary embeddings, residual adds, casts, copies), as traced on the
-    meta device (the loss: ModelInventory.loss_elems_per_position). Memory-bound work, and on a CPU
-    a large share of a forward's time."""
-
-    def forward_flops_per_token(self, seq_len: int) -> int:
-        """Forward FLOPs per token at this sequence length; causal attention sees (seq+1)/2 keys on average."""
-        keys = (seq_len + 1) // 2 if self.attention_window is None else min(self.attention_window, (seq_len + 1) // 2)
-        return self.matmul_flops_per_token + self.attention_flops_per_token_per_key * keys
-
-    def param_bytes(self, dtype: str) -> int:
-        return self.params * DTYPE_BYTES[dtype]
-
-
-@dataclass(frozen=True)
-class ModelInventory:
-    """A model's blocks in execution order, from its config alone."""
-
-    model_type: str
-    hidden_size: int
-    num_layers: int
-    vocab_size: int
-    tied_embeddings: bool
-    blocks: tuple[BlockSpec, ...]
-    source: str = ""
-    """Where the config came from (for reports)."""
-    loss_elems_per_position: int = 0
-    """Elements the loss (train.losses: fp32 cross-entropy) reads plus writes per scored position,
-    outside the head's product: a few passes over the vocabulary (or the labels)."""
-
-    @property
-    def params(self) -> int:
-        return sum(b.params for b in self.blocks)
-
-    @property
-    def trainable_params(self) -> int:
-        return sum(b.trainable_params for b in self.blocks)
 
 
 @dataclass(frozen=True)
@@ -189,6 +127,15 @@ class Machine:
     layer_timings: tuple[LayerTiming, ...] = ()
     """Optional measured layers, by token count: the cost model prices them and scales a model's
     forward and backward work by measured / priced (work.calibration). Empty: no scaling."""
+    context_bytes: int = 0
+    """cuda: device memory the process holds outside torch's allocator (the CUDA context), measured
+    or assumed. device_bytes, free memory as a process holding its context saw it, leaves it out:
+    the device offers the run device_bytes + context_bytes, and the device peak counts it."""
+    library_workspace_bytes: int = 0
+    """cuda: workspaces libraries keep allocated for the process's life (cuBLAS, cuBLASLt)."""
+    allocator_slack: float = 0.0
+    """cuda: what the caching allocator reserves beyond the tensors made and freed every pass
+    (activations, logits and loss), as a fraction of them. 0 on a CPU (no caching allocator)."""
 
     def flops(self, dtype: str) -> float:
         return dict(self.matmul_flops).get(dtype, 0.0)
@@ -208,6 +155,23 @@ class Options:
     weights_home: Tier | None = None
     optimizer_home: Tier | None = None
     activation: Activation | None = None
+
+
+# ---- a candidate the search prices ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One candidate: per-block homes and activation policy (block order = inventory order)."""
+
+    home_dtype: str
+    weights_home: tuple[Tier, ...]
+    optimizer_home: tuple[Tier | None, ...]
+    activation: tuple[str | None, ...]
+    prefetch_depth: int
+    micro_batch_size: int
+    z_buffer: str = "block"
+    """zo2: z held per block (drawn once per direction) or per tensor (drawn again for each pass)."""
 
 
 # ---- the plan ---------------------------------------------------------------------------------
@@ -238,7 +202,7 @@ class StepTimes:
     dram_s: float = 0.0
     """Host memory copies made by the CPU (pageable <-> pinned staging)."""
     step_s: float = 0.0
-    """The combined step under the overlap model (see plan/cost.py)."""
+    """The combined step under the overlap model (see plan/step_time.py)."""
     bottleneck: str = ""
     """The resource whose busy time sets step_s ('gpu', 'h2d', 'd2h', 'ssd', 'cpu_optimizer', 'dram')."""
 
@@ -311,6 +275,13 @@ class Plan:
     model: str = ""
     machine: str = ""
     notes: tuple[str, ...] = ()
+    device_parts: tuple[tuple[str, int], ...] = ()
+    """What memory.device is made of: (part, bytes), e.g. resident weights, activations, the CUDA
+    context; the device peak is their sum."""
+    device_context_bytes: int = 0
+    """cuda: the CUDA context the device peak counts (outside torch's allocator): a run capping its
+    allocator under offload.device_memory_limit (the whole process's memory) caps it at the limit
+    less this."""
     z_buffer: ZBuffer = "block"
     """zo2: how a direction's z is held. 'block': drawn once per direction into an fp32 buffer the
     size of the largest trainable block, shared by its +eps and -eps passes. 'tensor': drawn tensor

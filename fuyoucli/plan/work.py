@@ -33,7 +33,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from fuyoucli.plan.types import DTYPE_BYTES, BlockSpec, Machine, ModelInventory, Workload
+from fuyoucli.model.types import DTYPE_BYTES, BlockSpec, ModelInventory
+from fuyoucli.plan.types import Machine, Workload
 
 # Bytes one element of a probe's add moves (read x, read y, write the result): the unit its rates are in.
 _ADD_BYTES = 12

@@ -1,28 +1,58 @@
 """From a recipe to the plan a run executes: the machine's profile, the model's inventory, the planner.
 
-Trainer-side glue between the pure planner (plan/) and the run loop. A run whose machine has no saved
-profile measures it once (the quick probe, about a minute, a progress line per phase on stderr) and
-saves it, so the first `fuyou finetune` on a new machine plans from measurements instead of failing. An infeasible plan stops the run before any
-weights load, with the planner's reasons and suggestions.
+Trainer-side glue between the pure planner (plan/), which takes its inputs as data, and the run loop
+(cli/plan.py uses it too). A run whose machine has no saved profile measures it once (the quick
+probe, about a minute, a progress line per phase on stderr) and saves it, so the first `fuyou
+finetune` on a new machine plans from measurements instead of failing. An infeasible plan stops the
+run before any weights load, with the planner's reasons and suggestions.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from typing import Callable
 
-from fuyoucli.errors import InfeasiblePlan
+from fuyoucli.errors import InfeasiblePlan, InputError
+from fuyoucli.hardware.profile import HardwareProfile, default_profile_path, load_profile
+from fuyoucli.model.types import ModelInventory
+from fuyoucli.plan.search import make_plan
 from fuyoucli.plan.types import Plan
 from fuyoucli.recipe import PeftConfig, Recipe
+from fuyoucli.train.plan_inputs import (
+    check_offload_applies, machine_from_profile, options_from_recipe, workload_from_recipe,
+)
 
 
-def machine_profile(recipe: Recipe, note: Callable[[str], None]):
-    from fuyoucli.hardware.profile import default_profile_path, load_profile, save_profile
-    from fuyoucli.plan.search import hardware_for_recipe
+def hardware_for_recipe(recipe: Recipe, *, profile: str | None = None, preset: str | None = None) -> HardwareProfile:
+    """The machine to plan for: a --profile/--preset given on the command line, else the recipe's
+    hardware section, else this machine's saved profile (an InputError saying how to get one)."""
+    spec = profile or preset or recipe.hardware.profile or recipe.hardware.preset
+    if spec is not None:
+        return load_profile(spec)
+    if not default_profile_path().is_file():
+        raise InputError(f"no hardware profile of this machine at {default_profile_path()}: run `fuyou profile` "
+                         "to measure it, or set hardware.preset in the recipe (or pass --preset NAME; "
+                         "`fuyou profile --list-presets` lists them)")
+    return load_profile(None)
 
+
+def plan_recipe(recipe: Recipe, inv: ModelInventory, profile: HardwareProfile,
+                lora_inventory: Callable[[], ModelInventory] | None = None) -> Plan:
+    """The plan for a recipe on a machine, given the model's inventory (model.inventory builds it), and
+    for the LoRA suggestion, a way to get its inventory under LoRA (called only if it does not fit)."""
+    check_offload_applies(recipe)
+    machine, notes = machine_from_profile(profile, recipe.offload.swap_dir)
+    p = make_plan(inv, workload_from_recipe(recipe), machine, options_from_recipe(recipe),
+                  lora_inventory=lora_inventory)
+    return dataclasses.replace(p, notes=notes + p.notes) if notes else p
+
+
+def machine_profile(recipe: Recipe, note: Callable[[str], None]) -> HardwareProfile:
     if recipe.hardware.profile or recipe.hardware.preset or default_profile_path().is_file():
         return hardware_for_recipe(recipe)
     from fuyoucli.hardware.probe import probe
+    from fuyoucli.hardware.profile import save_profile
 
     disks = [recipe.offload.swap_dir] if recipe.offload.swap_dir else ["."]
     note(f"no hardware profile of this machine yet: measuring it (quick) for the planner; "
@@ -48,7 +78,6 @@ def plan_for_run(recipe: Recipe, *, num_labels: int | None, note: Callable[[str]
     if o.mode == "in_memory" and o.host_memory_limit is None and o.device_memory_limit is None:
         return None
     from fuyoucli.model.inventory import inventory, lora_inventory
-    from fuyoucli.plan.search import plan_recipe
 
     profile = machine_profile(recipe, note)
     lora = lambda: lora_inventory(recipe.model, PeftConfig(type="lora"), num_labels=num_labels)  # noqa: E731

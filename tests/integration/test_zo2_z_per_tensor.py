@@ -175,9 +175,9 @@ def test_planned_per_tensor_run_stays_within_the_plans_device_peak():
     plans z per tensor; the engine runs that plan within its predicted device peak, and the same plan
     with a block's z overruns the budget (the arena enforces it)."""
     from fuyoucli.model.inventory import inventory_from_config
-    from fuyoucli.plan.cost import Placement, estimate
+    from fuyoucli.plan.cost import estimate
     from fuyoucli.plan.search import make_plan
-    from fuyoucli.plan.types import Machine, Options, Workload
+    from fuyoucli.plan.types import Machine, Options, Placement, Workload
 
     model = wide_model()
     inv = inventory_from_config(model.config)

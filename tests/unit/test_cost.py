@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from fuyoucli.plan.cost import Placement, capacities, estimate, fits, overflows
-from fuyoucli.plan.types import BlockSpec, Machine, ModelInventory, Options, Tier, TierBytes, Workload
+from fuyoucli.plan.cost import estimate
+from fuyoucli.plan.memory import capacities, fits, overflows
+from fuyoucli.model.types import BlockSpec, ModelInventory
+from fuyoucli.plan.types import Machine, Options, Placement, Tier, TierBytes, Workload
 
 D, P, G, S = Tier.DEVICE, Tier.PINNED, Tier.PAGEABLE, Tier.SSD
 
@@ -51,10 +53,12 @@ def test_zo2_streamed_bytes_and_times():
     est = estimate(inv, ZO, machine(), placement(inv, [D, P, P, P, P, D]))
     # resident embed + head (fp32) + 3 buffers (fetching, computing, writing back) of one 4000-byte layer
     # + work buffers (a layer's compute copy, z of the largest block and the update direction of the
-    # largest tensor, both fp32) + 2q hidden streams + one layer's internals
-    acts = (2 * 1 * 8 * 4 + 8 * 40) * 4
-    assert est.memory == TierBytes(device=600 * 4 + 3 * 4000 + (1000 * 4 + 1000 * 4 + 500 * 4) + acts, pinned=16000,
-                                   pageable=0, ssd=0)
+    # largest tensor, both fp32) + 2q hidden streams + one layer's internals + the head's 25 logits per
+    # token and their fp32 log-softmax (fp32 logits: no upcast copy)
+    acts = (2 * 1 * 8 * 4 + 8 * 16) * 4
+    logits = 8 * 25 * 4 + 8 * 25 * 4
+    assert est.memory == TierBytes(device=600 * 4 + 3 * 4000 + (1000 * 4 + 1000 * 4 + 500 * 4) + acts + logits,
+                                   pinned=16000, pageable=0, ssd=0)
     assert est.device_buffers == 3 and est.wire_dtype == "float32" and est.pinned_pool_bytes == 0
     t = est.times
     assert t.h2d_s == pytest.approx(16000 / 800) and t.d2h_s == pytest.approx(16000 / 800)  # both ways at once: duplex
@@ -175,8 +179,69 @@ def test_capacities_and_limits():
     assert overflows(TierBytes(11, 10, 10, 1), cap) == [("device", 11, 10), ("host", 20, 15), ("ssd", 1, 0)]
 
 
+# ---- what the device really holds: logits and loss, and a CUDA process's own memory ----------------
+
+
+CUDA_PROCESS = dict(context_bytes=500_000, library_workspace_bytes=70_000, allocator_slack=0.25)
+
+
+def test_device_peak_counts_the_logits_and_a_cuda_processs_own_memory():
+    inv = toy()  # a head of 25 logits per token; 8 tokens per micro-batch
+    homes = [D, P, P, P, P, D]
+    bare = estimate(inv, ZO, machine(), placement(inv, homes))
+    est = estimate(inv, ZO, machine(**CUDA_PROCESS), placement(inv, homes))
+    parts = dict(est.device_parts)
+    # fp32 logits (8 x 25 x 4) and their fp32 log-softmax; no upcast copy of fp32 logits
+    assert parts["logits and loss"] == dict(bare.device_parts)["logits and loss"] == 8 * 25 * 4 + 8 * 25 * 4
+    # the head's own internals are that part's now: activations are the hidden streams and a layer's
+    assert parts["activations"] == (2 * 8 * 4 + 8 * 16) * 4
+    assert parts["CUDA context"] == 500_000 and parts["library workspaces"] == 70_000
+    assert parts["allocator slack"] == (768 + 1600) // 4  # a quarter of what every pass makes and frees
+    assert est.memory.device == bare.memory.device + 500_000 + 70_000 + 592 == sum(parts.values())
+    assert "CUDA context" not in dict(bare.device_parts)  # a Machine given directly holds none unless told
+
+
+def test_logits_and_loss_by_dtype_method_and_scored_positions():
+    from fuyoucli.plan.memory import logits_and_loss_bytes
+
+    inv = toy()
+    zo16 = Workload("zo2", False, "bfloat16", batch_size=1, seq_len=8)
+    ad32 = Workload("adamw", False, "float32", batch_size=1, seq_len=8)
+    # bf16 logits (2 bytes), their fp32 copy and the fp32 log-softmax (4 + 4)
+    assert logits_and_loss_bytes(inv, zo16, 8) == 8 * 25 * 2 + 8 * 25 * 8
+    # first-order: the backward's saved log-softmax, its incoming and outgoing gradients (fp32)
+    assert logits_and_loss_bytes(inv, ad32, 8) == 8 * 25 * 4 + 8 * 25 * 12
+    # one position in 8 scored (label words): a gathered copy, its fp32 log-softmax; a backward scatters
+    # the gradient back into two logits-sized tensors
+    zo_one = Workload("zo2", False, "float32", batch_size=1, seq_len=8, loss_positions_fraction=1 / 8)
+    ad_one = Workload("adamw", False, "float32", batch_size=1, seq_len=8, loss_positions_fraction=1 / 8)
+    assert logits_and_loss_bytes(inv, zo_one, 8) == 8 * 25 * 4 + 1 * 25 * (4 + 4)
+    assert logits_and_loss_bytes(inv, ad_one, 8) == 8 * 25 * 4 + 1 * 25 * 12 + 2 * 8 * 25 * 4
+    # sized by the micro-batch: two micro-batches of 8 tokens hold one's at a time
+    two = Workload("zo2", False, "float32", batch_size=2, seq_len=8)
+    pl = placement(inv, [D] * 6, depth=0, micro=1)
+    assert dict(estimate(inv, two, machine(), pl).device_parts)["logits and loss"] == 1600
+
+
+def test_a_cpu_device_holds_no_cuda_context():
+    inv = toy()
+    m = machine(compute_device="cpu", pinned_bytes=0, **CUDA_PROCESS)
+    parts = dict(estimate(inv, ZO, m, placement(inv, [D] * 6, depth=0)).device_parts)
+    assert parts["logits and loss"] == 1600
+    assert not {"CUDA context", "library workspaces", "allocator slack"} & set(parts)
+    assert capacities(m, Options()).device == int(m.host_ram_bytes * 0.9)
+
+
+def test_capacity_adds_back_the_context_free_memory_left_out_and_a_limit_caps_the_whole_process():
+    m = machine(device_bytes=1000, host_ram_bytes=2000, pinned_bytes=500, context_bytes=250)
+    assert capacities(m, Options()).device == int((1000 + 250) * 0.92)
+    assert capacities(m, Options(device_memory_limit_bytes=500)).device == int(500 * 0.92)
+
+
 def test_plan_package_is_pure():
-    """STYLE.md principle 1: plan/ imports no torch and nothing from the model, engine or train stages."""
+    """STYLE.md principle 1: plan/ imports no torch and nothing from the model stage but its data
+    (model.types), nor the engine or train stages; and (issue 18) neither the recipe nor the hardware
+    profile, nor anything that reads files: its inputs come in as data."""
     import ast
     from pathlib import Path
 
@@ -186,7 +251,12 @@ def test_plan_package_is_pure():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             for name in names:
                 assert name.split(".")[0] != "torch", (path.name, name)
-                assert not name.startswith(("fuyoucli.model", "fuyoucli.engine", "fuyoucli.train")), (path.name, name)
+                assert not name.startswith(("fuyoucli.model", "fuyoucli.engine", "fuyoucli.train")) \
+                    or name == "fuyoucli.model.types", (path.name, name)
+                assert not name.startswith(("fuyoucli.recipe", "fuyoucli.hardware")), (path.name, name)
+                assert name.split(".")[0] not in ("os", "pathlib", "io", "shutil", "json"), (path.name, name)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+                assert node.func.id != "open", (path.name, "open()")
 
 
 # ---- elementwise work (plan/work.py) ---------------------------------------------------------------

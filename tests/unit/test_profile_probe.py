@@ -90,6 +90,13 @@ def test_memlock_limit_matches_ulimit() -> None:
     assert hostinfo.memlock_limit_bytes() == (None if soft == resource.RLIM_INFINITY else soft)
 
 
+def test_the_context_is_the_memory_in_use_less_what_the_allocator_reserved() -> None:
+    gib = 1 << 30
+    assert probe.context_bytes(total_bytes=80 * gib, free_bytes=79 * gib, reserved_bytes=gib // 4) == 3 * gib // 4
+    assert probe.context_bytes(total_bytes=80 * gib, free_bytes=80 * gib, reserved_bytes=0) == 0
+    assert probe.context_bytes(total_bytes=gib, free_bytes=gib, reserved_bytes=1) == 0  # never negative
+
+
 def test_whole_probe_with_tiny_spec(tmp_path: Path) -> None:
     steps = []
     prof = probe.probe([tmp_path], spec=TINY, on_step=lambda label, i, n: steps.append((label, i, n)))
@@ -100,6 +107,9 @@ def test_whole_probe_with_tiny_spec(tmp_path: Path) -> None:
     if not cuda:  # the CPU is the compute device, its memory is RAM, and links are host memcpy
         assert prof.compute.total_memory_bytes == prof.host.ram_total_bytes
         assert prof.links.kind == "host_memcpy" and prof.host.pinned_allocatable_bytes is None
+        assert prof.compute.context_bytes == 0  # no CUDA context to measure
+    else:  # a context of its own: kernels loaded, more than nothing and less than the device
+        assert 0 < prof.compute.context_bytes < prof.compute.total_memory_bytes
     assert all(prof.compute.matmul_flops(dt) > 0 for dt in probe.DTYPES)
     assert prof.compute.memory_bandwidth_gbps > 0 and prof.host.dram_copy_gbps > 0
     assert len(prof.compute.elementwise) == (1 if cuda else 2) and prof.compute.log_softmax_elems_per_s > 0

@@ -145,6 +145,29 @@ def test_a_profile_saved_before_elementwise_rates_still_loads() -> None:
     assert prof.compute.elementwise == () and prof.schema_version == SCHEMA_VERSION
 
 
+def test_the_cuda_context_round_trips_and_older_profiles_load_without_it() -> None:
+    prof = load_profile("rtx4090-pcie4-1nvme-128g")
+    assert prof.compute.context_bytes == 0  # a preset measures nothing: the planner assumes one
+    measured = dataclasses.replace(prof, compute=dataclasses.replace(prof.compute, context_bytes=527_433_728))
+    data = json.loads(profile_to_json(measured))
+    assert data["compute"]["context_bytes"] == 527_433_728
+    assert profile_from_json(json.dumps(data)) == measured
+    del data["compute"]["context_bytes"]  # a profile saved before fuyou measured it
+    assert profile_from_json(json.dumps(data)).compute.context_bytes == 0
+    data["compute"]["context_bytes"] = -1
+    with pytest.raises(InputError, match="compute: context_bytes must be >= 0"):
+        profile_from_json(json.dumps(data))
+
+
+def test_gpu_presets_leave_the_assumed_context_out_of_free_memory() -> None:
+    from fuyoucli.hardware.profile import ASSUMED_CONTEXT_BYTES
+
+    for name in presets.preset_names():
+        c = load_profile(name).compute
+        if c.kind == "cuda":
+            assert c.total_memory_bytes - c.free_memory_bytes == ASSUMED_CONTEXT_BYTES
+
+
 def test_gpu_presets_draw_normals_at_memory_speed() -> None:
     prof = load_profile("rtx4090-pcie4-1nvme-128g")
     (point,) = prof.compute.elementwise

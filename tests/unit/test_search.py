@@ -8,8 +8,10 @@ import random
 
 import pytest
 
-from fuyoucli.plan.search import make_plan, machine_from_profile
-from fuyoucli.plan.types import BlockSpec, Machine, ModelInventory, Options, Plan, Tier, Workload
+from fuyoucli.plan.search import make_plan
+from fuyoucli.model.types import BlockSpec, ModelInventory
+from fuyoucli.plan.types import Machine, Options, Plan, Tier, Workload
+from fuyoucli.train.plan_inputs import machine_from_profile
 
 D, P, G, S = Tier.DEVICE, Tier.PINNED, Tier.PAGEABLE, Tier.SSD
 ZO = Workload("zo2", False, "float32", batch_size=1, seq_len=8)
@@ -41,9 +43,9 @@ def homes(plan: Plan) -> list[Tier]:
 
 
 # Device use of the toy zo2 run when every layer streams: resident embed + head (2400), three layer
-# buffers (12000), work buffers (10000: a layer's compute copy, its z, one tensor's direction) and
-# activations (1536); each resident layer adds 4000.
-STREAMING_BASE = 25936
+# buffers (12000), work buffers (10000: a layer's compute copy, its z, one tensor's direction),
+# activations (768) and the logits and loss (1600); each resident layer adds 4000.
+STREAMING_BASE = 26768
 
 
 def test_everything_resident_when_it_fits():
@@ -53,8 +55,8 @@ def test_everything_resident_when_it_fits():
 
 
 def test_resident_layers_are_the_last_ones_that_fit():
-    # 39000 bytes of device budget: pipelined (depth 1), streaming 5 layers (37936) fits, streaming 4
-    # (41936) does not, and all resident (41936: no streamed layer's compute copy) does not either.
+    # 39000 bytes of device budget: pipelined (depth 1), streaming 5 layers (38768) fits, streaming 4
+    # (42768) does not, and all resident (42768: no streamed layer's compute copy) does not either.
     p = make_plan(toy(), ZO, machine(device_bytes=42392), Options(prefetch_depth=1))
     assert p.device_budget_bytes == 39000
     assert p.feasible and homes(p) == [D, P, P, P, P, P, D, D, D, D]
@@ -254,8 +256,10 @@ def test_opt175b_zo2_fp16_over_pcie4_reproduces_the_transfer_lower_bound(opt175b
     assert piped.times.bottleneck == "gpu"
     assert not piped.feasible and p.feasible and p.prefetch_depth == 0
     assert p.times.step_s == pytest.approx(p.times.gpu_s + p.times.h2d_s + p.times.d2h_s)
-    # ZO2 reports 18.04 GB of GPU memory for this run
-    assert 0.75 * 18.04e9 < p.memory.device < 1.25 * 18.04e9
+    # ZO2 reports 18.04 GB of GPU memory for this run: NVML's memory in use on the device (the process's
+    # CUDA context included, as the plan's peak now counts it), printed in MiB as "MB", then / 1000
+    zo2_bytes = 18_040 * 2**20
+    assert 0.75 * zo2_bytes < p.memory.device < 1.25 * zo2_bytes
 
 
 def test_first_order_is_never_faster_than_its_lower_bound(opt175b):
@@ -305,6 +309,44 @@ def test_a_measured_profile_without_layer_timings_asks_for_a_new_profile():
     old = dataclasses.replace(preset, provenance=dataclasses.replace(preset.provenance, source="measured"))
     m, notes = machine_from_profile(old, "/nvme/runs")
     assert m.layer_timings == () and any("no decoder-layer timings" in n and "fuyou profile" in n for n in notes)
+
+
+def test_a_cuda_machine_holds_its_context_measured_or_assumed_and_a_cpu_none():
+    import dataclasses
+
+    from fuyoucli.hardware.presets import get_preset
+    from fuyoucli.hardware.profile import ALLOCATOR_SLACK, ASSUMED_CONTEXT_BYTES, BLAS_WORKSPACE_BYTES
+
+    preset = get_preset("rtx4090-pcie4-1nvme-128g")
+    m, notes = machine_from_profile(preset)
+    assert (m.context_bytes, m.library_workspace_bytes, m.allocator_slack) == \
+        (ASSUMED_CONTEXT_BYTES, BLAS_WORKSPACE_BYTES, ALLOCATOR_SLACK)
+    assert not any("CUDA context" in n for n in notes)  # a preset assumes; nothing to measure again
+    measured = dataclasses.replace(preset, compute=dataclasses.replace(preset.compute, context_bytes=600 << 20),
+                                   provenance=dataclasses.replace(preset.provenance, source="measured"))
+    m, notes = machine_from_profile(measured)
+    assert m.context_bytes == 600 << 20 and not any("CUDA context" in n for n in notes)
+    older = dataclasses.replace(preset, provenance=dataclasses.replace(preset.provenance, source="measured"))
+    m, notes = machine_from_profile(older)
+    assert m.context_bytes == ASSUMED_CONTEXT_BYTES and any("no measured CUDA context" in n for n in notes)
+    cpu, _ = machine_from_profile(get_preset("cpu-laptop-8c-32g"))
+    assert (cpu.context_bytes, cpu.library_workspace_bytes, cpu.allocator_slack) == (0, 0, 0.0)
+
+
+def test_the_plan_carries_its_device_parts_and_context_and_a_refusal_names_them():
+    m = machine(context_bytes=5000, library_workspace_bytes=700, allocator_slack=0.25)
+    p = make_plan(toy(), ZO, m, Options())
+    assert p.feasible and p.device_context_bytes == 5000
+    assert sum(v for _, v in p.device_parts) == p.memory.device
+    assert dict(p.device_parts)["CUDA context"] == 5000
+    assert Plan.from_dict(json.loads(json.dumps(p.to_dict()))) == p
+    tight = make_plan(toy(), ZO, dataclasses.replace(m, device_bytes=20000), Options(), suggest=False)
+    assert not tight.feasible
+    device = next(r for r in tight.reasons if r.startswith("device memory"))
+    for part in ("CUDA context 5000 B", "library workspaces 700 B", "allocator slack", "logits and loss"):
+        assert part in device, device
+    cpu = make_plan(toy(), ZO, machine(compute_device="cpu", pinned_bytes=0, context_bytes=5000), Options())
+    assert cpu.device_context_bytes == 0 and "CUDA context" not in dict(cpu.device_parts)
 
 
 # ---- no disk without a swap_dir; suggestions that take two changes -----------------------------------

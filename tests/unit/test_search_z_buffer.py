@@ -8,10 +8,12 @@ import json
 
 import pytest
 
-from fuyoucli.plan.cost import Placement, estimate
-from fuyoucli.plan.search import make_plan, machine_from_profile
-from fuyoucli.plan.types import BlockSpec, Machine, ModelInventory, Options, Plan, Tier, Workload
+from fuyoucli.plan.cost import estimate
+from fuyoucli.plan.search import make_plan
+from fuyoucli.model.types import BlockSpec, ModelInventory
+from fuyoucli.plan.types import Machine, Options, Placement, Plan, Tier, Workload
 from fuyoucli.plan.work import zo_block_s
+from fuyoucli.train.plan_inputs import machine_from_profile
 from test_search import machine as search_machine
 
 D, P = Tier.DEVICE, Tier.PINNED
@@ -41,9 +43,10 @@ def placement(inv, homes, *, depth=0, z="block") -> Placement:
 
 
 # Device bytes of the toy, unpipelined (one 4000-byte layer buffer), k layers resident: embed + head
-# (2400), the buffer (4000), activations ((2*8*4 + 8*40) * 4 = 1536) and work buffers: a layer's compute
-# copy (4000), z (block: 4000; tensor: 100 * 4 = 400) and one tensor's direction (400); 4000 per resident layer.
-BLOCK_DEPTH0, TENSOR_DEPTH0 = 2400 + 4000 + 1536 + 8400, 2400 + 4000 + 1536 + 4800
+# (2400), the buffer (4000), activations ((2*8*4 + 8*16) * 4 = 768), the logits and loss (8 tokens x 25
+# logits x (4 + 4) = 1600) and work buffers: a layer's compute copy (4000), z (block: 4000; tensor:
+# 100 * 4 = 400) and one tensor's direction (400); 4000 per resident layer.
+BLOCK_DEPTH0, TENSOR_DEPTH0 = 2400 + 4000 + 768 + 1600 + 8400, 2400 + 4000 + 768 + 1600 + 4800
 
 
 def test_work_buffers_hold_a_tensors_z_and_the_engine_draws_it_for_every_pass():
@@ -84,33 +87,33 @@ def test_zo_block_s_counts_a_draw_per_variant_per_tensor():
 
 
 def test_a_tensors_z_when_a_blocks_does_not_fit():
-    # 35000 bytes of device budget. Unpipelined, z per block fits 4 resident layers (32336; 5 need
-    # 36336), z per tensor 5 (32736; 6 need 36736); all resident needs 40336 (block) or 36736 (tensor).
+    # 35832 bytes of device budget. Unpipelined, z per block fits 4 resident layers (33168; 5 need
+    # 37168), z per tensor 5 (33568; 6 need 37568); all resident needs 41168 (block) or 37568 (tensor).
     # Pipelined, three buffers: 2 resident (block) or 3 (tensor). The transfers set the step (5 s per
     # layer each way at the duplex rate): 3 layers streamed unpipelined, z per tensor, is the fastest.
-    p = make_plan(toy(), ZO, machine(device_bytes=38044), Options())
-    assert p.device_budget_bytes == 35000
+    p = make_plan(toy(), ZO, machine(device_bytes=38948), Options())
+    assert p.device_budget_bytes == 35832
     assert p.feasible and p.z_buffer == "tensor"
     assert [b.weights_home for b in p.blocks] == [D, P, P, P, D, D, D, D, D, D]
     assert (p.prefetch_depth, p.device_buffers, p.micro_batch_size) == (0, 1, 1)
-    assert p.memory.device == TENSOR_DEPTH0 + 5 * 4000 == 32736
+    assert p.memory.device == TENSOR_DEPTH0 + 5 * 4000 == 33568
     # the same placement with a block's z is 3600 bytes over
     block = estimate(toy(), ZO, machine(), placement(toy(), [b.weights_home for b in p.blocks]))
-    assert block.memory.device == 36336 > p.device_budget_bytes
+    assert block.memory.device == 37168 > p.device_budget_bytes
     assert p.times.step_s == pytest.approx(30, rel=0.02)
     # pipelined (depth forced to 1): 5 layers streamed with a tensor's z, where a block's needs 6
-    piped = make_plan(toy(), ZO, machine(device_bytes=38044), Options(prefetch_depth=1))
+    piped = make_plan(toy(), ZO, machine(device_bytes=38948), Options(prefetch_depth=1))
     assert piped.z_buffer == "tensor" and [b.weights_home for b in piped.blocks] == [D] + [P] * 5 + [D] * 4
-    assert piped.memory.device == 2400 + 3 * 4000 + 1536 + 4800 + 3 * 4000 == 32736
+    assert piped.memory.device == 2400 + 3 * 4000 + 768 + 1600 + 4800 + 3 * 4000 == 33568
 
 
 def test_a_blocks_z_whenever_it_fits():
-    # 36400 bytes: the same placement fits with a block's z, which is never slower: the plan keeps it
-    p = make_plan(toy(), ZO, machine(device_bytes=39566), Options())
-    assert p.device_budget_bytes == 36400
+    # 37232 bytes: the same placement fits with a block's z, which is never slower: the plan keeps it
+    p = make_plan(toy(), ZO, machine(device_bytes=40470), Options())
+    assert p.device_budget_bytes == 37232
     assert p.feasible and p.z_buffer == "block"
     assert [b.weights_home for b in p.blocks] == [D, P, P, P, D, D, D, D, D, D]
-    assert p.memory.device == 36336
+    assert p.memory.device == 37168
     # room for everything: resident, the reference's z per block
     roomy = make_plan(toy(), ZO, machine(), Options())
     assert roomy.z_buffer == "block" and roomy.resident_blocks == tuple(b.name for b in toy().blocks)
@@ -119,10 +122,10 @@ def test_a_blocks_z_whenever_it_fits():
 
 
 def test_all_resident_with_a_tensors_z():
-    # 37000 bytes: everything resident fits only with a tensor's z (36736), and beats any streaming
-    p = make_plan(toy(), ZO, machine(device_bytes=40218), Options())
-    assert p.device_budget_bytes == 37000
-    assert p.feasible and p.z_buffer == "tensor" and p.memory.device == 36736
+    # 37832 bytes: everything resident fits only with a tensor's z (37568), and beats any streaming
+    p = make_plan(toy(), ZO, machine(device_bytes=41122), Options())
+    assert p.device_budget_bytes == 37832
+    assert p.feasible and p.z_buffer == "tensor" and p.memory.device == 37568
     assert all(b.weights_home is D for b in p.blocks) and p.prefetch_depth == 0
 
 
@@ -133,7 +136,7 @@ def test_infeasible_plans_report_the_smaller_z():
 
 
 def test_plan_json_round_trip_and_old_plans_load_as_block():
-    p = make_plan(toy(), ZO, machine(device_bytes=38044), Options())
+    p = make_plan(toy(), ZO, machine(device_bytes=38948), Options())
     assert p.z_buffer == "tensor"
     assert Plan.from_dict(json.loads(json.dumps(p.to_dict()))) == p
     old = p.to_dict()
@@ -144,10 +147,11 @@ def test_plan_json_round_trip_and_old_plans_load_as_block():
 def test_opt175b_pipelines_with_a_tensors_z_from_26_gb():
     """ZO2's OPT-175B case (fp16, batch 1, seq 2048, every layer streamed from pinned host RAM). A layer's
     z in fp32 is 7.2 GB, a tensor's 2.5 GB (the embedding's, 618 M parameters; the MLP's are 604 M):
-    4.8 GB less. On the 24 GB RTX 4090 preset (23.2 GB after headroom) that is not enough to pipeline:
-    three 3.6 GB layers in flight, a layer's compute copy and three tensor-sized fp32 buffers (z, the
-    direction, the fp16 home's fp32 copy) need 24.0 GB, so the plan stays unpipelined with a block's z.
-    A device with 28 GB pipelines with a tensor's z (a block's would need 28.7 GB), twice as fast."""
+    4.8 GB less. On the 24 GB RTX 4090 preset (23.7 GB after headroom, its CUDA context counted) that is
+    not enough to pipeline: three 3.6 GB layers in flight, a layer's compute copy and three tensor-sized
+    fp32 buffers (z, the direction, the fp16 home's fp32 copy), with the logits and the process's own
+    overheads, need 26.0 GB, so the plan stays unpipelined with a block's z. A device with 30 GB free
+    pipelines with a tensor's z (a block's would need 30.8 GB), twice as fast."""
     from transformers import AutoConfig
 
     from fuyoucli.hardware.presets import get_preset
@@ -165,11 +169,11 @@ def test_opt175b_pipelines_with_a_tensors_z_from_26_gb():
     assert p.feasible and (p.z_buffer, p.prefetch_depth) == ("block", 0)
     piped = make_plan(inv, wl, m, dataclasses.replace(stream, prefetch_depth=1), suggest=False)
     assert not piped.feasible and piped.z_buffer == "tensor"  # the smaller of the two, reported
-    assert piped.memory.device - piped.capacity.device == pytest.approx(0.75e9, rel=0.01)
+    assert piped.memory.device - piped.capacity.device == pytest.approx(2.32e9, rel=0.01)
     homes = [b.weights_home for b in piped.blocks]
     block = estimate(inv, wl, m, dataclasses.replace(placement(inv, homes, depth=1, z="block"), home_dtype="float16"))
     assert block.memory.device - piped.memory.device == (layer.params - embed.max_tensor_params) * 4
-    big = make_plan(inv, wl, dataclasses.replace(m, device_bytes=28 * 10**9), stream, suggest=False)
+    big = make_plan(inv, wl, dataclasses.replace(m, device_bytes=30 * 10**9), stream, suggest=False)
     assert big.feasible and (big.z_buffer, big.prefetch_depth) == ("tensor", 1)
     assert big.memory.device == piped.memory.device and block.memory.device > big.capacity.device
     assert big.times.step_s < 0.5 * p.times.step_s
@@ -180,7 +184,7 @@ def test_the_plan_report_and_its_json_say_how_z_is_held():
 
     from fuyoucli.cli.plan import render, to_json
 
-    for device_bytes, z, text in ((38044, "tensor", "z drawn per tensor"), (39566, "block", "z drawn per block")):
+    for device_bytes, z, text in ((38948, "tensor", "z drawn per tensor"), (40470, "block", "z drawn per block")):
         p = make_plan(toy(), ZO, machine(device_bytes=device_bytes), Options())
         doc = to_json(p, toy())
         assert doc["z_buffer"] == doc["plan"]["z_buffer"] == z

@@ -1,0 +1,130 @@
+"""Plan stage, when a run does not fit: why (each tier that overflows, and what the device peak is
+made of) and which nearby changes would fit, each planned again, fastest first.
+
+Pure (no torch, no I/O). Replanning is the caller's function (search.make_plan), passed in, so this
+module depends on the data and the cost model's verdicts only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Callable
+
+from fuyoucli.model.types import ModelInventory
+from fuyoucli.plan.memory import overflows
+from fuyoucli.plan.types import Machine, Options, Plan, TierBytes, Workload
+
+Replan = Callable[[ModelInventory, Workload, Options], Plan]
+"""Plans a changed workload or options on the same machine, without suggestions of its own."""
+Change = tuple[str, dict, dict]
+"""(what to tell the user, Workload fields to set, Options fields to set)."""
+
+
+def fmt_bytes(n: int) -> str:
+    for unit, size in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6)):
+        if abs(n) >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+def reasons(memory: TierBytes, device_parts: tuple[tuple[str, int], ...], cap: TierBytes, opts: Options) -> list[str]:
+    """One line per tier the memory overflows; the device's lists every part of its peak, largest first."""
+    out = []
+    for tier, need, have in overflows(memory, cap):
+        if tier == "device":
+            parts = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in sorted(device_parts, key=lambda kv: -kv[1]))
+            limit = " (offload.device_memory_limit)" if opts.device_memory_limit_bytes is not None else ""
+            out.append(f"device memory: needs {fmt_bytes(need)} at the least, the device offers "
+                       f"{fmt_bytes(cap.device)}{limit} after headroom ({parts})")
+        elif tier == "host":
+            out.append(f"host RAM: needs {fmt_bytes(need)}, this machine offers {fmt_bytes(have)} after headroom")
+        elif tier == "pinned":
+            out.append(f"pinned host memory: needs {fmt_bytes(need)}, {fmt_bytes(have)} can be pinned")
+        else:
+            where = f"under {opts.swap_dir}" if opts.swap_dir else "(no offload.swap_dir set)"
+            out.append(f"SSD: needs {fmt_bytes(need)} {where}, has {fmt_bytes(have)}")
+    if opts.mode == "in_memory" and not out:
+        out.append("offload.mode in_memory keeps everything on the device, and it does not fit")
+    return out or ["no placement fits the capacities above"]
+
+
+def suggestions(inv: ModelInventory, wl: Workload, machine: Machine, opts: Options, memory: TierBytes,
+                cap: TierBytes, replan: Replan, lora_inventory: Callable[[], ModelInventory] | None) -> list[str]:
+    """Nearby changes, each planned again; the ones that fit come first, fastest first. When none fits
+    alone, pairs of them are planned too (LoRA and a swap_dir may each fall short where both fit)."""
+    tries = _changes(wl, machine, opts, {t for t, _, _ in overflows(memory, cap)})
+    batches = _smaller_batches(wl)
+    lora_inv = [inv]  # the inventory under LoRA, built once, when a LoRA try is planned
+
+    def planned(*changes: Change) -> Plan:
+        w = dataclasses.replace(wl, **{k: v for _, wk, _ in changes for k, v in wk.items()})
+        o = dataclasses.replace(opts, **{k: v for _, _, ok in changes for k, v in ok.items()})
+        if w.lora and not wl.lora and lora_inventory is not None and lora_inv[0] is inv:
+            lora_inv[0] = lora_inventory()
+        return replan(lora_inv[0] if w.lora and not wl.lora else inv, w, o)
+
+    fit: list[tuple[float, str]] = []
+    nofit: list[str] = []
+
+    def offer(text: str, p: Plan) -> bool:
+        if p.feasible:
+            fit.append((p.times.step_s, f"{text}: fits, {p.times.step_s:.3g} s/step ({p.times.bottleneck}-bound)"))
+        return p.feasible
+
+    for t in tries:
+        if not offer(t[0], planned(t)):
+            nofit.append(f"{t[0]}: still does not fit")
+    for t in batches:
+        if offer(t[0], planned(t)):
+            break
+    if not fit:  # two changes at once: pairs of the above, then each with the largest batch that fits
+        for one, other in itertools.combinations(tries, 2):
+            offer(f"{one[0]}, and {other[0]}", planned(one, other))
+    if not fit:
+        for one in tries:
+            for other in batches:
+                if offer(f"{one[0]}, and {other[0]}", planned(one, other)):
+                    break
+    return [t for _, t in sorted(fit)] + nofit[:2]
+
+
+def _changes(wl: Workload, machine: Machine, opts: Options, over: set[str]) -> list[Change]:
+    """The single changes worth planning, given the tiers that overflow."""
+    tries: list[Change] = []
+    if opts.mode == "in_memory":
+        tries.append(("set offload.mode: auto (stream what does not fit)", {}, {"mode": "auto"}))
+    forced = [k for k in ("resident_layers", "weights_home", "optimizer_home", "activation", "prefetch_depth",
+                          "home_dtype") if getattr(opts, k) is not None]
+    if forced:
+        names = ", ".join("activations" if k == "activation" else k for k in forced)
+        tries.append((f"let the planner choose offload.{names} (remove the setting)", {}, {k: None for k in forced}))
+    ram = {"host", "pinned", "ssd"} | ({"device"} if machine.compute_device == "cpu" else set())  # a CPU's is RAM
+    if not opts.swap_dir and machine.disk_read_bps > 0 and over & ram:
+        tries.append((f"set offload.swap_dir to a folder on {machine.disk_path} "
+                      f"({fmt_bytes(machine.disk_free_bytes)} free)", {}, {"swap_dir": machine.disk_path}))
+    if not wl.lora:
+        tries.append(("use peft.type: lora", {"lora": True}, {}))
+    if wl.method == "adamw":
+        tries.append(("use method.name: zo2", {"method": "zo2", "q": 1}, {}))
+    if wl.compute_dtype == "float32" and machine.flops("bfloat16") > 0:
+        tries.append(("use model.dtype: bfloat16", {"compute_dtype": "bfloat16"}, {}))
+    if opts.device_memory_limit_bytes is not None:
+        tries.append(("remove offload.device_memory_limit", {}, {"device_memory_limit_bytes": None}))
+    if wl.seq_len > 256:
+        tries.append((f"lower data.max_length to {wl.seq_len // 2}", {"seq_len": wl.seq_len // 2}, {}))
+    return tries
+
+
+def _smaller_batches(wl: Workload) -> list[Change]:
+    """Halved batch sizes, largest first (the largest that fits is the one worth saying); first-order
+    keeps the examples per step by accumulating more."""
+    batches: list[Change] = []
+    b = wl.batch_size
+    while b > 1:
+        b //= 2
+        accum = wl.grad_accum * (wl.batch_size // b) if wl.method == "adamw" else wl.grad_accum
+        keep_examples = f" and raise training.grad_accum to {accum} (same examples per step)"
+        batches.append((f"lower training.batch_size to {b}" + (keep_examples if wl.method == "adamw" else ""),
+                        {"batch_size": b, "grad_accum": accum}, {}))
+    return batches
