@@ -7,6 +7,9 @@ the run's RNG states in run.safetensors, and state.json: step, data position, th
 the recipe and the plan; manifest.json, written last, holds a sha256 of every other file (state.json
 included) and of itself, so that a damaged or edited checkpoint is refused, never loaded.
 Imports torch and safetensors; never rich, never the CLI.
+
+Why it is long: writing, validating and reading share the format's manifest and naming; a
+split would let a writer and its reader drift apart.
 """
 
 from __future__ import annotations

@@ -2,6 +2,9 @@
 
 First stage of the pipeline (recipe -> profile -> plan -> ...). Imports no torch: the planner
 reads recipes on machines and in tests where no model is loaded.
+
+Why it is long: one frozen, documented model per recipe section; the field docstrings are the
+recipe reference (scripts/recipe_reference.py renders them), clearer beside their validators.
 """
 
 from __future__ import annotations

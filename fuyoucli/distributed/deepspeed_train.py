@@ -278,7 +278,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fuyoucli.distributed.zo_run import _sinks
+    from fuyoucli.distributed.zo_run import make_sinks
 
     args = _parser().parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         deepspeed.init_distributed()
         resume = None if args.resume is None else (True if args.resume == "newest" else args.resume)
         command = args.recipe + "".join(f" --set {s}" for s in args.set_)
-        run(recipe, config, _sinks(recipe, args.display) if rank == 0 else [], overwrite=args.overwrite,
+        run(recipe, config, make_sinks(recipe, args.display) if rank == 0 else [], overwrite=args.overwrite,
             resume=resume, recipe_path=command, gradient_checkpointing=args.gradient_checkpointing)
     except KeyboardInterrupt:
         if rank == 0:

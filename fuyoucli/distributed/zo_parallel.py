@@ -16,7 +16,7 @@ from fuyoucli.model.blocks import param_blocks
 from fuyoucli.recipe import Recipe
 from fuyoucli.train.data import Datasets
 from fuyoucli.train.losses import BatchLoss, batch_loss
-from fuyoucli.train.trainers import StepOutcome, _zo_outcome
+from fuyoucli.train.trainers import StepOutcome, zo_outcome
 from fuyoucli.train.zo import ZOReference
 
 
@@ -101,7 +101,7 @@ class DataParallelZOTrainer:
         self.where = f"zo2 data-parallel: {ranks.world} ranks, each holds the model; loss sums all-reduced"
 
     def step(self, step: int, micro: list[dict], lr: float) -> StepOutcome:
-        return _zo_outcome(self.impl.step(step, micro, lr))
+        return zo_outcome(self.impl.step(step, micro, lr))
 
     @torch.no_grad()
     def eval_losses(self, micro: list[dict]) -> list[BatchLoss]:

@@ -151,7 +151,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _sinks(recipe: Recipe, display: str) -> list:
+def make_sinks(recipe: Recipe, display: str) -> list:
     if display == "json":
         from fuyoucli.telemetry.jsonl import JsonLogSink
 
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         ranks = init_ranks()
         resume = None if args.resume is None else (True if args.resume == "newest" else args.resume)
         command = args.recipe + "".join(f" --set {s}" for s in args.set_)
-        finetune_data_parallel(recipe, ranks, _sinks(recipe, args.display) if rank == 0 else [],
+        finetune_data_parallel(recipe, ranks, make_sinks(recipe, args.display) if rank == 0 else [],
                                overwrite=args.overwrite, resume=resume, recipe_path=command,
                                allow_data_change=args.allow_data_change)
     except KeyboardInterrupt:

@@ -11,6 +11,9 @@ it never sees a stream. The implementations share one interface:
 - RecordingLanes: wraps another and logs every operation, so tests can check ordering rules
   (a block is never computed before its fetch completed, never evicted while in use).
 `lanes_for(device)` picks one; FUYOU_LANES=sync|async-sim overrides the choice on a CPU device.
+
+Why it is long: it is the one module allowed to touch CUDA, so every lanes implementation and
+every device query (each with its CPU stand-in) lives here by design.
 """
 
 from __future__ import annotations
@@ -367,8 +370,10 @@ def lanes_for(device: torch.device, choice: str | None = None):
 
 
 def cap_device_memory(device: torch.device, limit_bytes: int) -> None:
-    """Make `limit_bytes` a hard cap for this process on a GPU: the caching allocator raises an
+    """Make `limit_bytes` a hard cap for this process's caching allocator on a GPU: it raises an
     out-of-memory error rather than reserve past it (the plan keeps the engine's own budget under it)."""
+    if limit_bytes <= 0:
+        raise ValueError(f"a device memory cap must be positive, got {limit_bytes} bytes")
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, limit_bytes / total), device)

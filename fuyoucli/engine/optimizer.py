@@ -13,8 +13,8 @@ both sides run slower, and the step takes longer than running the updates in tur
 also run inline (`thread=False`), in the caller's thread when submitted: the same jobs in the same
 order, the SSD reads and writes still on the store's I/O threads.
 
-(Over 400 lines: one class whose job queue, read-ahead and write-behind buffers and checkpoint
-reads all share the same bookkeeping, clearer read together than split.)
+Why it is long: one class whose job queue, read-ahead and write-behind buffers and checkpoint
+reads all share the same bookkeeping, clearer read together than split.
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@
 Imports torch inside functions only. CUDA code runs only when torch.cuda.is_available(); without
 CUDA the CPU is the compute device and the link figures are host memcpy, labelled as such. Disk
 timing is in disk.py; nothing here knows about plans, engines or rich.
+
+Why it is long: every measurement the planner needs (matmul, elementwise, decoder layers, links,
+the CUDA context, the CPU optimizer) in one module that may touch CUDA before any engine exists.
 """
 
 from __future__ import annotations

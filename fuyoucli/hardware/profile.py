@@ -3,6 +3,9 @@
 Frozen dataclasses with units in field names, a versioned JSON schema validated on load, and
 load_profile() (a file or a preset name), which train.plan_inputs turns into the planner's Machine.
 Imports no torch and nothing from model/, plan/, engine/ or train/.
+
+Why it is long: the whole schema of a saved profile, each measured figure a field with its unit
+and validation, versioned and round-tripped as one unit.
 """
 
 from __future__ import annotations

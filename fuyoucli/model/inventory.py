@@ -18,14 +18,7 @@ from fuyoucli.errors import ModelError
 from fuyoucli.model.arithmetic import TRACE_BATCH, TRACE_TOKENS, known_inventory
 from fuyoucli.model.types import BlockSpec, ModelInventory
 from fuyoucli.recipe import ModelConfig, PeftConfig
-from fuyoucli.resources import resolve_path
-
-
-def _cache_dir() -> Path:
-    if os.environ.get("FUYOU_CACHE_DIR"):
-        return Path(os.environ["FUYOU_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "fuyou"
+from fuyoucli.resources import cache_dir, resolve_path
 
 
 def _gguf_key(gguf: Path) -> str:
@@ -40,10 +33,10 @@ def _gguf_config_folder(gguf: Path) -> Path:
     model.loading's converted folder; when that folder exists, its config is used as it is.
     """
     key = _gguf_key(gguf)
-    converted = _cache_dir() / "gguf" / f"{gguf.stem}-{key}"
+    converted = cache_dir() / "gguf" / f"{gguf.stem}-{key}"
     if (converted / "config.json").is_file():
         return converted
-    folder = _cache_dir() / "gguf-config" / f"{gguf.stem}-{key}"
+    folder = cache_dir() / "gguf-config" / f"{gguf.stem}-{key}"
     if (folder / "config.json").is_file():
         return folder
     from transformers import AutoConfig
@@ -104,7 +97,7 @@ def _known_from_json(path: Path, cfg: ModelConfig, peft_cfg: PeftConfig) -> Mode
 
     if path.suffix == ".gguf":
         key = _gguf_key(path)
-        folders = [_cache_dir() / "gguf" / f"{path.stem}-{key}", _cache_dir() / "gguf-config" / f"{path.stem}-{key}"]
+        folders = [cache_dir() / "gguf" / f"{path.stem}-{key}", cache_dir() / "gguf-config" / f"{path.stem}-{key}"]
         found = [f / "config.json" for f in folders if (f / "config.json").is_file()]
         if not found:
             return None

@@ -6,6 +6,9 @@ Fuyou's seconds saved per byte), prefetch depth, the zo2 home dtype, how zo2 hol
 once, or tensor by tensor where that is what fits) and the largest micro-batch, by pricing candidates
 with plan.cost. When nothing fits, plan.explain says why and what would. Pure: the workload, the
 machine and the options come in as data (train.plan_inputs builds them); no torch, no file.
+
+Why it is long: the search's candidate builder and its assembly into a Plan share the
+workload's derived sizes; split, each half would recompute them.
 """
 
 from __future__ import annotations

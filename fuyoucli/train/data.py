@@ -3,6 +3,9 @@
 Feeds the trainer step (recipe -> data -> trainer). Depends on the recipe's DataConfig and a Hugging Face
 tokenizer only: never on the model, the engine or telemetry. torch is used by `collate` alone.
 Every bad record is a DataError naming file:line and how to fix it.
+
+Why it is long: every input format (text, chat, classification, alpaca; .jsonl, .json, .csv, .txt and
+pkg: files) and its one-line errors, in one place so that they all tokenize and mask alike.
 """
 
 from __future__ import annotations

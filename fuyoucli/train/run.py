@@ -228,7 +228,10 @@ def _finetune(recipe: Recipe, sinks: list[Sink] | None, out_dir: Path, *, overwr
               note=notes.append)
     _clean_folders(out_dir, overwrite=overwrite, ckpt=ckpt, plan=plan, notes=notes)
     if recipe.offload.device_memory_limit is not None:
-        cap_device_memory(device, recipe.offload.device_memory_limit)  # the allocator too, not only the plan
+        # The limit is the whole process's device memory (what nvidia-smi shows); the caching allocator
+        # gets what the CUDA context the plan counted leaves of it.
+        context = plan.device_context_bytes if isinstance(plan, Plan) else 0
+        cap_device_memory(device, recipe.offload.device_memory_limit - context)
     # A streamed run loads on the host; the engine moves only resident blocks to the device.
     model = load_model(recipe.model, recipe.peft, seed=seed, pad_token_id=tokenizer.pad_token_id,
                        num_labels=num_labels, device="cpu" if streams(plan) else device,

@@ -89,7 +89,7 @@ def _timed_compute(out: StepOutcome, step: int, start: float) -> StepOutcome:
     return out
 
 
-def _zo_outcome(res: ZOStepResult) -> StepOutcome:
+def zo_outcome(res: ZOStepResult) -> StepOutcome:
     grads = res.projected_grads
     extra = {"projected_grad": grads[0]} if len(grads) == 1 else {"projected_grad_mean": sum(grads) / len(grads)}
     if res.candidate_losses is not None:
@@ -143,7 +143,7 @@ class InMemoryZO(_InMemoryEval):
 
     def step(self, step: int, micro: list[dict], lr: float) -> StepOutcome:
         start = time.perf_counter()
-        return _timed_compute(_zo_outcome(self.impl.step(step, micro, lr)), step, start)
+        return _timed_compute(zo_outcome(self.impl.step(step, micro, lr)), step, start)
 
     def state_shards(self):
         yield "", self.impl.state_tensors()
@@ -209,7 +209,7 @@ class StreamedZO:
 
     def step(self, step: int, micro: list[dict], lr: float) -> StepOutcome:
         self.measure.begin()
-        return self.measure.end(_zo_outcome(self.impl.step(step, micro, lr)))
+        return self.measure.end(zo_outcome(self.impl.step(step, micro, lr)))
 
     def eval_losses(self, micro: list[dict]) -> list[BatchLoss]:
         return self.impl.losses(micro)

@@ -22,6 +22,9 @@ tensor for each pass that needs it (the block's generator replayed: the same num
 The arithmetic is the in-memory reference's (train/zo.py: draw_z, ZStreams, tensor_direction,
 update_home, candidate_into, home + s*eps*z), so on one device the losses and weights are
 bit-identical to it.
+
+Why it is long: four passes (the +-eps passes, the conservative candidates, the flush of the
+deferred update, evaluation) share one set of buffers and the pending update; read together.
 """
 
 from __future__ import annotations
