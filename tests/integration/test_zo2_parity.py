@@ -216,14 +216,16 @@ def test_lazy_load_streams_layers_from_the_file(arch, tiny_models, text_data, tm
 # ---- variants conservative and momentum, streamed -----------------------------------------------------
 
 
-def run_both(recipe, tok, steps, plan, home_dtype=torch.float32):
+def run_both(recipe, tok, steps, plan, home_dtype=torch.float32, home_rounding="nearest"):
     """(reference results, streamed results, streamed trainer) for the same steps: every ZOStepResult."""
     model = load_model(recipe.model, recipe.peft, seed=5, pad_token_id=tok.pad_token_id)
-    ref = ZOReference(model, param_blocks(model), recipe.method, seed=5, head="causal_lm", home_dtype=home_dtype)
+    ref = ZOReference(model, param_blocks(model), recipe.method, seed=5, head="causal_lm", home_dtype=home_dtype,
+                      home_rounding=home_rounding)
     ref_out = [ref.step(t + 1, micro, lr=recipe.method.lr) for t, micro in enumerate(steps)]
     ref_weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     model = load_model(recipe.model, recipe.peft, seed=5, pad_token_id=tok.pad_token_id)
-    trainer = ZOStreamed.from_plan(model, plan, recipe.method, seed=5, head="causal_lm", lanes=lanes_for(torch.device("cpu")))
+    trainer = ZOStreamed.from_plan(model, plan, recipe.method, seed=5, head="causal_lm", lanes=lanes_for(torch.device("cpu")),
+                                   home_rounding=home_rounding)
     try:
         out = [trainer.step(t + 1, micro, lr=recipe.method.lr) for t, micro in enumerate(steps)]
         trainer.materialize()

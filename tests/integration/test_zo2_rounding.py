@@ -72,27 +72,6 @@ def test_lr_zero_leaves_a_stochastic_bf16_home_bit_identical(setup):
 
 # ---- streamed == in-memory with stochastic 16-bit homes -----------------------------------------------
 
-def _both(recipe, tok, steps, plan, rounding):
-    from fuyoucli.engine.lanes import lanes_for
-    from fuyoucli.train.zo_streamed import ZOStreamed
-
-    model = load_model(recipe.model, recipe.peft, seed=5, pad_token_id=tok.pad_token_id)
-    ref = ZOReference(model, param_blocks(model), recipe.method, seed=5, head="causal_lm",
-                      home_dtype=torch.bfloat16, home_rounding=rounding)
-    ref_out = [ref.step(t + 1, micro, lr=recipe.method.lr) for t, micro in enumerate(steps)]
-    ref_weights = {n: p.detach().clone() for n, p in model.named_parameters()}
-    model = load_model(recipe.model, recipe.peft, seed=5, pad_token_id=tok.pad_token_id)
-    trainer = ZOStreamed.from_plan(model, plan, recipe.method, seed=5, head="causal_lm",
-                                   lanes=lanes_for(torch.device("cpu")), home_rounding=rounding)
-    try:
-        out = [trainer.step(t + 1, micro, lr=recipe.method.lr) for t, micro in enumerate(steps)]
-        trainer.materialize()
-        weights = {n: p.detach().clone() for n, p in model.named_parameters()}
-    finally:
-        trainer.close()
-    return (ref_out, ref_weights), (out, weights)
-
-
 ZO = {"name": "zo2", "lr": 1e-2, "eps": 1e-2, "q": 2}
 
 
@@ -105,11 +84,11 @@ ZO = {"name": "zo2", "lr": 1e-2, "eps": 1e-2, "q": 2}
 def test_streamed_equals_in_memory_with_16_bit_homes(rounding, home, method, tiny_models, text_data, tmp_path):
     """bf16 homes, both roundings, every variant: the streamed engine stores exactly what the reference
     stores (losses, projected gradients, conservative choices, weights bit for bit)."""
-    from test_zo2_parity import assert_same, manual_plan, setup as parity_setup
+    from test_zo2_parity import assert_same, manual_plan, run_both, setup as parity_setup
 
     from fuyoucli.plan.types import Tier
 
     recipe, tok, steps = parity_setup(tiny_models["llama"], text_data, tmp_path, method, dtype="bfloat16")
     plan = manual_plan(2, Tier(home), swap_dir=tmp_path / "swap", compute_dtype="bfloat16", home_dtype="bfloat16")
-    ref, streamed = _both(recipe, tok, steps, plan, rounding)
+    ref, streamed, _ = run_both(recipe, tok, steps, plan, home_dtype=torch.bfloat16, home_rounding=rounding)
     assert_same(ref, streamed)
