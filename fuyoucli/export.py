@@ -147,10 +147,11 @@ def _trained_tensors(ckpt: Checkpoint, model, recipe: Recipe):
         raise CheckpointError(f"checkpoint {ckpt.path} is a seed ledger drawn on {device}: export it on a machine "
                               f"with {device} (z must be regenerated there), or export a full checkpoint")
     source = load_checkpoint(ckpt.path.parent / base)
-    home = getattr(torch, source.state.get("trainer", {}).get("home_dtype", "float32"))
+    meta = source.state.get("trainer", {})
+    home = getattr(torch, meta.get("home_dtype", "float32"))
     model.to(device)
     zo = ZOReference(model, param_blocks(model), recipe.method, seed=recipe.training.seed, head=recipe.model.head,
-                     home_dtype=home)
+                     home_dtype=home, home_rounding=meta.get("home_rounding", "nearest"))
     zo.load_state_tensors(source.tensors)
     for step, grads, lr in ckpt.state["ledger"]:
         zo.replay(int(step), [float(g) for g in grads], float(lr))

@@ -269,8 +269,13 @@ class OffloadConfig(_Config):
     device has room, swap while that is faster than recomputing, recompute the rest (their inputs
     swapped when the device is still short)."""
     home_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """zo2 (full-parameter): dtype of the weights at home and on the link. auto: float32 when it fits
-    (exact updates), else model.dtype."""
+    """zo2 (full-parameter): dtype of the weights at home and on the link, in memory and streamed.
+    auto: model.dtype (a float16/bfloat16 model keeps 16-bit homes: half the bytes of float32)."""
+    home_rounding: Literal["auto", "nearest", "stochastic"] = "auto"
+    """zo2 (full-parameter): how an update is stored into a 16-bit home. MeZO-sized updates are far
+    below a 16-bit weight's resolution: rounded to nearest most of them vanish; stochastic rounding
+    (draws seeded by run seed, step and block: exact on resume) keeps them in expectation. auto:
+    stochastic whenever the home is narrower than float32."""
 
     @field_validator("device_memory_limit", "host_memory_limit", mode="before")
     @classmethod
@@ -296,7 +301,9 @@ class OffloadConfig(_Config):
 
     @model_validator(mode="after")
     def _in_memory_takes_no_placement(self) -> "OffloadConfig":
-        placed = sorted(self.model_fields_set - {"mode", "device_memory_limit", "host_memory_limit"})
+        # The weights' home dtype and rounding are how zo2 updates them, in memory as much as streamed.
+        placed = sorted(self.model_fields_set - {"mode", "device_memory_limit", "host_memory_limit", "home_dtype",
+                                                 "home_rounding"})
         if self.mode == "in_memory" and placed:
             raise ValueError(f"{placed} place data off the device; they do not apply with mode: in_memory")
         if self.optimizer_home == "device" and self.resident_layers != "auto":

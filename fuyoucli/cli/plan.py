@@ -195,7 +195,9 @@ def render(console, p, inv, name: str) -> None:
         f"{p.tflops:.3g} TFLOPS ({100 * p.gpu_utilization:.0f}% of the device's best matmul rate). "
         f"Micro-batch {p.micro_batch_size} x {p.micro_batches}, prefetch depth {p.prefetch_depth}, "
         f"{p.device_buffers} device buffers, pinned pool {_bytes(p.pinned_pool_bytes)}, "
-        f"home {p.home_dtype}, wire {p.wire_dtype}" + (f", {_Z_BUFFER[p.z_buffer]}" if p.method == "zo2" else "")
+        f"home {p.home_dtype}" + (f" ({p.home_rounding} rounding)" if p.method == "zo2" and not p.lora
+                                  and p.home_dtype != "float32" else "")
+        + f", wire {p.wire_dtype}" + (f", {_Z_BUFFER[p.z_buffer]}" if p.method == "zo2" else "")
         + ".", highlight=False)
     for note in p.notes:
         console.print(f"[yellow]note:[/yellow] {note}", highlight=False)

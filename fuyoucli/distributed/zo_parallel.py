@@ -16,7 +16,7 @@ from fuyoucli.model.blocks import param_blocks
 from fuyoucli.recipe import Recipe
 from fuyoucli.train.data import Datasets
 from fuyoucli.train.losses import BatchLoss, batch_loss
-from fuyoucli.train.trainers import StepOutcome, zo_outcome
+from fuyoucli.train.trainers import StepOutcome, ZOHome, zo_outcome
 from fuyoucli.train.zo import ZOReference
 
 
@@ -93,15 +93,17 @@ class DataParallelZOTrainer:
     """The run loop's trainer interface (step, eval_losses, state for checkpoints) over DataParallelZO.
     Checkpoints hold what the in-memory zo2 trainer's hold, so either resumes the other's."""
 
-    def __init__(self, model, recipe: Recipe, data: Datasets, ranks: Ranks, home_dtype: torch.dtype = torch.float32):
+    def __init__(self, model, recipe: Recipe, data: Datasets, ranks: Ranks, home: ZOHome):
         self.model, self.head, self.label_token_ids, self.ranks = model, recipe.model.head, data.label_token_ids, ranks
+        self.home = home
         self.impl = DataParallelZO(model, param_blocks(model), recipe.method, seed=recipe.training.seed,
-                                   head=self.head, label_token_ids=data.label_token_ids, home_dtype=home_dtype,
-                                   ranks=ranks)
-        self.where = f"zo2 data-parallel: {ranks.world} ranks, each holds the model; loss sums all-reduced"
+                                   head=self.head, label_token_ids=data.label_token_ids, home_dtype=home.torch_dtype,
+                                   home_rounding=home.rounding, ranks=ranks)
+        self.where = (f"zo2 data-parallel: {ranks.world} ranks, each holds the model ({home.describe()}); "
+                      "loss sums all-reduced")
 
     def step(self, step: int, micro: list[dict], lr: float) -> StepOutcome:
-        return zo_outcome(self.impl.step(step, micro, lr))
+        return zo_outcome(self.impl.step(step, micro, lr), self.home)
 
     @torch.no_grad()
     def eval_losses(self, micro: list[dict]) -> list[BatchLoss]:
@@ -126,10 +128,10 @@ class DataParallelZOTrainer:
         yield "", self.impl.state_tensors()
 
     def state_meta(self) -> dict:
-        home = self.impl.home[0][0].dtype if self.impl.home else torch.float32
-        return {"trainer": "zo2", "home_dtype": str(home).removeprefix("torch.")}
+        return {"trainer": "zo2", **self.home.meta()}
 
     def load_state_dict(self, tensors, meta: dict) -> None:
+        self.home.check(meta)
         self.impl.load_state_tensors(tensors)
 
     def replay(self, step: int, grads: list[float], lr: float) -> None:

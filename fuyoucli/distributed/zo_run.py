@@ -106,8 +106,9 @@ def _run_rank(recipe: Recipe, ranks, sinks: list, out_dir: Path, *, overwrite: b
     steps = total_steps(recipe, len(data.train))
     params = list(model.parameters())
     all_sinks = Sinks(sinks)
-    home = getattr(torch, plan.home_dtype) if plan is not None else torch.float32
-    trainer = DataParallelZOTrainer(model, recipe, data, ranks, home_dtype=home)
+    from fuyoucli.train.trainers import ZOHome
+
+    trainer = DataParallelZOTrainer(model, recipe, data, ranks, ZOHome.of(recipe, plan))
     try:
         checkpointer = ckpts.Checkpointer(recipe, plan, trainer, total_steps=steps, device=device,
                                           data_files=data_files, writes=ranks.is_main)

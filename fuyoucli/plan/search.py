@@ -231,27 +231,23 @@ def _grid(n_layers: int) -> list[int]:
 def search(inv: ModelInventory, wl: Workload, machine: Machine, opts: Options) -> tuple[Placement, Estimate, bool, list[str]]:
     """(placement, estimate, feasible, notes): the fastest fitting candidate, else the smallest one."""
     s = _Search(inv, wl, machine, opts)
-    home_dtypes = _home_dtypes(wl, opts)
+    home_dtype = _home_dtype(wl, opts)
     resident_counts = _resident_counts(s)
-    for home_dtype in home_dtypes:
-        best = _fastest(s, home_dtype, resident_counts)
-        if best.placement is not None:
-            notes = []
-            if home_dtype != home_dtypes[0]:
-                notes.append(f"zo2 weights live in {home_dtype} at home: float32 did not fit; updates smaller than "
-                             f"{home_dtype}'s resolution are lost (set offload.home_dtype to choose)")
-            return best.placement, best.est, True, notes
-    pl, est = _smallest(s, home_dtypes[-1], resident_counts)
+    best = _fastest(s, home_dtype, resident_counts)
+    if best.placement is not None:
+        return best.placement, best.est, True, []
+    pl, est = _smallest(s, home_dtype, resident_counts)
     return pl, est, False, []
 
 
-def _home_dtypes(wl: Workload, opts: Options) -> list[str]:
-    """zo2 full-parameter weights at home in fp32 (exact small updates) unless that does not fit."""
-    if opts.home_dtype is not None:
-        return [opts.home_dtype]
-    if wl.method == "zo2" and not wl.lora:
-        return ["float32"] + ([wl.compute_dtype] if wl.compute_dtype != "float32" else [])
-    return [wl.compute_dtype]
+def _home_dtype(wl: Workload, opts: Options) -> str:
+    """The weights' home dtype: the recipe's, else the model's own (a 16-bit model keeps 16-bit zo2
+    homes, its updates rounded stochastically unless the recipe says otherwise)."""
+    return opts.home_dtype if opts.home_dtype is not None else wl.compute_dtype
+
+
+def _zo_full(wl: Workload) -> bool:
+    return wl.method == "zo2" and not wl.lora
 
 
 def _resident_counts(s: _Search) -> list[int]:
@@ -354,13 +350,12 @@ def make_plan(inv: ModelInventory, wl: Workload, machine: Machine, opts: Options
     (`lora_inventory()`: the model's blocks under LoRA, whose trainable counts the LoRA suggestion needs;
     without it that suggestion is planned with every parameter trained, which overstates it)."""
     pl, est, feasible, notes = search(inv, wl, machine, opts)
-    if (feasible and suggest and wl.method == "zo2" and not wl.lora and opts.home_dtype is None
-            and pl.home_dtype == "float32" and wl.compute_dtype != "float32"):
-        half = search(inv, wl, machine, dataclasses.replace(opts, home_dtype=wl.compute_dtype))
-        if half[2] and half[1].times.step_s < 0.67 * est.times.step_s:
-            notes.append(f"offload.home_dtype: {wl.compute_dtype} would take {half[1].times.step_s:.3g} s/step "
-                         f"instead of {est.times.step_s:.3g} (half the bytes to move; updates below "
-                         f"{wl.compute_dtype}'s resolution are lost)")
+    if feasible and suggest and _zo_full(wl) and opts.home_dtype is None and pl.home_dtype != "float32":
+        exact = search(inv, wl, machine, dataclasses.replace(opts, home_dtype="float32"))
+        if exact[2] and exact[1].times.step_s < est.times.step_s:
+            notes.append(f"offload.home_dtype: float32 would take {exact[1].times.step_s:.3g} s/step instead of "
+                         f"{est.times.step_s:.3g} (twice the bytes to move, but no rounding work; every update "
+                         f"exact)")
     cap = capacities(machine, opts)
     reasons: tuple[str, ...] = ()
     suggestions: tuple[str, ...] = ()
@@ -390,6 +385,7 @@ def make_plan(inv: ModelInventory, wl: Workload, machine: Machine, opts: Options
         tflops=est.flops_per_step / step / 1e12 if step > 0 else 0.0,
         gpu_utilization=est.flops_per_step / step / best_rate if step > 0 and best_rate > 0 else 0.0,
         lora=wl.lora, model=inv.model_type, machine=machine.name, notes=tuple(notes), z_buffer=pl.z_buffer,
+        home_rounding=wl.home_rounding if _zo_full(wl) and pl.home_dtype != "float32" else "nearest",
         device_parts=est.device_parts,
         device_context_bytes=machine.context_bytes if machine.compute_device == "cuda" else 0,
     )

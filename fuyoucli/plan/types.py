@@ -58,6 +58,9 @@ class Workload:
     loss_positions_fraction: float = 1.0
     """Share of the positions whose logits go through the loss: 1 for language modelling text, one
     position per example for label-word classification (the loss then costs next to nothing)."""
+    home_rounding: Literal["nearest", "stochastic"] = "nearest"
+    """zo2 full-parameter: how an update is stored into a home narrower than fp32 (stochastic: a
+    random draw and a few elementwise passes more per parameter)."""
 
     @property
     def tokens_per_step(self) -> int:
@@ -288,6 +291,9 @@ class Plan:
     by tensor into a buffer the size of the largest trainable tensor, the block's generator replayed
     from its start for each pass (the same numbers; one more draw per direction, a block's z less
     device memory). First-order plans carry the default, unused."""
+    home_rounding: Literal["nearest", "stochastic"] = "nearest"
+    """zo2 full-parameter: how an update is stored into a home narrower than fp32 (train/rounding.py);
+    nearest for an fp32 home, LoRA and first-order plans."""
 
     @property
     def resident_blocks(self) -> tuple[str, ...]:

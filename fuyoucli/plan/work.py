@@ -104,8 +104,18 @@ def _perturb_s(r: Rates, hb: int, cb: int, fresh: bool) -> float:
     return (8 + home + (0 if cb == 4 else 4 + cb)) * r.inplace_s
 
 
-def _update_s(r: Rates, q: int, hb: int, z_new: bool, momentum: bool, fresh: bool) -> float:
-    """update_home per parameter: an fp32 working copy of a half-precision home (and the copy back),
+def _round_s(r: Rates, hb: int, stochastic: bool) -> float:
+    """Storing one fp32 result into a half-precision home (train/rounding.py): a cast, or stochastic
+    rounding: a random draw into a new int32 tensor, added in place to the fp32 working copy's bits,
+    the low half masked off in place, then the cast (exact)."""
+    if not stochastic:
+        return (4 + hb) * r.inplace_s
+    return r.randn_s + 4 * r.alloc_s + 12 * r.inplace_s + 8 * r.inplace_s + (4 + hb) * r.inplace_s
+
+
+def _update_s(r: Rates, q: int, hb: int, z_new: bool, momentum: bool, fresh: bool,
+              stochastic: bool = False) -> float:
+    """update_home per parameter: an fp32 working copy of a half-precision home (and the rounding back),
     the direction zeroed, per direction z drawn and added, momentum, the step into the weights.
     `fresh`: the direction and the working copy are new tensors (the reference), else buffers."""
     new = 4 * r.alloc_s if fresh else 0.0
@@ -115,7 +125,7 @@ def _update_s(r: Rates, q: int, hb: int, z_new: bool, momentum: bool, fresh: boo
     if momentum:
         s += 20 * r.inplace_s  # m.mul_(beta).add_(g)
     if hb != 4:
-        s += (hb + 4) * r.inplace_s + new + (4 + hb) * r.inplace_s
+        s += (hb + 4) * r.inplace_s + new + _round_s(r, hb, stochastic)
     return s
 
 
@@ -132,15 +142,15 @@ def zo_block_s(machine: Machine, wl: Workload, spec: BlockSpec, home_dtype: str,
     draws = v if z_per_tensor else q  # the engine's draws of the step's z for the passes
     cb = DTYPE_BYTES[wl.compute_dtype]
     hb = cb if wl.lora else DTYPE_BYTES[home_dtype]
-    mom = wl.zo_momentum
+    mom, sr = wl.zo_momentum, wl.home_rounding == "stochastic" and not wl.lora
     copy_home = (hb + cb) * r.inplace_s
     if not engine:
         z_new = r.randn_s + 4 * r.alloc_s
-        per = v * (z_new + _perturb_s(r, hb, cb, True)) + _update_s(r, q, hb, True, mom, True) + copy_home
+        per = v * (z_new + _perturb_s(r, hb, cb, True)) + _update_s(r, q, hb, True, mom, True, sr) + copy_home
     elif streamed:
-        per = _update_s(r, q, hb, False, mom, False) + draws * r.randn_s + v * _perturb_s(r, hb, cb, False)
+        per = _update_s(r, q, hb, False, mom, False, sr) + draws * r.randn_s + v * _perturb_s(r, hb, cb, False)
     else:
-        per = (draws * r.randn_s + v * _perturb_s(r, hb, cb, False) + _update_s(r, q, hb, False, mom, False)
+        per = (draws * r.randn_s + v * _perturb_s(r, hb, cb, False) + _update_s(r, q, hb, False, mom, False, sr)
                + copy_home)
         if tied_embed:
             per += v * (r.randn_s + _perturb_s(r, hb, cb, False))
@@ -160,6 +170,9 @@ def zo_candidates_s(machine: Machine, wl: Workload, spec: BlockSpec, home_dtype:
     q, cb = wl.q, DTYPE_BYTES[wl.compute_dtype]
     hb = cb if wl.lora else DTYPE_BYTES[home_dtype]
     half = (hb + 4) * r.inplace_s if hb != 4 else 0.0  # the fp32 working copy of a half home
+    # a stochastically rounded home: each candidate is rounded as the update would store it
+    if hb != 4 and wl.home_rounding == "stochastic" and not wl.lora:
+        half += _round_s(r, hb, True) - (4 + hb) * r.inplace_s
     copy_home = (hb + cb) * r.inplace_s
     if not engine:
         direction = 4 * (r.inplace_s + r.alloc_s) + q * (r.randn_s + 4 * r.alloc_s + 12 * r.inplace_s)

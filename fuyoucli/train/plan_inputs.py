@@ -141,7 +141,21 @@ def workload_from_recipe(recipe: Recipe) -> Workload:
                     zo_momentum=zo and m.variant == "momentum",
                     zo_conservative=zo and m.variant == "conservative",
                     clips_grads=not zo and m.max_grad_norm is not None,
-                    loss_positions_fraction=loss_positions_fraction(recipe))
+                    loss_positions_fraction=loss_positions_fraction(recipe),
+                    home_rounding=zo_home(recipe)[1])
+
+
+def zo_home(recipe: Recipe) -> tuple[str, str]:
+    """(home dtype, rounding) of a zo2 full-parameter run's weights, in memory or streamed: the
+    recipe's offload.home_dtype, else the model's own dtype; offload.home_rounding, else stochastic
+    whenever the home is narrower than float32. ('float32', 'nearest') for other runs, which keep no
+    zo2 home. The planner's own default (plan.search) is the same rule."""
+    o = recipe.offload
+    if recipe.method.name != "zo2" or recipe.peft.type == "lora":
+        return "float32", "nearest"
+    dtype = recipe.model.dtype if o.home_dtype == "auto" else o.home_dtype
+    rounding = o.home_rounding if o.home_rounding != "auto" else ("nearest" if dtype == "float32" else "stochastic")
+    return dtype, rounding
 
 
 _TIERS = {"device": Tier.DEVICE, "pinned": Tier.PINNED, "pageable": Tier.PAGEABLE, "host": Tier.PAGEABLE,
@@ -167,6 +181,12 @@ def check_offload_applies(recipe: Recipe) -> None:
     if o.home_dtype != "auto" and (not zo or lora):
         bad.append("offload.home_dtype applies to zo2 full-parameter runs (first-order and LoRA weights live "
                    "in model.dtype)")
+    if o.home_rounding != "auto" and (not zo or lora):
+        bad.append("offload.home_rounding applies to zo2 full-parameter runs (their updates are stored into "
+                   "the weights' home)")
+    elif o.home_rounding == "stochastic" and zo_home(recipe)[0] == "float32":
+        bad.append("offload.home_rounding: stochastic needs a 16-bit home (offload.home_dtype: bfloat16 or "
+                   "float16, or a 16-bit model.dtype); a float32 home stores every update exactly")
     if zo and o.activations != "auto":
         bad.append("offload.activations applies to first-order runs (zo2 keeps no activations for a backward)")
     if zo and o.optimizer_home != "auto":

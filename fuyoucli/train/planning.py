@@ -75,6 +75,7 @@ def plan_for_run(recipe: Recipe, *, num_labels: int | None, note: Callable[[str]
     """The plan for this recipe on this machine; None for offload.mode: in_memory (the reference path),
     which is still planned when it sets a memory limit, so that a run over the limit is refused."""
     o = recipe.offload
+    check_offload_applies(recipe)  # an in-memory run is not planned, but its settings must still apply
     if o.mode == "in_memory" and o.host_memory_limit is None and o.device_memory_limit is None:
         return None
     from fuyoucli.model.inventory import inventory, lora_inventory

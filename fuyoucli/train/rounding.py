@@ -27,7 +27,9 @@ ROUNDING_STREAM = -1
 def stochastic_round_(dst: torch.Tensor, src32: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """dst (bfloat16 or float16) := src32 rounded to dst's dtype stochastically: to the neighbour above
     with probability (src - below) / (above - below), else below. Exactly representable values are
-    kept as they are (an update of 0 changes nothing). One uniform draw per element, in order."""
+    kept as they are (an update of 0 changes nothing). One uniform draw per element, in order.
+    A contiguous bfloat16-bound `src32` is used as scratch (it ends holding the rounded value): the
+    callers' fp32 working copies are dead by then, and no tensor of the block's size is made."""
     if src32.dtype != torch.float32:
         raise TypeError(f"stochastic rounding reads float32, got {src32.dtype}")
     if dst.dtype == torch.bfloat16:
@@ -35,9 +37,10 @@ def stochastic_round_(dst: torch.Tensor, src32: torch.Tensor, gen: torch.Generat
         # truncating carries into the kept half with exactly the probability above (sign-magnitude:
         # the magnitude rounds unbiasedly, so the value does).
         noise = torch.randint(0, 1 << 16, src32.shape, generator=gen, device=src32.device, dtype=torch.int32)
-        bits = src32.contiguous().view(torch.int32) + noise
-        bits.bitwise_and_(-65536)  # 0xFFFF0000 as int32
-        return dst.copy_(bits.view(torch.float32))  # exact: the low half is zero
+        scratch = src32 if src32.is_contiguous() else src32.contiguous()
+        bits = scratch.view(torch.int32)
+        bits.add_(noise).bitwise_and_(-65536)  # 0xFFFF0000 as int32
+        return dst.copy_(scratch)  # exact: the low half is zero
     if dst.dtype == torch.float16:
         # float16 is not a truncation of float32: find both neighbours explicitly.
         near = src32.to(torch.float16)
@@ -70,13 +73,14 @@ class HomeRounding:
             if mode == "stochastic" else None
 
     def store(self, dst: torch.Tensor, src32: torch.Tensor) -> torch.Tensor:
-        """dst := src32 in dst's dtype. Nearest, or stochastic when dst is narrower than fp32."""
+        """dst := src32 in dst's dtype. Nearest, or stochastic when dst is narrower than fp32 (then
+        src32 may serve as scratch: stochastic_round_)."""
         if self._gen is None or dst.dtype == torch.float32:
             return dst.copy_(src32)
         return stochastic_round_(dst, src32, self._gen)
 
     def rounded(self, src32: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """src32 in `dtype` (a new tensor), rounded as store() would."""
+        """src32 in `dtype` (a new tensor), rounded as store() would (src32 may serve as scratch)."""
         if dtype == torch.float32:
             return src32
         if self._gen is None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fuyoucli.checkpoint import CheckpointError
 from fuyoucli.engine.lanes import lanes_for
 from fuyoucli.engine.timed_lanes import TimedLanes
 from fuyoucli.model.blocks import param_blocks
@@ -20,6 +21,7 @@ from fuyoucli.telemetry.timeline import Span, Timeline, busy_seconds
 from fuyoucli.train.data import Datasets
 from fuyoucli.train.first_order import AdamWReference
 from fuyoucli.train.losses import BatchLoss, batch_loss
+from fuyoucli.train.plan_inputs import zo_home
 from fuyoucli.train.zo import ZOReference, ZOStepResult
 
 
@@ -89,9 +91,48 @@ def _timed_compute(out: StepOutcome, step: int, start: float) -> StepOutcome:
     return out
 
 
-def zo_outcome(res: ZOStepResult) -> StepOutcome:
+@dataclass(frozen=True)
+class ZOHome:
+    """Where a zo2 run's weights are updated: the home copy's dtype and how an update is rounded into
+    it. The plan's when there is one, else the recipe's rule (train.plan_inputs.zo_home)."""
+
+    dtype: str
+    rounding: str
+
+    @classmethod
+    def of(cls, recipe: Recipe, plan: Plan | None) -> "ZOHome":
+        if plan is not None:
+            return cls(plan.home_dtype, plan.home_rounding)
+        return cls(*zo_home(recipe))
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    def describe(self) -> str:
+        rounded = f", {self.rounding} rounding" if self.dtype != "float32" else ""
+        return f"home {self.dtype}{rounded}"
+
+    def meta(self) -> dict:
+        return {"home_dtype": self.dtype, "home_rounding": self.rounding}
+
+    def check(self, meta: dict) -> None:
+        """A checkpoint resumes bit-exactly only under the arithmetic that wrote it."""
+        theirs = ZOHome(meta.get("home_dtype", "float32"), meta.get("home_rounding", "nearest"))
+        if theirs.dtype != self.dtype:
+            raise CheckpointError(f"the checkpoint's zo2 weights were updated in a {theirs.dtype} home, this run's is "
+                                  f"{self.dtype}: set offload.home_dtype: {theirs.dtype} to resume it")
+        if theirs.dtype != "float32" and theirs.rounding != self.rounding:
+            raise CheckpointError(f"the checkpoint's zo2 updates were rounded {theirs.rounding} into the home, this "
+                                  f"run's are {self.rounding}: set offload.home_rounding: {theirs.rounding} to "
+                                  "resume it")
+
+
+def zo_outcome(res: ZOStepResult, home: ZOHome | None = None) -> StepOutcome:
     grads = res.projected_grads
     extra = {"projected_grad": grads[0]} if len(grads) == 1 else {"projected_grad_mean": sum(grads) / len(grads)}
+    if home is not None:  # metrics.jsonl says how the weights were updated
+        extra.update(home.meta())
     if res.candidate_losses is not None:
         # conservative variant: which candidate was kept (+1: w - u, the normal step; 0: w; -1: w + u)
         extra["zo_candidate"] = float(res.candidate)
@@ -132,30 +173,28 @@ class _InMemoryEval:
 
 
 class InMemoryZO(_InMemoryEval):
-    where = "in_memory"
-
-    def __init__(self, model, recipe: Recipe, data: Datasets, home_dtype: torch.dtype = torch.float32,
-                 z_per_tensor: bool = False):
-        self.model, self.head, self.label_token_ids = model, recipe.model.head, data.label_token_ids
+    def __init__(self, model, recipe: Recipe, data: Datasets, home: ZOHome, z_per_tensor: bool = False):
+        self.model, self.head, self.label_token_ids, self.home = model, recipe.model.head, data.label_token_ids, home
         self.impl = ZOReference(model, param_blocks(model), recipe.method, seed=recipe.training.seed,
-                                head=self.head, label_token_ids=data.label_token_ids, home_dtype=home_dtype,
-                                z_per_tensor=z_per_tensor)
+                                head=self.head, label_token_ids=data.label_token_ids, home_dtype=home.torch_dtype,
+                                z_per_tensor=z_per_tensor, home_rounding=home.rounding)
+        self.where = f"in_memory ({home.describe()})"
 
     def step(self, step: int, micro: list[dict], lr: float) -> StepOutcome:
         start = time.perf_counter()
-        return _timed_compute(zo_outcome(self.impl.step(step, micro, lr)), step, start)
+        return _timed_compute(zo_outcome(self.impl.step(step, micro, lr), self.home), step, start)
 
     def state_shards(self):
         yield "", self.impl.state_tensors()
 
     def state_meta(self) -> dict:
-        home = self.impl.home[0][0].dtype if self.impl.home else torch.float32
-        return {"trainer": "zo2", "home_dtype": str(home).removeprefix("torch.")}
+        return {"trainer": "zo2", **self.home.meta()}
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
         return _joined(self)
 
     def load_state_dict(self, tensors, meta: dict) -> None:
+        self.home.check(meta)
         self.impl.load_state_tensors(tensors)
 
     def replay(self, step: int, grads: list[float], lr: float) -> None:
@@ -199,17 +238,20 @@ class StreamedZO:
         from fuyoucli.train.zo_streamed import ZOStreamed
 
         timeline = Timeline()
+        self.home = ZOHome.of(recipe, plan)
         self.lanes = TimedLanes(lanes_for(device), timeline)
         self.impl = ZOStreamed.from_plan(model, plan, recipe.method, seed=recipe.training.seed, head=recipe.model.head,
-                                         lanes=self.lanes, label_token_ids=data.label_token_ids)
+                                         lanes=self.lanes, label_token_ids=data.label_token_ids,
+                                         home_rounding=self.home.rounding)
         self.measure = _Measure(timeline, self.impl.engine)
         homes = sorted({b.weights_home.value for b in plan.blocks if b.weights_home.value != "device"})
-        self.where = (f"zo2 streamed: layers homed on {'/'.join(homes)}, prefetch depth {plan.prefetch_depth}"
-                      + (", z drawn per tensor" if plan.z_buffer == "tensor" else "") + f"; lanes: {self.lanes.name}")
+        self.where = (f"zo2 streamed: layers homed on {'/'.join(homes)} ({self.home.describe()}), prefetch depth "
+                      f"{plan.prefetch_depth}" + (", z drawn per tensor" if plan.z_buffer == "tensor" else "")
+                      + f"; lanes: {self.lanes.name}")
 
     def step(self, step: int, micro: list[dict], lr: float) -> StepOutcome:
         self.measure.begin()
-        return self.measure.end(zo_outcome(self.impl.step(step, micro, lr)))
+        return self.measure.end(zo_outcome(self.impl.step(step, micro, lr), self.home))
 
     def eval_losses(self, micro: list[dict]) -> list[BatchLoss]:
         return self.impl.losses(micro)
@@ -225,12 +267,13 @@ class StreamedZO:
         return self.impl.state_shards()
 
     def state_meta(self) -> dict:
-        return {"trainer": "zo2", "home_dtype": str(self.impl.home_dtype).removeprefix("torch.")}
+        return {"trainer": "zo2", **self.home.meta()}
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
         return _joined(self)
 
     def load_state_dict(self, tensors, meta: dict) -> None:
+        self.home.check(meta)
         self.impl.load_state(tensors)
 
     def replay(self, step: int, grads: list[float], lr: float) -> None:
@@ -298,7 +341,6 @@ def build_trainer(model, recipe: Recipe, data: Datasets, plan: Plan | None, devi
             return StreamedAdamW(model, recipe, data, plan, device)
         return StreamedZO(model, recipe, data, plan, device)
     if recipe.method.name == "zo2":
-        home = getattr(torch, plan.home_dtype) if plan is not None else torch.float32
         per_tensor = plan is not None and plan.z_buffer == "tensor"
-        return InMemoryZO(model, recipe, data, home_dtype=home, z_per_tensor=per_tensor)
+        return InMemoryZO(model, recipe, data, ZOHome.of(recipe, plan), z_per_tensor=per_tensor)
     return InMemoryAdamW(model, recipe, data)

@@ -92,3 +92,75 @@ def test_streamed_equals_in_memory_with_16_bit_homes(rounding, home, method, tin
     plan = manual_plan(2, Tier(home), swap_dir=tmp_path / "swap", compute_dtype="bfloat16", home_dtype="bfloat16")
     ref, streamed, _ = run_both(recipe, tok, steps, plan, home_dtype=torch.bfloat16, home_rounding=rounding)
     assert_same(ref, streamed)
+
+
+# ---- the recipe, the run header, metrics.jsonl, resume ------------------------------------------------
+
+def _cli_recipe(tmp_path, model, data, name, dtype="bfloat16", offload="", steps=3):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(
+        f"name: {name}\nmodel:\n  path: {model}\n  dtype: {dtype}\nmethod:\n  name: zo2\n  lr: 1.0e-4\n  eps: 1.0e-3\n"
+        f"data:\n  train: {data}\n  max_length: 24\n  eval_fraction: 0.0\n"
+        f"training:\n  max_steps: {steps}\n  batch_size: 4\n  seed: 3\n  checkpoint_every: 2\n"
+        f"  output_dir: {tmp_path / name}\n{offload}hardware:\n  preset: cpu-laptop-8c-32g\n")
+    return path
+
+
+def _fuyou(*args, env=None):
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "fuyoucli", *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **(env or {})})
+
+
+def test_a_16_bit_model_keeps_16_bit_homes_rounded_stochastically(tiny_models, text_data, tmp_path):
+    """home_dtype auto is the model's dtype and rounding auto stochastic, in memory and streamed alike:
+    both say so in the run header and metrics.jsonl, and their losses are the same."""
+    from fuyoucli.telemetry.jsonl import read_metrics
+
+    mem = _fuyou("finetune", str(_cli_recipe(tmp_path, tiny_models["llama"], text_data, "mem",
+                                             offload="offload:\n  mode: in_memory\n")))
+    assert mem.returncode == 0, mem.stderr
+    assert "home bfloat16, stochastic rounding" in mem.stdout
+    streamed = _fuyou("finetune", str(_cli_recipe(tmp_path, tiny_models["llama"], text_data, "streamed",
+                                                  offload="offload:\n  mode: stream\n  weights_home: pageable\n")))
+    assert streamed.returncode == 0, streamed.stderr
+    assert "home bfloat16, stochastic rounding" in streamed.stdout
+    rows = {n: [r for r in read_metrics(tmp_path / n / "metrics.jsonl") if r["kind"] == "train"]
+            for n in ("mem", "streamed")}
+    assert {(r["home_dtype"], r["home_rounding"]) for n in rows for r in rows[n]} == {("bfloat16", "stochastic")}
+    assert [r["loss"] for r in rows["streamed"]] == [r["loss"] for r in rows["mem"]]
+
+
+def test_rounding_settings_that_would_do_nothing_are_refused(tiny_models, text_data, tmp_path):
+    fp32 = _fuyou("finetune", str(_cli_recipe(tmp_path, tiny_models["llama"], text_data, "fp32", dtype="float32",
+                                              offload="offload:\n  home_rounding: stochastic\n")))
+    assert fp32.returncode == 2 and "needs a 16-bit home" in fp32.stderr and "Traceback" not in fp32.stderr
+
+
+def test_resuming_with_another_rounding_is_refused_and_the_checkpoint_kept(tiny_models, text_data, tmp_path):
+    recipe = _cli_recipe(tmp_path, tiny_models["llama"], text_data, "run", steps=3,
+                         offload="offload:\n  mode: in_memory\n")
+    assert _fuyou("finetune", str(recipe)).returncode == 0
+    ckpt = tmp_path / "run" / "checkpoints" / "step-00000002"
+    before = sorted(p.name for p in ckpt.iterdir())
+    again = _fuyou("finetune", str(recipe), "--resume", "--set", "offload.home_rounding=nearest")
+    assert again.returncode != 0 and "Traceback" not in again.stderr and len(again.stderr.splitlines()) == 1
+    assert "offload.home_rounding" in again.stderr
+    assert sorted(p.name for p in ckpt.iterdir()) == before
+
+
+def test_a_checkpoint_written_under_another_home_says_how_to_resume_it():
+    """Checkpoints from before 16-bit homes were the default say float32 (or nothing: float32, nearest);
+    the recipe may not have changed, so the trainer compares the arithmetic itself."""
+    from fuyoucli.checkpoint import CheckpointError
+    from fuyoucli.train.trainers import ZOHome
+
+    ZOHome("bfloat16", "stochastic").check({"home_dtype": "bfloat16", "home_rounding": "stochastic"})
+    ZOHome("float32", "nearest").check({})
+    with pytest.raises(CheckpointError, match="set offload.home_dtype: float32 to resume it"):
+        ZOHome("bfloat16", "stochastic").check({"home_dtype": "float32"})
+    with pytest.raises(CheckpointError, match="set offload.home_rounding: nearest to resume it"):
+        ZOHome("bfloat16", "stochastic").check({"home_dtype": "bfloat16"})

@@ -59,7 +59,7 @@ def test_the_stream_is_seeded_by_seed_step_block_and_restarts_each_pass():
 
     def once(seed, step, block):
         return HomeRounding("stochastic", seed, step, block, torch.device("cpu")).store(
-            torch.empty(1000, dtype=torch.bfloat16), src)
+            torch.empty(1000, dtype=torch.bfloat16), src.clone())  # the source serves as scratch
 
     a = once(0, 5, 2)
     assert torch.equal(a, once(0, 5, 2))  # a second pass (a candidate, a replay) stores the same
@@ -72,3 +72,9 @@ def test_nearest_mode_is_a_plain_cast():
     assert torch.equal(r.store(torch.empty(1000, dtype=torch.float16), src), src.to(torch.float16))
     with pytest.raises(ValueError):
         HomeRounding("up", 0, 0, 0, torch.device("cpu"))
+
+
+def test_a_contiguous_source_is_the_scratch_and_ends_rounded():
+    src = torch.randn(64) * 1e-2 + 1.0
+    out = stochastic_round_(torch.empty(64, dtype=torch.bfloat16), src, torch.Generator().manual_seed(4))
+    assert torch.equal(src, out.float())  # no block-sized temporary: the fp32 copy took the rounding

@@ -109,13 +109,21 @@ def test_overrides_are_obeyed():
     assert homes(p) == [D] + [P] * 8 + [D]
 
 
-def test_zo2_home_dtype_prefers_float32_and_falls_back_with_a_note():
-    wl = Workload("zo2", False, "bfloat16", batch_size=1, seq_len=8)
-    roomy = make_plan(toy(), wl, machine(), Options())
-    assert roomy.home_dtype == "float32" and roomy.compute_dtype == "bfloat16"
-    tight = make_plan(toy(), wl, machine(device_bytes=30000, host_ram_bytes=20000, pinned_bytes=20000), Options())
-    assert tight.feasible and tight.home_dtype == "bfloat16" and tight.wire_dtype == "bfloat16"
-    assert any("float32 did not fit" in n for n in tight.notes)
+def test_zo2_home_is_the_model_dtype_unless_the_recipe_says_otherwise():
+    # Issue 19: a 16-bit model keeps 16-bit homes (half the bytes at home and on the link), its updates
+    # rounded stochastically; float32 homes are the recipe's choice, not a fallback.
+    wl = Workload("zo2", False, "bfloat16", batch_size=1, seq_len=8, home_rounding="stochastic")
+    auto = make_plan(toy(), wl, machine(), Options())
+    assert (auto.home_dtype, auto.wire_dtype, auto.home_rounding) == ("bfloat16", "bfloat16", "stochastic")
+    exact = make_plan(toy(), wl, machine(), Options(home_dtype="float32"))
+    assert (exact.home_dtype, exact.home_rounding) == ("float32", "nearest")  # nothing to round into fp32
+    assert exact.memory.pinned + exact.memory.pageable + exact.memory.device > \
+        auto.memory.pinned + auto.memory.pageable + auto.memory.device
+    fp32_model = make_plan(toy(), Workload("zo2", False, "float32", batch_size=1, seq_len=8), machine(), Options())
+    assert (fp32_model.home_dtype, fp32_model.home_rounding) == ("float32", "nearest")
+    lora = make_plan(toy(), Workload("zo2", True, "bfloat16", batch_size=1, seq_len=8, home_rounding="stochastic"),
+                     machine(), Options())
+    assert lora.home_rounding == "nearest"  # LoRA updates its adapters on the device, in fp32 states
 
 
 def test_first_order_activations_keep_then_swap_or_recompute():
