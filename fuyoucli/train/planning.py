@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from pathlib import Path
 from typing import Callable
 
 from fuyoucli.errors import InfeasiblePlan, InputError
@@ -54,7 +55,7 @@ def machine_profile(recipe: Recipe, note: Callable[[str], None]) -> HardwareProf
     from fuyoucli.hardware.probe import probe
     from fuyoucli.hardware.profile import save_profile
 
-    disks = [recipe.offload.swap_dir] if recipe.offload.swap_dir else ["."]
+    disks = [str(_existing_ancestor(Path(recipe.offload.swap_dir)))] if recipe.offload.swap_dir else ["."]
     note(f"no hardware profile of this machine yet: measuring it (quick) for the planner; "
          f"`fuyou profile` makes a fuller one")
     # About a minute with no other output: say what is happening, phase by phase (plain lines, for piped logs too).
@@ -64,6 +65,15 @@ def machine_profile(recipe: Recipe, note: Callable[[str], None]) -> HardwareProf
     path = save_profile(profile, default_profile_path())
     note(f"saved the profile to {path}")
     return load_profile(path)
+
+
+def _existing_ancestor(path: Path) -> Path:
+    """The folder itself, or the nearest one above it that exists: a swap_dir the run has yet to create
+    lies on that folder's filesystem, which is the disk to measure."""
+    path = path.expanduser().absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
 
 def _print_phase(label: str, index: int, total: int) -> None:

@@ -164,11 +164,13 @@ def _default_sigint() -> None:
 
 def test_a_first_run_says_it_is_profiling_the_machine(tmp_path, tiny_models, text_data):
     """With no saved profile (an empty FUYOU_CACHE_DIR) a run measures the machine for about a minute before
-    anything else shows: a line on stderr says so at once, then one per phase. Stopped once seen."""
+    anything else shows: a line on stderr says so at once, then one per phase. Stopped once seen. The
+    swap_dir does not exist yet (the run creates it): its filesystem is measured through its parent."""
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"name: first\nmodel:\n  path: {tiny_models['llama']}\nmethod:\n  name: zo2\n"
                       f"data:\n  train: {text_data}\n  max_length: 32\n"
-                      f"training:\n  max_steps: 2\n  output_dir: {tmp_path / 'out'}\n")
+                      f"training:\n  max_steps: 2\n  output_dir: {tmp_path / 'out'}\n"
+                      f"offload:\n  swap_dir: {tmp_path / 'swap' / 'not-yet'}\n")
     env = {**os.environ, "FUYOU_CACHE_DIR": str(tmp_path / "cache")}
     proc = subprocess.Popen([sys.executable, "-m", "fuyoucli", "finetune", str(recipe), "--quiet"], cwd=tmp_path,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
