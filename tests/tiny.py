@@ -88,3 +88,16 @@ def save_tiny_model(folder: Path, arch: str, seed: int = 0) -> Path:
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
+
+
+class EventList:
+    """A telemetry sink that keeps every event, for tests that read back what a run emitted."""
+
+    def __init__(self):
+        self.events = []
+
+    def handle(self, event):
+        self.events.append(event)
+
+    def close(self):
+        pass

@@ -11,17 +11,7 @@ import transformers
 from fuyoucli.recipe import load_recipe
 from fuyoucli.telemetry.events import RunStarted
 from fuyoucli.train.run import finetune
-
-
-class Collect:
-    def __init__(self):
-        self.events = []
-
-    def handle(self, event):
-        self.events.append(event)
-
-    def close(self):
-        pass
+from tiny import EventList
 
 
 @pytest.mark.parametrize("peft", ["none", "lora"])
@@ -36,7 +26,7 @@ def test_streamed_and_in_memory_runs_count_the_same_parameters(tmp_path, tiny_mo
     headers = {}
     for mode, extra in (("in_memory", []), ("stream", [f"offload.swap_dir={tmp_path / 'swap'}",
                                                         "offload.weights_home=ssd"])):
-        sink = Collect()
+        sink = EventList()
         finetune(load_recipe(recipe, [f"offload.mode={mode}", f"training.output_dir={tmp_path / mode}", *extra]),
                  [sink])
         (headers[mode],) = [e for e in sink.events if isinstance(e, RunStarted)]

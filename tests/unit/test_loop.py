@@ -17,6 +17,7 @@ from fuyoucli.train.data import Datasets, Example
 from fuyoucli.train.loop import Loop, OneProcess, Start, TrainingDiverged, run_loop
 from fuyoucli.train.losses import BatchLoss
 from fuyoucli.train.trainers import StepOutcome
+from tiny import EventList
 
 CPU = torch.device("cpu")
 
@@ -54,17 +55,6 @@ class Writer:
         return CheckpointSaved(step=step, path=str(self.last_saved), nbytes=0, seconds=0.0, kind="full", reason=reason)
 
 
-class Events:
-    def __init__(self):
-        self.events = []
-
-    def handle(self, event):
-        self.events.append(event)
-
-    def close(self):
-        pass
-
-
 class StopOnAnotherRank(OneProcess):
     """Rank 0 of a run where another rank was asked to stop at step `at`."""
 
@@ -90,7 +80,7 @@ def _setup(tmp_path, trainer, *, steps=4, ranks=None, **training):
                      "output_dir": str(tmp_path / "out"), **training}})
     examples = tuple(Example(input_ids=(1, 2, 3)[: 1 + i % 3], labels=(1, 2, 3)[: 1 + i % 3]) for i in range(6))
     data = Datasets(train=examples, eval=examples[:3], label_names=(), label_token_ids=(), pad_token_id=0)
-    events, writer, finished_at = Events(), Writer(), []
+    events, writer, finished_at = EventList(), Writer(), []
 
     def finish(sinks, position):
         finished_at.append(position)
