@@ -177,8 +177,8 @@ def memory_estimate(inv: ModelInventory, wl: Workload, machine: Machine, pl: Pla
     """Peak bytes per tier of one step under placement `pl`, the device's as named parts."""
     cpu = machine.compute_device == "cpu"
     blocks = block_bytes(inv, wl, pl)
-    parts = {"resident weights": 0, "streaming buffers": 0, "optimizer on device": 0, "activations": 0,
-             "work buffers": 0, "adapters": sum(blocks.on_device)}
+    parts = {"resident weights": 0, "resident compute copy": 0, "streaming buffers": 0, "optimizer on device": 0,
+             "activations": 0, "work buffers": 0, "adapters": sum(blocks.on_device)}
     host = _Host()
     gradient_buffer = _homes(inv, wl, pl, blocks, parts, host)
     buffers = _streaming_buffers(inv, wl, pl, blocks, cpu, gradient_buffer, parts, host)
@@ -205,6 +205,7 @@ def _homes(inv: ModelInventory, wl: Workload, pl: Placement, blocks: BlockBytes,
     """Weights at their homes and first-order optimizer states at theirs; returns the largest block's
     gradients that go to a host optimizer (they pass through device and pinned buffers)."""
     first_order_full = wl.method != "zo2" and not wl.lora
+    zo_full = wl.method == "zo2" and not wl.lora
     states_off_device = optimizer_bytes_per_param(wl)
     states_on_device = optimizer_bytes_per_param(wl, Tier.DEVICE)
     gradient_buffer = 0
@@ -212,6 +213,8 @@ def _homes(inv: ModelInventory, wl: Workload, pl: Placement, blocks: BlockBytes,
         weights_home, optimizer_home = pl.weights_home[i], pl.optimizer_home[i]
         if weights_home is Tier.DEVICE:
             parts["resident weights"] += blocks.home[i]
+            if zo_full:  # zo2 keeps the home apart; the model's own compute-dtype weights are what the passes read
+                parts["resident compute copy"] += s.params * DTYPE_BYTES[wl.compute_dtype]
         elif weights_home is Tier.PINNED:
             host.pinned += blocks.home[i]
         elif weights_home is Tier.PAGEABLE:

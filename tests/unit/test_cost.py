@@ -51,14 +51,15 @@ def test_attention_term_and_window():
 def test_zo2_streamed_bytes_and_times():
     inv = toy()
     est = estimate(inv, ZO, machine(), placement(inv, [D, P, P, P, P, D]))
-    # resident embed + head (fp32) + 3 buffers (fetching, computing, writing back) of one 4000-byte layer
+    # resident embed + head (fp32 homes, and beside them the model's own fp32 weights the passes read:
+    # the resident compute copy) + 3 buffers (fetching, computing, writing back) of one 4000-byte layer
     # + work buffers (a layer's compute copy, z of the largest block and the update direction of the
     # largest tensor, both fp32) + 2q hidden streams + one layer's internals + the head's 25 logits per
     # token and their fp32 log-softmax (fp32 logits: no upcast copy)
     acts = (2 * 1 * 8 * 4 + 8 * 16) * 4
     logits = 8 * 25 * 4 + 8 * 25 * 4
-    assert est.memory == TierBytes(device=600 * 4 + 3 * 4000 + (1000 * 4 + 1000 * 4 + 500 * 4) + acts + logits,
-                                   pinned=16000, pageable=0, ssd=0)
+    device = 600 * 4 + 600 * 4 + 3 * 4000 + (1000 * 4 + 1000 * 4 + 500 * 4) + acts + logits
+    assert est.memory == TierBytes(device=device, pinned=16000, pageable=0, ssd=0)
     assert est.device_buffers == 3 and est.wire_dtype == "float32" and est.pinned_pool_bytes == 0
     t = est.times
     assert t.h2d_s == pytest.approx(16000 / 800) and t.d2h_s == pytest.approx(16000 / 800)  # both ways at once: duplex

@@ -42,10 +42,11 @@ def homes(plan: Plan) -> list[Tier]:
     return [b.weights_home for b in plan.blocks]
 
 
-# Device use of the toy zo2 run when every layer streams: resident embed + head (2400), three layer
-# buffers (12000), work buffers (10000: a layer's compute copy, its z, one tensor's direction),
-# activations (768) and the logits and loss (1600); each resident layer adds 4000.
-STREAMING_BASE = 26768
+# Device use of the toy zo2 run when every layer streams: resident embed + head (2400) and the model's
+# own fp32 weights beside those homes, which the passes read (the resident compute copy, 2400), three
+# layer buffers (12000), work buffers (10000: a layer's compute copy, its z, one tensor's direction),
+# activations (768) and the logits and loss (1600); each resident layer adds 4000 + 4000 (home and copy).
+STREAMING_BASE = 26768 + 2400
 
 
 def test_everything_resident_when_it_fits():
@@ -55,18 +56,27 @@ def test_everything_resident_when_it_fits():
 
 
 def test_resident_layers_are_the_last_ones_that_fit():
-    # 39000 bytes of device budget: pipelined (depth 1), streaming 5 layers (38768) fits, streaming 4
-    # (42768) does not, and all resident (42768: no streamed layer's compute copy) does not either.
-    p = make_plan(toy(), ZO, machine(device_bytes=42392), Options(prefetch_depth=1))
-    assert p.device_budget_bytes == 39000
+    # 53400 bytes of device budget: pipelined (depth 1), streaming 5 layers (53168) fits, streaming 4
+    # (61168) does not, and all resident (77168: no streamed layer's compute copy) does not either.
+    p = make_plan(toy(), ZO, machine(device_bytes=58044), Options(prefetch_depth=1))
+    assert p.device_budget_bytes == 53400
     assert p.feasible and homes(p) == [D, P, P, P, P, P, D, D, D, D]
-    assert p.memory.device == STREAMING_BASE + 3 * 4000
+    assert p.memory.device == STREAMING_BASE + 3 * 4000 + 3 * 4000  # 3 resident layers' homes and compute copies
     assert (p.prefetch_depth, p.device_buffers, p.home_dtype, p.wire_dtype) == (1, 3, "float32", "float32")
     assert p.times.bottleneck == "h2d"
-    # unpipelined, one buffer instead of three leaves room for two more resident layers: on this
-    # transfer-bound toy that is faster, and the search compares both depths
-    free = make_plan(toy(), ZO, machine(device_bytes=42392), Options())
-    assert free.prefetch_depth == 0 and homes(free) == [D, P, P, P, D, D, D, D, D, D]
+    # unpipelined, one buffer instead of three frees 8000 bytes, what one resident layer takes (home
+    # and compute copy): here 4 layers streamed serially are slower than 5 pipelined, so the search
+    # keeps depth 1
+    free = make_plan(toy(), ZO, machine(device_bytes=58044), Options())
+    assert free.prefetch_depth == 1 and homes(free) == homes(p)
+    # with a 69400-byte budget, pipelined streams 3 layers (69168) and unpipelined holds one more
+    # resident layer in the same bytes: on this transfer-bound toy that is faster, and the search
+    # compares both depths
+    p = make_plan(toy(), ZO, machine(device_bytes=75435), Options(prefetch_depth=1))
+    assert p.device_budget_bytes == 69400 and homes(p) == [D, P, P, P, D, D, D, D, D, D]
+    free = make_plan(toy(), ZO, machine(device_bytes=75435), Options())
+    assert free.prefetch_depth == 0 and homes(free) == [D, P, P, D, D, D, D, D, D, D]
+    assert free.memory.device == p.memory.device == STREAMING_BASE + 5 * 4000 + 5 * 4000
     assert free.times.step_s < p.times.step_s
 
 

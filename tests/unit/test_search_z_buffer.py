@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import pytest
 
@@ -43,10 +44,12 @@ def placement(inv, homes, *, depth=0, z="block") -> Placement:
 
 
 # Device bytes of the toy, unpipelined (one 4000-byte layer buffer), k layers resident: embed + head
-# (2400), the buffer (4000), activations ((2*8*4 + 8*16) * 4 = 768), the logits and loss (8 tokens x 25
-# logits x (4 + 4) = 1600) and work buffers: a layer's compute copy (4000), z (block: 4000; tensor:
-# 100 * 4 = 400) and one tensor's direction (400); 4000 per resident layer.
-BLOCK_DEPTH0, TENSOR_DEPTH0 = 2400 + 4000 + 768 + 1600 + 8400, 2400 + 4000 + 768 + 1600 + 4800
+# (2400) and the model's own fp32 weights beside those homes, which the passes read (the resident
+# compute copy, 2400), the buffer (4000), activations ((2*8*4 + 8*16) * 4 = 768), the logits and loss
+# (8 tokens x 25 logits x (4 + 4) = 1600) and work buffers: a layer's compute copy (4000), z (block:
+# 4000; tensor: 100 * 4 = 400) and one tensor's direction (400); 4000 + 4000 per resident layer (its
+# home and its compute copy).
+BLOCK_DEPTH0, TENSOR_DEPTH0 = 2400 + 2400 + 4000 + 768 + 1600 + 8400, 2400 + 2400 + 4000 + 768 + 1600 + 4800
 
 
 def test_work_buffers_hold_a_tensors_z_and_the_engine_draws_it_for_every_pass():
@@ -54,8 +57,8 @@ def test_work_buffers_hold_a_tensors_z_and_the_engine_draws_it_for_every_pass():
     homes = [D, P, P, P, D, D, D, D, D, D]
     block = estimate(inv, ZO, machine(), placement(inv, homes))
     tensor = estimate(inv, ZO, machine(), placement(inv, homes, z="tensor"))
-    assert block.memory.device == BLOCK_DEPTH0 + 5 * 4000
-    assert tensor.memory.device == TENSOR_DEPTH0 + 5 * 4000 == block.memory.device - (1000 - 100) * 4
+    assert block.memory.device == BLOCK_DEPTH0 + 5 * 4000 + 5 * 4000
+    assert tensor.memory.device == TENSOR_DEPTH0 + 5 * 4000 + 5 * 4000 == block.memory.device - (1000 - 100) * 4
     assert dict(tensor.device_parts)["work buffers"] == 4000 + 400 + 400
     # z drawn once more per direction (q = 1), on every trainable parameter the engine perturbs, at
     # 4 bytes written per normal (no elementwise points: memory bound at 1 GB/s)
@@ -87,33 +90,35 @@ def test_zo_block_s_counts_a_draw_per_variant_per_tensor():
 
 
 def test_a_tensors_z_when_a_blocks_does_not_fit():
-    # 35832 bytes of device budget. Unpipelined, z per block fits 4 resident layers (33168; 5 need
-    # 37168), z per tensor 5 (33568; 6 need 37568); all resident needs 41168 (block) or 37568 (tensor).
-    # Pipelined, three buffers: 2 resident (block) or 3 (tensor). The transfers set the step (5 s per
-    # layer each way at the duplex rate): 3 layers streamed unpipelined, z per tensor, is the fastest.
-    p = make_plan(toy(), ZO, machine(device_bytes=38948), Options())
-    assert p.device_budget_bytes == 35832
+    # 66232 bytes of device budget. Unpipelined, z per block fits 5 resident layers (59568; 6 need
+    # 67568), z per tensor 6 (63968; 7 need 71968); all resident needs 75568 (block) or 71968 (tensor).
+    # Pipelined, three buffers: 4 resident (block) or 5 (tensor). The transfers set the step (5 s per
+    # layer each way at the duplex rate): 2 layers streamed unpipelined, z per tensor, is the fastest.
+    # (A resident layer costs 8000 bytes, its home and compute copy, what two more buffers do: with 3
+    # layers streamed unpipelined, 4 streamed pipelined fit in the same bytes and are faster.)
+    p = make_plan(toy(), ZO, machine(device_bytes=71992), Options())
+    assert p.device_budget_bytes == 66232
     assert p.feasible and p.z_buffer == "tensor"
-    assert [b.weights_home for b in p.blocks] == [D, P, P, P, D, D, D, D, D, D]
+    assert [b.weights_home for b in p.blocks] == [D, P, P, D, D, D, D, D, D, D]
     assert (p.prefetch_depth, p.device_buffers, p.micro_batch_size) == (0, 1, 1)
-    assert p.memory.device == TENSOR_DEPTH0 + 5 * 4000 == 33568
+    assert p.memory.device == TENSOR_DEPTH0 + 6 * 4000 + 6 * 4000 == 63968
     # the same placement with a block's z is 3600 bytes over
     block = estimate(toy(), ZO, machine(), placement(toy(), [b.weights_home for b in p.blocks]))
-    assert block.memory.device == 37168 > p.device_budget_bytes
-    assert p.times.step_s == pytest.approx(30, rel=0.02)
-    # pipelined (depth forced to 1): 5 layers streamed with a tensor's z, where a block's needs 6
-    piped = make_plan(toy(), ZO, machine(device_bytes=38948), Options(prefetch_depth=1))
-    assert piped.z_buffer == "tensor" and [b.weights_home for b in piped.blocks] == [D] + [P] * 5 + [D] * 4
-    assert piped.memory.device == 2400 + 3 * 4000 + 768 + 1600 + 4800 + 3 * 4000 == 33568
+    assert block.memory.device == 67568 > p.device_budget_bytes
+    assert p.times.step_s == pytest.approx(20, rel=0.02)
+    # pipelined (depth forced to 1): 3 layers streamed with a tensor's z, where a block's needs 4
+    piped = make_plan(toy(), ZO, machine(device_bytes=71992), Options(prefetch_depth=1))
+    assert piped.z_buffer == "tensor" and [b.weights_home for b in piped.blocks] == [D] + [P] * 3 + [D] * 6
+    assert piped.memory.device == 2400 + 2400 + 3 * 4000 + 768 + 1600 + 4800 + 5 * 4000 + 5 * 4000 == 63968
 
 
 def test_a_blocks_z_whenever_it_fits():
-    # 37232 bytes: the same placement fits with a block's z, which is never slower: the plan keeps it
-    p = make_plan(toy(), ZO, machine(device_bytes=40470), Options())
-    assert p.device_budget_bytes == 37232
+    # 67632 bytes: the same placement fits with a block's z, which is never slower: the plan keeps it
+    p = make_plan(toy(), ZO, machine(device_bytes=73514), Options())
+    assert p.device_budget_bytes == 67632
     assert p.feasible and p.z_buffer == "block"
-    assert [b.weights_home for b in p.blocks] == [D, P, P, P, D, D, D, D, D, D]
-    assert p.memory.device == 37168
+    assert [b.weights_home for b in p.blocks] == [D, P, P, D, D, D, D, D, D, D]
+    assert p.memory.device == BLOCK_DEPTH0 + 6 * 4000 + 6 * 4000 == 67568
     # room for everything: resident, the reference's z per block
     roomy = make_plan(toy(), ZO, machine(), Options())
     assert roomy.z_buffer == "block" and roomy.resident_blocks == tuple(b.name for b in toy().blocks)
@@ -122,10 +127,11 @@ def test_a_blocks_z_whenever_it_fits():
 
 
 def test_all_resident_with_a_tensors_z():
-    # 37832 bytes: everything resident fits only with a tensor's z (37568), and beats any streaming
-    p = make_plan(toy(), ZO, machine(device_bytes=41122), Options())
-    assert p.device_budget_bytes == 37832
-    assert p.feasible and p.z_buffer == "tensor" and p.memory.device == 37568
+    # 72232 bytes: everything resident fits only with a tensor's z (71968: 37568 + the 34400-byte
+    # resident compute copy; a block's z needs 75568), and beats any streaming
+    p = make_plan(toy(), ZO, machine(device_bytes=78514), Options())
+    assert p.device_budget_bytes == 72232
+    assert p.feasible and p.z_buffer == "tensor" and p.memory.device == 37568 + (500 + 8 * 1000 + 100) * 4 == 71968
     assert all(b.weights_home is D for b in p.blocks) and p.prefetch_depth == 0
 
 
@@ -136,7 +142,7 @@ def test_infeasible_plans_report_the_smaller_z():
 
 
 def test_plan_json_round_trip_and_old_plans_load_as_block():
-    p = make_plan(toy(), ZO, machine(device_bytes=38948), Options())
+    p = make_plan(toy(), ZO, machine(device_bytes=71992), Options())
     assert p.z_buffer == "tensor"
     assert Plan.from_dict(json.loads(json.dumps(p.to_dict()))) == p
     old = p.to_dict()
@@ -144,28 +150,40 @@ def test_plan_json_round_trip_and_old_plans_load_as_block():
     assert Plan.from_dict(old) == dataclasses.replace(p, z_buffer="block")
 
 
-def test_opt175b_pipelines_with_a_tensors_z_from_26_gb():
+def test_opt175b_pipelines_with_a_tensors_z_from_27_gb():
     """ZO2's OPT-175B case (fp16, batch 1, seq 2048, every layer streamed from pinned host RAM). A layer's
     z in fp32 is 7.2 GB, a tensor's 2.5 GB (the embedding's, 618 M parameters; the MLP's are 604 M):
-    4.8 GB less. On the 24 GB RTX 4090 preset (23.7 GB after headroom, its CUDA context counted) that is
-    not enough to pipeline: three 3.6 GB layers in flight, a layer's compute copy and three tensor-sized
-    fp32 buffers (z, the direction, the fp16 home's fp32 copy), with the logits and the process's own
-    overheads, need 26.0 GB, so the plan stays unpipelined with a block's z. A device with 30 GB free
-    pipelines with a tensor's z (a block's would need 30.8 GB), twice as fast."""
+    4.8 GB less. The resident embedding and head keep their fp16 homes and, beside them, the model's own
+    fp16 weights the passes read (the resident compute copy, 1.29 GB). On the 24 GB RTX 4090 preset
+    (23.7 GB after headroom, its CUDA context counted) unpipelined with a block's z needs 24.8 GB, so the
+    plan takes a tensor's z (20.1 GB). Given the copy's 1.29 GB more (25.0 GB after headroom) it stays
+    unpipelined with a block's z, and that is not enough to pipeline: three 3.6 GB layers in flight, a
+    layer's compute copy and three tensor-sized fp32 buffers (z, the direction, the fp16 home's fp32
+    copy), with the logits and the process's own overheads, need 27.3 GB. A device with 30 GB free, plus
+    the copy, pipelines with a tensor's z (a block's would need 32.1 GB), twice as fast."""
     from transformers import AutoConfig
 
     from fuyoucli.hardware.presets import get_preset
     from fuyoucli.model.inventory import inventory_from_config
+    from fuyoucli.plan.memory import DEVICE_HEADROOM
 
     cfg = AutoConfig.for_model("opt", hidden_size=12288, ffn_dim=49152, num_hidden_layers=96, num_attention_heads=96,
                                max_position_embeddings=2048, word_embed_proj_dim=12288, vocab_size=50272)
     inv = inventory_from_config(cfg)
-    layer, embed = inv.blocks[1], inv.blocks[0]
+    layer, embed, head = inv.blocks[1], inv.blocks[0], inv.blocks[-1]
     assert embed.max_tensor_params == 50272 * 12288 > layer.max_tensor_params == 12288 * 49152
     m, _ = machine_from_profile(get_preset("rtx4090-768g-12nvme"))
     wl = Workload("zo2", False, "float16", batch_size=1, seq_len=2048)
     stream = Options(home_dtype="float16", mode="stream")
+    preset = make_plan(inv, wl, m, stream, suggest=False)
+    copy = (embed.params + head.params) * 2  # the resident compute copy, fp16
+    assert dict(preset.device_parts)["resident compute copy"] == copy
+    assert preset.feasible and (preset.z_buffer, preset.prefetch_depth) == ("tensor", 0)
+    # the device the scenario was sized for, grown by the copy: its capacity after headroom is the copy more
+    grow = math.ceil(copy / (1 - DEVICE_HEADROOM))
+    m = dataclasses.replace(m, device_bytes=m.device_bytes + grow)
     p = make_plan(inv, wl, m, stream, suggest=False)
+    assert p.capacity.device - preset.capacity.device == pytest.approx(copy, abs=2)
     assert p.feasible and (p.z_buffer, p.prefetch_depth) == ("block", 0)
     piped = make_plan(inv, wl, m, dataclasses.replace(stream, prefetch_depth=1), suggest=False)
     assert not piped.feasible and piped.z_buffer == "tensor"  # the smaller of the two, reported
@@ -173,7 +191,7 @@ def test_opt175b_pipelines_with_a_tensors_z_from_26_gb():
     homes = [b.weights_home for b in piped.blocks]
     block = estimate(inv, wl, m, dataclasses.replace(placement(inv, homes, depth=1, z="block"), home_dtype="float16"))
     assert block.memory.device - piped.memory.device == (layer.params - embed.max_tensor_params) * 4
-    big = make_plan(inv, wl, dataclasses.replace(m, device_bytes=30 * 10**9), stream, suggest=False)
+    big = make_plan(inv, wl, dataclasses.replace(m, device_bytes=30 * 10**9 + grow), stream, suggest=False)
     assert big.feasible and (big.z_buffer, big.prefetch_depth) == ("tensor", 1)
     assert big.memory.device == piped.memory.device and block.memory.device > big.capacity.device
     assert big.times.step_s < 0.5 * p.times.step_s
@@ -184,7 +202,7 @@ def test_the_plan_report_and_its_json_say_how_z_is_held():
 
     from fuyoucli.cli.plan import render, to_json
 
-    for device_bytes, z, text in ((38948, "tensor", "z drawn per tensor"), (40470, "block", "z drawn per block")):
+    for device_bytes, z, text in ((71992, "tensor", "z drawn per tensor"), (73514, "block", "z drawn per block")):
         p = make_plan(toy(), ZO, machine(device_bytes=device_bytes), Options())
         doc = to_json(p, toy())
         assert doc["z_buffer"] == doc["plan"]["z_buffer"] == z
