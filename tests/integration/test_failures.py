@@ -97,7 +97,9 @@ def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one(capsys, tmp
                     f.write(b"\0" * (free - (96 << 10)))
 
         monkeypatch.setattr(console.ConsoleSink, "handle", handle)
-        recipe = write_recipe(tmp_path / "r.yaml", tiny_models["llama"], text_data, out)
+        # a preset: with no saved profile the run would first say it is measuring the machine
+        recipe = write_recipe(tmp_path / "r.yaml", tiny_models["llama"], text_data, out,
+                              "hardware:\n  preset: cpu-laptop-8c-32g\n")
         code, err = run_cli(capsys, "finetune", str(recipe), "--quiet")
         assert code == 3 and len(err.strip().splitlines()) == 1, err
         assert "disk full writing checkpoint step-00000004" in err and "step-00000002, is intact" in err
