@@ -113,7 +113,9 @@ def run(recipe_path: Path, timeout_s: float) -> dict:
         except ValueError:
             continue
     err = proc.stderr.strip().splitlines()
-    return {"rc": proc.returncode, "error": err[0] if proc.returncode and err else "",
+    # the error is the run's last word (progress lines, e.g. a first run's profiling, come before it)
+    error = next((line for line in reversed(err) if "error" in line.lower()), err[-1] if err else "")
+    return {"rc": proc.returncode, "error": error if proc.returncode else "",
             "started": next((e for e in events if e.get("event") == "run_started"), {}),
             "steps": [e for e in events if e.get("event") == "step"], "wall_s": time.perf_counter() - t0}
 
