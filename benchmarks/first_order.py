@@ -129,11 +129,11 @@ def one(args) -> dict:
         plan = fixed_plan(size["num_hidden_layers"], Tier(home), method="adamw", optimizer_home=Tier(opt),
                           activation=act, prefetch_depth=1, swap_dir=args.swap, compute_device=device.type)
         lanes = TimedLanes(lanes_for(device))
-        trainer = AdamWStreamed(model, plan, method, head="causal_lm", lanes=lanes)
-        spans = time_ssd(trainer.ssd) if trainer.ssd is not None else []
+        trainer = AdamWStreamed.from_plan(model, plan, method, head="causal_lm", lanes=lanes)
+        spans = time_ssd(trainer.engine.ssd) if trainer.engine.ssd is not None else []
     def counters() -> dict:
         return dict(t=time.perf_counter(), copy=lanes.copy_s, adam=trainer.cpu.busy_s,
-                    ssd=(trainer.ssd.bytes_read + trainer.ssd.bytes_written) if trainer.ssd else 0,
+                    ssd=(trainer.engine.ssd.bytes_read + trainer.engine.ssd.bytes_written) if trainer.engine.ssd else 0,
                     link=trainer.store.stats.h2d_bytes + trainer.updates.grad_bytes + 2 * trainer.acts.swapped_bytes)
 
     # One warm-up step (allocators, first touch of host buffers and optimizer states), then a window

@@ -115,7 +115,7 @@ def one(args) -> dict:
         home = {"pinned": Tier.PINNED, "pageable": Tier.PAGEABLE, "ssd": Tier.SSD}[mode]
         plan = fixed_plan(size["num_hidden_layers"], home, prefetch_depth=1, swap_dir=args.swap,
                           compute_device=device.type)
-        trainer = ZOStreamed(model, plan, method, seed=0, head="causal_lm", lanes=lanes_for(device))
+        trainer = ZOStreamed.from_plan(model, plan, method, seed=0, head="causal_lm", lanes=lanes_for(device))
         store = trainer.store
     rss_placed = rss_anon()
     times = []
