@@ -150,8 +150,10 @@ def _trained_tensors(ckpt: Checkpoint, model, recipe: Recipe):
     meta = source.state.get("trainer", {})
     home = getattr(torch, meta.get("home_dtype", "float32"))
     model.to(device)
+    # a checkpoint from before z was drawn in pieces (no z_piece) drew every tensor whole: one piece each
     zo = ZOReference(model, param_blocks(model), recipe.method, seed=recipe.training.seed, head=recipe.model.head,
-                     home_dtype=home, home_rounding=meta.get("home_rounding", "nearest"))
+                     home_dtype=home, home_rounding=meta.get("home_rounding", "nearest"),
+                     z_piece=int(meta.get("z_piece") or 1 << 62))
     zo.load_state_tensors(source.tensors)
     for step, grads, lr in ckpt.state["ledger"]:
         zo.replay(int(step), [float(g) for g in grads], float(lr))

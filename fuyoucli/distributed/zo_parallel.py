@@ -98,7 +98,7 @@ class DataParallelZOTrainer:
         self.home = home
         self.impl = DataParallelZO(model, param_blocks(model), recipe.method, seed=recipe.training.seed,
                                    head=self.head, label_token_ids=data.label_token_ids, home_dtype=home.torch_dtype,
-                                   home_rounding=home.rounding, ranks=ranks)
+                                   home_rounding=home.rounding, z_piece=home.z_piece, ranks=ranks)
         self.where = (f"zo2 data-parallel: {ranks.world} ranks, each holds the model ({home.describe()}); "
                       "loss sums all-reduced")
 
@@ -128,10 +128,10 @@ class DataParallelZOTrainer:
         yield "", self.impl.state_tensors()
 
     def state_meta(self) -> dict:
-        return {"trainer": "zo2", **self.home.meta()}
+        return {"trainer": "zo2", **self.home.checkpoint_meta()}
 
     def load_state_dict(self, tensors, meta: dict) -> None:
-        self.home.check(meta)
+        self.home.check(meta, self.impl.largest_tensor)
         self.impl.load_state_tensors(tensors)
 
     def replay(self, step: int, grads: list[float], lr: float) -> None:

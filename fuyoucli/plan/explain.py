@@ -12,7 +12,7 @@ import itertools
 from typing import Callable
 
 from fuyoucli.model.types import ModelInventory
-from fuyoucli.plan.memory import overflows
+from fuyoucli.plan.memory import DEVICE_HEADROOM, overflows
 from fuyoucli.plan.types import Machine, Options, Plan, TierBytes, Workload
 
 Replan = Callable[[ModelInventory, Workload, Options], Plan]
@@ -128,3 +128,36 @@ def _smaller_batches(wl: Workload) -> list[Change]:
         batches.append((f"lower training.batch_size to {b}" + (keep_examples if wl.method == "adamw" else ""),
                         {"batch_size": b, "grad_accum": accum}, {}))
     return batches
+
+
+# ---- beside published figures --------------------------------------------------------------------
+
+ZO2_PUBLISHED_GB = {  # (hidden size, layers) -> (model, GB)
+    (2048, 24): ("OPT-1.3B", 3.75), (2560, 32): ("OPT-2.7B", 4.14), (4096, 32): ("OPT-6.7B", 4.99),
+    (5120, 40): ("OPT-13B", 6.18), (7168, 48): ("OPT-30B", 8.86), (9216, 64): ("OPT-66B", 12.07),
+    (12288, 96): ("OPT-175B", 18.04),
+}
+"""ZO2 (arXiv 2503.12668): the GPU memory of its OPT runs at batch 1, seq 2048, float16, every decoder
+layer offloaded to CPU memory."""
+
+
+def zo2_published(inv: ModelInventory, wl: Workload, opts: Options, device_bytes: int, replan: Replan) -> str | None:
+    """For a zo2 run shaped like one of ZO2's published ones, the plan's device peak beside ZO2's
+    figure and, when it is above it, what the plan becomes on a device offering only ZO2's bytes."""
+    if not (wl.method == "zo2" and not wl.lora and inv.model_type == "opt" and wl.batch_size * wl.grad_accum == 1
+            and wl.seq_len == 2048 and wl.compute_dtype == "float16"):
+        return None
+    found = ZO2_PUBLISHED_GB.get((inv.hidden_size, inv.num_layers))
+    if found is None:
+        return None
+    name, gb = found
+    line = (f"ZO2 reports {gb:.2f} GB of GPU memory for {name} at batch 1 x 2048, float16; this plan's device "
+            f"peak: {device_bytes / 1e9:.2f} GB")
+    if device_bytes <= gb * 1e9:
+        return line
+    limit = int(gb * 1e9 / (1 - DEVICE_HEADROOM)) + 1  # the device then offers ZO2's bytes after headroom
+    tight = replan(inv, wl, dataclasses.replace(opts, device_memory_limit_bytes=limit))
+    if not tight.feasible:
+        return line + f"; in {gb:.2f} GB it does not fit"
+    return line + (f"; offload.device_memory_limit: {limit / 1e9:.2f} GB (ZO2's {gb:.2f} GB after headroom) plans "
+                   f"{tight.memory.device / 1e9:.2f} GB at {tight.times.step_s:.3g} s/step")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from fuyoucli.model.types import DTYPE_BYTES, ModelInventory
 from fuyoucli.plan import work
-from fuyoucli.plan.types import Machine, Options, Placement, Tier, TierBytes, Workload
+from fuyoucli.plan.types import Z_PIECE, Machine, Options, Placement, Tier, TierBytes, Workload
 
 # Headroom: fractions of each capacity the plan leaves free. Device: what no named part of the peak
 # accounts for (attention kernels' scratch, tensors of an op's own) and the error of the parts that
@@ -265,15 +265,15 @@ def _streaming_buffers(inv: ModelInventory, wl: Workload, pl: Placement, blocks:
 def _zo_work_buffers(inv: ModelInventory, wl: Workload, pl: Placement, blocks: BlockBytes) -> int:
     """zo2's buffers, allocated once by the engine: the compute-dtype copy a streamed block computes with
     (cast(home +/- eps*z) is formed there), z in fp32 (z_buffer 'block': for the largest trainable
-    block, one direction's z serving both its passes; 'tensor': for the largest trainable tensor, drawn
-    again for each pass), and for the largest trainable tensor the update direction (plus the fp32
-    working copy of a half-precision home): updates go tensor by tensor."""
+    block, one direction's z serving both its passes; 'tensor': a piece's, drawn again for each pass),
+    and a piece's update direction (plus the fp32 working copy of a half-precision home): tensors go
+    through them piece by piece (Z_PIECE elements, or the largest tensor if smaller)."""
     largest_block = max((s.trainable_params for s in inv.blocks), default=0)
-    largest_tensor = max((min(s.max_tensor_params, s.trainable_params) for s in inv.blocks), default=0)
+    piece = min(Z_PIECE, max((min(s.max_tensor_params, s.trainable_params) for s in inv.blocks), default=0))
     compute_copy = 0 if wl.lora else max((inv.blocks[i].params for i in blocks.streamed), default=0) \
         * DTYPE_BYTES[wl.compute_dtype]
-    z = largest_tensor if pl.z_buffer == "tensor" else largest_block
-    return compute_copy + z * 4 + (2 if DTYPE_BYTES[pl.home_dtype] != 4 else 1) * largest_tensor * 4
+    z = piece if pl.z_buffer == "tensor" else largest_block
+    return compute_copy + z * 4 + (2 if DTYPE_BYTES[pl.home_dtype] != 4 else 1) * piece * 4
 
 
 def _activations(inv: ModelInventory, wl: Workload, pl: Placement, host: _Host) -> int:

@@ -356,6 +356,11 @@ def make_plan(inv: ModelInventory, wl: Workload, machine: Machine, opts: Options
             notes.append(f"offload.home_dtype: float32 would take {exact[1].times.step_s:.3g} s/step instead of "
                          f"{est.times.step_s:.3g} (twice the bytes to move, but no rounding work; every update "
                          f"exact)")
+    if feasible and suggest:
+        published = explain.zo2_published(inv, wl, opts, est.memory.device, lambda i, w, o: make_plan(
+            i, w, machine, o, suggest=False))
+        if published:
+            notes.append(published)
     cap = capacities(machine, opts)
     reasons: tuple[str, ...] = ()
     suggestions: tuple[str, ...] = ()

@@ -160,6 +160,12 @@ class Options:
     activation: Activation | None = None
 
 
+Z_PIECE = 1 << 24
+"""zo2's piece size (Plan.z_piece): 16 M elements, 64 MB of fp32 per buffer. Large enough that a draw
+or an elementwise op on a piece runs at the device's full rate; small enough that z, the direction and
+the fp32 working copy of even OPT-175B's embedding take 200 MB, not 7.4 GB."""
+
+
 # ---- a candidate the search prices ---------------------------------------------------------------
 
 
@@ -294,6 +300,11 @@ class Plan:
     home_rounding: Literal["nearest", "stochastic"] = "nearest"
     """zo2 full-parameter: how an update is stored into a home narrower than fp32 (train/rounding.py);
     nearest for an fp32 home, LoRA and first-order plans."""
+    z_piece: int = Z_PIECE
+    """zo2: z, the update direction and the fp32 working copy go through a tensor in pieces of at most
+    this many elements (each piece one draw), so a 257 M-parameter embedding needs piece-sized
+    buffers, not tensor-sized ones. Part of the arithmetic: z's numbers depend on it (checkpoints
+    record it)."""
 
     @property
     def resident_blocks(self) -> tuple[str, ...]:

@@ -34,7 +34,7 @@ import math
 from dataclasses import dataclass, replace
 
 from fuyoucli.model.types import DTYPE_BYTES, BlockSpec, ModelInventory
-from fuyoucli.plan.types import Machine, Workload
+from fuyoucli.plan.types import Z_PIECE, Machine, Workload
 
 # Bytes one element of a probe's add moves (read x, read y, write the result): the unit its rates are in.
 _ADD_BYTES = 12
@@ -137,7 +137,7 @@ def zo_block_s(machine: Machine, wl: Workload, spec: BlockSpec, home_dtype: str,
     p = spec.trainable_params
     if p == 0:
         return 0.0
-    r = rates_at(machine, spec.max_tensor_params)
+    r = rates_at(machine, min(spec.max_tensor_params, Z_PIECE))  # ops go piece by piece
     q, v = wl.q, 2 * wl.q
     draws = v if z_per_tensor else q  # the engine's draws of the step's z for the passes
     cb = DTYPE_BYTES[wl.compute_dtype]
@@ -166,7 +166,7 @@ def zo_candidates_s(machine: Machine, wl: Workload, spec: BlockSpec, home_dtype:
     p = spec.trainable_params
     if p == 0 or not wl.zo_conservative:
         return 0.0
-    r = rates_at(machine, spec.max_tensor_params)
+    r = rates_at(machine, min(spec.max_tensor_params, Z_PIECE))
     q, cb = wl.q, DTYPE_BYTES[wl.compute_dtype]
     hb = cb if wl.lora else DTYPE_BYTES[home_dtype]
     half = (hb + 4) * r.inplace_s if hb != 4 else 0.0  # the fp32 working copy of a half home

@@ -15,7 +15,7 @@ from fuyoucli.checkpoint import CheckpointError
 from fuyoucli.engine.lanes import lanes_for
 from fuyoucli.engine.timed_lanes import TimedLanes
 from fuyoucli.model.blocks import param_blocks
-from fuyoucli.plan.types import Plan
+from fuyoucli.plan.types import Z_PIECE, Plan
 from fuyoucli.recipe import Recipe
 from fuyoucli.telemetry.timeline import Span, Timeline, busy_seconds
 from fuyoucli.train.data import Datasets
@@ -98,11 +98,13 @@ class ZOHome:
 
     dtype: str
     rounding: str
+    z_piece: int = Z_PIECE
+    """The pieces z is drawn in (Plan.z_piece): z's numbers for a larger tensor depend on it."""
 
     @classmethod
     def of(cls, recipe: Recipe, plan: Plan | None) -> "ZOHome":
         if plan is not None:
-            return cls(plan.home_dtype, plan.home_rounding)
+            return cls(plan.home_dtype, plan.home_rounding, plan.z_piece)
         return cls(*zo_home(recipe))
 
     @property
@@ -116,8 +118,18 @@ class ZOHome:
     def meta(self) -> dict:
         return {"home_dtype": self.dtype, "home_rounding": self.rounding}
 
-    def check(self, meta: dict) -> None:
-        """A checkpoint resumes bit-exactly only under the arithmetic that wrote it."""
+    def checkpoint_meta(self) -> dict:
+        return {**self.meta(), "z_piece": self.z_piece}
+
+    def check(self, meta: dict, largest_tensor: int) -> None:
+        """A checkpoint resumes bit-exactly (and replays its seed ledger) only under the arithmetic that
+        wrote it. One written before z was drawn in pieces (no z_piece) drew each tensor whole: the same
+        numbers for every tensor up to a piece long."""
+        piece = meta.get("z_piece")
+        if (piece is None and largest_tensor > self.z_piece) or (piece is not None and piece != self.z_piece):
+            drawn = f"in pieces of {piece} elements" if piece else "a tensor at a time"
+            raise CheckpointError(f"the checkpoint's zo2 z was drawn {drawn}, this fuyou draws it in pieces of "
+                                  f"{self.z_piece}: resume or export it with the fuyou version that wrote it")
         theirs = ZOHome(meta.get("home_dtype", "float32"), meta.get("home_rounding", "nearest"))
         if theirs.dtype != self.dtype:
             raise CheckpointError(f"the checkpoint's zo2 weights were updated in a {theirs.dtype} home, this run's is "
@@ -177,7 +189,7 @@ class InMemoryZO(_InMemoryEval):
         self.model, self.head, self.label_token_ids, self.home = model, recipe.model.head, data.label_token_ids, home
         self.impl = ZOReference(model, param_blocks(model), recipe.method, seed=recipe.training.seed,
                                 head=self.head, label_token_ids=data.label_token_ids, home_dtype=home.torch_dtype,
-                                z_per_tensor=z_per_tensor, home_rounding=home.rounding)
+                                z_per_tensor=z_per_tensor, home_rounding=home.rounding, z_piece=home.z_piece)
         self.where = f"in_memory ({home.describe()})"
 
     def step(self, step: int, micro: list[dict], lr: float) -> StepOutcome:
@@ -188,13 +200,13 @@ class InMemoryZO(_InMemoryEval):
         yield "", self.impl.state_tensors()
 
     def state_meta(self) -> dict:
-        return {"trainer": "zo2", **self.home.meta()}
+        return {"trainer": "zo2", **self.home.checkpoint_meta()}
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
         return _joined(self)
 
     def load_state_dict(self, tensors, meta: dict) -> None:
-        self.home.check(meta)
+        self.home.check(meta, self.impl.largest_tensor)
         self.impl.load_state_tensors(tensors)
 
     def replay(self, step: int, grads: list[float], lr: float) -> None:
@@ -267,13 +279,13 @@ class StreamedZO:
         return self.impl.state_shards()
 
     def state_meta(self) -> dict:
-        return {"trainer": "zo2", **self.home.meta()}
+        return {"trainer": "zo2", **self.home.checkpoint_meta()}
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
         return _joined(self)
 
     def load_state_dict(self, tensors, meta: dict) -> None:
-        self.home.check(meta)
+        self.home.check(meta, self.impl.largest_tensor)
         self.impl.load_state(tensors)
 
     def replay(self, step: int, grads: list[float], lr: float) -> None:

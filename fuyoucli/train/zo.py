@@ -2,7 +2,9 @@
 
 The arithmetic is defined block by block so that a streamed implementation can repeat it exactly:
 - z for (step, direction, block) comes from a generator seeded by block_seed(seed, step, d, b) on the
-  compute device, drawn parameter by parameter in the block's order, in fp32;
+  compute device, drawn parameter by parameter in the block's order, in fp32, each parameter in pieces
+  of at most `piece` elements (Plan.z_piece), one draw per piece; the update and the candidates also go
+  piece by piece, so no buffer is ever larger than a piece (except a block's z held whole);
 - the weights a forward pass sees are cast(home +/- eps * z), always computed from the unperturbed
   fp32 home copy, so nothing drifts (no in-place perturb/restore round-off, MeZO issue 42);
 - the update is home -= lr * (direction term + weight_decay * home), in fp32 (decay on matrices only);
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from fuyoucli.model.blocks import ParamBlock, block_generator, block_seed
+from fuyoucli.plan.types import Z_PIECE
 from fuyoucli.recipe import ZO2Method
 from fuyoucli.train.losses import batch_loss
 from fuyoucli.train.rounding import HomeRounding, Rounding
@@ -58,26 +61,49 @@ def choose_candidate(losses: dict[int, float]) -> int:
     return best
 
 
-def draw_z(seed: int, step: int, direction: int, block: int, shapes, device: torch.device, out=None):
+def pieces(numel: int, piece: int) -> list[tuple[int, int]]:
+    """(start, end) of each piece of a flattened tensor of `numel` elements, in order."""
+    return [(a, min(a + piece, numel)) for a in range(0, numel, piece)]
+
+
+def fill_normal(flat: torch.Tensor, gen: torch.Generator, piece: int) -> torch.Tensor:
+    """flat (1-D, fp32) := normals from `gen`, one draw per piece: z's numbers (module docstring)."""
+    for a, e in pieces(flat.numel(), piece):
+        torch.randn(e - a, generator=gen, device=flat.device, dtype=torch.float32, out=flat[a:e])
+    return flat
+
+
+def draw_z(seed: int, step: int, direction: int, block: int, shapes, device: torch.device, out=None,
+           piece: int = Z_PIECE):
     """z for one (step, direction, block), parameter by parameter in the block's order, fp32.
 
-    With `out` (views to fill) the numbers land in preallocated buffers; they are the same numbers.
+    With `out` (contiguous views to fill) the numbers land in preallocated buffers; they are the same
+    numbers.
     """
     if out is None:
-        return list(iter_z(seed, step, direction, block, shapes, device))
+        out = [torch.empty(shape, dtype=torch.float32, device=device) for shape in shapes]
     gen = block_generator(device, block_seed(seed, step, direction, block))
     for view in out:
-        torch.randn(view.shape, generator=gen, device=device, dtype=torch.float32, out=view)
+        fill_normal(view.view(-1), gen, piece)
     return out
 
 
-def iter_z(seed: int, step: int, direction: int, block: int, shapes, device: torch.device, buffer=None):
+def iter_z(seed: int, step: int, direction: int, block: int, shapes, device: torch.device, piece: int = Z_PIECE):
     """draw_z's numbers one tensor at a time, drawn as they are asked for, so a block's z is never
-    whole in memory; with `buffer` each lands in its front (the previous one is dead by then)."""
+    whole in memory."""
     gen = block_generator(device, block_seed(seed, step, direction, block))
     for shape in shapes:
-        out = None if buffer is None else buffer[: shape.numel()].view(shape)
-        yield torch.randn(shape, generator=gen, device=device, dtype=torch.float32, out=out)
+        yield fill_normal(torch.empty(shape, dtype=torch.float32, device=device).view(-1), gen, piece).view(shape)
+
+
+def iter_z_pieces(seed: int, step: int, direction: int, block: int, shapes, device: torch.device,
+                  buffer: torch.Tensor, piece: int):
+    """draw_z's numbers piece by piece, each drawn into the front of `buffer` (fp32, at least a piece)
+    as it is asked for (the previous one is dead by then): (tensor index, start, end, z of the piece)."""
+    gen = block_generator(device, block_seed(seed, step, direction, block))
+    for i, shape in enumerate(shapes):
+        for a, e in pieces(math.prod(shape), piece):
+            yield i, a, e, torch.randn(e - a, generator=gen, device=device, dtype=torch.float32, out=buffer[: e - a])
 
 
 class ZStreams:
@@ -87,8 +113,8 @@ class ZStreams:
     hands out the (step, block)'s home rounding (train/rounding.py), one fresh stream per pass."""
 
     def __init__(self, seed: int, step: int, block: int, q: int, device: torch.device,
-                 rounding: Rounding = "nearest"):
-        self.device = device
+                 rounding: Rounding = "nearest", piece: int = Z_PIECE):
+        self.device, self.piece = device, piece
         self.gens = [block_generator(device, block_seed(seed, step, d, block)) for d in range(q)]
         self._rounding = (rounding, seed, step, block)
 
@@ -97,18 +123,21 @@ class ZStreams:
         mode, seed, step, block = self._rounding
         return HomeRounding(mode, seed, step, block, self.device)
 
-    def draw(self, d: int, shape, out: torch.Tensor | None = None) -> torch.Tensor:
+    def draw(self, d: int, numel: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Direction d's next piece (its callers go piece by piece, tensor by tensor, in order)."""
         if out is None:
-            return torch.randn(shape, generator=self.gens[d], device=self.device, dtype=torch.float32)
-        return torch.randn(shape, generator=self.gens[d], device=self.device, dtype=torch.float32, out=out)
+            return torch.randn(numel, generator=self.gens[d], device=self.device, dtype=torch.float32)
+        return torch.randn(numel, generator=self.gens[d], device=self.device, dtype=torch.float32, out=out)
 
 
 @torch.no_grad()
 def tensor_direction(acc: torch.Tensor, home32: torch.Tensor, z_of: "callable", grads: list[float], method: ZO2Method,
-                     momentum: torch.Tensor | None = None, scratch: torch.Tensor | None = None) -> torch.Tensor:
-    """One tensor's update direction: sum_d g_d z_d / q [sign / momentum] + weight_decay * home.
+                     momentum: torch.Tensor | None = None, scratch: torch.Tensor | None = None, *,
+                     decay: bool) -> torch.Tensor:
+    """One piece's update direction: sum_d g_d z_d / q [sign / momentum] + weight_decay * home (`decay`:
+    the piece's tensor is a matrix; as in AdamW, no decay on biases and norms).
 
-    `acc` (fp32, the tensor's shape) accumulates the sum and ends up holding the direction, except for
+    `acc` (fp32, the piece's shape) accumulates the sum and ends up holding the direction, except for
     momentum without decay (then it is the momentum buffer itself, updated in place). `z_of(d)` gives
     direction d's z of this tensor (called in order d = 0, 1, ...). `scratch` (fp32; may be z's own
     buffer: z is dead once summed) holds weight_decay * home; without it a new tensor is made. Shared by
@@ -124,7 +153,7 @@ def tensor_direction(acc: torch.Tensor, home32: torch.Tensor, z_of: "callable", 
     elif method.variant == "momentum":
         momentum.mul_(method.momentum).add_(acc)
         g_est = momentum
-    if method.weight_decay and home32.ndim >= 2:  # as in AdamW: no decay on biases and norms
+    if method.weight_decay and decay:
         if scratch is not None:
             decay = torch.mul(home32, method.weight_decay, out=scratch)
         else:
@@ -133,8 +162,15 @@ def tensor_direction(acc: torch.Tensor, home32: torch.Tensor, z_of: "callable", 
     return g_est
 
 
-def _buffer(flat: torch.Tensor | None, shape) -> torch.Tensor | None:
-    return None if flat is None else flat[: shape.numel()].view(shape)
+def _piece_buffers(h: torch.Tensor, n: int, acc, home32, zbuf):
+    """A piece's fp32 working copy of home piece `h` (h itself when fp32), its direction accumulator and
+    its z: views of the given flat buffers, or new tensors without them."""
+    if h.dtype == torch.float32:
+        h32 = h
+    else:
+        h32 = h.float() if home32 is None else home32[:n].copy_(h)
+    a = torch.empty_like(h32) if acc is None else acc[:n]
+    return h32, a, None if zbuf is None else zbuf[:n]
 
 
 @torch.no_grad()
@@ -142,31 +178,49 @@ def update_home(home: list[torch.Tensor], zs: ZStreams, grads: list[float], lr: 
                 momentum: list[torch.Tensor] | None = None, *, acc: torch.Tensor | None = None,
                 home32: torch.Tensor | None = None, zbuf: torch.Tensor | None = None) -> bool:
     """home -= lr * (sum_d g_d z_d / q [sign / momentum] + weight_decay * home), in place, in fp32,
-    tensor by tensor (z from `zs`).
+    tensor by tensor, piece by piece (z from `zs`, whose pieces the home tensors are cut into).
 
     A bfloat16/float16 home is updated through an fp32 copy and rounded once, as `zs` says (nearest or
-    stochastic, train/rounding.py). `acc`, `home32`, `zbuf`:
-    flat fp32 buffers at least as large as the largest tensor, for the direction, the fp32 copy and z;
-    without them new tensors are made. Shared by the in-memory reference and the streamed engine, so
-    both do the same operations in the same order (bit-identical on one device). A conservative step
-    applied with lr 0 (rejected) changes nothing and returns False.
+    stochastic, train/rounding.py). `acc`, `home32`, `zbuf`: flat fp32 buffers at least a piece long
+    (or the largest tensor, if smaller), for the direction, the fp32 copy and z; without them new
+    tensors are made. Shared by the in-memory reference and the streamed engine, so both do the same
+    operations in the same order (bit-identical on one device). A conservative step applied with lr 0
+    (rejected) changes nothing and returns False.
     """
     if lr == 0 and method.variant == "conservative":
         return False
     rounding = zs.home_rounding()
     for i, h in enumerate(home):
-        if h.dtype == torch.float32:
-            h32 = h
-        else:
-            h32 = h.float() if home32 is None else _buffer(home32, h.shape).copy_(h)
-        a = torch.empty_like(h32) if acc is None else _buffer(acc, h.shape)
-        z = _buffer(zbuf, h.shape)
-        g = tensor_direction(a, h32, lambda d: zs.draw(d, h.shape, out=z), grads, method,
-                             momentum[i] if momentum is not None else None, scratch=z)
-        h32.add_(g, alpha=-lr)
-        if h32 is not h:
-            rounding.store(h, h32)
+        flat = h.view(-1)
+        mom = momentum[i].view(-1) if momentum is not None else None
+        for a, e in pieces(flat.numel(), zs.piece):
+            hp = flat[a:e]
+            h32, acc_p, z = _piece_buffers(hp, e - a, acc, home32, zbuf)
+            g = tensor_direction(acc_p, h32, lambda d: zs.draw(d, e - a, out=z), grads, method,
+                                 None if mom is None else mom[a:e], scratch=z, decay=h.ndim >= 2)
+            h32.add_(g, alpha=-lr)
+            if h32 is not hp:
+                rounding.store(hp, h32)
     return True
+
+
+@torch.no_grad()
+def candidate_weights(params: list[torch.Tensor], home: list[torch.Tensor], zs: ZStreams, grads: list[float],
+                      method: ZO2Method, alpha: float, *, acc: torch.Tensor | None = None,
+                      home32: torch.Tensor | None = None, zbuf: torch.Tensor | None = None) -> None:
+    """params := cast(home + alpha * direction), the conservative variant's w -/+ u, piece by piece as
+    update_home forms the direction and rounds it (the update's rounding stream: the candidate kept is
+    the weights the update stores). Buffers as update_home's; with them, z's buffer also holds the sum
+    before a cast into a narrower compute dtype."""
+    rounding = zs.home_rounding()
+    for p, h in zip(params, home):
+        pf, hf = p.view(-1), h.view(-1)
+        for a, e in pieces(hf.numel(), zs.piece):
+            h32, acc_p, z = _piece_buffers(hf[a:e], e - a, acc, home32, zbuf)
+            g = tensor_direction(acc_p, h32, lambda d: zs.draw(d, e - a, out=z), grads, method, scratch=z,
+                                 decay=h.ndim >= 2)
+            out32 = None if zbuf is None else (pf[a:e] if p.dtype == torch.float32 else z)
+            candidate_into(pf[a:e], h32, g, alpha, h.dtype, out32=out32, rounding=rounding)
 
 
 @torch.no_grad()
@@ -195,9 +249,9 @@ class ZOReference:
 
     def __init__(self, model, blocks: list[ParamBlock], method: ZO2Method, *, seed: int, head: str,
                  label_token_ids: tuple[int, ...] = (), home_dtype: torch.dtype = torch.float32,
-                 z_per_tensor: bool = False, home_rounding: Rounding = "nearest"):
+                 z_per_tensor: bool = False, home_rounding: Rounding = "nearest", z_piece: int = Z_PIECE):
         self.model, self.blocks, self.method = model, blocks, method
-        self.home_rounding = home_rounding
+        self.home_rounding, self.z_piece = home_rounding, z_piece
         self.seed, self.head, self.label_token_ids = seed, head, label_token_ids
         # A plan's z_buffer 'tensor': a block's z is never whole in memory, one tensor's at a time
         # (the same numbers: draw_z draws tensor by tensor from one generator).
@@ -205,12 +259,14 @@ class ZOReference:
         # The home copy is what the optimizer updates: fp32 by default (exact small updates), or the
         # plan's home dtype (half the bytes, updates rounded once per step, nearest or stochastically).
         self.home = [[p.detach().to(home_dtype, copy=True) for _, p in b.params] for b in blocks]
+        self.largest_tensor = max((h.numel() for hb in self.home for h in hb), default=0)
         self.momentum = ([[torch.zeros_like(h, dtype=torch.float32) for h in hb] for hb in self.home]
                          if method.variant == "momentum" else None)
 
     def _z(self, step: int, direction: int, b: int):
         z = iter_z if self.z_per_tensor else draw_z
-        return z(self.seed, step, direction, b, [h.shape for h in self.home[b]], self.home[b][0].device)
+        return z(self.seed, step, direction, b, [h.shape for h in self.home[b]], self.home[b][0].device,
+                 piece=self.z_piece)
 
     @torch.no_grad()
     def _load(self, step: int, direction: int, scale: float) -> None:
@@ -224,15 +280,11 @@ class ZOReference:
     def _load_candidate(self, step: int, grads: list[float], alpha: float) -> None:
         """Model weights := cast(home + alpha * direction): the conservative variant's w -/+ u."""
         for b, block in enumerate(self.blocks):
-            zs = self._zstreams(step, b, len(grads))
-            rounding = zs.home_rounding()
-            for (_, p), h in zip(block.params, self.home[b]):
-                h32 = h if h.dtype == torch.float32 else h.float()
-                g = tensor_direction(torch.empty_like(h32), h32, lambda d: zs.draw(d, h.shape), grads, self.method)
-                candidate_into(p, h32, g, alpha, h.dtype, rounding=rounding)
+            candidate_weights([p for _, p in block.params], self.home[b], self._zstreams(step, b, len(grads)),
+                              grads, self.method, alpha)
 
     def _zstreams(self, step: int, b: int, q: int) -> ZStreams:
-        return ZStreams(self.seed, step, b, q, self.home[b][0].device, self.home_rounding)
+        return ZStreams(self.seed, step, b, q, self.home[b][0].device, self.home_rounding, self.z_piece)
 
     @torch.no_grad()
     def _losses(self, micro_batches: list[dict]) -> tuple[float, int]:

@@ -15,12 +15,14 @@ and defers the kept candidate's update (c * lr) like any other.
 
 No allocation in the hot loop: z (fp32), the update direction, the fp32 working copy of a
 half-precision home and the compute copy of a streamed layer are allocated once from the device
-arena. The z buffer is the plan's choice (Plan.z_buffer): 'block', the largest block's, a direction's
-z drawn once for its +eps and -eps passes; or 'tensor', the largest tensor's, z drawn tensor by
-tensor for each pass that needs it (the block's generator replayed: the same numbers).
+arena. Tensors go through z, the direction and the working copy in pieces (Plan.z_piece, 16 M
+elements), so those buffers are a piece long whatever the largest tensor. The z buffer is the plan's
+choice (Plan.z_buffer): 'block', the largest block's, a direction's z drawn once for its +eps and -eps
+passes; or 'tensor', one piece's, z drawn piece by piece for each pass that needs it (the block's
+generator replayed: the same numbers).
 
 The arithmetic is the in-memory reference's (train/zo.py: draw_z, ZStreams, tensor_direction,
-update_home, candidate_into, home + s*eps*z), so on one device the losses and weights are
+update_home, candidate_weights, home + s*eps*z), so on one device the losses and weights are
 bit-identical to it.
 
 Why it is long: four passes (the +-eps passes, the conservative candidates, the flush of the
@@ -41,8 +43,8 @@ from fuyoucli.plan.types import Plan
 from fuyoucli.recipe import ZO2Method
 from fuyoucli.train.losses import loss_from_logits
 from fuyoucli.train.rounding import Rounding
-from fuyoucli.train.zo import (CANDIDATES, ZOStepResult, ZStreams, candidate_into, choose_candidate, draw_z, iter_z,
-                               tensor_direction, update_home)
+from fuyoucli.train.zo import (CANDIDATES, ZOStepResult, ZStreams, candidate_weights, choose_candidate, draw_z,
+                               iter_z_pieces, pieces, update_home)
 
 
 @dataclass
@@ -74,7 +76,7 @@ class ZOStreamed:
         self.head, self.label_token_ids, self.lanes = head, label_token_ids, engine.lanes
         self.device, self.runner, self.arena = engine.device, engine.runner, engine.arena
         self.store, self.mstore = engine.store, engine.momentum
-        self.z_per_tensor = self.plan.z_buffer == "tensor"
+        self.z_per_tensor, self.piece = self.plan.z_buffer == "tensor", self.plan.z_piece
         self.blocks = engine.trainable  # trainable blocks: the reference's seed indices
         self.block_index = {b.name: i for i, b in enumerate(self.blocks)}
         self.compute_dtype, self.home_dtype = engine.compute_dtype, engine.home_dtype
@@ -104,9 +106,9 @@ class ZOStreamed:
 
     def _allocate_buffers(self) -> None:
         """The step's working buffers, once: z (fp32) for the largest block, or with the plan's z_buffer
-        'tensor' for the largest tensor; the update direction (also the perturbation's scaled z) and the
-        fp32 copy of a half-precision home for the largest tensor; and the compute-dtype copy a streamed
-        layer computes with."""
+        'tensor' for a piece; the update direction (also the perturbation's scaled z) and the fp32 copy
+        of a half-precision home for a piece (the largest tensor, if smaller); and the compute-dtype
+        copy a streamed layer computes with."""
         units = list(self.store.units.values())
         shapes = [s for b in self.resident for s in self.res_shapes[b]]
         slot = 0
@@ -114,11 +116,12 @@ class ZOStreamed:
             slot = self.store.slot_numel
             shapes += [s for u in units for s in u.shapes]
         largest_block = max([slot] + [sum(s.numel() for s in self.res_shapes[b]) for b in self.resident])
-        largest_tensor = max((s.numel() for s in shapes), default=0)
-        self.zbuf = self.arena.alloc(largest_tensor if self.z_per_tensor else largest_block, torch.float32,
+        self.largest_tensor = max((s.numel() for s in shapes), default=0)
+        piece = min(self.largest_tensor, self.piece)
+        self.zbuf = self.arena.alloc(piece if self.z_per_tensor else max(largest_block, piece), torch.float32,
                                      "z buffer")
-        self.dirbuf = self.arena.alloc(largest_tensor, torch.float32, "direction buffer")
-        self.home32 = (self.arena.alloc(largest_tensor, torch.float32, "fp32 copy of a half-precision home")
+        self.dirbuf = self.arena.alloc(piece, torch.float32, "direction buffer")
+        self.home32 = (self.arena.alloc(piece, torch.float32, "fp32 copy of a half-precision home")
                        if self.home_dtype != torch.float32 else None)
         self.work = self.arena.alloc(slot, self.compute_dtype, "perturbed weights") if slot else None
 
@@ -127,55 +130,49 @@ class ZOStreamed:
 
     # -- the shared buffers: z, the update direction, the fp32 working copy ----------------------------
 
-    def _z(self, b: int, step: int, d: int, shapes):
-        """z(step, d) of block b, tensor by tensor in the block's order. z_buffer 'block': views of the z
-        buffer, drawn only if it holds something else (the +eps and -eps passes of a direction share one
-        draw). 'tensor': each tensor drawn into the front of the buffer as it is asked for (lazily: the
-        previous one is dead by then) by the generator of (step, d, b) replayed from its start, so each
-        holds the numbers draw_z gives it."""
+    def _z_pieces(self, b: int, step: int, d: int, shapes):
+        """z(step, d) of block b, piece by piece in the block's order: (tensor index, start, end, z of
+        the piece). z_buffer 'block': views of the z buffer, drawn only if it holds something else (the
+        +eps and -eps passes of a direction share one draw). 'tensor': each piece drawn into the front
+        of the buffer as it is asked for (lazily: the previous one is dead by then) by the generator of
+        (step, d, b) replayed from its start, so each holds the numbers draw_z gives it."""
         if self.z_per_tensor:
-            return iter_z(self.seed, step, d, b, shapes, self.device, buffer=self.zbuf)
+            yield from iter_z_pieces(self.seed, step, d, b, shapes, self.device, self.zbuf, self.piece)
+            return
         views = views_of(self.zbuf, shapes)
         if self._zkey != (b, step, d):
-            draw_z(self.seed, step, d, b, None, self.device, out=views)
+            draw_z(self.seed, step, d, b, None, self.device, out=views, piece=self.piece)
             self._zkey = (b, step, d)
-        return views
+        for i, view in enumerate(views):
+            flat = view.view(-1)
+            for a, e in pieces(flat.numel(), self.piece):
+                yield i, a, e, flat[a:e]
 
-    def _widened(self, h: torch.Tensor) -> torch.Tensor:
-        """h itself if fp32, else its fp32 copy in the working buffer (a mixed-dtype sum would make that
-        copy itself: a new tensor, the same numbers)."""
-        return h if h.dtype == torch.float32 else self.home32[: h.numel()].view(h.shape).copy_(h)
+    def _zstreams(self, step: int, b: int, q: int) -> ZStreams:
+        return ZStreams(self.seed, step, b, q, self.device, self.home_rounding, self.piece)
 
     def _update(self, b: int, home: list[torch.Tensor], pend: _Pending, momentum: list[torch.Tensor] | None) -> bool:
-        zs = ZStreams(self.seed, pend.step, b, len(pend.grads), self.device, self.home_rounding)
-        changed = update_home(home, zs, pend.grads, pend.lr, self.method, momentum, acc=self.dirbuf, home32=self.home32,
-                              zbuf=self.zbuf)
+        changed = update_home(home, self._zstreams(pend.step, b, len(pend.grads)), pend.grads, pend.lr, self.method,
+                              momentum, acc=self.dirbuf, home32=self.home32, zbuf=self.zbuf)
         self._zkey = None
         return changed
 
     def _variant_into(self, b: int, step: int, v, params: list[torch.Tensor], home: list[torch.Tensor], shapes) -> None:
         """params := the weights variant v sees: home (None), cast(home + s*eps*z_d) ((d, s)), or a
-        conservative candidate cast(home + alpha * direction) (("u", c, alpha)), tensor by tensor."""
+        conservative candidate cast(home + alpha * direction) (("u", c, alpha)), piece by piece."""
         if v is None:
             for p, h in zip(params, home):
                 p.copy_(h)
         elif v[0] == "u":
-            zs = ZStreams(self.seed, step, b, len(self._grads), self.device, self.home_rounding)
-            rounding = zs.home_rounding()  # the update's stream: the candidate is what it would store
-            for p, h in zip(params, home):
-                h32 = self._widened(h)
-                z = self.zbuf[: h.numel()].view(h.shape)
-                g = tensor_direction(self.dirbuf[: h.numel()].view(h.shape), h32, lambda d: zs.draw(d, h.shape, out=z),
-                                     self._grads, self.method, scratch=z)
-                candidate_into(p, h32, g, v[2], self.home_dtype, out32=p if p.dtype == torch.float32 else z,
-                               rounding=rounding)
+            candidate_weights(params, home, self._zstreams(step, b, len(self._grads)), self._grads, self.method, v[2],
+                              acc=self.dirbuf, home32=self.home32, zbuf=self.zbuf)
             self._zkey = None
         else:
             d, s = v
-            zs = self._z(b, step, d, shapes)
-            for p, h, z in zip(params, home, zs):
-                t = torch.mul(z, s * self.method.eps, out=self.dirbuf[: h.numel()].view(h.shape))
-                h32 = self._widened(h)
+            for i, a, e, z in self._z_pieces(b, step, d, shapes):
+                p, h = params[i].view(-1)[a:e], home[i].view(-1)[a:e]
+                t = torch.mul(z, s * self.method.eps, out=self.dirbuf[: e - a])
+                h32 = h if h.dtype == torch.float32 else self.home32[: e - a].copy_(h)
                 if p.dtype == torch.float32:
                     torch.add(h32, t, out=p)
                 else:

@@ -217,10 +217,11 @@ def test_lazy_load_streams_layers_from_the_file(arch, tiny_models, text_data, tm
 
 
 def run_both(recipe, tok, steps, plan, home_dtype=torch.float32, home_rounding="nearest"):
-    """(reference results, streamed results, streamed trainer) for the same steps: every ZOStepResult."""
+    """(reference results, streamed results, streamed trainer) for the same steps: every ZOStepResult.
+    The reference draws z in the plan's pieces (Plan.z_piece), as the engine does."""
     model = load_model(recipe.model, recipe.peft, seed=5, pad_token_id=tok.pad_token_id)
     ref = ZOReference(model, param_blocks(model), recipe.method, seed=5, head="causal_lm", home_dtype=home_dtype,
-                      home_rounding=home_rounding)
+                      home_rounding=home_rounding, z_piece=plan.z_piece)
     ref_out = [ref.step(t + 1, micro, lr=recipe.method.lr) for t, micro in enumerate(steps)]
     ref_weights = {n: p.detach().clone() for n, p in model.named_parameters()}
     model = load_model(recipe.model, recipe.peft, seed=5, pad_token_id=tok.pad_token_id)

@@ -132,6 +132,80 @@ def test_reference_per_tensor_equals_reference_per_block(tiny_models, text_data,
     assert isinstance(trainer, InMemoryZO) and trainer.impl.z_per_tensor
 
 
+# ---- pieces: tensors longer than Plan.z_piece go through the buffers piece by piece ---------------------
+
+PIECE = 1000  # tiny models' matrices are 2k-16k elements; not a multiple of 16 (CPU normal_'s vector width)
+
+
+@pytest.mark.parametrize("z_buffer", ["block", "tensor"])
+@pytest.mark.parametrize("method,dtype,rounding", [
+    ({**ZO, "weight_decay": 0.1}, "float32", "nearest"),
+    (MOMENTUM, "bfloat16", "stochastic"),
+    (CONS_ALL, "bfloat16", "stochastic"),
+    ({**ZO, "variant": "sign"}, "bfloat16", "nearest"),
+])
+def test_pieces_equal_the_reference_drawn_in_the_same_pieces(z_buffer, method, dtype, rounding, tiny_models,
+                                                             text_data, tmp_path):
+    """z, the update, the rounding draws and the candidates go piece by piece: the streamed run equals
+    the reference with the same piece size bit for bit, and the engine's working buffers are a piece
+    long (a block's z in block mode)."""
+    recipe, tok, steps = setup(tiny_models["llama"], text_data, tmp_path, method, dtype=dtype)
+    plan = dataclasses.replace(manual_plan(2, Tier.SSD, swap_dir=tmp_path / "swap", compute_dtype=dtype,
+                                           home_dtype=dtype), z_buffer=z_buffer, z_piece=PIECE)
+    ref, streamed, trainer = run_both(recipe, tok, steps, plan, home_dtype=getattr(torch, dtype),
+                                      home_rounding=rounding)
+    assert_same(ref, streamed)
+    assert largest_tensor(trainer.model) > 4 * PIECE
+    assert trainer.dirbuf.numel() == PIECE
+    assert trainer.home32 is None if dtype == "float32" else trainer.home32.numel() == PIECE
+    assert (trainer.zbuf.numel() == PIECE) == (z_buffer == "tensor")
+
+
+def test_the_piece_size_changes_z_only_for_tensors_longer_than_a_piece(tiny_models, text_data, tmp_path):
+    """A tensor no longer than a piece is drawn in one call, as before pieces (a checkpoint without
+    z_piece replays the same); a longer one gets other numbers, so the piece size is part of the
+    arithmetic a checkpoint records."""
+    recipe, tok, steps = setup(tiny_models["llama"], text_data, tmp_path, ZO)
+    weights = {}
+    for piece in (1 << 62, None, PIECE):
+        model = load_model(recipe.model, recipe.peft, seed=5, pad_token_id=tok.pad_token_id)
+        kw = {} if piece is None else {"z_piece": piece}
+        ref = ZOReference(model, param_blocks(model), recipe.method, seed=5, head="causal_lm", **kw)
+        for t, micro in enumerate(steps):
+            ref.step(t + 1, micro, lr=recipe.method.lr)
+        weights[piece] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    whole, default, small = weights[1 << 62], weights[None], weights[PIECE]
+    assert all(torch.equal(whole[n], default[n]) for n in whole)
+    short = [n for n, p in whole.items() if p.numel() <= PIECE]
+    long = [n for n, p in whole.items() if p.numel() > PIECE]
+    assert short and long
+    assert not any(torch.equal(whole[n], small[n]) for n in long)
+
+
+def test_the_plan_sizes_the_work_buffers_by_the_piece():
+    """OPT-13B (the 257 M-parameter embedding, 105 M-parameter MLP matrices): z per tensor, the
+    direction and the fp32 working copy of a float16 home take a piece each, not a tensor each."""
+    from pathlib import Path
+
+    from fuyoucli.model.inventory import inventory
+    from fuyoucli.plan.cost import estimate
+    from fuyoucli.plan.types import Z_PIECE, Placement, Workload
+    from fuyoucli.recipe import ModelConfig, PeftConfig
+    from fuyoucli.train.plan_inputs import machine_from_profile
+    from fuyoucli.hardware.presets import get_preset
+
+    config = Path(__file__).parents[2] / "benchmarks" / "configs" / "opt-13b"
+    inv = inventory(ModelConfig(path=str(config), dtype="float16"), PeftConfig())
+    machine, _ = machine_from_profile(get_preset("rtx4090-768g-12nvme"))
+    wl = Workload("zo2", False, "float16", batch_size=1, seq_len=2048)
+    homes = tuple(Tier.DEVICE if b.name in ("embed", "head") else Tier.PINNED for b in inv.blocks)
+    pl = Placement("float16", homes, (None,) * len(homes), (None,) * len(homes), 1, 1, z_buffer="tensor")
+    parts = dict(estimate(inv, wl, machine, pl).device_parts)
+    layer = max(b.params for b in inv.blocks if b.name.startswith("layers."))
+    assert max(b.max_tensor_params for b in inv.blocks) > 2 * Z_PIECE
+    assert parts["work buffers"] == layer * 2 + 3 * Z_PIECE * 4
+
+
 # ---- memory: the arena's count, and the plan's prediction --------------------------------------------
 
 

@@ -150,51 +150,45 @@ def test_plan_json_round_trip_and_old_plans_load_as_block():
     assert Plan.from_dict(old) == dataclasses.replace(p, z_buffer="block")
 
 
-def test_opt175b_pipelines_with_a_tensors_z_from_27_gb():
+def test_opt175b_pipelines_on_24_gb_with_z_per_piece():
     """ZO2's OPT-175B case (fp16, batch 1, seq 2048, every layer streamed from pinned host RAM). A layer's
-    z in fp32 is 7.2 GB, a tensor's 2.5 GB (the embedding's, 618 M parameters; the MLP's are 604 M):
-    4.8 GB less. The resident embedding and head keep their fp16 homes and, beside them, the model's own
-    fp16 weights the passes read (the resident compute copy, 1.29 GB). On the 24 GB RTX 4090 preset
-    (23.7 GB after headroom, its CUDA context counted) unpipelined with a block's z needs 24.8 GB, so the
-    plan takes a tensor's z (20.1 GB). Given the copy's 1.29 GB more (25.0 GB after headroom) it stays
-    unpipelined with a block's z, and that is not enough to pipeline: three 3.6 GB layers in flight, a
-    layer's compute copy and three tensor-sized fp32 buffers (z, the direction, the fp16 home's fp32
-    copy), with the logits and the process's own overheads, need 27.3 GB. A device with 30 GB free, plus
-    the copy, pipelines with a tensor's z (a block's would need 32.1 GB), twice as fast."""
+    z in fp32 is 7.2 GB; tensors go through z, the direction and the fp16 home's fp32 copy in pieces
+    (Plan.z_piece, 16 M elements: 64 MB each), not whole (the 618 M embedding's 2.5 GB each). The
+    resident embedding and head keep their fp16 homes and, beside them, the model's own fp16 weights the
+    passes read (the resident compute copy, 1.29 GB). On the 24 GB RTX 4090 preset the pipelined
+    schedule then fits with z drawn piece by piece (three 3.6 GB layers in flight and a layer's compute
+    copy); a block's z would need a layer's z less a piece more, which only a larger device holds, and
+    there the plan keeps a block's z (one draw for both passes of a direction)."""
     from transformers import AutoConfig
 
     from fuyoucli.hardware.presets import get_preset
     from fuyoucli.model.inventory import inventory_from_config
     from fuyoucli.plan.memory import DEVICE_HEADROOM
+    from fuyoucli.plan.types import Z_PIECE
 
     cfg = AutoConfig.for_model("opt", hidden_size=12288, ffn_dim=49152, num_hidden_layers=96, num_attention_heads=96,
                                max_position_embeddings=2048, word_embed_proj_dim=12288, vocab_size=50272)
     inv = inventory_from_config(cfg)
     layer, embed, head = inv.blocks[1], inv.blocks[0], inv.blocks[-1]
-    assert embed.max_tensor_params == 50272 * 12288 > layer.max_tensor_params == 12288 * 49152
+    assert embed.max_tensor_params == 50272 * 12288 > layer.max_tensor_params == 12288 * 49152 > Z_PIECE
     m, _ = machine_from_profile(get_preset("rtx4090-768g-12nvme"))
     wl = Workload("zo2", False, "float16", batch_size=1, seq_len=2048)
     stream = Options(home_dtype="float16", mode="stream")
     preset = make_plan(inv, wl, m, stream, suggest=False)
     copy = (embed.params + head.params) * 2  # the resident compute copy, fp16
-    assert dict(preset.device_parts)["resident compute copy"] == copy
-    assert preset.feasible and (preset.z_buffer, preset.prefetch_depth) == ("tensor", 0)
-    # the device the scenario was sized for, grown by the copy: its capacity after headroom is the copy more
-    grow = math.ceil(copy / (1 - DEVICE_HEADROOM))
-    m = dataclasses.replace(m, device_bytes=m.device_bytes + grow)
-    p = make_plan(inv, wl, m, stream, suggest=False)
-    assert p.capacity.device - preset.capacity.device == pytest.approx(copy, abs=2)
-    assert p.feasible and (p.z_buffer, p.prefetch_depth) == ("block", 0)
-    piped = make_plan(inv, wl, m, dataclasses.replace(stream, prefetch_depth=1), suggest=False)
-    assert not piped.feasible and piped.z_buffer == "tensor"  # the smaller of the two, reported
-    assert piped.memory.device - piped.capacity.device == pytest.approx(2.32e9, rel=0.01)
-    homes = [b.weights_home for b in piped.blocks]
+    parts = dict(preset.device_parts)
+    assert parts["resident compute copy"] == copy
+    assert parts["work buffers"] == layer.params * 2 + 3 * Z_PIECE * 4
+    assert preset.feasible and (preset.z_buffer, preset.prefetch_depth) == ("tensor", 1)
+    homes = [b.weights_home for b in preset.blocks]
     block = estimate(inv, wl, m, dataclasses.replace(placement(inv, homes, depth=1, z="block"), home_dtype="float16"))
-    assert block.memory.device - piped.memory.device == (layer.params - embed.max_tensor_params) * 4
-    big = make_plan(inv, wl, dataclasses.replace(m, device_bytes=30 * 10**9 + grow), stream, suggest=False)
-    assert big.feasible and (big.z_buffer, big.prefetch_depth) == ("tensor", 1)
-    assert big.memory.device == piped.memory.device and block.memory.device > big.capacity.device
-    assert big.times.step_s < 0.5 * p.times.step_s
+    assert block.memory.device - preset.memory.device == (layer.params - Z_PIECE) * 4
+    assert block.memory.device > preset.capacity.device
+    # a device whose capacity after headroom holds the block's z: the plan takes it
+    grow = math.ceil((block.memory.device - preset.capacity.device) / (1 - DEVICE_HEADROOM)) + 1
+    big = make_plan(inv, wl, dataclasses.replace(m, device_bytes=m.device_bytes + grow), stream, suggest=False)
+    assert big.feasible and (big.z_buffer, big.prefetch_depth) == ("block", 1)
+    assert big.memory.device == block.memory.device and big.times.step_s < preset.times.step_s
 
 
 def test_the_plan_report_and_its_json_say_how_z_is_held():
