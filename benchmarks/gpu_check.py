@@ -172,6 +172,7 @@ def main() -> None:
 
     from fuyoucli.hardware.profile import load_profile
     from fuyoucli.train.plan_inputs import machine_from_profile
+    from fuyoucli.plan.memory import DEVICE_HEADROOM, HOST_HEADROOM
 
     if not args.skip_profile and subprocess.run([sys.executable, "-m", "fuyoucli", "profile", "--quick", "--disk", str(swap)],
                       capture_output=True, text=True).returncode != 0:
@@ -180,8 +181,8 @@ def main() -> None:
 
     zo_dtype = "float32" if args.tiny else "float16"
     fo_dtype = "float32" if args.tiny else "bfloat16"
-    # "device limit" rows cap the process at the previous (unlimited) streamed run's planned device peak:
-    # the run must finish inside its own prediction, the allocator capped at it.
+    # "device limit" rows cap the process so that, after the planner's headroom, the device offers the
+    # previous (unlimited) streamed run's planned peak: the run must finish inside its own prediction.
     limit = "  device_memory_limit: {limit}\n"
     stream = "offload:\n  mode: stream\n  weights_home: {home}\n"
     configs = [  # (name, method, model, batch, dtype, offload)
@@ -215,7 +216,8 @@ def main() -> None:
             in_memory[method] = statistics.median(s["step_time_s"] for s in done)
         planned_peak = res["started"].get("planned", {}).get("device_bytes") if res["rc"] == 0 else None
         if "streamed" in name and planned_peak and method not in streamed_peak:
-            streamed_peak[method] = int(planned_peak)
+            headroom = max(DEVICE_HEADROOM, HOST_HEADROOM)  # a CPU device is host RAM: the host headroom
+            streamed_peak[method] = int(planned_peak / (1 - headroom)) + 1  # the device then offers the peak
         rows.append(row(name, res, machine, in_memory.get(method)))
         print("  " + " | ".join(rows[-1]), flush=True)
     widths = [max(len(r[k]) for r in [header, *rows]) for k in range(len(header))]
