@@ -6,7 +6,9 @@ go home and who waits for what are all visible here, and tests compare whole lis
 
 For streamed blocks with prefetch depth k there are k + 1 device slots: while block i computes,
 blocks i+1 .. i+k are in flight. Fetch(i + k) is issued before Compute(i) so that it overlaps it;
-its slot is the one Evict(i - 1) released.
+its slot is the one Evict(i - 1) released. A zo2 pass whose blocks go home rotates through k + 2
+slots (the plan's device buffers): the fetch then takes the slot of block i - 1, whose write home had
+block i's compute to drain, not block i's.
 
 Operations, each on one block (the plan's blocks in execution order):
 - fetch / compute / evict: a streamed block into its slot, computed there, its slot freed;
@@ -40,12 +42,15 @@ class Op:
     """For a wait: the kind of the block's earlier operation it waits for (one of WAITABLE)."""
 
 
-def pass_schedule(streamed: list[bool], prefetch_depth: int, *, reverse: bool = False) -> list[Op]:
+def pass_schedule(streamed: list[bool], prefetch_depth: int, *, reverse: bool = False,
+                  slots: int | None = None) -> list[Op]:
     """Fetch, compute and evict ops for one pass (forward, or backward with reverse=True) over blocks
-    whose `streamed` flag says whether each must be fetched. Resident blocks only compute."""
+    whose `streamed` flag says whether each must be fetched. Resident blocks only compute. `slots`:
+    the device slots to rotate through (default k + 1); with k + 2, the fetch of block i + k + 1 goes
+    into block i - 1's slot, not block i's, so it need not wait for block i's write home."""
     order = list(range(len(streamed)))[::-1] if reverse else list(range(len(streamed)))
     queue = [b for b in order if streamed[b]]
-    slots = prefetch_depth + 1
+    slots = slots or prefetch_depth + 1
     slot_of = {b: n % slots for n, b in enumerate(queue)}
     ops: list[Op] = []
     issued = 0
@@ -79,7 +84,9 @@ def zo_pass(streamed: list[bool], prefetch_depth: int, *, writable: bool, writes
     up otherwise). `writes_home`: this pass applies an update on the device (the deferred one), so
     each block goes home from its slot before the slot is freed."""
     ops: list[Op] = []
-    for op in pass_schedule(streamed, prefetch_depth):
+    # the plan's k + 2 device buffers when blocks go home (memory.py): one slot is always draining
+    slots = prefetch_depth + 2 if writes_home and prefetch_depth > 0 else None
+    for op in pass_schedule(streamed, prefetch_depth, slots=slots):
         if op.kind == "fetch" and writable:
             ops.append(Op("wait", op.block, on="write_home"))
         if op.kind == "evict" and writes_home:
