@@ -217,6 +217,12 @@ class TrainingConfig(_Config):
     """Keep the newest N checkpoints (and the full checkpoint a kept seed-ledger checkpoint builds on)."""
     checkpoint_on_interrupt: bool = True
     """On Ctrl-C (or SIGTERM) finish the current step, write a checkpoint, then stop; a second Ctrl-C stops at once."""
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = []
+    """Experiment trackers that get the scalars metrics.jsonl gets (loss, lr, tokens/s, each resource's
+    seconds, evaluations) and the plan's prediction, each through its own library: tensorboard (event
+    files in output_dir/tensorboard), wandb (wandb.init/log; WANDB_PROJECT, WANDB_MODE as wandb reads
+    them), mlflow (mlflow.log_metrics; MLFLOW_TRACKING_URI). Each needs its package (extras of the same
+    names); a missing one is refused before the run starts. Single-process runs only."""
     zo_ledger_steps: int = Field(0, ge=0)
     """zo2 only. 0: every checkpoint holds the full trainable weights. N > 0: a checkpoint written less than
     N steps after the last full one holds only the seed ledger since it (step, projected gradients, lr per
@@ -226,6 +232,8 @@ class TrainingConfig(_Config):
     def _steps_or_epochs(self) -> "TrainingConfig":
         if (self.max_steps is None) == (self.epochs is None):
             raise ValueError("set exactly one of max_steps and epochs")
+        if len(set(self.report_to)) != len(self.report_to):
+            raise ValueError(f"report_to names a tracker twice: {self.report_to}")
         return self
 
 
