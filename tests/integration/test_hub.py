@@ -49,6 +49,9 @@ def test_a_hub_id_trains_from_the_hub_cache_offline(tmp_path, offline_cache, tin
     assert saved["model"]["path"] == "tiny-org/tiny-llama"  # the id, not the snapshot folder
     assert not any(p.name.endswith(".incomplete") for p in offline_cache.rglob("*"))  # nothing fetched
     assert snapshot.is_dir()
+    result = fuyou("generate", "tiny-org/tiny-llama", "--prompt", "the quick", "--max-new-tokens", "4", env={})
+    assert result.returncode == 0 and result.stdout.strip(), result.stderr
+    assert "generating from tiny-org/tiny-llama" in result.stderr
 
 
 def test_plan_on_a_hub_id_needs_only_its_config(tmp_path, offline_cache, tiny_models, text_data):
