@@ -70,8 +70,12 @@ def package_version(package: str) -> str:
 # Hugging Face Hub ids: `org/name`, resolved to a snapshot folder of huggingface_hub's cache
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
-HUB_MODEL_FILES = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken")
-"""What a model snapshot fetches: configs, safetensors weights (never pickles) and tokenizer files."""
+HUB_MODEL_FILES = ("config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json",
+                   "added_tokens.json", "vocab*", "merges.txt", "*.model", "*.tiktoken", "chat_template.*",
+                   "model.safetensors", "model.safetensors.index.json")
+"""What a model snapshot fetches first: configs, tokenizer files and the safetensors weights or their index
+(never pickles); a sharded model's shards are then the ones its index names, so that a repository that
+also ships another copy of the weights (e.g. consolidated.safetensors) is not fetched twice."""
 
 
 def hub_id(spec: str) -> str | None:
@@ -148,6 +152,9 @@ def hub_model_folder(repo_id: str, *, config_only: bool = False, what: str = "mo
             return Path(hf_hub_download(repo_id, "config.json", cache_dir=cache, local_files_only=offline)).parent
         folder = Path(snapshot_download(repo_id, allow_patterns=list(HUB_MODEL_FILES), cache_dir=cache,
                                         local_files_only=offline))
+        shards = _index_shards(folder)
+        if shards and not offline:
+            folder = Path(snapshot_download(repo_id, allow_patterns=shards, cache_dir=cache))
     except EntryNotFoundError as e:
         if not offline or not isinstance(e, FileNotFoundError):
             raise InputError(f"{prefix}{what} {repo_id!r} has no config.json: not a transformers model "
@@ -157,12 +164,25 @@ def hub_model_folder(repo_id: str, *, config_only: bool = False, what: str = "mo
         raise _hub_error(e, repo_id, what, prefix) from None
     if not (folder / "config.json").is_file():
         raise InputError(f"{prefix}{what} {repo_id!r} has no config.json: not a transformers model repository")
-    if not any(folder.glob("*.safetensors")):
+    shards = _index_shards(folder) or ["model.safetensors"]
+    missing = [name for name in shards if not (folder / name).is_file()]
+    if missing:
         how = (f"the hub cache holds only part of it (HF_HUB_OFFLINE=1; `fuyou plan` fetches config.json alone): "
                f"download it once online (huggingface-cli download {repo_id})") if offline else \
             "fuyou loads safetensors weights only (never pickles); convert it or pick a repository that has them"
-        raise InputError(f"{prefix}{what} {repo_id!r} has no safetensors weights: {how}")
+        raise InputError(f"{prefix}{what} {repo_id!r} has no safetensors weights ({missing[0]} missing): {how}")
     return folder
+
+
+def _index_shards(folder: Path) -> list[str]:
+    """The weight files a sharded model's model.safetensors.index.json names ([] without an index)."""
+    import json
+
+    try:
+        index = json.loads((folder / "model.safetensors.index.json").read_text(encoding="utf-8"))
+        return sorted({str(f) for f in index["weight_map"].values()})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []
 
 
 def resolve_model_path(spec: str, *, what: str = "model.path", where: str = "", config_only: bool = False) -> Path:

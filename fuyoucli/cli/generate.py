@@ -41,7 +41,16 @@ def generate(
     loaded = load_for_generation(source)
     where = compute_device() if device == "auto" else "cpu"
     print(f"fuyou: generating from {loaded.what} on {where}", file=sys.stderr)
-    tokens, seconds = run_generate(loaded, prompt, max_new_tokens=max_new_tokens, chat=chat,
-                                   temperature=temperature, seed=seed, device=where)
+    try:
+        tokens, seconds = run_generate(loaded, prompt, max_new_tokens=max_new_tokens, chat=chat,
+                                       temperature=temperature, seed=seed, device=where)
+    except RuntimeError as e:  # torch's OutOfMemoryError is a RuntimeError too
+        if "out of memory" not in str(e).lower():
+            raise
+        from fuyoucli.errors import ResourceError
+
+        raise ResourceError(f"{loaded.what} does not fit on {where} for generation: --device cpu generates on the "
+                            "CPU from host memory (slower); generation that streams layers through the offload "
+                            "engine is not built yet") from e
     rate = f", {tokens / seconds:.1f} tokens/s" if seconds > 0 else ""
     print(f"fuyou: {tokens} tokens in {seconds:.2f} s{rate}", file=sys.stderr)

@@ -113,7 +113,7 @@ class MlflowSink:
         found = scalars(event)
         if found is not None and self.run is not None:
             step, values = found
-            self.mlflow.log_metrics({k.replace("/", "."): v for k, v in _finite(values).items()}, step=step)
+            self.mlflow.log_metrics(_finite(values), step=step)
 
     def close(self) -> None:
         if self.run is not None:

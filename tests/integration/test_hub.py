@@ -86,3 +86,30 @@ def test_a_missing_local_path_is_still_not_found(tmp_path, offline_cache, text_d
     r = recipe(tmp_path / "r.yaml", str(tmp_path / "models" / "mine"), text_data, tmp_path / "out")
     result = fuyou("plan", str(r), "--dry-run", env={})
     assert result.returncode == 2 and "model.path not found" in result.stderr, result.stderr
+
+
+def test_a_sharded_model_needs_every_shard_its_index_names(tmp_path, offline_cache, tiny_models):
+    """The weights of a sharded hub model are the shards its index names; a cache that lacks one is one line
+    saying which (an extra copy of the weights in the repository is never needed)."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from fuyoucli.errors import InputError
+    from fuyoucli.resources import resolve_model_path
+
+    folder = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).save_pretrained(folder, max_shard_size="20KB")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_models["llama"] / name, folder / name)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1
+    (folder / "consolidated.safetensors").write_bytes(b"not needed")
+    snapshot = fill_hub_cache(offline_cache, "tiny-org/sharded", folder,
+                              only=tuple(p.name for p in folder.iterdir() if p.name != "consolidated.safetensors"))
+    assert resolve_model_path("tiny-org/sharded") == snapshot
+    (snapshot / shards[-1]).unlink()
+    with pytest.raises(InputError, match=f"no safetensors weights \\({shards[-1]} missing\\): the hub cache holds "
+                                         "only part of it"):
+        resolve_model_path("tiny-org/sharded")

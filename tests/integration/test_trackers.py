@@ -79,3 +79,32 @@ def test_report_to_is_refused_where_it_would_not_be_written(capsys, tmp_path, ti
     code, err = run(capsys, "finetune", str(recipe), "--quiet")
     assert code == 2 and "names a tracker twice" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_resumed_run_purges_the_steps_after_its_checkpoint(capsys, tmp_path, tiny_models, text_data):
+    """Killed while writing its final model (after step 4; the checkpoint is step 2), then resumed: the event
+    file reads as one run, steps 1-4 once each, with the losses metrics.jsonl ends with."""
+    pytest.importorskip("tensorboard")
+    import os
+    import subprocess
+    import sys
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_models["llama"], text_data, out, "[tensorboard]")
+    sets = ["--set", "training.max_steps=4", "--set", "training.checkpoint_every=2"]
+    killed = subprocess.run([sys.executable, "-m", "fuyoucli", "finetune", str(recipe), "--quiet", *sets],
+                            env={**os.environ, "FUYOU_CRASH_AT": "final_model:4"}, capture_output=True, text=True,
+                            timeout=600)
+    assert killed.returncode == -9, killed.stderr
+    assert not (out / "model").exists()
+    code, err = run(capsys, "finetune", str(recipe), "--quiet", "--resume", *sets)
+    assert code == 0, err
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    series = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    train = [(r["step"], r["loss"]) for r in rows if r["kind"] == "train"]
+    assert [s for s, _ in series] == [s for s, _ in train] == [1, 2, 3, 4]
+    assert [v for _, v in series] == pytest.approx([v for _, v in train], rel=1e-6)
