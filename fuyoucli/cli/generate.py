@@ -23,8 +23,12 @@ def generate(
                                       help="0: greedy (the same text every time). > 0: sample at this temperature."),
     seed: int = typer.Option(0, "--seed", help="Seed of the sampling (with --temperature > 0)."),
     device: str = typer.Option("auto", "--device", metavar="auto|cpu",
-                               help="auto: the GPU when there is one, else the CPU. cpu: the CPU (for a model "
-                                    "larger than the GPU: the whole model is loaded on one device)."),
+                               help="auto: the GPU when there is one, else the CPU. cpu: the CPU."),
+    stream: bool = typer.Option(False, "--stream",
+                                help="For a model larger than the device: stream the decoder layers from host "
+                                     "memory through the offload engine, as training does (planned like a "
+                                     "recipe with offload.mode: stream). No KV cache: every new token runs the "
+                                     "whole sequence through every layer again, so it is slow."),
 ) -> None:
     """Generate text from a fine-tuned model, streaming tokens to the terminal."""
     if device not in ("auto", "cpu"):
@@ -40,17 +44,22 @@ def generate(
 
     loaded = load_for_generation(source)
     where = compute_device() if device == "auto" else "cpu"
-    print(f"fuyou: generating from {loaded.what} on {where}", file=sys.stderr)
+    how = " (layers streamed through the offload engine, no KV cache: slow)" if stream else ""
+    print(f"fuyou: generating from {loaded.what} on {where}{how}", file=sys.stderr)
+
+    def note(line: str) -> None:
+        print(f"fuyou: {line}", file=sys.stderr)
+
     try:
         tokens, seconds = run_generate(loaded, prompt, max_new_tokens=max_new_tokens, chat=chat,
-                                       temperature=temperature, seed=seed, device=where)
+                                       temperature=temperature, seed=seed, device=where, stream_layers=stream,
+                                       note=note)
     except RuntimeError as e:  # torch's OutOfMemoryError is a RuntimeError too
         if "out of memory" not in str(e).lower():
             raise
         from fuyoucli.errors import ResourceError
 
-        raise ResourceError(f"{loaded.what} does not fit on {where} for generation: --device cpu generates on the "
-                            "CPU from host memory (slower); generation that streams layers through the offload "
-                            "engine is not built yet") from e
+        raise ResourceError(f"{loaded.what} does not fit on {where} for generation: --stream streams its layers "
+                            "through the offload engine (slow), --device cpu generates on the CPU") from e
     rate = f", {tokens / seconds:.1f} tokens/s" if seconds > 0 else ""
     print(f"fuyou: {tokens} tokens in {seconds:.2f} s{rate}", file=sys.stderr)

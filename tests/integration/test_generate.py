@@ -91,3 +91,26 @@ def test_bad_sources_are_one_line(capsys, tmp_path, tiny_models, tiny_tokenizer)
     code, out, err = run(capsys, "generate", str(folder), "--prompt", "x", "--chat")
     assert code == 2 and "--chat needs a tokenizer with a chat template" in err, err
     assert len(err.strip().splitlines()) == 2  # the header line, then the error
+
+
+def test_streamed_generation_gives_the_in_memory_tokens(capsys, tmp_path, tiny_models, text_data, lanes_mode):
+    """--stream runs every decoder layer through the offload engine (no KV cache); greedy decoding gives the
+    tokens transformers' generate gives, for a full fine-tune and a LoRA checkpoint, under the synchronous and
+    the simulated asynchronous lanes."""
+    full, lora = tmp_path / "full", tmp_path / "lora"
+    code, _, err = run(capsys, "finetune", str(write_recipe(tmp_path / "f.yaml", tiny_models["qwen2"], text_data,
+                                                            full)), "--quiet", "--set", "method.lr=0.05")
+    assert code == 0, err
+    code, _, err = run(capsys, "finetune", str(write_recipe(tmp_path / "l.yaml", tiny_models["llama"], text_data, lora,
+                                                            "peft:\n  type: lora\n  r: 4\n")),
+                       "--quiet", "--set", "training.checkpoint_every=1", "--set", "method.lr=0.05")
+    assert code == 0, err
+    for source in (full, lora / "checkpoints" / "step-00000001"):
+        expected, _ = generated(capsys, source)
+        out, err = generated(capsys, source, "--stream")
+        assert "layers streamed through the offload engine" in err
+        assert "2 of 2 decoder layers stream from" in err, err
+        assert out == expected
+    a, _ = generated(capsys, full, "--stream", "--temperature", "1.5", "--seed", "3")
+    b, _ = generated(capsys, full, "--stream", "--temperature", "1.5", "--seed", "3")
+    assert a == b
