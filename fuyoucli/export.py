@@ -168,6 +168,14 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, merge: boo
     if out_dir.exists() and not holds_only_lock(out_dir) and not overwrite:
         raise FuyouError(f"{out_dir} is not empty; choose another folder or pass --overwrite")
     ckpt = load_checkpoint(resolve_checkpoint(checkpoint))
+    recipe, tokenizer, model = checkpoint_model(ckpt, merge=merge)
+    return write_export(model, tokenizer, out_dir, recipe, merge,
+                        {"checkpoint": str(ckpt.path.resolve()), "step": ckpt.step, "merged": merge})
+
+
+def checkpoint_model(ckpt: Checkpoint, *, merge: bool = False) -> tuple[Recipe, object, object]:
+    """(recipe, tokenizer, model): the model a fuyou checkpoint's recipe builds, on the CPU, with the
+    checkpoint's trained weights (a seed ledger replayed). Shared by export and `fuyou generate`."""
     recipe = _recipe_of(ckpt)
     tokenizer, model = model_for_export(recipe, merge)
     tensors = _trained_tensors(ckpt, model, recipe)
@@ -179,13 +187,20 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, merge: boo
                     raise CheckpointError(f"checkpoint {ckpt.path} has no weights for {name}; it does not match "
                                           "the model its recipe builds")
                 p.copy_(tensors[key])
-    return write_export(model, tokenizer, out_dir, recipe, merge,
-                        {"checkpoint": str(ckpt.path.resolve()), "step": ckpt.step, "merged": merge})
+    return recipe, tokenizer, model
 
 
 def export_final_model(model_dir: Path, out_dir: Path, *, merge: bool) -> tuple[Path, int | None]:
     """A finished run's OUTPUT_DIR/model, rebuilt from its recipe with its saved weights (LoRA: the adapter,
     merged if asked). Returns (out_dir, the step the weights are from, when the folder says)."""
+    recipe, tokenizer, model, step = final_model(model_dir, merge=merge)
+    return write_export(model, tokenizer, out_dir, recipe, merge,
+                        {"model_dir": str(model_dir.resolve()), "step": step, "merged": merge}), step
+
+
+def final_model(model_dir: Path, *, merge: bool = False) -> tuple[Recipe, object, object, int | None]:
+    """(recipe, tokenizer, model, step): a finished run's OUTPUT_DIR/model rebuilt from its recipe with its
+    saved weights (LoRA: base + adapter), on the CPU. Shared by export and `fuyou generate`."""
     from safetensors.torch import load_file
 
     try:
@@ -220,8 +235,7 @@ def export_final_model(model_dir: Path, out_dir: Path, *, merge: bool) -> tuple[
             missing = [n for n, p in model.named_parameters() if id(p) not in loaded]
     if missing:
         raise CheckpointError(f"{model_dir} does not match the model its recipe builds ({missing[0]})")
-    return write_export(model, tokenizer, out_dir, recipe, merge,
-                        {"model_dir": str(model_dir.resolve()), "step": step, "merged": merge}), step
+    return recipe, tokenizer, model, step
 
 
 def model_for_export(recipe: Recipe, merge: bool):

@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fuyoucli.errors import RecipeError
-from fuyoucli.resources import resolve_path
+from fuyoucli.resources import hf_dataset, hf_file, hub_cached, hub_id, hub_offline, resolve_path
 
 
 class _Config(BaseModel):
@@ -28,8 +28,9 @@ class _Config(BaseModel):
 
 class ModelConfig(_Config):
     path: str
-    """Local model: a Hugging Face folder (config.json + safetensors), a single .gguf file, or
-    `pkg:PACKAGE/FILE` for a file shipped inside an installed Python package."""
+    """A Hugging Face folder (config.json + safetensors), a single .gguf file, `pkg:PACKAGE/FILE` for a file
+    shipped inside an installed Python package, or a Hugging Face Hub id `org/name` (not a local path),
+    fetched into and read from huggingface_hub's cache (HF_HUB_OFFLINE=1: the cache only)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Dtype the model computes in. bfloat16/float16 keep fp32 master weights for the optimizer."""
     trust_remote_code: bool = False
@@ -122,7 +123,10 @@ Format = Literal["text", "prompt_completion", "alpaca", "chat", "classification"
 
 class DataConfig(_Config):
     train: list[str] = Field(min_length=1)
-    """Training files (.jsonl, .json, .txt, .csv; `pkg:PACKAGE/FILE` works too). A string is one file."""
+    """Training files (.jsonl, .json, .txt, .csv, .parquet, .arrow; `pkg:PACKAGE/FILE` works too), a dataset
+    `hf:NAME[:SPLIT]` (a Hub dataset id or a save_to_disk folder, read with the datasets library from its
+    cache; split default train), or one file of a Hub dataset repository `hf://datasets/ORG/NAME/PATH`.
+    A string is one entry. .parquet/.arrow and hf: need the `data` extra (pyarrow, datasets)."""
     eval: list[str] = []
     """Held-out files; when empty, eval_fraction of the training examples is held out."""
     eval_fraction: float = Field(0.1, ge=0, lt=1)
@@ -213,6 +217,12 @@ class TrainingConfig(_Config):
     """Keep the newest N checkpoints (and the full checkpoint a kept seed-ledger checkpoint builds on)."""
     checkpoint_on_interrupt: bool = True
     """On Ctrl-C (or SIGTERM) finish the current step, write a checkpoint, then stop; a second Ctrl-C stops at once."""
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = []
+    """Experiment trackers that get the scalars metrics.jsonl gets (loss, lr, tokens/s, each resource's
+    seconds, evaluations) and the plan's prediction, each through its own library: tensorboard (event
+    files in output_dir/tensorboard), wandb (wandb.init/log; WANDB_PROJECT, WANDB_MODE as wandb reads
+    them), mlflow (mlflow.log_metrics; MLFLOW_TRACKING_URI). Each needs its package (extras of the same
+    names); a missing one is refused before the run starts. Single-process runs only."""
     zo_ledger_steps: int = Field(0, ge=0)
     """zo2 only. 0: every checkpoint holds the full trainable weights. N > 0: a checkpoint written less than
     N steps after the last full one holds only the seed ledger since it (step, projected gradients, lr per
@@ -222,6 +232,8 @@ class TrainingConfig(_Config):
     def _steps_or_epochs(self) -> "TrainingConfig":
         if (self.max_steps is None) == (self.epochs is None):
             raise ValueError("set exactly one of max_steps and epochs")
+        if len(set(self.report_to)) != len(self.report_to):
+            raise ValueError(f"report_to names a tracker twice: {self.report_to}")
         return self
 
 
@@ -523,9 +535,8 @@ def validate_recipe(data: dict, located: _Located | None = None) -> Recipe:
     return recipe
 
 
-def _check_paths(recipe: Recipe, located: _Located) -> None:
-    """Missing inputs are recipe errors too: found now, not an hour into the run."""
-    model_path = resolve_path(recipe.model.path, what="model.path", where=located.where(("model", "path")))
+def _check_local_model(spec: str, located: _Located) -> None:
+    model_path = resolve_path(spec, what="model.path", where=located.where(("model", "path")))
     if model_path.is_dir():
         if not (model_path / "config.json").is_file():
             raise RecipeError(
@@ -537,9 +548,46 @@ def _check_paths(recipe: Recipe, located: _Located) -> None:
             f"{located.where(('model', 'path'))}: model.path {model_path} is a file but not a .gguf; "
             "point it at a Hugging Face model folder or a .gguf file"
         )
+
+
+def _check_paths(recipe: Recipe, located: _Located) -> None:
+    """Missing inputs are recipe errors too: found now, not an hour into the run."""
+    repo = hub_id(recipe.model.path)
+    if repo is not None:
+        # A hub id is fetched when the run needs it; offline, a missing one is said now, before anything runs.
+        if hub_offline() and not hub_cached(repo):
+            raise RecipeError(f"{located.where(('model', 'path'))}: model.path {repo!r} is not in the hub cache "
+                              f"(HF_HUB_OFFLINE=1): download it once online (huggingface-cli download {repo}) "
+                              "or give a local folder")
+    else:
+        _check_local_model(recipe.model.path, located)
     for key in ("train", "eval"):
         for i, p in enumerate(getattr(recipe.data, key)):
-            resolve_path(p, what=f"data.{key}", where=located.where(("data", key, i)))
+            _check_data_spec(p, f"data.{key}", located.where(("data", key, i)))
+
+
+def _check_data_spec(spec: str, what: str, where: str) -> None:
+    import importlib.util
+
+    def needs(package: str, for_what: str) -> None:
+        if importlib.util.find_spec(package) is None:
+            raise RecipeError(f"{where}: {what} {spec!r}: {for_what} needs the {package} package, which is not "
+                              "installed: pip install 'fuyoucli[data]'")
+
+    if hf_dataset(spec) is not None:
+        needs("datasets", "a Hugging Face dataset")
+        return
+    found = hf_file(spec, what=what, where=where)
+    if found is not None:
+        repo_type, repo_id, filename = found
+        if hub_offline() and not hub_cached(repo_id, filename, repo_type=repo_type):
+            raise RecipeError(f"{where}: {what} {spec!r} is not in the hub cache (HF_HUB_OFFLINE=1): download it "
+                              "once online or give a local file")
+        path = Path(filename)
+    else:
+        path = resolve_path(spec, what=what, where=where)
+    if path.suffix in (".parquet", ".arrow"):
+        needs("pyarrow", f"a {path.suffix} file")
 
 
 RECIPE_SECTIONS = tuple(Recipe.model_fields)

@@ -101,3 +101,30 @@ class EventList:
 
     def close(self):
         pass
+
+
+def fill_hub_cache(cache: Path, repo_id: str, folder: Path, *, repo_type: str = "model",
+                   only: tuple[str, ...] | None = None) -> Path:
+    """Lay `folder`'s files out in `cache` as huggingface_hub's cache holds a downloaded repo: content-named
+    blobs, a snapshot of symlinks to them under a commit hash, and refs/main naming that commit. Nothing
+    is downloaded; `only` keeps just those file names (e.g. config.json). Returns the snapshot folder."""
+    import hashlib
+    import os
+
+    repo = cache / f"{repo_type}s--{repo_id.replace('/', '--')}"
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    snapshot = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if not path.is_file() or (only is not None and str(rel) not in only):
+            continue
+        data = path.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        link = snapshot / rel
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot

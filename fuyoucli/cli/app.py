@@ -12,7 +12,7 @@ import sys
 
 import typer
 
-from fuyoucli.cli import export, finetune, plan, profile, report
+from fuyoucli.cli import export, finetune, generate, plan, profile, report
 from fuyoucli.errors import FuyouError
 from fuyoucli.interrupts import CliInterrupts
 
@@ -30,6 +30,7 @@ app.command(name="profile")(profile.profile)
 app.command(name="plan", no_args_is_help=True)(plan.plan)
 app.command(name="export", no_args_is_help=True)(export.export)
 app.command(name="report", no_args_is_help=True)(report.report)
+app.command(name="generate", no_args_is_help=True)(generate.generate)
 
 
 @app.callback()

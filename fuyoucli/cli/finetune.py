@@ -1,7 +1,8 @@
 """`fuyou finetune RECIPE`: validate the recipe, then run it. Imports torch only after validation.
 
 Picks the sinks: the live dashboard on a terminal, plain log lines when stdout is piped, JSON lines
-with --json-logs, only the summary with --quiet; --trace FILE adds a Perfetto trace of a few steps.
+with --json-logs, only the summary with --quiet; --trace FILE adds a Perfetto trace of a few steps;
+training.report_to adds TensorBoard / W&B / MLflow (telemetry/trackers.py).
 """
 
 from __future__ import annotations
@@ -64,6 +65,14 @@ def finetune(
         raise typer.BadParameter("give one of --json-logs and --quiet", param_hint="--json-logs / --quiet")
     if engine not in ("fuyou", "deepspeed"):
         raise typer.BadParameter(f"{engine!r}: the engines are fuyou and deepspeed", param_hint="--engine")
+    from fuyoucli.telemetry.trackers import tracker_sinks
+
+    if loaded.training.report_to and (engine == "deepspeed" or nproc > 1):
+        from fuyoucli.errors import RecipeError
+
+        raise RecipeError(f"training.report_to {loaded.training.report_to}: trackers are written by single-process "
+                          "runs only for now; remove report_to or run without --nproc / --engine deepspeed")
+    trackers = tracker_sinks(loaded)  # a missing tracker package is one line, before anything is written
     if engine == "deepspeed" or nproc > 1:
         from fuyoucli.distributed.launch import launch
 
@@ -78,7 +87,7 @@ def finetune(
         raise typer.BadParameter("--hostfile is for --engine deepspeed", param_hint="--hostfile")
     from fuyoucli.train.run import finetune as run_finetune
 
-    sinks = [_display(loaded, quiet=quiet, json_logs=json_logs, plain=plain)]
+    sinks = [_display(loaded, quiet=quiet, json_logs=json_logs, plain=plain), *trackers]
     if trace is not None:
         from fuyoucli.telemetry.trace import TraceSink
 

@@ -18,7 +18,7 @@ from fuyoucli.errors import ModelError
 from fuyoucli.model.arithmetic import TRACE_BATCH, TRACE_TOKENS, known_inventory
 from fuyoucli.model.types import BlockSpec, ModelInventory
 from fuyoucli.recipe import ModelConfig, PeftConfig
-from fuyoucli.resources import cache_dir, resolve_path
+from fuyoucli.resources import cache_dir, resolve_model_path
 
 
 def _gguf_key(gguf: Path) -> str:
@@ -59,10 +59,11 @@ def _gguf_config_folder(gguf: Path) -> Path:
 
 def load_config(cfg: ModelConfig):
     """The transformers config of a recipe's model: a folder's config.json (a folder may hold only
-    that file: what-if planning of models with no weights here) or a .gguf file's header."""
+    that file: what-if planning of models with no weights here), a .gguf file's header, or a hub id's
+    config.json (fetched alone)."""
     from transformers import AutoConfig
 
-    path = resolve_path(cfg.path, what="model.path")
+    path = resolve_model_path(cfg.path, config_only=True)
     folder = _gguf_config_folder(path) if path.suffix == ".gguf" else path
     try:
         return AutoConfig.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code)
@@ -73,7 +74,7 @@ def load_config(cfg: ModelConfig):
 
 def inventory(cfg: ModelConfig, peft_cfg: PeftConfig, *, num_labels: int | None = None) -> ModelInventory:
     """The recipe's model as ordered blocks, from its config alone (cached per process)."""
-    path = resolve_path(cfg.path, what="model.path")
+    path = resolve_model_path(cfg.path, config_only=True)
     stamp = path.stat().st_mtime_ns
     return _inventory_cached(cfg.model_dump_json(exclude_unset=True), peft_cfg.model_dump_json(exclude_unset=True),
                              num_labels, str(path), stamp)

@@ -1,4 +1,4 @@
-"""Load a model and tokenizer from a local folder or .gguf file, with LoRA when the recipe asks.
+"""Load a model and tokenizer from a local folder, a .gguf file or a hub id, with LoRA when the recipe asks.
 
 Safetensors only (never pickle); trust_remote_code only when the recipe sets it. A .gguf file is
 dequantized once and cached as a plain Hugging Face folder, so later loads take a second.
@@ -16,7 +16,7 @@ import torch
 
 from fuyoucli.errors import ModelError
 from fuyoucli.recipe import ModelConfig, PeftConfig
-from fuyoucli.resources import cache_dir, resolve_path
+from fuyoucli.resources import cache_dir, resolve_model_path
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -67,7 +67,7 @@ def gguf_to_folder(gguf: Path) -> Path:
 
 
 def model_folder(cfg: ModelConfig) -> Path:
-    path = resolve_path(cfg.path, what="model.path")
+    path = resolve_model_path(cfg.path)
     return gguf_to_folder(path) if path.suffix == ".gguf" else path
 
 

@@ -5,7 +5,7 @@ tokenizer only: never on the model, the engine or telemetry. torch is used by `c
 Every bad record is a DataError naming file:line and how to fix it.
 
 Why it is long: every input format (text, chat, classification, alpaca; .jsonl, .json, .csv, .txt and
-pkg: files) and its one-line errors, in one place so that they all tokenize and mask alike.
+pkg: files; parquet, arrow and Hugging Face datasets read in train/tables.py) and its one-line errors, in one place so that they all tokenize and mask alike.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ import torch
 
 from fuyoucli.errors import DataError, InputError
 from fuyoucli.recipe import DataConfig
-from fuyoucli.resources import resolve_path
+from fuyoucli.resources import hf_dataset, resolve_data_path
+from fuyoucli.train.tables import TABLE_SUFFIXES, read_hf_dataset, read_table
 
 IGNORE = -100
 """Label of a position with no loss (prompt tokens, padding); torch's cross_entropy ignore_index."""
@@ -159,13 +160,23 @@ def _read_csv(path: Path, text: str) -> list[tuple[dict, str]]:
     return records
 
 
+def _columns(cfg: DataConfig) -> dict[str, str]:
+    """The fields a record of this format must have -> the column data.fields maps each to."""
+    return {name: cfg.fields.get(name, name) for name in FIELDS[cfg.format] if (cfg.format, name) != ("alpaca", "input")}
+
+
 def _read(spec: str, key: str, cfg: DataConfig) -> tuple[Path, list[tuple[dict, str]] | str]:
-    path = resolve_path(spec, what=f"data.{key}")
+    dataset = hf_dataset(spec)
+    if dataset is not None:
+        return Path(spec), read_hf_dataset(*dataset, _columns(cfg), cfg.format, what=f"data.{key}")
+    path = resolve_data_path(spec, what=f"data.{key}")
     if path.is_dir():
         raise InputError(f"data.{key} {spec!r} is a folder; list the data files themselves")
+    if path.suffix in TABLE_SUFFIXES:
+        return path, read_table(path, _columns(cfg), cfg.format)
     if path.suffix not in RECORD_SUFFIXES + (".txt",):
         raise DataError(f"{path}: unsupported data file type {path.suffix or '(none)'!r}; "
-                        "use .jsonl, .json, .csv or .txt")
+                        "use .jsonl, .json, .csv, .parquet, .arrow or .txt")
     text = _decode(path, cfg.encoding)
     if path.suffix == ".txt":
         if cfg.format != "text":

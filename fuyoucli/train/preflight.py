@@ -20,7 +20,7 @@ from typing import Callable
 from fuyoucli.errors import FuyouError, ModelError
 from fuyoucli.plan.types import DTYPE_BYTES, Plan, Tier
 from fuyoucli.recipe import Recipe
-from fuyoucli.resources import resolve_path
+from fuyoucli.resources import resolve_model_path
 
 GiB = 1 << 30
 RAM_MARGIN = 0.05
@@ -209,7 +209,7 @@ def _check_swap_dir(swap: Path, note: Callable[[str], None]) -> None:
 def check_model_files(model_spec: str) -> None:
     """A safetensors file shorter than its header says (a download or a copy cut short) is refused here, in
     one line, rather than as a SafetensorError after the output folder was made. Reads headers only."""
-    folder = resolve_path(model_spec, what="model.path")
+    folder = resolve_model_path(model_spec)
     if not folder.is_dir():
         return
     for path in sorted(folder.glob("*.safetensors")):

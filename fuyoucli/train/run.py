@@ -48,6 +48,7 @@ def prepare_output_dir(path: Path, overwrite: bool) -> None:
 
         shutil.rmtree(checkpoint_root(path), ignore_errors=True)
         shutil.rmtree(path / "model", ignore_errors=True)
+        shutil.rmtree(path / "tensorboard", ignore_errors=True)  # training.report_to's event files
         (path / "report.png").unlink(missing_ok=True)
     path.mkdir(parents=True, exist_ok=True)
 
@@ -71,6 +72,8 @@ def _never_started(out_dir: Path) -> bool:
             continue
         if p.name == "checkpoints" and p.is_dir() and not list_checkpoints(p):
             continue
+        if p.name == "tensorboard" and p.is_dir():  # written from the run's start, with metrics.jsonl
+            continue
         if p.name == "metrics.jsonl" and p.is_file():
             try:
                 if not any(r.get("kind") == "train" for r in read_metrics(p)):
@@ -88,6 +91,7 @@ def _forget_unstarted(out_dir: Path) -> bool:
     if not out_dir.is_dir() or holds_only_lock(out_dir) or not _never_started(out_dir):
         return False
     shutil.rmtree(checkpoint_root(out_dir), ignore_errors=True)
+    shutil.rmtree(out_dir / "tensorboard", ignore_errors=True)
     remove_leftovers(out_dir, "model")
     for name in ("metrics.jsonl", "metrics.jsonl.tmp"):
         (out_dir / name).unlink(missing_ok=True)

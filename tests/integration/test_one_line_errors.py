@@ -117,3 +117,16 @@ def test_host_memory_limit_is_honoured_on_a_cpu_machine(capsys, tmp_path, tiny_m
     assert info.value.code == 2 and "Traceback" not in err, err
     assert "does not fit" in err and "offload.host_memory_limit 300,000 B caps it" in err, err
     assert not out.exists()
+
+
+def test_a_parquet_file_without_the_mapped_fields(capsys, tmp_path, tiny_models):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    data, out = tmp_path / "tweets.parquet", tmp_path / "out"
+    pq.write_table(pa.Table.from_pylist([{"body": f"tweet {i}", "sentiment": "positive"} for i in range(8)]), data)
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_models["llama"], data, out, "")
+    recipe.write_text(recipe.read_text().replace("  max_length: 32\n", "  max_length: 32\n  fields: {text: tweet}\n"))
+    err = one_line(capsys, "finetune", str(recipe), "--quiet")
+    assert f"{data}: no column 'tweet' (data.fields maps text -> tweet)" in err and "its columns: body, sentiment" in err
+    assert not out.exists()

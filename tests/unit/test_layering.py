@@ -24,7 +24,7 @@ LEVELS = {
     "plan": 4,
     "engine": 5,
     "train": 6, "checkpoint": 6,
-    "distributed": 7, "export": 7, "telemetry": 7,
+    "distributed": 7, "export": 7, "generate": 7, "telemetry": 7,
     "cli": 8, "__main__": 9,
 }
 
