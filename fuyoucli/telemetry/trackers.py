@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import time
 from pathlib import Path
 
 from fuyoucli.errors import InputError
@@ -43,6 +44,20 @@ def _finite(values: dict[str, float]) -> dict[str, float]:
     return {k: v for k, v in values.items() if math.isfinite(v)}
 
 
+def _after_earlier_files(log_dir: Path) -> None:
+    """TensorBoard reads a folder's event files in name order, and a name is
+    events.out.tfevents.<unix second>.<host>.<pid>...: a resumed run started within the second of the
+    last file, from a process with a lexically smaller pid, would sort first and its purge would apply
+    before the steps it purges. Waits (at most a second) until a new file's second is later."""
+    seconds = []
+    for f in log_dir.glob("events.out.tfevents.*"):
+        part = f.name.split(".")[3]
+        if part.isdigit():
+            seconds.append(int(part))
+    while seconds and int(time.time()) <= max(seconds):
+        time.sleep(0.05)
+
+
 class TensorBoardSink:
     """torch.utils.tensorboard.SummaryWriter into output_dir/tensorboard. A resumed run purges the steps
     after its checkpoint, as metrics.jsonl drops them."""
@@ -57,6 +72,8 @@ class TensorBoardSink:
     def handle(self, event: Event) -> None:
         if isinstance(event, RunStarted) and self.writer is None:
             purge = event.start_step + 1 if event.start_step else None
+            if purge:
+                _after_earlier_files(self.log_dir)
             self.writer = self._make(log_dir=str(self.log_dir), purge_step=purge)
         found = scalars(event)
         if found is None or self.writer is None:
