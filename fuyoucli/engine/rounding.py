@@ -1,5 +1,6 @@
-"""Trainer stage: how an fp32 result is stored into a 16-bit weight home (round to nearest, or unbiased
-stochastic rounding with draws seeded by (run seed, step, block)).
+"""How an fp32 result is stored into a 16-bit weight home (round to nearest, or unbiased stochastic
+rounding with draws seeded by (run seed, step, block)). Engine stage: zo2's homes and the AdamW
+optimizers' bf16 masters (engine/compact.py) round the same way.
 
 MeZO's updates (lr 1e-6..1e-7 times a projected gradient) are far below a 16-bit weight's resolution:
 rounded to nearest, most of them vanish. Rounded stochastically (up with probability equal to the
