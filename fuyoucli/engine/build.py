@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from fuyoucli.engine.compact import AdamFormat
+from fuyoucli.kernels.adamw import AdamFormat
 from fuyoucli.engine.executor import OpLog
 from fuyoucli.engine.optimizer import AdamBlock, CpuAdam
 from fuyoucli.engine.store import StreamUnit, WeightStore

@@ -4,7 +4,7 @@ Engine stage (Fuyou's out-of-core CPU optimizer). Each trainable block keeps its
 AdamW's moments m, v at its optimizer home: host RAM, or an SSD file that is read ahead of the
 block's update and written behind it through the engine's SsdStore. In the default format the
 master is fp32 and the moments fp32 (torch's fused AdamW runs on them); compact formats
-(engine/compact.py) keep 8-bit moments, and/or a bf16 master: for a streamed block that is the
+(kernels/adamw.py) keep 8-bit moments, and/or a bf16 master: for a streamed block that is the
 weights' own home (AdamBlock.home_master), so no copy of the weights sits at the optimizer home. One worker thread runs torch's
 own optimizer (the trainer builds it, e.g. fused CPU AdamW) on one block at a time, in the order
 the trainer submits blocks, while the device computes other blocks. No CUDA here: the worker waits
@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 import torch
 
-from fuyoucli.engine.compact import AdamFormat
+from fuyoucli.kernels.adamw import AdamFormat
 from fuyoucli.engine.flat import views_of
 from fuyoucli.engine.lanes import Mark
 from fuyoucli.engine.tiers import ALIGN, SsdStore, aligned_host

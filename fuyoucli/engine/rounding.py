@@ -1,6 +1,6 @@
 """How an fp32 result is stored into a 16-bit weight home (round to nearest, or unbiased stochastic
 rounding with draws seeded by (run seed, step, block)). Engine stage: zo2's homes and the AdamW
-optimizers' bf16 masters (engine/compact.py) round the same way.
+optimizers' bf16 masters (kernels/adamw.py) round the same way; the arithmetic is kernels/rounding.py.
 
 MeZO's updates (lr 1e-6..1e-7 times a projected gradient) are far below a 16-bit weight's resolution:
 rounded to nearest, most of them vanish. Rounded stochastically (up with probability equal to the
@@ -16,6 +16,7 @@ from typing import Literal
 
 import torch
 
+from fuyoucli.kernels.rounding import stochastic_round_
 from fuyoucli.model.blocks import block_generator, block_seed
 
 Rounding = Literal["nearest", "stochastic"]
@@ -23,40 +24,6 @@ Rounding = Literal["nearest", "stochastic"]
 # The 'direction' slot of block_seed that the rounding draws use: z uses 0..q-1, so a value no
 # direction takes keeps the rounding stream independent of every z stream of the same (step, block).
 ROUNDING_STREAM = -1
-
-
-def stochastic_round_(dst: torch.Tensor, src32: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """dst (bfloat16 or float16) := src32 rounded to dst's dtype stochastically: to the neighbour above
-    with probability (src - below) / (above - below), else below. Exactly representable values are
-    kept as they are (an update of 0 changes nothing). One uniform draw per element, in order.
-    A contiguous bfloat16-bound `src32` is used as scratch (it ends holding the rounded value): the
-    callers' fp32 working copies are dead by then, and no tensor of the block's size is made."""
-    if src32.dtype != torch.float32:
-        raise TypeError(f"stochastic rounding reads float32, got {src32.dtype}")
-    if dst.dtype == torch.bfloat16:
-        # bfloat16 is float32's upper 16 bits: adding a uniform 16-bit integer to the lower half and
-        # truncating carries into the kept half with exactly the probability above (sign-magnitude:
-        # the magnitude rounds unbiasedly, so the value does).
-        noise = torch.randint(0, 1 << 16, src32.shape, generator=gen, device=src32.device, dtype=torch.int32)
-        scratch = src32 if src32.is_contiguous() else src32.contiguous()
-        bits = scratch.view(torch.int32)
-        bits.add_(noise).bitwise_and_(-65536)  # 0xFFFF0000 as int32
-        return dst.copy_(scratch)  # exact: the low half is zero
-    if dst.dtype == torch.float16:
-        # float16 is not a truncation of float32: find both neighbours explicitly.
-        near = src32.to(torch.float16)
-        back = near.float()
-        above = back > src32
-        toward = torch.where(above, torch.tensor(float("-inf"), dtype=torch.float16, device=near.device),
-                             torch.tensor(float("inf"), dtype=torch.float16, device=near.device))
-        other = torch.nextafter(near, toward)
-        lo = torch.where(above, other, near).float()
-        hi = torch.where(above, near, other).float()
-        gap = hi - lo
-        p_up = torch.where(gap > 0, (src32 - lo) / gap, torch.zeros_like(gap)).nan_to_num_(0.0)
-        u = torch.rand(src32.shape, generator=gen, device=src32.device, dtype=torch.float32)
-        return dst.copy_(torch.where(u < p_up, hi, lo))
-    raise TypeError(f"stochastic rounding stores into bfloat16 or float16, not {dst.dtype}")
 
 
 class HomeRounding:

@@ -5,7 +5,7 @@ weights and AdamW states (torch's implementation) are updated from fp32 gradient
 For an fp32 model the master weights are the model's own parameters. fp16 uses dynamic loss scaling.
 Weight decay applies to matrices only (not biases or norms). Gradient clipping uses the exact global
 norm over all trainable parameters. Compact formats (method.states: int8, method.master: bf16) run
-engine/compact.py's CompactAdamW, one per block as the streamed engine does (BlockAdamW): a bf16
+engine/compact.py's compact_adamw (kernels/adamw.py), one per block as the streamed engine does (BlockAdamW): a bf16
 master is the model's own bf16 weights, rounded stochastically with draws seeded by (seed, step, block).
 """
 
@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fuyoucli.engine.compact import AdamFormat, CompactAdamW
+from fuyoucli.engine.compact import compact_adamw
+from fuyoucli.kernels.adamw import AdamFormat
 from fuyoucli.model.blocks import execution_index, find_layer_list, param_blocks
 from fuyoucli.recipe import AdamWMethod
 from fuyoucli.train.dropout import draw_step_seed, seeded_model
@@ -71,7 +72,7 @@ class BlockAdamW:
 
     def __init__(self, blocks: list[tuple[int, list[torch.Tensor]]], method: AdamWMethod, seed: int):
         fmt = adam_format(method)
-        self.optimizers = [CompactAdamW(adamw_param_groups(masters, method.weight_decay), fmt=fmt, lr=method.lr,
+        self.optimizers = [compact_adamw(adamw_param_groups(masters, method.weight_decay), fmt=fmt, lr=method.lr,
                                         betas=method.betas, eps=method.eps, seed=seed, block=key)
                            for key, masters in blocks if masters]
 

@@ -27,7 +27,7 @@ import torch
 
 from fuyoucli.engine.activations import SavedActivations, Swapped
 from fuyoucli.engine.build import CpuOptimizerSpec, Engine, UnsupportedPlan, build
-from fuyoucli.engine.compact import new_state
+from fuyoucli.kernels.adamw import new_state
 from fuyoucli.engine.executor import run_pass
 from fuyoucli.engine.flat import views_of
 from fuyoucli.model.runner import Prepared

@@ -35,7 +35,7 @@ from fuyoucli.errors import FuyouError
 from fuyoucli.plan.schedule import Op
 from fuyoucli.plan.types import Tier
 from fuyoucli.recipe import AdamWMethod
-from fuyoucli.engine.compact import CompactAdamW
+from fuyoucli.engine.compact import compact_adamw
 from fuyoucli.train.first_order import BlockAdamW, adam_format, adamw_param_groups
 
 CLIP_OVERLAP_NOTE = (
@@ -58,7 +58,7 @@ def cpu_adamw(method: AdamWMethod, seed: int = 0):
         groups = adamw_param_groups(tensors, method.weight_decay)
         if fmt.default:
             return torch.optim.AdamW(groups, lr=method.lr, betas=method.betas, eps=method.eps, fused=True)
-        return CompactAdamW(groups, fmt=fmt, lr=method.lr, betas=method.betas, eps=method.eps, seed=seed, block=key)
+        return compact_adamw(groups, fmt=fmt, lr=method.lr, betas=method.betas, eps=method.eps, seed=seed, block=key)
     return make
 
 

@@ -1,4 +1,4 @@
-"""Compact AdamW states (method.states: int8, method.master: bf16; engine/compact.py): the streamed
+"""Compact AdamW states (method.states: int8, method.master: bf16; kernels/adamw.py): the streamed
 engine equals the in-memory reference bit for bit (same losses, same weights), with states on the
 host or on SSD, updates overlapped or deferred (clipping), the CPU optimizer on its thread or inline,
 LoRA adapters, and under the simulated asynchronous lanes too; a checkpoint holds the compact states
@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fuyoucli.engine.compact import CODE_DTYPE
+from fuyoucli.kernels.adamw import CODE_DTYPE
 from fuyoucli.engine.lanes import lanes_for
 from fuyoucli.model.loading import load_model, load_tokenizer
 from fuyoucli.plan.manual import fixed_plan

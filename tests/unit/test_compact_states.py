@@ -1,4 +1,4 @@
-"""Compact AdamW states (engine/compact.py): the arithmetic against torch's AdamW, the 8-bit codes'
+"""Compact AdamW states (kernels/adamw.py, engine/compact.py): the arithmetic against torch's AdamW, the 8-bit codes'
 precision, the bf16 master's stochastic rounding, and the recipe's refusals."""
 
 from __future__ import annotations
@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fuyoucli.engine.compact import (BLOCK, CHUNK, CODE_DTYPE, CODE_MAX, AdamFormat, CompactAdamW, new_state,
+from fuyoucli.kernels.adamw import (BLOCK, CHUNK, CODE_DTYPE, CODE_MAX, AdamFormat, CompactAdamW, new_state,
                                      scale_count)
+from fuyoucli.engine.compact import compact_adamw
 from fuyoucli.engine.optimizer import CpuAdam
 from fuyoucli.errors import FuyouError
 from fuyoucli.recipe import load_recipe
@@ -99,7 +100,7 @@ def test_bf16_master_keeps_updates_below_its_resolution_in_expectation():
     stochastic rounding the mean displacement matches fp32's."""
     n, steps, lr = 20000, 40, 1e-5
     p = torch.nn.Parameter(torch.ones(n, dtype=torch.bfloat16))
-    opt = CompactAdamW([p], fmt=AdamFormat(master="bf16"), lr=lr, betas=(0.9, 0.999), eps=1e-8, seed=3, block=1)
+    opt = compact_adamw([p], fmt=AdamFormat(master="bf16"), lr=lr, betas=(0.9, 0.999), eps=1e-8, seed=3, block=1)
     grads = {}
     for _ in range(steps):
         grads[id(p)] = torch.ones(n)
@@ -107,7 +108,8 @@ def test_bf16_master_keeps_updates_below_its_resolution_in_expectation():
     moved = float(1.0 - p.float().mean())
     assert moved == pytest.approx(steps * lr, rel=0.2)
     again = torch.nn.Parameter(torch.ones(n, dtype=torch.bfloat16))
-    opt2 = CompactAdamW([again], fmt=AdamFormat(master="bf16"), lr=lr, betas=(0.9, 0.999), eps=1e-8, seed=3, block=1)
+    opt2 = compact_adamw([again], fmt=AdamFormat(master="bf16"), lr=lr, betas=(0.9, 0.999), eps=1e-8, seed=3,
+                         block=1)
     for _ in range(steps):
         opt2.step(grads={id(again): torch.ones(n)})
     assert torch.equal(p, again)  # seeded by (seed, step, block): the same draws
