@@ -27,7 +27,7 @@ from fuyoucli.hardware import hostinfo
 from fuyoucli.hardware.interference import measure_burst_loss, measure_io_loss
 from fuyoucli.hardware.llama_layer import llama_layer
 from fuyoucli.hardware.profile import (
-    SCHEMA_VERSION, BandwidthCurve, BandwidthPoint, ComputeDevice, Disk, ElementwisePoint, HardwareProfile, Host,
+    SCHEMA_VERSION, AdamRate, BandwidthCurve, BandwidthPoint, ComputeDevice, Disk, ElementwisePoint, HardwareProfile, Host,
     LayerPoint, Links, MatmulPoint, MatmulRates, Provenance,
 )
 
@@ -629,7 +629,7 @@ def _host(results: dict[str, object], all_threads: int) -> Host:
         pinned_allocatable_bytes=pinned, pinned_probe_capped=capped, dram_copy_gbps=results["dram"],
         adamw_impl=impl, adamw_1thread_params_per_s=rate1, adamw_all_threads_params_per_s=rate_all,
         adamw_threads=all_threads, note=note, burst_compute_loss=results["burst"],
-        adamw_compact_params_per_s=tuple((st, ma, results[f"adam_{st}_{ma}"]) for st, ma in COMPACT_FORMATS),
+        adamw_compact=tuple(AdamRate(st, ma, results[f"adam_{st}_{ma}"]) for st, ma in COMPACT_FORMATS),
     )
 
 
