@@ -33,11 +33,14 @@ class HomeRounding:
     each pass starts the (seed, step, block) stream afresh, so a candidate evaluated before the update
     stores exactly the weights the update then keeps."""
 
-    def __init__(self, mode: Rounding, seed: int, step: int, block: int, device: torch.device):
+    def __init__(self, mode: Rounding, seed: int, step: int, block: int, device: torch.device,
+                 stream: int = ROUNDING_STREAM):
+        """`stream`: the 'direction' slot of the seed (ROUNDING_STREAM; the AdamW bf16 master's chunks
+        take the ones below it, engine/compact.py)."""
         if mode not in ("nearest", "stochastic"):
             raise ValueError(f"home rounding must be nearest or stochastic, not {mode!r}")
         self.mode = mode
-        self._gen = block_generator(device, block_seed(seed, step, ROUNDING_STREAM, block)) \
+        self._gen = block_generator(device, block_seed(seed, step, stream, block)) \
             if mode == "stochastic" else None
 
     def store(self, dst: torch.Tensor, src32: torch.Tensor) -> torch.Tensor:

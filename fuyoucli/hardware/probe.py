@@ -606,7 +606,7 @@ def measure_compact_adamw(n_params: int, threads: int, min_time_s: float, states
         params = [torch.randn(n_params // 4, generator=gen).to(dtype) for _ in range(4)]
         grads = {id(p): torch.randn(p.shape, generator=gen) for p in params}
         opt = CompactAdamW(params, fmt=AdamFormat(states, master), lr=1e-4, betas=(0.9, 0.999), eps=1e-8,
-                           weight_decay=0.01, rounding=lambda step, device: _Round())
+                           weight_decay=0.01, rounding=lambda step, device, stream: _Round())
         s = seconds_per_call(lambda: opt.step(grads=grads), lambda: None, min_time_s)
     finally:
         torch.set_num_threads(old)

@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import math
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Callable, Protocol
 
 import torch
 
-from typing import Callable, Protocol
 
 class Rounder(Protocol):
     def store(self, dst: torch.Tensor, src32: torch.Tensor) -> torch.Tensor: ...
@@ -113,52 +114,92 @@ class _Work:
         return cache[key]
 
 
+class _Pool:
+    """Threads that run chunks, each with torch's intra-op parallelism off. The chunks' ops are small
+    (CHUNK values): run on torch's own thread team each would be a parallel region of its own, and on
+    a busy machine every region waits for a descheduled team member (measured on this project's
+    2-core VM beside another process: 0.002 G params/s where one thread alone did 0.2). Threads that
+    each own whole chunks release the cores between chunks instead. One pool per thread count."""
+
+    pools: dict[int, ThreadPoolExecutor] = {}
+    lock = threading.Lock()
+
+    @classmethod
+    def get(cls, threads: int) -> ThreadPoolExecutor:
+        with cls.lock:
+            if threads not in cls.pools:
+                cls.pools[threads] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fuyou-adamw",
+                                                        initializer=torch.set_num_threads, initargs=(1,))
+            return cls.pools[threads]
+
+
+def chunk_count(numel: int) -> int:
+    """How many rounding streams (one per CHUNK values) an update of a tensor of `numel` values draws."""
+    return -(-numel // CHUNK)
+
+
 @torch.no_grad()
 def adamw_(p: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor], *, step: int, lr: float,
-           beta1: float, beta2: float, eps: float, weight_decay: float, rounding: Rounder | None) -> None:
-    """One AdamW update of tensor `p` (fp32, or bf16 stored back through `rounding`) from fp32 `grad`,
-    its moments in `state` (new_state's layout), chunk by chunk in order."""
+           beta1: float, beta2: float, eps: float, weight_decay: float,
+           rounding: Callable[[int], Rounder] | None) -> None:
+    """One AdamW update of tensor `p` (fp32, or bf16 stored back through `rounding(i)`, chunk i's own
+    stream) from `grad`, its moments in `state` (new_state's layout), CHUNK values at a time. On the
+    CPU the chunks run on torch.get_num_threads() single-threaded workers (_Pool); every chunk's
+    result is the same whichever thread runs it (its blocks, scales and rounding stream are its own)."""
     n = p.numel()
     flat_p, flat_g = p.reshape(-1), grad.reshape(-1)
     if flat_p.data_ptr() != p.data_ptr() or not p.is_contiguous():
         raise ValueError("compact AdamW updates contiguous tensors in place")
+    if p.dtype != torch.float32 and rounding is None:
+        raise ValueError("a bf16 master is stored back with stochastic rounding; none was given")
+    args = (flat_p, flat_g, state, step, lr, beta1, beta2, eps, weight_decay, rounding)
+    starts = range(0, n, CHUNK)
+    threads = torch.get_num_threads()
+    if p.device.type != "cpu" or threads == 1 or len(starts) == 1:
+        for i, a in enumerate(starts):
+            _chunk(i, a, min(a + CHUNK, n), *args)
+        return
+    jobs = [_Pool.get(threads).submit(_chunk, i, a, min(a + CHUNK, n), *args) for i, a in enumerate(starts)]
+    for job in jobs:
+        job.result()
+
+
+@torch.no_grad()  # grad mode is per thread: the pool's are not the caller's
+def _chunk(i: int, a: int, b: int, flat_p, flat_g, state, step, lr, beta1, beta2, eps, weight_decay,
+           rounding) -> None:
+    """Values a..b of one tensor's update (adamw_)."""
     quantized = state["exp_avg"].dtype == CODE_DTYPE
     m_all, v_all = state["exp_avg"].reshape(-1), state["exp_avg_sq"].reshape(-1)
     bc1, bc2_sqrt = 1 - beta1 ** step, math.sqrt(1 - beta2 ** step)
-    w_m, w_v, w_t, w_p = _Work.get(p.device)
-    for a in range(0, n, CHUNK):
-        b = min(a + CHUNK, n)
-        k = b - a
-        kb = scale_count(k)
-        padded = kb * BLOCK
-        g = flat_g[a:b] if flat_g.dtype == torch.float32 else flat_g[a:b].float()
-        if quantized:
-            m, v = w_m[:padded], w_v[:padded]
-            _dequantize(m_all[a:b], state["exp_avg_scale"][a // BLOCK: a // BLOCK + kb], m, kb, w_t, signed=True)
-            _dequantize(v_all[a:b], state["exp_avg_sq_scale"][a // BLOCK: a // BLOCK + kb], v, kb, w_t, signed=False)
-            v.mul_(v)  # stored as sqrt(v)
-            m_k, v_k = m[:k], v[:k]
-        else:
-            m_k, v_k = m_all[a:b], v_all[a:b]
-        p32 = flat_p[a:b] if p.dtype == torch.float32 else w_p[:k].copy_(flat_p[a:b])
-        # torch's single-tensor AdamW, op for op
-        if weight_decay != 0:
-            p32.mul_(1 - lr * weight_decay)
-        m_k.lerp_(g, 1 - beta1)
-        v_k.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        if quantized:  # v is stored as its square root: take it once, in place, for both uses
-            denom = torch.div(v_k.sqrt_(), bc2_sqrt, out=w_t[:k]).add_(eps)
-        else:
-            denom = torch.sqrt(v_k, out=w_t[:k]).div_(bc2_sqrt).add_(eps)
-        p32.addcdiv_(m_k, denom, value=-lr / bc1)
-        if p.dtype != torch.float32:
-            if rounding is None:
-                raise ValueError("a bf16 master is stored back with stochastic rounding; none was given")
-            rounding.store(flat_p[a:b], p32)
-        if quantized:
-            _quantize(m, m_all[a:b], state["exp_avg_scale"][a // BLOCK: a // BLOCK + kb], kb, w_t, signed=True)
-            _quantize(v, v_all[a:b], state["exp_avg_sq_scale"][a // BLOCK: a // BLOCK + kb], kb, w_t,
-                      signed=False)
+    w_m, w_v, w_t, w_p = _Work.get(flat_p.device)
+    k = b - a
+    kb = scale_count(k)
+    padded = kb * BLOCK
+    g = flat_g[a:b] if flat_g.dtype == torch.float32 else flat_g[a:b].float()
+    if quantized:
+        m, v = w_m[:padded], w_v[:padded]
+        _dequantize(m_all[a:b], state["exp_avg_scale"][a // BLOCK: a // BLOCK + kb], m, kb, w_t, signed=True)
+        _dequantize(v_all[a:b], state["exp_avg_sq_scale"][a // BLOCK: a // BLOCK + kb], v, kb, w_t, signed=False)
+        v.mul_(v)  # stored as sqrt(v)
+        m_k, v_k = m[:k], v[:k]
+    else:
+        m_k, v_k = m_all[a:b], v_all[a:b]
+    p32 = flat_p[a:b] if flat_p.dtype == torch.float32 else w_p[:k].copy_(flat_p[a:b])
+    # torch's single-tensor AdamW, op for op
+    if weight_decay != 0:
+        p32.mul_(1 - lr * weight_decay)
+    m_k.lerp_(g, 1 - beta1)
+    v_k.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    if quantized:  # v is stored as its square root: take it once, in place, for both uses
+        denom = torch.div(v_k.sqrt_(), bc2_sqrt, out=w_t[:k]).add_(eps)
+    else:
+        denom = torch.sqrt(v_k, out=w_t[:k]).div_(bc2_sqrt).add_(eps)
+    p32.addcdiv_(m_k, denom, value=-lr / bc1)
+    if flat_p.dtype != torch.float32:
+        rounding(i).store(flat_p[a:b], p32)
+    if quantized:
+        _quantize(m, m_all[a:b], state["exp_avg_scale"][a // BLOCK: a // BLOCK + kb], kb, w_t, signed=True)
+        _quantize(v, v_all[a:b], state["exp_avg_sq_scale"][a // BLOCK: a // BLOCK + kb], kb, w_t, signed=False)
 
 
 _E4M3_TO_F32 = 2.0 ** 120
@@ -199,12 +240,13 @@ def _quantize(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, kb: in
 
 class CompactAdamW(torch.optim.Optimizer):
     """torch.optim-style AdamW over one block's tensors in an AdamFormat (fp32 or bf16 parameters;
-    fp32 gradients on them). `rounding(step, device)` gives a bf16 master's stochastic rounding for an
-    update: one stream per update, which every tensor of the block draws from in order. The step is
-    the block's own update count (the first stepped tensor's), so it survives a resume with the state."""
+    fp32 gradients on them). `rounding(step, device, stream)` gives a bf16 master's stochastic
+    rounding: one stream per CHUNK values, numbered through the block's tensors in order, so that the
+    draws do not depend on which thread runs a chunk. The step is the block's own update count (the
+    first stepped tensor's), so it survives a resume with the state."""
 
     def __init__(self, params, *, fmt: AdamFormat, lr: float, betas: tuple[float, float], eps: float,
-                 weight_decay: float = 0.0, rounding: Callable[[int, torch.device], Rounder] | None = None):
+                 weight_decay: float = 0.0, rounding: Callable[[int, torch.device, int], Rounder] | None = None):
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
         self.fmt, self.rounding = fmt, rounding
 
@@ -214,7 +256,7 @@ class CompactAdamW(torch.optim.Optimizer):
         does not let .grad hold) replaces each p.grad when given."""
         if closure is not None:
             raise ValueError("CompactAdamW takes no closure")
-        rounding = None
+        block_step, streams = None, 0
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             for p in group["params"]:
@@ -226,8 +268,11 @@ class CompactAdamW(torch.optim.Optimizer):
                     state.update(new_state(p, self.fmt))
                 state["step"] += 1
                 step = int(state["step"])
-                if p.dtype != torch.float32 and rounding is None and self.rounding is not None:
-                    rounding = self.rounding(step, p.device)
+                block_step = step if block_step is None else block_step
+                rounding = None
+                if p.dtype != torch.float32 and self.rounding is not None:
+                    rounding = (lambda i, base=streams, s=block_step, d=p.device: self.rounding(s, d, base + i))
                 adamw_(p, grad, state, step=step, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                        weight_decay=group["weight_decay"], rounding=rounding)
+                streams += chunk_count(p.numel())
         return None
