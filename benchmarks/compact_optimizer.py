@@ -132,7 +132,8 @@ def one(args) -> dict:
             trainer.step(micro, lr=1e-5)
         trainer.settle()
         steps = len(batches) - 1
-        return {"step_s": (time.perf_counter() - t0) / steps, "ssd_bytes": (ssd.bytes_read + ssd.bytes_written - b0) / steps,
+        return {"step_s": (time.perf_counter() - t0) / steps,
+                "ssd_bytes": (ssd.bytes_read + ssd.bytes_written - b0) / steps,
                 "cpu_adam_s": (trainer.cpu.busy_s - adam0) / steps}
     finally:
         trainer.close()

@@ -5,9 +5,10 @@ AdamW's moments m, v at its optimizer home: host RAM, or an SSD file that is rea
 block's update and written behind it through the engine's SsdStore. In the default format the
 master is fp32 and the moments fp32 (torch's fused AdamW runs on them); compact formats
 (kernels/adamw.py) keep 8-bit moments, and/or a bf16 master: for a streamed block that is the
-weights' own home (AdamBlock.home_master), so no copy of the weights sits at the optimizer home. One worker thread runs torch's
-own optimizer (the trainer builds it, e.g. fused CPU AdamW) on one block at a time, in the order
-the trainer submits blocks, while the device computes other blocks. No CUDA here: the worker waits
+weights' own home (AdamBlock.home_master), so no copy of the weights sits at the optimizer home.
+One worker thread runs the block's optimizer (the trainer builds it: torch's fused CPU AdamW, or the
+compact one) on one block at a time, in the order the trainer submits blocks, while the device
+computes other blocks. No CUDA here: the worker waits
 for gradient copies through `Lanes.host_wait` and hands the new weights to a `publish` callback.
 
 Where the device is the CPU itself there is nothing to overlap the optimizer with: its cores are the
@@ -128,7 +129,8 @@ def _aligned(nbytes: int) -> int:
     return -(-nbytes // ALIGN) * ALIGN
 
 
-def state_layout(shapes: list[torch.Size], fmt: AdamFormat, keeps_master: bool) -> list[tuple[str, torch.dtype, list[int]]]:
+def state_layout(shapes: list[torch.Size], fmt: AdamFormat,
+                 keeps_master: bool) -> list[tuple[str, torch.dtype, list[int]]]:
     """One block's state as segments (key, dtype, numel per tensor), end to end, widest dtype first
     (so every segment starts aligned to its dtype). 'param' is the master when the state keeps it;
     the default format's is [master | m | v] in fp32."""
@@ -512,7 +514,8 @@ class CpuAdam:
         st = self.states[key]
         parts = _segments(self._raw(st), st.layout)
         if st.home_master is not None:
-            parts["param"] = [v.clone() for v in views_of(st.home_master(), [torch.Size([s.numel()]) for s in st.shapes])]
+            flat = [torch.Size([s.numel()]) for s in st.shapes]
+            parts["param"] = [v.clone() for v in views_of(st.home_master(), flat)]
         return parts, [s.clone() for s in st.steps]
 
     def load_state_parts(self, key: int, parts: dict[str, list[torch.Tensor]], steps: list[torch.Tensor]) -> None:

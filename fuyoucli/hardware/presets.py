@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from fuyoucli.errors import InputError
 from fuyoucli.hardware.profile import (
-    ASSUMED_CONTEXT_BYTES, SCHEMA_VERSION, AdamRate, BandwidthCurve, BandwidthPoint, ComputeDevice, Disk, DiskPoint, ElementwisePoint,
-    HardwareProfile, Host, Links, MatmulPoint, MatmulRates, Provenance,
+    ASSUMED_CONTEXT_BYTES, SCHEMA_VERSION, AdamRate, BandwidthCurve, BandwidthPoint, ComputeDevice, Disk,
+    DiskPoint, ElementwisePoint, HardwareProfile, Host, Links, MatmulPoint, MatmulRates, Provenance,
 )
 
 GB, GIB, MIB = 10**9, 1 << 30, 1 << 20

@@ -27,8 +27,8 @@ from fuyoucli.hardware import hostinfo
 from fuyoucli.hardware.interference import measure_burst_loss, measure_io_loss
 from fuyoucli.hardware.llama_layer import llama_layer
 from fuyoucli.hardware.profile import (
-    SCHEMA_VERSION, AdamRate, BandwidthCurve, BandwidthPoint, ComputeDevice, Disk, ElementwisePoint, HardwareProfile, Host,
-    LayerPoint, Links, MatmulPoint, MatmulRates, Provenance,
+    SCHEMA_VERSION, AdamRate, BandwidthCurve, BandwidthPoint, ComputeDevice, Disk, ElementwisePoint,
+    HardwareProfile, Host, LayerPoint, Links, MatmulPoint, MatmulRates, Provenance,
 )
 
 MIB, GIB = 1 << 20, 1 << 30

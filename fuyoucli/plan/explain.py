@@ -124,7 +124,9 @@ def compact_state_changes(wl: Workload, machine: Machine) -> list[Change]:
         return []
     out: list[Change] = []
     for states, master in (("int8", wl.adam_master), (wl.adam_states, "bf16"), ("int8", "bf16")):
-        if (states, master) == (wl.adam_states, wl.adam_master) or (master == "bf16" and wl.compute_dtype != "bfloat16"):
+        if (states, master) == (wl.adam_states, wl.adam_master):
+            continue
+        if master == "bf16" and wl.compute_dtype != "bfloat16":
             continue
         if machine.adam_params_per_s(states, master) <= 0 or any(c[1] == {"adam_states": states, "adam_master": master}
                                                                   for c in out):

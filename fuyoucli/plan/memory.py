@@ -232,7 +232,8 @@ def _homes(inv: ModelInventory, wl: Workload, pl: Placement, blocks: BlockBytes,
         if first_order_full and s.trainable_params:
             states = int(s.trainable_params * optimizer_bytes_per_param(wl, streamed=weights_home is not Tier.DEVICE))
             if optimizer_home is Tier.DEVICE:
-                parts["optimizer on device"] += int(s.trainable_params * (states_on_device + 4))  # states + fp32 gradient
+                # states + fp32 gradient
+                parts["optimizer on device"] += int(s.trainable_params * (states_on_device + 4))
             elif optimizer_home is Tier.SSD:
                 host.ssd += states
             else:
@@ -259,7 +260,8 @@ def _streaming_buffers(inv: ModelInventory, wl: Workload, pl: Placement, blocks:
         if not cpu and any(pl.weights_home[i] in (Tier.SSD, Tier.PAGEABLE) for i in streamed):
             host.pool += (depth + 1 + (1 if writeback or not zo else 0)) * largest  # host staging
     if not zo and not wl.lora:
-        on_ssd = [int(s.trainable_params * optimizer_bytes_per_param(wl, streamed=pl.weights_home[i] is not Tier.DEVICE))
+        on_ssd = [int(s.trainable_params * optimizer_bytes_per_param(
+                      wl, streamed=pl.weights_home[i] is not Tier.DEVICE))
                   for i, s in enumerate(inv.blocks) if pl.optimizer_home[i] is Tier.SSD]
         if on_ssd:
             host.pageable += 3 * max(on_ssd)  # read-ahead, updating, writing back

@@ -111,7 +111,8 @@ class AdamWReference:
         host = host_optimizer and self.device.type != "cpu"
         self.fmt = adam_format(method)
         if self.fmt.master == "bf16" and any(p.dtype != torch.bfloat16 for p in self.params):
-            raise ValueError("a bf16 master is the model's bfloat16 weights; this model's trained weights are not all bf16")
+            raise ValueError("a bf16 master is the model's bfloat16 weights; this model's trained weights "
+                             "are not all bf16")
         self.mixed = (host or any(p.dtype != torch.float32 for p in self.params)) and self.fmt.master == "fp32"
         """Masters apart from the weights (fp32 beside 16-bit weights, or in host memory)."""
         self.master = ([p.detach().to("cpu" if host else p.device, torch.float32, copy=True) for p in self.params]

@@ -181,3 +181,20 @@ def test_a_state_of_another_format_is_refused(tiny_models, text_data, tmp_path):
             trainer.load_state(ref.state_tensors(), ref.state_meta())
     finally:
         trainer.close()
+
+
+def test_resident_blocks_updated_on_the_host_keep_their_bf16_master(tiny_models, text_data, tmp_path):
+    """Embeddings and head stay on the device but their AdamW runs on the CPU worker, states on SSD: a
+    block whose weights do not stream keeps its bf16 master in its optimizer state (its weights' home is
+    the device) and uploads the new weights from it."""
+    recipe, tok, steps = setup(tiny_models["qwen2"], text_data, tmp_path, states="int8", master="bf16",
+                               dtype="bfloat16")
+    want = run_reference(recipe, tok, steps)
+    pl = fixed_plan(2, Tier.PAGEABLE, method="adamw", optimizer_home=Tier.PAGEABLE, activation="keep",
+                    swap_dir=str(tmp_path / "swap"), compute_dtype="bfloat16", home_dtype="bfloat16",
+                    resident_optimizer_home=Tier.SSD)
+    got = run_streamed(recipe, tok, steps, pl, thread=True)
+    assert_identical(got, want)
+    trainer = got[2]
+    assert trainer.cpu.states[0].home is Tier.SSD and trainer.cpu.states[0].home_master is None
+    assert all(trainer.cpu.states[e].home_master is not None for e in (1, 2))  # the streamed layers'
