@@ -51,6 +51,13 @@ VARIANTS = {  # name -> (recipe file it runs, overrides)
     # nearest; the recipe's float32 run is the reference
     "zo2-sentiment-bf16-stochastic": ("zo2-sentiment", ["model.dtype=bfloat16", "offload.home_rounding=stochastic"]),
     "zo2-sentiment-bf16-nearest": ("zo2-sentiment", ["model.dtype=bfloat16", "offload.home_rounding=nearest"]),
+    # issue 20: compact AdamW states. 8-bit moments against the recipe's fp32 run; a bf16 master (needs a
+    # bfloat16 model) against the same bfloat16 model with an fp32 master
+    "quickstart-int8": ("quickstart", ["method.states=int8"]),
+    "quickstart-bf16": ("quickstart", ["model.dtype=bfloat16"]),
+    "quickstart-bf16-master": ("quickstart", ["model.dtype=bfloat16", "method.master=bf16"]),
+    "quickstart-bf16-master-int8": ("quickstart", ["model.dtype=bfloat16", "method.master=bf16", "method.states=int8"]),
+    "adamw-sentiment-int8": ("adamw-sentiment", ["method.states=int8"]),
 }
 RECIPES.update({name: RECIPES[base] for name, (base, _) in VARIANTS.items()})
 DEFAULT_RECIPES = [r for r in RECIPES if r not in VARIANTS]

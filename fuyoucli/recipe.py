@@ -87,6 +87,14 @@ class AdamWMethod(_MethodBase):
     """Adam's epsilon."""
     max_grad_norm: float | None = Field(1.0, gt=0)
     """Clip the global gradient norm to this value; null turns clipping off."""
+    states: Literal["fp32", "int8"] = "fp32"
+    """AdamW's moments m and v. fp32: torch's AdamW. int8: 8 bits per value in blocks of 256 with an
+    fp32 scale per block (block-wise 8-bit states, Dettmers et al.; codes in the float8 e4m3 layout,
+    v kept as its square root): 2 bytes per parameter instead of 8, at home and in checkpoints."""
+    master: Literal["fp32", "bf16"] = "fp32"
+    """The weights the optimizer updates. fp32: an fp32 master copy beside 16-bit weights. bf16 (needs
+    model.dtype: bfloat16, full-parameter training): the bfloat16 weight at home is the master, updated
+    with stochastic rounding seeded by (training.seed, step, block): no fp32 copy, exact on resume."""
 
     @model_validator(mode="after")
     def _betas_in_range(self) -> "AdamWMethod":
@@ -348,6 +356,13 @@ class Recipe(_Config):
                                  "give the label set as data.labels")
         elif self.data.format == "classification" and not self.data.label_words:
             raise ValueError("data.format: classification with model.head: causal_lm needs data.label_words")
+        if self.method.name == "adamw" and self.method.master == "bf16":
+            if self.model.dtype != "bfloat16":
+                raise ValueError(f"method.master: bf16 makes the bfloat16 weight the master; the model computes in "
+                                 f"{self.model.dtype} (set model.dtype: bfloat16, or master: fp32)")
+            if self.peft.type != "none":
+                raise ValueError("method.master: bf16 applies to full-parameter training; LoRA adapters train in "
+                                 "fp32 (remove master, or peft)")
         if self.training.zo_ledger_steps and self.method.name != "zo2":
             raise ValueError("training.zo_ledger_steps applies to method zo2 only (a first-order step is not "
                              "replayable from seeds); remove it")

@@ -106,6 +106,7 @@ def to_json(p, inv) -> dict:
         "placement": [{"block": b.name, "bytes": b.param_bytes, "weights_home": b.weights_home.value,
                        "optimizer_home": b.optimizer_home.value if b.optimizer_home else None,
                        "activation": b.activation} for b in p.blocks],
+        "home_bytes_per_param": home_bytes_per_param(p),
         "reasons": list(p.reasons),
         "suggestions": list(p.suggestions),
         "notes": list(p.notes),
@@ -122,6 +123,18 @@ def _bytes(n: int) -> str:
         if n >= size:
             return f"{n / size:.1f} {unit}"
     return f"{n} B"
+
+
+def home_bytes_per_param(p) -> dict | None:
+    """First-order full training: a decoder layer's bytes per trained parameter off the device, its
+    weights (compute dtype) and its AdamW state (master and moments) wherever the plan homes them."""
+    layers = [b for b in p.blocks if b.name.startswith("layers.") and b.trainable_params and b.optimizer_home
+              and b.optimizer_home.value != "device"]
+    if p.method != "adamw" or p.lora or not layers:
+        return None
+    b = layers[0]
+    weights, state = b.param_bytes / b.params, b.optimizer_bytes / b.trainable_params
+    return {"weights": round(weights, 3), "optimizer_state": round(state, 3), "total": round(weights + state, 3)}
 
 
 def _groups(blocks):
@@ -199,6 +212,11 @@ def render(console, p, inv, name: str) -> None:
                                   and p.home_dtype != "float32" else "")
         + f", wire {p.wire_dtype}" + (f", {_Z_BUFFER[p.z_buffer]}" if p.method == "zo2" else "")
         + ".", highlight=False)
+    per_param = home_bytes_per_param(p)
+    if per_param:
+        console.print(f"At home per trained parameter (a decoder layer): weights {per_param['weights']:.3g} B + "
+                      f"AdamW state {per_param['optimizer_state']:.3g} B = [bold]{per_param['total']:.3g} B[/bold].",
+                      highlight=False)
     for note in p.notes:
         console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
     if not p.feasible:

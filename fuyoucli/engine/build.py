@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from fuyoucli.kernels.adamw import AdamFormat
 from fuyoucli.engine.executor import OpLog
 from fuyoucli.engine.optimizer import AdamBlock, CpuAdam
 from fuyoucli.engine.store import StreamUnit, WeightStore
@@ -52,9 +53,12 @@ class ExecBlock:
 class CpuOptimizerSpec:
     """How the first-order trainer's CPU optimizer is made (engine/optimizer.py: CpuAdam)."""
 
-    make: Callable[[list[torch.Tensor]], torch.optim.Optimizer]
+    make: Callable[..., torch.optim.Optimizer]
+    """make(tensors, block key): one block's optimizer."""
     thread: bool
     on_job: Callable[[int], None] | None = None
+    fmt: AdamFormat = AdamFormat()
+    """The states' format; with a bf16 master, a streamed block's master is its weights' home."""
 
 
 @dataclass
@@ -195,7 +199,7 @@ def _units(plan: Plan, order: list[ExecBlock], runner: BlockRunner, shapes: _Sha
 
 
 def _ssd_bytes(units: list[StreamUnit], shapes: _Shapes, momentum: bool, opt_homes: dict[str, Tier],
-               trainable: list[ParamBlock]) -> int:
+               trainable: list[ParamBlock], fmt: AdamFormat) -> int:
     """Bytes of the files the run keeps under swap_dir: SSD-homed weights (and zo2 momentum beside
     them), and the CPU optimizer's SSD-homed states (CpuAdam.state_bytes)."""
     total = 0
@@ -203,19 +207,37 @@ def _ssd_bytes(units: list[StreamUnit], shapes: _Shapes, momentum: bool, opt_hom
         if u.home is Tier.SSD:
             numel = sum(shapes.shape(p).numel() for _, p in u.params)
             total += numel * (u.dtype.itemsize + (4 if momentum and u.writable else 0))
+    streamed = {u.name for u in units}
     for blk in trainable:
         if opt_homes.get(blk.name) is Tier.SSD:
-            total += CpuAdam.state_bytes(sum(shapes.shape(p).numel() for _, p in blk.params))
+            total += CpuAdam.state_bytes([shapes.shape(p) for _, p in blk.params], fmt,
+                                         _keeps_master(fmt, blk.name in streamed))
     return total
 
 
+def _keeps_master(fmt: AdamFormat, streamed: bool) -> bool:
+    """Whether a block's optimizer state holds its master: always, but for a bf16 master of a streamed
+    block (its weights' home, in the compute dtype bf16, is the master)."""
+    return fmt.master == "fp32" or not streamed
+
+
 def _cpu_optimizer(spec: CpuOptimizerSpec, order: list[ExecBlock], trainable: list[ParamBlock],
-                   opt_homes: dict[str, Tier], shapes: _Shapes, lanes, ssd) -> CpuAdam:
-    index = {b.name: b.index for b in order}
-    blocks = [AdamBlock(index[blk.name], blk.name, [shapes.shape(p) for _, p in blk.params],
-                        (lambda ps=blk.params: [shapes.value(p) for _, p in ps]), opt_homes[blk.name])
+                   opt_homes: dict[str, Tier], shapes: _Shapes, lanes, ssd, stores: list) -> CpuAdam:
+    """`stores` holds the weight store once it is made (after the optimizer's states are filled from the
+    model): a bf16 master of a streamed block is read from, and updated at, the store's home."""
+    by_name = {b.name: b for b in order}
+
+    def home_master(blk: ParamBlock):
+        e = by_name[blk.name]
+        if _keeps_master(spec.fmt, e.streamed):
+            return None
+        return lambda: stores[0].read_home(e.index)
+
+    blocks = [AdamBlock(by_name[blk.name].index, blk.name, [shapes.shape(p) for _, p in blk.params],
+                        (lambda ps=blk.params: [shapes.value(p) for _, p in ps]), opt_homes[blk.name],
+                        home_master(blk))
               for blk in trainable if opt_homes[blk.name] is not Tier.DEVICE]
-    return CpuAdam(blocks, spec.make, lanes=lanes, ssd=ssd, on_job=spec.on_job, thread=spec.thread)
+    return CpuAdam(blocks, spec.make, lanes=lanes, ssd=ssd, on_job=spec.on_job, thread=spec.thread, fmt=spec.fmt)
 
 
 def _to_device(model: nn.Module, streamed_ids: set[int], device: torch.device) -> int:
@@ -303,13 +325,17 @@ def build(plan: Plan, model: nn.Module, lanes, *, zo_momentum: bool = False,
             if [id(p) for _, p in u.params] != by_name.get(u.name):
                 raise UnsupportedPlan(f"{u.name}: its parameters are not all trained; stream it only with LoRA")
     momentum = zo_momentum and not first_order
-    need_bytes = _ssd_bytes(units, shapes, momentum, opt_homes, trainable)
+    fmt = cpu_optimizer.fmt if first_order else AdamFormat()
+    if first_order and fmt.master == "bf16" and compute_dtype != torch.bfloat16:
+        raise UnsupportedPlan(f"a bf16 master is the bfloat16 weight itself; the plan computes in {plan.compute_dtype}")
+    need_bytes = _ssd_bytes(units, shapes, momentum, opt_homes, trainable, fmt)
     ssd = SsdStore(plan.swap_dir, need_bytes) if need_bytes else None
     cpu = None
+    stores: list = []
     try:
         arena = DeviceArena(lanes.device, plan.device_budget_bytes)
         if first_order:
-            cpu = _cpu_optimizer(cpu_optimizer, order, trainable, opt_homes, shapes, lanes, ssd)
+            cpu = _cpu_optimizer(cpu_optimizer, order, trainable, opt_homes, shapes, lanes, ssd, stores)
         streamed_ids = {id(p) for u in units for _, p in u.params}
         resident_bytes = _to_device(model, streamed_ids, lanes.device)
         homes, moms = {}, {}
@@ -322,6 +348,7 @@ def build(plan: Plan, model: nn.Module, lanes, *, zo_momentum: bool = False,
         store = WeightStore(units, lanes=lanes, arena=arena, slots=plan.device_buffers, ssd=ssd, pin=pin,
                             source=shapes.source)
         store.ops = ops
+        stores.append(store)
         if shapes.source is not None:
             shapes.source.close()  # every streamed weight is at its home now
         mstore = None

@@ -1,10 +1,14 @@
 """The CPU side of offloaded first-order training: per-block AdamW states and the worker that updates them.
 
-Engine stage (Fuyou's out-of-core CPU optimizer). Each trainable block keeps fp32 master weights and
+Engine stage (Fuyou's out-of-core CPU optimizer). Each trainable block keeps its master weights and
 AdamW's moments m, v at its optimizer home: host RAM, or an SSD file that is read ahead of the
-block's update and written behind it through the engine's SsdStore. One worker thread runs torch's
-own optimizer (the trainer builds it, e.g. fused CPU AdamW) on one block at a time, in the order
-the trainer submits blocks, while the device computes other blocks. No CUDA here: the worker waits
+block's update and written behind it through the engine's SsdStore. In the default format the
+master is fp32 and the moments fp32 (torch's fused AdamW runs on them); compact formats
+(kernels/adamw.py) keep 8-bit moments, and/or a bf16 master: for a streamed block that is the
+weights' own home (AdamBlock.home_master), so no copy of the weights sits at the optimizer home.
+One worker thread runs the block's optimizer (the trainer builds it: torch's fused CPU AdamW, or the
+compact one) on one block at a time, in the order the trainer submits blocks, while the device
+computes other blocks. No CUDA here: the worker waits
 for gradient copies through `Lanes.host_wait` and hands the new weights to a `publish` callback.
 
 Where the device is the CPU itself there is nothing to overlap the optimizer with: its cores are the
@@ -28,6 +32,7 @@ from typing import Any, Callable
 
 import torch
 
+from fuyoucli.kernels.adamw import AdamFormat
 from fuyoucli.engine.flat import views_of
 from fuyoucli.engine.lanes import Mark
 from fuyoucli.engine.tiers import ALIGN, SsdStore, aligned_host
@@ -85,6 +90,10 @@ class AdamBlock:
     initial: Callable[[], list[torch.Tensor]]
     home: Tier
     """PINNED, PAGEABLE or DEVICE (host RAM: a CPU run's device) keep the state in memory; SSD in a file."""
+    home_master: Callable[[], torch.Tensor] | None = None
+    """bf16 master only: the block's weights at their home, flat (the store's own home tensor, or a
+    fresh read of its file), which the update changes and publishes back. None: the state keeps the
+    master (fp32, or the bf16 copy of a block whose weights stay on the device)."""
 
 
 @dataclass
@@ -107,11 +116,57 @@ class _State:
     optimizer: torch.optim.Optimizer
     steps: list[torch.Tensor]
     buffer: torch.Tensor | None
-    """[master | m | v], fp32, 3 * numel, for states homed in memory."""
+    """The state's bytes (state_layout), for states homed in memory."""
+    layout: list[tuple[str, torch.dtype, list[int]]]
+    home_master: Callable[[], torch.Tensor] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return layout_bytes(self.layout)
 
 
 def _aligned(nbytes: int) -> int:
     return -(-nbytes // ALIGN) * ALIGN
+
+
+def state_layout(shapes: list[torch.Size], fmt: AdamFormat,
+                 keeps_master: bool) -> list[tuple[str, torch.dtype, list[int]]]:
+    """One block's state as segments (key, dtype, numel per tensor), end to end, widest dtype first
+    (so every segment starts aligned to its dtype). 'param' is the master when the state keeps it;
+    the default format's is [master | m | v] in fp32."""
+    numels = [s.numel() for s in shapes]
+    segs = [("param", fmt.master_dtype, numels)] if keeps_master else []
+    parts = [fmt.state_parts(n) for n in numels]
+    for i, (key, dtype, _) in enumerate(parts[0] if parts else []):
+        segs.append((key, dtype, [p[i][2] for p in parts]))
+    return sorted(segs, key=lambda seg: -seg[1].itemsize)
+
+
+def layout_bytes(layout: list[tuple[str, torch.dtype, list[int]]]) -> int:
+    return sum(sum(numels) * dtype.itemsize for _, dtype, numels in layout)
+
+
+def _joined(views: list[torch.Tensor]) -> torch.Tensor:
+    """The one flat tensor that consecutive views of a segment (_segments) are parts of."""
+    if not views:
+        return torch.empty(0)
+    first, total = views[0], sum(v.numel() for v in views)
+    return first.as_strided((total,), (1,), first.storage_offset())
+
+
+def _segments(raw: torch.Tensor, layout) -> dict[str, list[torch.Tensor]]:
+    """Per key, one flat view per tensor of the state bytes `raw` (uint8)."""
+    out, offset = {}, 0
+    for key, dtype, numels in layout:
+        nbytes = sum(numels) * dtype.itemsize
+        seg = raw[offset: offset + nbytes].view(dtype)
+        views, at = [], 0
+        for n in numels:
+            views.append(seg[at: at + n])
+            at += n
+        out[key] = views
+        offset += nbytes
+    return out
 
 
 class CpuAdam:
@@ -126,15 +181,18 @@ class CpuAdam:
     STATE_KEYS = ("exp_avg", "exp_avg_sq")
 
     @staticmethod
-    def state_bytes(numel: int) -> int:
-        """Bytes of one block's state at its home: fp32 master weights, m and v ([master | m | v])."""
-        return 3 * 4 * numel
+    def state_bytes(shapes: list[torch.Size], fmt: AdamFormat = AdamFormat(), keeps_master: bool = True) -> int:
+        """Bytes of one block's state at its home (state_layout): the default format's fp32 master, m
+        and v are 12 per parameter; bf16 master at home and 8-bit moments, about 2."""
+        return layout_bytes(state_layout(list(shapes), fmt, keeps_master))
     TRACE_CAP = 100_000
 
-    def __init__(self, blocks: list[AdamBlock], make_optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer],
+    def __init__(self, blocks: list[AdamBlock], make_optimizer: Callable[..., torch.optim.Optimizer],
                  *, lanes, ssd: SsdStore | None, read_ahead: int = 1,
-                 on_job: Callable[[int], None] | None = None, thread: bool = True):
-        self.lanes, self.ssd, self.read_ahead, self.on_job = lanes, ssd, read_ahead, on_job
+                 on_job: Callable[[int], None] | None = None, thread: bool = True, fmt: AdamFormat = AdamFormat()):
+        """`make_optimizer(tensors, key)` builds one block's optimizer: torch's AdamW for the default
+        format, CompactAdamW (seeded with the block's key) for the others."""
+        self.lanes, self.ssd, self.read_ahead, self.on_job, self.fmt = lanes, ssd, read_ahead, on_job, fmt
         self.trace: list[tuple[str, int, float, float]] = []
         """(what, block key, start, end) in perf_counter seconds: 'job' (a whole update, waits included),
         'adam' and 'norms' (the worker's arithmetic), 'read' / 'write' (SSD states). Drained by
@@ -151,12 +209,12 @@ class CpuAdam:
         on_ssd = [b for b in blocks if b.home is Tier.SSD]
         if on_ssd and ssd is None:
             raise ValueError("optimizer states homed on SSD need an SsdStore")
-        ssd_numel = max((sum(x.numel() for x in b.shapes) for b in on_ssd), default=0)
+        ssd_bytes = max((self.state_bytes(b.shapes, fmt, b.home_master is None) for b in on_ssd), default=0)
         # Read ahead, updating, writing behind: with these many buffers a read never waits for the
         # update it precedes, and a write only holds back the read `read_ahead + 1` blocks later.
         self._free: queue.Queue = queue.Queue()
         for _ in range(read_ahead + 2 if on_ssd else 0):
-            self._free.put(aligned_host(self.state_bytes(ssd_numel)))
+            self._free.put(aligned_host(ssd_bytes))
         self._reads: dict[int, tuple[Future, torch.Tensor]] = {}
         self._writes: set[Future] = set()
         self._order: list[int] = []
@@ -171,24 +229,29 @@ class CpuAdam:
     def _add(self, b: AdamBlock, make_optimizer) -> None:
         shapes = list(b.shapes)
         n = sum(s.numel() for s in shapes)
-        if b.home is Tier.SSD:
-            buf = aligned_host(self.state_bytes(n))
-            flat = buf[: self.state_bytes(n)].view(torch.float32)
+        if b.home_master is not None and self.fmt.master == "fp32":
+            raise ValueError("only a bf16 master lives at the weights' home")
+        layout = state_layout(shapes, self.fmt, b.home_master is None)
+        nbytes = layout_bytes(layout)
+        whole = aligned_host(nbytes) if b.home is Tier.SSD else torch.empty(nbytes, dtype=torch.uint8)
+        whole.zero_()  # moments (and 8-bit codes and scales) of 0
+        raw = whole[:nbytes]
+        segs = _segments(raw, layout)
+        if "param" in segs:
+            for view, t in zip(segs["param"], b.initial()):
+                view.copy_(t.detach().reshape(-1))  # as the reference: p.detach().float()
+            proxies = [v.view(s) for v, s in zip(segs["param"], shapes)]
         else:
-            flat = torch.empty(3 * n, dtype=torch.float32)
-        master = flat[:n]
-        for view, t in zip(views_of(master, shapes), b.initial()):
-            view.copy_(t.detach())  # as the reference: p.detach().float()
-        flat[n:].zero_()
-        proxies = views_of(master, shapes)
-        optimizer = make_optimizer(proxies)
+            proxies = [torch.empty(s, dtype=self.fmt.master_dtype) for s in shapes]
+        optimizer = make_optimizer(proxies, b.key)
         state = _State(b.key, b.name, shapes, n, b.home, proxies, optimizer,
                        steps=[torch.zeros((), dtype=torch.float32) for _ in shapes],
-                       buffer=None if b.home is Tier.SSD else flat)
+                       buffer=None if b.home is Tier.SSD else raw, layout=layout, home_master=b.home_master)
         if b.home is Tier.SSD:
-            self.ssd.write_sync(self._key(b.key), buf)
-            for p in proxies:  # the file is the state's home; the proxies are bound per update
-                p.data = torch.empty(0)
+            self.ssd.write_sync(self._key(b.key), whole)
+        if b.home is Tier.SSD or "param" not in segs:
+            for p in proxies:  # the state's home is elsewhere; the proxies are bound per update
+                p.data = torch.empty(0, dtype=p.dtype)
         self.states[b.key] = state
 
     @staticmethod
@@ -235,7 +298,7 @@ class CpuAdam:
 
     def _read(self, key: int, buf: torch.Tensor) -> None:
         t0 = time.perf_counter()
-        nbytes = _aligned(self.state_bytes(self.states[key].numel))
+        nbytes = _aligned(self.states[key].nbytes)
         self.ssd.read_sync(self._key(key), buf[:nbytes])
         self._record("read", key, t0, time.perf_counter())
         with self._lock:
@@ -244,7 +307,7 @@ class CpuAdam:
     def _write(self, key: int, buf: torch.Tensor) -> None:
         try:
             t0 = time.perf_counter()
-            nbytes = _aligned(self.state_bytes(self.states[key].numel))
+            nbytes = _aligned(self.states[key].nbytes)
             self.ssd.write_sync(self._key(key), buf[:nbytes])
             self._record("write", key, t0, time.perf_counter())
             with self._lock:
@@ -258,7 +321,7 @@ class CpuAdam:
             fut.result()  # re-raises a failed write (disk full...) on the trainer's thread
 
     def _buffer(self, st: _State) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The block's [master | m | v] in memory, and the SSD staging buffer it sits in (or None)."""
+        """The block's state bytes in memory (state_layout), and the SSD staging buffer they sit in (or None)."""
         if st.home is not Tier.SSD:
             return st.buffer, None
         if st.key in self._order:
@@ -270,7 +333,7 @@ class CpuAdam:
         fut.result()
         if st.key in self._order:  # the next reads go out while this block updates
             self._read_up_to(self._order.index(st.key) + 1 + self.read_ahead)
-        return buf[: self.state_bytes(st.numel)].view(torch.float32), buf
+        return buf[: st.nbytes], buf
 
     # -- the jobs --------------------------------------------------------------------------------------
 
@@ -309,7 +372,7 @@ class CpuAdam:
     def update(self, key: int, grads: HostGrads, *, lr: float, publish: Callable[[torch.Tensor], Any],
                inv_scale: float = 1.0, coef: float | None = None, want_norms: bool = False) -> Future:
         """Run the optimizer on block `key` from `grads` (clipped by `coef` when given), then call
-        `publish(master_fp32_flat)` on the worker; the Future holds an UpdateResult.
+        `publish(master_flat)` (fp32, or the bf16 master) on the worker; the Future holds an UpdateResult.
 
         With `want_norms`, a block whose gradients are not finite is left as it is (skipped=True)."""
         return self._worker.submit(self._update, key, grads, lr, publish, inv_scale, coef, want_norms)
@@ -330,7 +393,8 @@ class CpuAdam:
             if grads.ready is not None:
                 self.lanes.host_wait(grads.ready)
             grads.keep_alive.clear()
-            flat, staging = self._buffer(st)
+            raw, staging = self._buffer(st)
+            segs = _segments(raw, st.layout)
             t0 = time.perf_counter()
             gs = self._fp32(st, grads, inv_scale)
             norms = [None if g is None else torch.linalg.vector_norm(g) for g in gs] if want_norms else None
@@ -342,31 +406,52 @@ class CpuAdam:
                 for g in gs:
                     if g is not None:
                         g.mul_(coef)
-            n = st.numel
-            masters, ms, vs = views_of(flat[:n], st.shapes), views_of(flat[n: 2 * n], st.shapes), \
-                views_of(flat[2 * n:], st.shapes)
-            for p, g, w, m, v, step in zip(st.proxies, gs, masters, ms, vs, st.steps):
-                p.data = w
-                p.grad = g
-                st.optimizer.state[p] = {"step": step, self.STATE_KEYS[0]: m, self.STATE_KEYS[1]: v}
+            master = self._master(st, segs)
+            self._bind(st, master, segs)
             for group in st.optimizer.param_groups:
                 group["lr"] = lr
-            st.optimizer.step()
-            for p in st.proxies:
-                p.grad = None
+            if self.fmt.default:
+                for p, g in zip(st.proxies, gs):
+                    p.grad = g
+                st.optimizer.step()
+                for p in st.proxies:
+                    p.grad = None
+            else:  # a bf16 proxy cannot hold fp32 gradients: they go in beside it
+                st.optimizer.step(grads={id(p): g for p, g in zip(st.proxies, gs)})
             grads.done()
             t1 = time.perf_counter()
             self._record("adam", key, t0, t1)
-            published = publish(flat[:n])
-            if staging is not None:
+            published = publish(master)
+            if staging is not None or "param" not in segs:
                 for p in st.proxies:
-                    p.data = torch.empty(0)
+                    p.data = torch.empty(0, dtype=p.dtype)
+            if staging is not None:
                 self._writes.add(self.ssd.submit(self._write, key, staging))
             self.busy_s += t1 - t0
             return UpdateResult(norms, published)
         finally:
             grads.done()
             self._record("job", key, start, time.perf_counter())
+
+    def _master(self, st: _State, segs: dict[str, list[torch.Tensor]]) -> torch.Tensor:
+        """The block's master weights, flat: in the state, or (bf16 master) at the weights' home."""
+        if st.home_master is None:
+            return _joined(segs["param"])
+        master = st.home_master()
+        if master.numel() != st.numel or master.dtype != self.fmt.master_dtype:
+            raise RuntimeError(f"{st.name}: its home holds {master.numel()} {master.dtype} weights, "
+                               f"the optimizer expects {st.numel} {self.fmt.master_dtype}")
+        return master
+
+    def _bind(self, st: _State, master: torch.Tensor, segs: dict[str, list[torch.Tensor]]) -> None:
+        """Point the block's optimizer at this update's master and moments (views, no copies)."""
+        for i, (p, w, step) in enumerate(zip(st.proxies, views_of(master, st.shapes), st.steps)):
+            p.data = w
+            state = {"step": step}
+            for key, views in segs.items():
+                if key != "param":
+                    state[key] = views[i].view(st.shapes[i]) if views[i].numel() == w.numel() else views[i]
+            st.optimizer.state[p] = state
 
     def _record(self, what: str, key: int, t0: float, t1: float) -> None:
         with self._lock:
@@ -391,15 +476,21 @@ class CpuAdam:
         if self._error is not None:
             raise self._error
 
+    def _raw(self, st: _State) -> torch.Tensor:
+        """A copy of block st's state bytes, read from its home (the worker is idle: after drain())."""
+        if st.home is not Tier.SSD:
+            return st.buffer.clone()
+        buf = aligned_host(st.nbytes)
+        self.ssd.read_sync(self._key(st.key), buf)
+        return buf[: st.nbytes].clone()
+
     def master(self, key: int) -> torch.Tensor:
-        """Block `key`'s fp32 master weights (flat copy), read from its home."""
+        """Block `key`'s master weights (flat copy: fp32, or the bf16 master), read from its home."""
         self.drain()
         st = self.states[key]
-        if st.home is not Tier.SSD:
-            return st.buffer[: st.numel].clone()
-        buf = aligned_host(self.state_bytes(st.numel))
-        self.ssd.read_sync(self._key(key), buf)
-        return buf[: st.numel * 4].view(torch.float32).clone()
+        if st.home_master is not None:
+            return st.home_master().clone()
+        return _joined(_segments(self._raw(st), st.layout)["param"]).clone()
 
     def close(self) -> None:
         """Stop: jobs still queued end at once with Closed, a job waiting for a staging buffer too. (Not
@@ -415,32 +506,40 @@ class CpuAdam:
 
     # -- checkpoints ----------------------------------------------------------------------------------
 
-    def state_tensors(self, key: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Block `key`'s [master | exp_avg | exp_avg_sq] (fp32, flat copy, read from its home) and its
-        per-tensor step counts, once every queued update is done."""
+    def state_parts(self, key: int) -> tuple[dict[str, list[torch.Tensor]], list[torch.Tensor]]:
+        """Block `key`'s state as it is stored, once every queued update is done: per key ('param': the
+        master, 'exp_avg', 'exp_avg_sq', and with 8-bit moments their '_scale's) one flat tensor per
+        parameter, in the format's own dtypes (8-bit codes stay 8-bit); and the per-tensor step counts."""
         self.drain()
         st = self.states[key]
-        n3 = 3 * st.numel
-        if st.home is not Tier.SSD:
-            flat = st.buffer[:n3].clone()
-        else:
-            buf = aligned_host(n3 * 4)
-            self.ssd.read_sync(self._key(key), buf)
-            flat = buf[: n3 * 4].view(torch.float32).clone()
-        return flat, [s.clone() for s in st.steps]
+        parts = _segments(self._raw(st), st.layout)
+        if st.home_master is not None:
+            flat = [torch.Size([s.numel()]) for s in st.shapes]
+            parts["param"] = [v.clone() for v in views_of(st.home_master(), flat)]
+        return parts, [s.clone() for s in st.steps]
 
-    def load_state_tensors(self, key: int, flat: torch.Tensor, steps: list[torch.Tensor]) -> None:
-        """Replace block `key`'s state (the layout state_tensors returns), at its home."""
+    def load_state_parts(self, key: int, parts: dict[str, list[torch.Tensor]], steps: list[torch.Tensor]) -> None:
+        """Replace block `key`'s state (state_parts' layout; 'param' is ignored where the master is the
+        weights' home, which the caller restores), at its home."""
         self.drain()
         st = self.states[key]
-        n3 = 3 * st.numel
-        if flat.numel() != n3:
-            raise ValueError(f"{st.name}: {flat.numel()} state values given, the block has {n3}")
+        raw = self._raw(st)
+        segs = _segments(raw, st.layout)
+        for name, views in segs.items():
+            given = parts.get(name)
+            if given is None or len(given) != len(views):
+                raise ValueError(f"{st.name}: no {name} state given for each of its {len(views)} tensors")
+            for view, value in zip(views, given):
+                if value.numel() != view.numel():
+                    raise ValueError(f"{st.name}: {value.numel()} {name} values given, the tensor has {view.numel()}")
+                if name != "param" and value.dtype != view.dtype:  # another state format's: not convertible
+                    raise ValueError(f"{st.name}: {name} given as {value.dtype}, the state keeps {view.dtype}")
+                view.copy_(value.reshape(-1))
         if st.home is not Tier.SSD:
-            st.buffer[:n3].copy_(flat)
+            st.buffer.copy_(raw)
         else:
-            buf = aligned_host(n3 * 4)
-            buf[: n3 * 4].view(torch.float32).copy_(flat)
+            buf = aligned_host(st.nbytes)
+            buf[: st.nbytes].copy_(raw)
             self.ssd.write_sync(self._key(key), buf)
         for s, value in zip(st.steps, steps):
             s.copy_(value)

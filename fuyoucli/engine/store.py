@@ -324,6 +324,18 @@ class WeightStore:
             return buf[: u.numel * self.dtype.itemsize].view(self.dtype).clone()
         return u.host.clone()
 
+    def read_home(self, b: int) -> torch.Tensor:
+        """Block b's flat weights at home, for the one job that updates them in place of a master (the
+        CPU optimizer's, with a bf16 master): the home tensor itself for a host home, a fresh read of
+        the file for an SSD one. No settle: that job is what a settle would wait for, and the
+        schedule let it run only after the block's last fetch and its previous write home."""
+        u = self.units[b]
+        if u.home is not Tier.SSD:
+            return u.host
+        buf = aligned_host(u.numel * self.dtype.itemsize)
+        self.ssd.read_sync(self._key(u), buf)
+        return buf[: u.numel * self.dtype.itemsize].view(self.dtype)
+
     def set_home_weights(self, b: int, flat: torch.Tensor) -> None:
         """Replace block b's home copy with `flat` (host memory, block b's numel, any float dtype), and
         wait until it is there (loading a checkpoint)."""

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from fuyoucli.errors import InputError
 from fuyoucli.hardware.profile import (
-    ASSUMED_CONTEXT_BYTES, SCHEMA_VERSION, BandwidthCurve, BandwidthPoint, ComputeDevice, Disk, DiskPoint, ElementwisePoint,
-    HardwareProfile, Host, Links, MatmulPoint, MatmulRates, Provenance,
+    ASSUMED_CONTEXT_BYTES, SCHEMA_VERSION, AdamRate, BandwidthCurve, BandwidthPoint, ComputeDevice, Disk,
+    DiskPoint, ElementwisePoint, HardwareProfile, Host, Links, MatmulPoint, MatmulRates, Provenance,
 )
 
 GB, GIB, MIB = 10**9, 1 << 30, 1 << 20
@@ -20,6 +20,10 @@ TFLOPS = 1e12
 # params/s per core on a small VM (fuyou's own probe measured 0.7-0.8 on one core of a Xeon VM).
 ADAMW_BYTES_PER_PARAM = 28
 ADAMW_PER_CORE_PARAMS_PER_S = 0.8e9
+# The compact-state AdamW (kernels/adamw.py: a few elementwise passes per value in cache-sized chunks,
+# compute bound, so it scales with cores), per core, as fuyou's probe measured it on one core of a
+# 2-core EPYC VM where fused fp32 AdamW ran at 1.7-1.8 G params/s: (method.states, method.master) -> rate.
+COMPACT_ADAMW_PER_CORE_PARAMS_PER_S = {("int8", "fp32"): 0.22e9, ("fp32", "bf16"): 0.21e9, ("int8", "bf16"): 0.13e9}
 # Assumptions, not sourced: a STREAM-style copy reaches ~70% of DRAM's theoretical bandwidth;
 # pageable copies reach ~half the pinned rate; with both directions busy each keeps ~80%.
 DRAM_EFFICIENCY = 0.7
@@ -185,8 +189,10 @@ def _build(name: str, box: _Box) -> HardwareProfile:
         pinned_probe_capped=False, dram_copy_gbps=dram_copy_gbps,
         adamw_impl="torch.optim.AdamW(fused=True)", adamw_1thread_params_per_s=ADAMW_PER_CORE_PARAMS_PER_S,
         adamw_all_threads_params_per_s=adamw_all, adamw_threads=box.cores,
+        adamw_compact=tuple(AdamRate(st, ma, box.cores * rate)
+                            for (st, ma), rate in COMPACT_ADAMW_PER_CORE_PARAMS_PER_S.items()),
         note="preset: RAM available and pinnable assumed 90% / 80% of total; AdamW from the per-core rate "
-             "capped by DRAM copy bandwidth / 28 bytes per parameter",
+             "capped by DRAM copy bandwidth / 28 bytes per parameter; compact-state AdamW per core, uncapped",
     )
     nvme = "md RAID0 of %d NVMe Gen4" % box.nvme_count if box.nvme_count > 1 else "NVMe Gen4"
     disk = Disk(

@@ -27,8 +27,8 @@ from fuyoucli.hardware import hostinfo
 from fuyoucli.hardware.interference import measure_burst_loss, measure_io_loss
 from fuyoucli.hardware.llama_layer import llama_layer
 from fuyoucli.hardware.profile import (
-    SCHEMA_VERSION, BandwidthCurve, BandwidthPoint, ComputeDevice, Disk, ElementwisePoint, HardwareProfile, Host,
-    LayerPoint, Links, MatmulPoint, MatmulRates, Provenance,
+    SCHEMA_VERSION, AdamRate, BandwidthCurve, BandwidthPoint, ComputeDevice, Disk, ElementwisePoint,
+    HardwareProfile, Host, LayerPoint, Links, MatmulPoint, MatmulRates, Provenance,
 )
 
 MIB, GIB = 1 << 20, 1 << 30
@@ -122,6 +122,10 @@ def probe(disks: Sequence[str | Path] = (".",), *, quick: bool = False, on_step:
     step("AdamW 1 thread", lambda: measure_adamw(spec.adamw_params, 1, spec.adamw_time_s), "adam1")
     step(f"AdamW {all_threads} threads",
          lambda: measure_adamw(spec.adamw_params, all_threads, spec.adamw_time_s), "adamN")
+    for states, master in COMPACT_FORMATS:
+        step(f"AdamW {states} moments, {master} master, {all_threads} threads",
+             lambda st=states, ma=master: measure_compact_adamw(spec.adamw_params, all_threads, spec.adamw_time_s,
+                                                                st, ma), f"adam_{states}_{master}")
     step("computing beside bursts of other work", lambda: measure_burst_loss(spec), "burst")
 
     for index, (label, run) in enumerate(steps):
@@ -576,6 +580,39 @@ def measure_adamw(n_params: int, threads: int, min_time_s: float) -> tuple[float
     return 4 * (n_params // 4) / s, impl
 
 
+COMPACT_FORMATS = (("int8", "fp32"), ("fp32", "bf16"), ("int8", "bf16"))
+"""The compact AdamW formats (method.states, method.master) whose CPU rate the profile measures."""
+
+
+def measure_compact_adamw(n_params: int, threads: int, min_time_s: float, states: str, master: str) -> float:
+    """Parameters per second of the compact-state AdamW the engine runs (kernels/adamw.py) on `threads`
+    threads, on tensors like measure_adamw's."""
+    import torch
+
+    from fuyoucli.kernels.adamw import AdamFormat, CompactAdamW
+    from fuyoucli.kernels.rounding import stochastic_round_
+
+    class _Round:
+        gen = torch.Generator().manual_seed(1)
+
+        def store(self, dst, src32):
+            return stochastic_round_(dst, src32, self.gen)
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        dtype = torch.float32 if master == "fp32" else torch.bfloat16
+        params = [torch.randn(n_params // 4, generator=gen).to(dtype) for _ in range(4)]
+        grads = {id(p): torch.randn(p.shape, generator=gen) for p in params}
+        opt = CompactAdamW(params, fmt=AdamFormat(states, master), lr=1e-4, betas=(0.9, 0.999), eps=1e-8,
+                           weight_decay=0.01, rounding=lambda step, device, stream: _Round())
+        s = seconds_per_call(lambda: opt.step(grads=grads), lambda: None, min_time_s)
+    finally:
+        torch.set_num_threads(old)
+    return 4 * (n_params // 4) / s
+
+
 def _host(results: dict[str, object], all_threads: int) -> Host:
     import psutil
 
@@ -592,6 +629,7 @@ def _host(results: dict[str, object], all_threads: int) -> Host:
         pinned_allocatable_bytes=pinned, pinned_probe_capped=capped, dram_copy_gbps=results["dram"],
         adamw_impl=impl, adamw_1thread_params_per_s=rate1, adamw_all_threads_params_per_s=rate_all,
         adamw_threads=all_threads, note=note, burst_compute_loss=results["burst"],
+        adamw_compact=tuple(AdamRate(st, ma, results[f"adam_{st}_{ma}"]) for st, ma in COMPACT_FORMATS),
     )
 
 

@@ -244,6 +244,18 @@ class Links:
 
 
 @dataclass(frozen=True)
+class AdamRate:
+    """The CPU AdamW's rate in one state format (method.states, method.master), on adamw_threads threads."""
+
+    states: str
+    master: str
+    params_per_s: float
+
+    def __post_init__(self) -> None:
+        _require(self.params_per_s > 0, "adamw rates must be > 0")
+
+
+@dataclass(frozen=True)
 class Host:
     """CPU, RAM and the CPU optimizer rate. dram_copy_gbps counts bytes read + written (as STREAM's
     Copy does), so it compares directly with AdamW's ~28 bytes moved per parameter."""
@@ -266,6 +278,15 @@ class Host:
     """Seconds a torch computation on the host loses per second of work another thread does in
     bursts (an engine's CPU optimizer worker, its SSD staging copies): beyond the work itself, what
     waking and sharing the cores costs. ~0 on an idle many-core host; several on a busy 2-core VM."""
+    adamw_compact: tuple[AdamRate, ...] = ()
+    """The compact-state AdamW's rate (kernels/adamw.py) for each format but fp32/fp32; empty in a
+    profile measured before these formats existed."""
+
+    def adamw_rate(self, states: str, master: str) -> float | None:
+        """Parameters per second of the CPU AdamW in a state format (all threads); None: not measured."""
+        if (states, master) == ("fp32", "fp32"):
+            return self.adamw_all_threads_params_per_s
+        return next((r.params_per_s for r in self.adamw_compact if (r.states, r.master) == (states, master)), None)
 
     def __post_init__(self) -> None:
         _require(self.physical_cores >= 1 and self.logical_cores >= self.physical_cores,

@@ -91,3 +91,13 @@ def block_generator(device: torch.device, seed: int) -> torch.Generator:
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     return gen
+
+
+def execution_index(name: str, n_layers: int) -> int:
+    """A block's position in a pass (0 embed, 1..n_layers the layers, n_layers + 1 head): the number the
+    streamed engines key a block by, and the block of a block_seed."""
+    if name == "embed":
+        return 0
+    if name == "head":
+        return n_layers + 1
+    return int(name.split(".", 1)[1]) + 1

@@ -103,6 +103,7 @@ def _changes(wl: Workload, machine: Machine, opts: Options, over: set[str]) -> l
     if not opts.swap_dir and machine.disk_read_bps > 0 and over & ram:
         tries.append((f"set offload.swap_dir to a folder on {machine.disk_path} "
                       f"({fmt_bytes(machine.disk_free_bytes)} free)", {}, {"swap_dir": machine.disk_path}))
+    tries += compact_state_changes(wl, machine)
     if not wl.lora:
         tries.append(("use peft.type: lora", {"lora": True}, {}))
     if wl.method == "adamw":
@@ -114,6 +115,26 @@ def _changes(wl: Workload, machine: Machine, opts: Options, over: set[str]) -> l
     if wl.seq_len > 256:
         tries.append((f"lower data.max_length to {wl.seq_len // 2}", {"seq_len": wl.seq_len // 2}, {}))
     return tries
+
+
+def compact_state_changes(wl: Workload, machine: Machine) -> list[Change]:
+    """First-order full training: the compact AdamW formats not yet in use (8-bit moments; a bf16 master
+    when the model computes in bf16), whose CPU rate the machine's profile measured."""
+    if wl.method != "adamw" or wl.lora:
+        return []
+    out: list[Change] = []
+    for states, master in (("int8", wl.adam_master), (wl.adam_states, "bf16"), ("int8", "bf16")):
+        if (states, master) == (wl.adam_states, wl.adam_master):
+            continue
+        if master == "bf16" and wl.compute_dtype != "bfloat16":
+            continue
+        if machine.adam_params_per_s(states, master) <= 0 or any(c[1] == {"adam_states": states, "adam_master": master}
+                                                                  for c in out):
+            continue
+        said = " and ".join(f"method.{k}: {v}" for k, v, old in (("states", states, wl.adam_states),
+                                                                 ("master", master, wl.adam_master)) if v != old)
+        out.append((f"use {said}", {"adam_states": states, "adam_master": master}, {}))
+    return out
 
 
 def _smaller_batches(wl: Workload) -> list[Change]:

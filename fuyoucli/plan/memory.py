@@ -84,14 +84,23 @@ def home_bytes(inv: ModelInventory, wl: Workload, home_dtype: str) -> list[int]:
     return out
 
 
-def optimizer_bytes_per_param(wl: Workload, home: Tier | None = None) -> int:
-    """First-order AdamW state bytes per trainable parameter at its home. Off the device (the CPU
-    worker's states, engine/optimizer.py): fp32 master, m and v, 12 bytes whatever the compute dtype
-    (the weights' home keeps its own compute-dtype copy). On the device (torch's AdamW on the
-    parameters themselves): m + v, plus an fp32 master copy when the weights are not fp32."""
+# 8-bit moments (kernels/adamw.py): a byte per value and a 4-byte scale per block of 256, for m and v.
+INT8_MOMENT_BYTES = 2 * (1 + 4 / 256)
+
+
+def optimizer_bytes_per_param(wl: Workload, home: Tier | None = None, streamed: bool = True) -> float:
+    """First-order AdamW state bytes per trainable parameter at its home: the moments (fp32: 8; int8:
+    INT8_MOMENT_BYTES) and the master. Off the device (the CPU worker's states, engine/optimizer.py):
+    an fp32 master (4) whatever the compute dtype (the weights' home keeps its own compute-dtype copy);
+    a bf16 master of a streamed block is that home itself (0), of a resident one a host copy (2). On
+    the device (the optimizer on the parameters themselves): an fp32 master copy only when the
+    weights are not fp32 and the master is."""
+    moments = 8 if wl.adam_states == "fp32" else INT8_MOMENT_BYTES
     if home is Tier.DEVICE:
-        return 8 + (4 if DTYPE_BYTES[wl.compute_dtype] != 4 else 0)
-    return 12
+        return moments + (4 if DTYPE_BYTES[wl.compute_dtype] != 4 and wl.adam_master == "fp32" else 0)
+    if wl.adam_master == "bf16":
+        return moments + (0 if streamed else 2)
+    return moments + 4
 
 
 @dataclass(frozen=True)
@@ -206,7 +215,6 @@ def _homes(inv: ModelInventory, wl: Workload, pl: Placement, blocks: BlockBytes,
     gradients that go to a host optimizer (they pass through device and pinned buffers)."""
     first_order_full = wl.method != "zo2" and not wl.lora
     zo_full = wl.method == "zo2" and not wl.lora
-    states_off_device = optimizer_bytes_per_param(wl)
     states_on_device = optimizer_bytes_per_param(wl, Tier.DEVICE)
     gradient_buffer = 0
     for i, s in enumerate(inv.blocks):
@@ -222,9 +230,10 @@ def _homes(inv: ModelInventory, wl: Workload, pl: Placement, blocks: BlockBytes,
         else:
             host.ssd += blocks.home[i]
         if first_order_full and s.trainable_params:
-            states = s.trainable_params * states_off_device
+            states = int(s.trainable_params * optimizer_bytes_per_param(wl, streamed=weights_home is not Tier.DEVICE))
             if optimizer_home is Tier.DEVICE:
-                parts["optimizer on device"] += s.trainable_params * (states_on_device + 4)  # states + fp32 gradient
+                # states + fp32 gradient
+                parts["optimizer on device"] += int(s.trainable_params * (states_on_device + 4))
             elif optimizer_home is Tier.SSD:
                 host.ssd += states
             else:
@@ -251,8 +260,9 @@ def _streaming_buffers(inv: ModelInventory, wl: Workload, pl: Placement, blocks:
         if not cpu and any(pl.weights_home[i] in (Tier.SSD, Tier.PAGEABLE) for i in streamed):
             host.pool += (depth + 1 + (1 if writeback or not zo else 0)) * largest  # host staging
     if not zo and not wl.lora:
-        per_param = optimizer_bytes_per_param(wl)
-        on_ssd = [s.trainable_params * per_param for i, s in enumerate(inv.blocks) if pl.optimizer_home[i] is Tier.SSD]
+        on_ssd = [int(s.trainable_params * optimizer_bytes_per_param(
+                      wl, streamed=pl.weights_home[i] is not Tier.DEVICE))
+                  for i, s in enumerate(inv.blocks) if pl.optimizer_home[i] is Tier.SSD]
         if on_ssd:
             host.pageable += 3 * max(on_ssd)  # read-ahead, updating, writing back
         if gradient_buffer:

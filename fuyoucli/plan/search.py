@@ -67,7 +67,7 @@ class _Search:
         resident.update(self.layers[len(self.layers) - n_res:] if n_res else [])
         streamed = [i for i in range(self.n) if i not in resident]
         largest_streamed = max((block_home_bytes[i] for i in streamed), default=0)
-        states_per_param = 0 if (self.zo or wl.lora) else optimizer_bytes_per_param(wl)
+        states_per_param = 0 if (self.zo or wl.lora) else optimizer_bytes_per_param(wl)  # (a streamed block's)
         compute_bytes = DTYPE_BYTES[wl.compute_dtype]
         largest_gradients = max((s.trainable_params * compute_bytes for s in inv.blocks), default=0)
         reserve = (depth + 2) * largest_streamed + (0 if self.zo else 2 * largest_gradients)
@@ -76,7 +76,7 @@ class _Search:
             reserve += sum(wl.tokens_per_step * per_token(inv.blocks[i]) * compute_bytes for i in self.layers)
         ssd_ok = cap.ssd > 0
         # states read ahead, updating and written back, when some go to the SSD
-        states_staging = 3 * max((b.trainable_params * states_per_param for b in inv.blocks), default=0) \
+        states_staging = 3 * max((int(b.trainable_params * states_per_param) for b in inv.blocks), default=0) \
             if ssd_ok else 0
         weights, host_left = self._weights_homes(block_home_bytes, streamed, cap.pinned - reserve,
                                                  max(cap.pageable, cap.pinned) - reserve - states_staging)
@@ -118,7 +118,7 @@ class _Search:
             host_left = cap.device - sum(block_home_bytes[i] for i in range(self.n) if weights[i] is not Tier.SSD)
         return weights, host_left
 
-    def _optimizer_homes(self, resident: set[int], optimizer_on_device: bool, states_per_param: int,
+    def _optimizer_homes(self, resident: set[int], optimizer_on_device: bool, states_per_param: float,
                          host_left: int) -> list[Tier | None]:
         """First-order states: on the device for resident blocks when asked (and LoRA's always), else the
         host RAM left, then the SSD; on a CPU the 'device' is that RAM."""
@@ -131,7 +131,8 @@ class _Search:
             if wl.lora:
                 optimizer_homes[i] = Tier.DEVICE
                 continue
-            need = s.trainable_params * states_per_param
+            need = int(s.trainable_params * (states_per_param if i not in resident
+                                             else optimizer_bytes_per_param(wl, streamed=False)))
             if o.optimizer_home is not None:
                 optimizer_homes[i] = o.optimizer_home
             elif i in resident and optimizer_on_device:
@@ -344,6 +345,25 @@ def _smallest(s: _Search, home_dtype: str, resident_counts: list[int]) -> tuple[
 # ---- the Plan ------------------------------------------------------------------------------------
 
 
+def _compact_state_notes(inv: ModelInventory, wl: Workload, machine: Machine, opts: Options, pl: Placement,
+                         est: Estimate) -> list[str]:
+    """A first-order plan whose AdamW states go to the SSD, or whose step the drive binds: what each
+    compact format would take instead (states in host RAM, or a quarter of the bytes on the drive)."""
+    on_ssd = any(h is Tier.SSD for h in pl.optimizer_home)
+    if not (on_ssd or est.times.bottleneck == "ssd"):
+        return []
+    notes = []
+    for label, change, _ in explain.compact_state_changes(wl, machine):
+        other, other_est, ok, _notes = search(inv, dataclasses.replace(wl, **change), machine, opts)
+        if not ok or other_est.times.step_s >= est.times.step_s:
+            continue
+        where = ("would fit in host RAM" if on_ssd and not any(h is Tier.SSD for h in other.optimizer_home)
+                 else "would move fewer bytes")
+        notes.append(f"{label.removeprefix('use ')} {where}: {other_est.times.step_s:.3g} s/step instead of "
+                     f"{est.times.step_s:.3g}" + (" with AdamW states on SSD" if on_ssd else ""))
+    return notes
+
+
 def make_plan(inv: ModelInventory, wl: Workload, machine: Machine, opts: Options, *, suggest: bool = True,
               lora_inventory: Callable[[], ModelInventory] | None = None) -> Plan:
     """Search, then assemble the Plan; when nothing fits, the reasons and the nearest changes that fit
@@ -361,6 +381,7 @@ def make_plan(inv: ModelInventory, wl: Workload, machine: Machine, opts: Options
             i, w, machine, o, suggest=False))
         if published:
             notes.append(published)
+        notes += _compact_state_notes(inv, wl, machine, opts, pl, est)
     cap = capacities(machine, opts)
     reasons: tuple[str, ...] = ()
     suggestions: tuple[str, ...] = ()
@@ -402,6 +423,7 @@ def _block_plans(inv: ModelInventory, wl: Workload, pl: Placement) -> tuple[Bloc
     return tuple(
         BlockPlan(name=b.name, param_bytes=hb[i], weights_home=pl.weights_home[i], optimizer_home=pl.optimizer_home[i],
                   activation=pl.activation[i], params=b.params, trainable_params=b.trainable_params,
-                  optimizer_bytes=b.trainable_params * (momentum_bytes if wl.method == "zo2"
-                                                        else optimizer_bytes_per_param(wl, pl.optimizer_home[i])))
+                  optimizer_bytes=int(b.trainable_params * (
+                      momentum_bytes if wl.method == "zo2" else optimizer_bytes_per_param(
+                          wl, pl.optimizer_home[i], streamed=pl.weights_home[i] is not Tier.DEVICE))))
         for i, b in enumerate(inv.blocks))

@@ -54,7 +54,7 @@ class _Step:
         self.calibration = work.calibration(machine, wl, self.micro_tokens)
         self.ssd_read_bps, self.ssd_write_bps = machine.disk_read_bps or 1.0, machine.disk_write_bps or 1.0
         self.dram_bps = machine.dram_bps or 1.0
-        self.adam_params_per_s = machine.cpu_adam_params_per_s or 1.0
+        self.adam_params_per_s = machine.adam_params_per_s(wl.adam_states, wl.adam_master) or 1.0
 
     def link_rates(self, two_way: bool) -> tuple[float, float]:
         m = self.machine
@@ -251,7 +251,7 @@ def _optimizer_busy(step: _Step, i: int, w: Busy) -> None:
     optimizer_home, weights_home = pl.optimizer_home[i], pl.weights_home[i]
     _, d2h_bps = step.link_rates(True)
     h2d_bps, _ = step.link_rates(True)
-    states_per_param = optimizer_bytes_per_param(wl)
+    states_per_param = optimizer_bytes_per_param(wl, streamed=weights_home is not Tier.DEVICE)
     if wl.lora:
         if trainable and step.cpu:
             w[CPU_OPT] += trainable / step.adam_params_per_s
@@ -282,6 +282,8 @@ def _optimizer_busy(step: _Step, i: int, w: Busy) -> None:
         w[SSD_W] += trainable * states_per_param / step.ssd_write_bps
     if weights_home is Tier.SSD:
         w[SSD_W] += blocks.home[i] / step.ssd_write_bps  # the updated compute-dtype copy
+        if wl.adam_master == "bf16":  # that copy is the master: the optimizer reads it too
+            w[SSD_R] += blocks.home[i] / step.ssd_read_bps
     elif weights_home is Tier.DEVICE and not step.cpu:
         w[H2D] += blocks.home[i] / h2d_bps  # updated weights back to the resident copy
 

@@ -61,6 +61,11 @@ class Workload:
     home_rounding: Literal["nearest", "stochastic"] = "nearest"
     """zo2 full-parameter: how an update is stored into a home narrower than fp32 (stochastic: a
     random draw and a few elementwise passes more per parameter)."""
+    adam_states: Literal["fp32", "int8"] = "fp32"
+    """first-order: AdamW's moments, fp32 (8 bytes a parameter) or 8-bit block-wise (2, and a 4-byte
+    scale per 256 values each)."""
+    adam_master: Literal["fp32", "bf16"] = "fp32"
+    """first-order: the optimizer's master, an fp32 copy or (bf16) the weights' own 16-bit home."""
 
     @property
     def tokens_per_step(self) -> int:
@@ -104,6 +109,9 @@ class Machine:
     dram_bps: float
     """Host memory copy rate, bytes read + written per second (a copy of N bytes costs 2N)."""
     cpu_adam_params_per_s: float
+    """The CPU AdamW with fp32 states and master (torch's fused kernel), all threads."""
+    cpu_adam_compact: tuple[tuple[str, str, float], ...] = ()
+    """(adam_states, adam_master, params/s) of the compact-state AdamW (kernels/adamw.py), as measured."""
     disk_path: str | None = None
     disk_free_bytes: int = 0
     disk_read_bps: float = 0.0
@@ -139,6 +147,12 @@ class Machine:
     allocator_slack: float = 0.0
     """cuda: what the caching allocator reserves beyond the tensors made and freed every pass
     (activations, logits and loss), as a fraction of them. 0 on a CPU (no caching allocator)."""
+
+    def adam_params_per_s(self, states: str, master: str) -> float:
+        """The CPU AdamW's rate in a state format; 0 when the profile did not measure it."""
+        if (states, master) == ("fp32", "fp32"):
+            return self.cpu_adam_params_per_s
+        return next((r for st, ma, r in self.cpu_adam_compact if (st, ma) == (states, master)), 0.0)
 
     def flops(self, dtype: str) -> float:
         return dict(self.matmul_flops).get(dtype, 0.0)

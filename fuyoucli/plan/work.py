@@ -105,7 +105,7 @@ def _perturb_s(r: Rates, hb: int, cb: int, fresh: bool) -> float:
 
 
 def _round_s(r: Rates, hb: int, stochastic: bool) -> float:
-    """Storing one fp32 result into a half-precision home (train/rounding.py): a cast, or stochastic
+    """Storing one fp32 result into a half-precision home (engine/rounding.py): a cast, or stochastic
     rounding: a random draw into a new int32 tensor, added in place to the fp32 working copy's bits,
     the low half masked off in place, then the cast (exact)."""
     if not stochastic:

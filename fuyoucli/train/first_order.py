@@ -4,7 +4,9 @@ Mixed precision the way the offloaded path does it: the model computes in its dt
 weights and AdamW states (torch's implementation) are updated from fp32 gradients and copied back.
 For an fp32 model the master weights are the model's own parameters. fp16 uses dynamic loss scaling.
 Weight decay applies to matrices only (not biases or norms). Gradient clipping uses the exact global
-norm over all trainable parameters.
+norm over all trainable parameters. Compact formats (method.states: int8, method.master: bf16) run
+engine/compact.py's compact_adamw (kernels/adamw.py), one per block as the streamed engine does (BlockAdamW): a bf16
+master is the model's own bf16 weights, rounded stochastically with draws seeded by (seed, step, block).
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
+from fuyoucli.engine.compact import compact_adamw
+from fuyoucli.kernels.adamw import AdamFormat
+from fuyoucli.model.blocks import execution_index, find_layer_list, param_blocks
 from fuyoucli.recipe import AdamWMethod
 from fuyoucli.train.dropout import draw_step_seed, seeded_model
 from fuyoucli.train.losses import batch_loss, count_targets
@@ -52,9 +57,50 @@ def adamw_param_groups(params: list[torch.Tensor], weight_decay: float) -> list[
                         {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
 
 
+STATE_KEYS = {"fp32": ("step", "exp_avg", "exp_avg_sq"),
+              "int8": ("step", "exp_avg", "exp_avg_sq", "exp_avg_scale", "exp_avg_sq_scale")}
+"""Each state format's per-parameter checkpoint tensors (adam.<key>.<name>), as the optimizer keeps them."""
+
+
+def adam_format(method: AdamWMethod) -> AdamFormat:
+    return AdamFormat(states=method.states, master=method.master)
+
+
+class BlockAdamW:
+    """Compact formats: one CompactAdamW per block (the streamed engine's CPU worker makes one per
+    block too; its key seeds a bf16 master's rounding), over the blocks' masters."""
+
+    def __init__(self, blocks: list[tuple[int, list[torch.Tensor]]], method: AdamWMethod, seed: int):
+        fmt = adam_format(method)
+        self.optimizers = [compact_adamw(adamw_param_groups(masters, method.weight_decay), fmt=fmt, lr=method.lr,
+                                        betas=method.betas, eps=method.eps, seed=seed, block=key)
+                           for key, masters in blocks if masters]
+
+    def step(self, lr: float, grads: dict[int, torch.Tensor]) -> None:
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = lr
+            opt.step(grads=grads)
+
+    @property
+    def state(self) -> dict:
+        return {p: st for opt in self.optimizers for p, st in opt.state.items()}
+
+    def load_state(self, master: torch.Tensor, state: dict[str, torch.Tensor]) -> None:
+        for opt in self.optimizers:
+            if any(p is master for g in opt.param_groups for p in g["params"]):
+                opt.state[master] = {k: v.clone().to(master.device) for k, v in state.items()}
+
+
+def block_keys(model) -> dict[int, int]:
+    """Each trainable parameter's block (execution index), by id."""
+    n_layers = len(find_layer_list(model)[1])
+    return {id(p): execution_index(b.name, n_layers) for b in param_blocks(model) for _, p in b.params}
+
+
 class AdamWReference:
     def __init__(self, model, method: AdamWMethod, *, head: str, label_token_ids: tuple[int, ...] = (),
-                 host_optimizer: bool = False):
+                 host_optimizer: bool = False, seed: int = 0):
         """`host_optimizer`: keep fp32 masters in host memory and update them with the CPU's fused AdamW,
         the gradient norms taken there too: the streamed engine's arithmetic, so that a GPU parity test
         compares like with like (CUDA's fused AdamW rounds differently, and Adam turns round-off in
@@ -63,16 +109,27 @@ class AdamWReference:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.device = next(model.parameters()).device
         host = host_optimizer and self.device.type != "cpu"
-        self.mixed = host or any(p.dtype != torch.float32 for p in self.params)
+        self.fmt = adam_format(method)
+        if self.fmt.master == "bf16" and any(p.dtype != torch.bfloat16 for p in self.params):
+            raise ValueError("a bf16 master is the model's bfloat16 weights; this model's trained weights "
+                             "are not all bf16")
+        self.mixed = (host or any(p.dtype != torch.float32 for p in self.params)) and self.fmt.master == "fp32"
         """Masters apart from the weights (fp32 beside 16-bit weights, or in host memory)."""
         self.master = ([p.detach().to("cpu" if host else p.device, torch.float32, copy=True) for p in self.params]
                        if self.mixed else self.params)
         device_type = self.master[0].device.type if self.master else "cpu"
-        self.optimizer = torch.optim.AdamW(
-            adamw_param_groups(self.master, method.weight_decay),
-            lr=method.lr, betas=method.betas, eps=method.eps,
-            fused=device_type in ("cpu", "cuda"),
-        )
+        if self.fmt.default:
+            self.optimizer = torch.optim.AdamW(
+                adamw_param_groups(self.master, method.weight_decay),
+                lr=method.lr, betas=method.betas, eps=method.eps,
+                fused=device_type in ("cpu", "cuda"),
+            )
+        else:
+            keys = block_keys(model)
+            blocks: dict[int, list[torch.Tensor]] = {}
+            for p, m in zip(self.params, self.master):
+                blocks.setdefault(keys[id(p)], []).append(m)
+            self.optimizer = BlockAdamW(sorted(blocks.items()), method, seed)
         self.scaler = DynamicLossScale(any(p.dtype == torch.float16 for p in self.params))
 
     def step(self, micro_batches: list[dict], lr: float) -> FirstOrderStepResult:
@@ -93,7 +150,10 @@ class AdamWReference:
             for p, m in zip(self.params, self.master):
                 m.grad = None if p.grad is None else p.grad.to(m.device, torch.float32)
         inv_scale = 1.0 / self.scaler.scale
-        grads = [m.grad for m in self.master if m.grad is not None]
+        # fp32 gradients by master (a bf16 master's are its weights' gradients taken up to fp32)
+        by_master = {id(m): (m.grad if m is not p or p.dtype == torch.float32 else
+                             None if p.grad is None else p.grad.float()) for p, m in zip(self.params, self.master)}
+        grads = [g for g in by_master.values() if g is not None]
         if self.scaler.enabled:
             for g in grads:
                 g.mul_(inv_scale)
@@ -105,9 +165,12 @@ class AdamWReference:
                 coef = self.method.max_grad_norm / (norm + 1e-6)
                 for g in grads:
                     g.mul_(coef)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            self.optimizer.step()
+            if self.fmt.default:
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                self.optimizer.step()
+            else:
+                self.optimizer.step(lr, by_master)
             if self.mixed:
                 with torch.no_grad():
                     for p, m in zip(self.params, self.master):
@@ -144,15 +207,20 @@ class AdamWReference:
             m.copy_(tensors[f"param.{name}"])
             if m is not p:
                 p.copy_(m)
-        order = [m for g in self.optimizer.param_groups for m in g["params"]]
-        index = {id(m): i for i, m in enumerate(order)}
-        state = {}
-        for name, m in zip(names, self.master):
-            keys = [k for k in ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq") if f"adam.{k}.{name}" in tensors]
-            if keys:
-                state[index[id(m)]] = {k: tensors[f"adam.{k}.{name}"] for k in keys}
-        saved = self.optimizer.state_dict()
-        saved["state"] = state
-        self.optimizer.load_state_dict(saved)
+        if not self.fmt.default:
+            for name, m in zip(names, self.master):
+                self.optimizer.load_state(m, {k: tensors[f"adam.{k}.{name}"] for k in STATE_KEYS[self.fmt.states]
+                                              if f"adam.{k}.{name}" in tensors})
+        else:
+            order = [m for g in self.optimizer.param_groups for m in g["params"]]
+            index = {id(m): i for i, m in enumerate(order)}
+            state = {}
+            for name, m in zip(names, self.master):
+                keys = [k for k in ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq") if f"adam.{k}.{name}" in tensors]
+                if keys:
+                    state[index[id(m)]] = {k: tensors[f"adam.{k}.{name}"] for k in keys}
+            saved = self.optimizer.state_dict()
+            saved["state"] = state
+            self.optimizer.load_state_dict(saved)
         self.scaler.scale = float(meta.get("loss_scale", self.scaler.scale))
         self.scaler.clean = int(meta.get("clean_steps", 0))

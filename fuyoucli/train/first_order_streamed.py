@@ -27,6 +27,7 @@ import torch
 
 from fuyoucli.engine.activations import SavedActivations, Swapped
 from fuyoucli.engine.build import CpuOptimizerSpec, Engine, UnsupportedPlan, build
+from fuyoucli.kernels.adamw import new_state
 from fuyoucli.engine.executor import run_pass
 from fuyoucli.engine.flat import views_of
 from fuyoucli.model.runner import Prepared
@@ -34,7 +35,7 @@ from fuyoucli.plan.schedule import first_order_backward, first_order_forward, fi
 from fuyoucli.plan.types import Plan
 from fuyoucli.recipe import AdamWMethod
 from fuyoucli.train.dropout import draw_step_seed, forward_seed, seeded
-from fuyoucli.train.first_order import DynamicLossScale, FirstOrderStepResult
+from fuyoucli.train.first_order import STATE_KEYS, DynamicLossScale, FirstOrderStepResult, adam_format
 from fuyoucli.train.first_order_updates import BlockUpdates, cpu_adamw, deferred_updates
 from fuyoucli.train.losses import count_targets, loss_from_logits
 
@@ -52,7 +53,7 @@ def _tensors(obj):
 
 class AdamWStreamed:
     def __init__(self, engine: Engine, method: AdamWMethod, *, head: str, label_token_ids: tuple[int, ...] = (),
-                 on_backward=None):
+                 on_backward=None, seed: int = 0):
         """`on_backward(block)` (inside a block's backward) is a hook for tests that check what overlaps what."""
         self.engine, self.model, self.plan, self.method, self.head = engine, engine.model, engine.plan, method, head
         self.label_token_ids, self.lanes, self.on_backward = label_token_ids, engine.lanes, on_backward
@@ -67,7 +68,7 @@ class AdamWStreamed:
         blocks = {b.name: b for b in engine.trainable}
         self._embed_trains = "embed" in blocks
         self._embed_params = [p for _, p in blocks["embed"].params] if self._embed_trains else []
-        self.updates = BlockUpdates(engine, method, deferred=self.deferred)
+        self.updates = BlockUpdates(engine, method, deferred=self.deferred, seed=seed)
         self.host_updated = [e in self.updates.host_params for e in range(len(engine.order))]
         streamed_ids = {id(p) for u in self.store.units.values() for _, p in u.params}
         resident_ptrs = {p.untyped_storage().data_ptr() for p in self.model.parameters() if id(p) not in streamed_ids}
@@ -81,16 +82,18 @@ class AdamWStreamed:
     @classmethod
     def from_plan(cls, model, plan: Plan, method: AdamWMethod, *, head: str, lanes,
                   label_token_ids: tuple[int, ...] = (), on_job=None, on_backward=None,
-                  optimizer_thread: bool | None = None) -> AdamWStreamed:
+                  optimizer_thread: bool | None = None, seed: int = 0) -> AdamWStreamed:
         """The engine built from the plan (engine.build), and the trainer over it. `on_job(block)` (on
         the CPU worker, inside an update) is a hook for tests. `optimizer_thread`: run the CPU AdamW on
         its worker thread, overlapped with the device's work; default: yes on a GPU, no on a CPU
         device, where it would only compete with the compute for the same cores (inline: the same
-        jobs in the same order; engine/optimizer.py)."""
+        jobs in the same order; engine/optimizer.py). `seed` (training.seed) seeds a bf16 master's
+        stochastic rounding."""
         thread = lanes.kind != "cpu" if optimizer_thread is None else optimizer_thread
-        engine = build(plan, model, lanes, cpu_optimizer=CpuOptimizerSpec(cpu_adamw(method), thread, on_job))
+        spec = CpuOptimizerSpec(cpu_adamw(method, seed), thread, on_job, adam_format(method))
+        engine = build(plan, model, lanes, cpu_optimizer=spec)
         try:
-            return cls(engine, method, head=head, label_token_ids=label_token_ids, on_backward=on_backward)
+            return cls(engine, method, head=head, label_token_ids=label_token_ids, on_backward=on_backward, seed=seed)
         except BaseException:
             engine.close()
             raise
@@ -318,15 +321,16 @@ class AdamWStreamed:
                     shard[f"adam.{key}.{names[id(p)]}"] = value
         yield "device", shard
         for e, params in u.host_params.items():
-            flat, steps = u.cpu.state_tensors(e)
-            n, shapes = u.numels[e], u.host_shapes[e]
-            parts = zip(params, views_of(flat[:n], shapes), views_of(flat[n: 2 * n], shapes),
-                        views_of(flat[2 * n:], shapes), steps)
+            parts, steps = u.cpu.state_parts(e)
             out = {}
-            for p, w, m, v, s in parts:
+            for i, (p, shape) in enumerate(zip(params, u.host_shapes[e])):
                 name = names[id(p)]
-                out.update({f"param.{name}": w, f"adam.exp_avg.{name}": m, f"adam.exp_avg_sq.{name}": v,
-                            f"adam.step.{name}": s})
+                out[f"param.{name}"] = parts["param"][i].view(shape)
+                for key, views in parts.items():
+                    if key != "param":
+                        out[f"adam.{key}.{name}"] = views[i].view(shape) if views[i].numel() == shape.numel() \
+                            else views[i]
+                out[f"adam.step.{name}"] = steps[i]
             yield self.names[e], out
 
     def state_meta(self) -> dict:
@@ -342,25 +346,30 @@ class AdamWStreamed:
             if m is not p:
                 p.copy_(m)
         if dev.optimizer is not None:
-            order = [m for g in dev.optimizer.param_groups for m in g["params"]]
+            order = [m for g in dev.optimizer.param_groups for m in g["params"]] if dev.fmt.default else []
             index = {id(m): i for i, m in enumerate(order)}
             state = {}
             for p, m in zip(dev.params, dev.master):
-                keys = [k for k in ("step", "exp_avg", "exp_avg_sq") if f"adam.{k}.{names[id(p)]}" in tensors]
-                if keys:
+                keys = [k for k in STATE_KEYS[dev.fmt.states] if f"adam.{k}.{names[id(p)]}" in tensors]
+                if keys and not dev.fmt.default:
+                    dev.optimizer.load_state(m, {k: tensors[f"adam.{k}.{names[id(p)]}"] for k in keys})
+                elif keys:
                     state[index[id(m)]] = {k: tensors[f"adam.{k}.{names[id(p)]}"] for k in keys}
-            saved = dev.optimizer.state_dict()
-            saved["state"] = state
-            dev.optimizer.load_state_dict(saved)
+            if dev.fmt.default:
+                saved = dev.optimizer.state_dict()
+                saved["state"] = state
+                dev.optimizer.load_state_dict(saved)
+        fmt = adam_format(self.method)
         for e, params in u.host_params.items():
             pnames = [names[id(p)] for p in params]
-            zeros = [torch.zeros(shape) for shape in u.host_shapes[e]]  # (a lazily loaded param is empty)
-            flat = torch.cat([tensors[f"param.{n}"].reshape(-1).float() for n in pnames]
-                             + [tensors.get(f"adam.exp_avg.{n}", z).reshape(-1).float() for n, z in zip(pnames, zeros)]
-                             + [tensors.get(f"adam.exp_avg_sq.{n}", z).reshape(-1).float() for n, z in zip(pnames, zeros)])
+            # a state the checkpoint lacks starts as the optimizer's zeros (a lazily loaded param is empty)
+            blank = [new_state(torch.empty(shape, dtype=fmt.master_dtype), fmt) for shape in u.host_shapes[e]]
+            parts = {"param": [tensors[f"param.{n}"].reshape(-1).to(fmt.master_dtype) for n in pnames]}
+            for key in STATE_KEYS[fmt.states][1:]:
+                parts[key] = [tensors.get(f"adam.{key}.{n}", b[key]).reshape(-1) for n, b in zip(pnames, blank)]
             steps = [tensors[f"adam.step.{n}"] if f"adam.step.{n}" in tensors else torch.zeros(()) for n in pnames]
-            u.cpu.load_state_tensors(e, flat, steps)
-            master = flat[: u.numels[e]]
+            u.cpu.load_state_parts(e, parts, steps)
+            master = torch.cat(parts["param"])
             if self.streamed[e]:
                 self.store.set_home_weights(e, master)
             else:

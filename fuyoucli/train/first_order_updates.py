@@ -35,7 +35,8 @@ from fuyoucli.errors import FuyouError
 from fuyoucli.plan.schedule import Op
 from fuyoucli.plan.types import Tier
 from fuyoucli.recipe import AdamWMethod
-from fuyoucli.train.first_order import adamw_param_groups
+from fuyoucli.engine.compact import compact_adamw
+from fuyoucli.train.first_order import BlockAdamW, adam_format, adamw_param_groups
 
 CLIP_OVERLAP_NOTE = (
     "max_grad_norm (or fp16 loss scaling) defers every CPU AdamW update until the whole backward is "
@@ -48,11 +49,16 @@ class NonFiniteGradients(FuyouError):
     exit_code = 4
 
 
-def cpu_adamw(method: AdamWMethod):
-    """The CPU optimizer of one block's fp32 tensors (engine/optimizer.py: CpuAdam builds one per block)."""
-    def make(tensors: list[torch.Tensor]) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(adamw_param_groups(tensors, method.weight_decay), lr=method.lr, betas=method.betas,
-                                 eps=method.eps, fused=True)
+def cpu_adamw(method: AdamWMethod, seed: int = 0):
+    """The CPU optimizer of one block's masters (engine/optimizer.py: CpuAdam builds one per block):
+    torch's fused AdamW for fp32 states and master, else CompactAdamW seeded with the block's key."""
+    fmt = adam_format(method)
+
+    def make(tensors: list[torch.Tensor], key: int) -> torch.optim.Optimizer:
+        groups = adamw_param_groups(tensors, method.weight_decay)
+        if fmt.default:
+            return torch.optim.AdamW(groups, lr=method.lr, betas=method.betas, eps=method.eps, fused=True)
+        return compact_adamw(groups, fmt=fmt, lr=method.lr, betas=method.betas, eps=method.eps, seed=seed, block=key)
     return make
 
 
@@ -114,45 +120,62 @@ class GradBuffers:
 
 class DeviceAdamW:
     """AdamW where the weights are, with the in-memory reference's arithmetic (fp32 masters beside
-    compute-dtype weights when they differ)."""
+    compute-dtype weights when they differ; compact formats: the reference's BlockAdamW, one
+    optimizer per block, `blocks` giving each block's key and parameters)."""
 
-    def __init__(self, params: list[torch.nn.Parameter], method: AdamWMethod):
+    def __init__(self, blocks: list[tuple[int, list[torch.nn.Parameter]]], method: AdamWMethod, seed: int = 0):
+        params = [p for _, ps in blocks for p in ps]
         self.params = params
-        self.mixed = any(p.dtype != torch.float32 for p in params)
+        self.fmt = adam_format(method)
+        self.mixed = any(p.dtype != torch.float32 for p in params) and self.fmt.master == "fp32"
         self.master = [p.detach().float().clone() for p in params] if self.mixed else params
+        self.grads: dict[int, torch.Tensor] = {}
+        """Compact formats: fp32 gradients by id of the master (a bf16 master's taken up to fp32)."""
         device_type = params[0].device.type if params else "cpu"
-        self.optimizer = torch.optim.AdamW(
-            adamw_param_groups(self.master, method.weight_decay), lr=method.lr, betas=method.betas,
-            eps=method.eps, fused=device_type in ("cpu", "cuda")) if params else None
+        if not params:
+            self.optimizer = None
+        elif self.fmt.default:
+            self.optimizer = torch.optim.AdamW(
+                adamw_param_groups(self.master, method.weight_decay), lr=method.lr, betas=method.betas,
+                eps=method.eps, fused=device_type in ("cpu", "cuda"))
+        else:
+            masters = dict(zip(map(id, params), self.master))
+            self.optimizer = BlockAdamW([(key, [masters[id(p)] for p in ps]) for key, ps in blocks], method, seed)
 
     def norms(self, inv_scale: float | None) -> dict[int, torch.Tensor]:
         out = {}
+        self.grads = {}
         for p, m in zip(self.params, self.master):
             if self.mixed:
                 m.grad = None if p.grad is None else p.grad.float()
-            if m.grad is None:
+            grad = m.grad if m.dtype == torch.float32 else (None if p.grad is None else p.grad.float())
+            if grad is None:
                 continue
+            self.grads[id(m)] = grad
             if inv_scale is not None:
-                m.grad.mul_(inv_scale)
-            out[id(p)] = torch.linalg.vector_norm(m.grad)
+                grad.mul_(inv_scale)
+            out[id(p)] = torch.linalg.vector_norm(grad)
         return out
 
     def step(self, lr: float, coef: float | None) -> None:
         if self.optimizer is None:
             return
         if coef is not None:
-            for m in self.master:
-                if m.grad is not None:
-                    m.grad.mul_(coef)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
+            for g in self.grads.values():
+                g.mul_(coef)
+        if self.fmt.default:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
+        else:
+            self.optimizer.step(lr, self.grads)
         if self.mixed:
             with torch.no_grad():
                 for p, m in zip(self.params, self.master):
                     p.copy_(m)
 
     def clear(self) -> None:
+        self.grads = {}
         for p in self.params:
             p.grad = None
         if self.mixed:
@@ -166,7 +189,7 @@ class BlockUpdates:
     It performs the optimizer's operations of the schedule (plan/schedule.py): grad_offload, the wait
     on it, grad_norm and update, and the wait for a resident block's new weights."""
 
-    def __init__(self, engine: Engine, method: AdamWMethod, *, deferred: bool):
+    def __init__(self, engine: Engine, method: AdamWMethod, *, deferred: bool, seed: int = 0):
         self.method, self.lanes, self.deferred = method, engine.lanes, deferred
         self.store, self.streamed, self.cpu, self.ops = engine.store, engine.streamed, engine.cpu, engine.ops
         self.trainable = [p for p in engine.model.parameters() if p.requires_grad]
@@ -176,9 +199,11 @@ class BlockUpdates:
         self.host_shapes = {e: list(self.cpu.states[e].shapes) for e in self.host_params}
         self.numels = {e: sum(s.numel() for s in shapes) for e, shapes in self.host_shapes.items()}
         order = {id(p): n for n, p in enumerate(self.trainable)}
-        device_params = [p for blk in engine.trainable if engine.optimizer_homes[blk.name] is Tier.DEVICE
-                         for _, p in blk.params]
-        self.device = DeviceAdamW(sorted(device_params, key=lambda p: order[id(p)]), method)
+        device_blocks = [(index[blk.name], sorted((p for _, p in blk.params), key=lambda p: order[id(p)]))
+                         for blk in engine.trainable if engine.optimizer_homes[blk.name] is Tier.DEVICE]
+        if adam_format(method).default:  # one torch AdamW over them all, in the model's order, as before
+            device_blocks = [(0, sorted((p for _, ps in device_blocks for p in ps), key=lambda p: order[id(p)]))]
+        self.device = DeviceAdamW(device_blocks, method, seed)
         pin = self.lanes.pin if self.lanes.kind == "cuda" else None
         self.grads = GradBuffers(self.numels, engine.compute_dtype, pin, per_block=deferred)
         # Resident blocks updated on the host: their new weights go up from a staging buffer.

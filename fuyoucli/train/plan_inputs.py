@@ -50,6 +50,7 @@ def machine_from_profile(profile: HardwareProfile, swap_dir: str | None = None) 
         pinned_bytes=pinned,
         dram_bps=h.dram_copy_gbps * GB,
         cpu_adam_params_per_s=h.adamw_all_threads_params_per_s,
+        cpu_adam_compact=tuple((r.states, r.master, r.params_per_s) for r in h.adamw_compact),
         disk_path=disk.path if disk else None,
         disk_free_bytes=disk.free_bytes if disk else 0,
         disk_read_bps=disk.read_gbps * GB if disk else 0.0,
@@ -142,7 +143,8 @@ def workload_from_recipe(recipe: Recipe) -> Workload:
                     zo_conservative=zo and m.variant == "conservative",
                     clips_grads=not zo and m.max_grad_norm is not None,
                     loss_positions_fraction=loss_positions_fraction(recipe),
-                    home_rounding=zo_home(recipe)[1])
+                    home_rounding=zo_home(recipe)[1],
+                    adam_states="fp32" if zo else m.states, adam_master="fp32" if zo else m.master)
 
 
 def zo_home(recipe: Recipe) -> tuple[str, str]:

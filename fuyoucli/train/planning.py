@@ -44,6 +44,11 @@ def plan_recipe(recipe: Recipe, inv: ModelInventory, profile: HardwareProfile,
     for the LoRA suggestion, a way to get its inventory under LoRA (called only if it does not fit)."""
     check_offload_applies(recipe)
     machine, notes = machine_from_profile(profile, recipe.offload.swap_dir)
+    m = recipe.method
+    compact = m.name == "adamw" and (m.states, m.master) != ("fp32", "fp32")
+    if compact and machine.adam_params_per_s(m.states, m.master) <= 0:
+        raise InputError(f"the hardware profile has no rate for the CPU AdamW with method.states: {m.states}, "
+                         f"master: {m.master} (measured by an older fuyou): run `fuyou profile` again")
     p = make_plan(inv, workload_from_recipe(recipe), machine, options_from_recipe(recipe),
                   lora_inventory=lora_inventory)
     return dataclasses.replace(p, notes=notes + p.notes) if notes else p

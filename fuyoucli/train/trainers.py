@@ -219,7 +219,8 @@ class InMemoryAdamW(_InMemoryEval):
 
     def __init__(self, model, recipe: Recipe, data: Datasets):
         self.model, self.head, self.label_token_ids = model, recipe.model.head, data.label_token_ids
-        self.impl = AdamWReference(model, recipe.method, head=self.head, label_token_ids=data.label_token_ids)
+        self.impl = AdamWReference(model, recipe.method, head=self.head, label_token_ids=data.label_token_ids,
+                                   seed=recipe.training.seed)
 
     def step(self, step: int, micro: list[dict], lr: float) -> StepOutcome:
         start = time.perf_counter()
@@ -299,7 +300,7 @@ class StreamedAdamW:
         timeline = Timeline()
         self.lanes = TimedLanes(lanes_for(device), timeline)
         self.impl = AdamWStreamed.from_plan(model, plan, recipe.method, head=recipe.model.head, lanes=self.lanes,
-                                            label_token_ids=data.label_token_ids)
+                                            label_token_ids=data.label_token_ids, seed=recipe.training.seed)
         self.measure = _Measure(timeline, self.impl.engine)
         homes = sorted({b.weights_home.value for b in plan.blocks if b.weights_home.value != "device"})
         states = sorted({b.optimizer_home.value for b in plan.blocks if b.optimizer_home is not None})

@@ -29,7 +29,7 @@ from fuyoucli.model.blocks import ParamBlock, block_generator, block_seed
 from fuyoucli.plan.types import Z_PIECE
 from fuyoucli.recipe import ZO2Method
 from fuyoucli.train.losses import batch_loss
-from fuyoucli.train.rounding import HomeRounding, Rounding
+from fuyoucli.engine.rounding import HomeRounding, Rounding
 
 CANDIDATES = (1, 0, -1)
 """Conservative variant: the update multipliers c (w - c*u), in the order ties are broken."""

@@ -42,7 +42,7 @@ from fuyoucli.plan.schedule import zo_flush, zo_pass
 from fuyoucli.plan.types import Plan
 from fuyoucli.recipe import ZO2Method
 from fuyoucli.train.losses import loss_from_logits
-from fuyoucli.train.rounding import Rounding
+from fuyoucli.engine.rounding import Rounding
 from fuyoucli.train.zo import (CANDIDATES, ZOStepResult, ZStreams, candidate_weights, choose_candidate, draw_z,
                                iter_z_pieces, pieces, update_home)
 

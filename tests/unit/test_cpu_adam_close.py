@@ -25,7 +25,7 @@ def test_close_ends_an_update_waiting_for_buffers_of_updates_that_never_run(tmp_
     blocks = [AdamBlock(k, f"layers.{k}", shapes, lambda: [torch.zeros(64, 32)], Tier.SSD) for k in range(4)]
     ssd = SsdStore(tmp_path, 1 << 20)
     started = threading.Event()
-    cpu = CpuAdam(blocks, lambda ps: torch.optim.AdamW(ps, lr=1e-3), lanes=CpuLanes(), ssd=ssd, read_ahead=1,
+    cpu = CpuAdam(blocks, lambda ps, key: torch.optim.AdamW(ps, lr=1e-3), lanes=CpuLanes(), ssd=ssd, read_ahead=1,
                   on_job=lambda key: started.set())
     try:
         cpu.begin([0, 1, 2, 3])  # reads block 0 ahead
@@ -53,7 +53,7 @@ def test_close_after_queued_updates_returns_and_finished_updates_are_kept(tmp_pa
     shapes = [torch.Size([16])]
     blocks = [AdamBlock(k, f"layers.{k}", shapes, lambda: [torch.zeros(16)], Tier.SSD) for k in range(3)]
     ssd = SsdStore(tmp_path, 1 << 20)
-    cpu = CpuAdam(blocks, lambda ps: torch.optim.AdamW(ps, lr=0.1), lanes=CpuLanes(), ssd=ssd, read_ahead=1)
+    cpu = CpuAdam(blocks, lambda ps, key: torch.optim.AdamW(ps, lr=0.1), lanes=CpuLanes(), ssd=ssd, read_ahead=1)
     try:
         cpu.begin([0, 1, 2])
         futs = [cpu.update(k, HostGrads(torch.ones(16), [True], None), lr=0.1, publish=lambda m: None)
@@ -82,7 +82,7 @@ def test_inline_jobs_run_in_the_callers_thread_and_ctrl_c_reaches_it(tmp_path):
         if key == 2:
             raise KeyboardInterrupt
 
-    cpu = CpuAdam(blocks, lambda ps: torch.optim.AdamW(ps, lr=0.1), lanes=CpuLanes(), ssd=ssd, read_ahead=1,
+    cpu = CpuAdam(blocks, lambda ps, key: torch.optim.AdamW(ps, lr=0.1), lanes=CpuLanes(), ssd=ssd, read_ahead=1,
                   on_job=on_job, thread=False)
     try:
         cpu.begin([0, 1, 2])

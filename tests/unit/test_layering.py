@@ -19,7 +19,7 @@ LEVELS = {
     "errors": 0, "resources": 0, "paths": 0, "folder_lock": 0, "interrupts": 0,
     "telemetry.events": 0, "telemetry.timeline": 0, "telemetry.jsonl": 0,
     "recipe": 1,
-    "hardware": 2,
+    "hardware": 2, "kernels": 2,
     "model": 3,
     "plan": 4,
     "engine": 5,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fuyoucli.train.rounding import HomeRounding, stochastic_round_
+from fuyoucli.engine.rounding import HomeRounding, stochastic_round_
 
 HALVES = (torch.bfloat16, torch.float16)
 
