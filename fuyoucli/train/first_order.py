@@ -98,6 +98,23 @@ def block_keys(model) -> dict[int, int]:
     return {id(p): execution_index(b.name, n_layers) for b in param_blocks(model) for _, p in b.params}
 
 
+@torch.no_grad()
+def optimizer_step(optimizer, default: bool, lr: float, grads_by_master: dict, params: list, master: list,
+                   mixed: bool) -> None:
+    """One AdamW step at lr: torch's (fp32 states, `default`) reads the masters' .grad; a compact one
+    the fp32 gradients by id(master). A mixed-precision model's weights then take their masters' values.
+    Shared by the in-memory reference and the device-side updates of a streamed run."""
+    if default:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+    else:
+        optimizer.step(lr, grads_by_master)
+    if mixed:
+        for p, m in zip(params, master):
+            p.copy_(m)
+
+
 class AdamWReference:
     def __init__(self, model, method: AdamWMethod, *, head: str, label_token_ids: tuple[int, ...] = (),
                  host_optimizer: bool = False, seed: int = 0):
@@ -165,16 +182,7 @@ class AdamWReference:
                 coef = self.method.max_grad_norm / (norm + 1e-6)
                 for g in grads:
                     g.mul_(coef)
-            if self.fmt.default:
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                self.optimizer.step()
-            else:
-                self.optimizer.step(lr, by_master)
-            if self.mixed:
-                with torch.no_grad():
-                    for p, m in zip(self.params, self.master):
-                        p.copy_(m)
+            optimizer_step(self.optimizer, self.fmt.default, lr, by_master, self.params, self.master, self.mixed)
         for p in self.params:
             p.grad = None
         if self.mixed:

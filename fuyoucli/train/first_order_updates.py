@@ -36,7 +36,7 @@ from fuyoucli.plan.schedule import Op
 from fuyoucli.plan.types import Tier
 from fuyoucli.recipe import AdamWMethod
 from fuyoucli.engine.compact import compact_adamw
-from fuyoucli.train.first_order import BlockAdamW, adam_format, adamw_param_groups
+from fuyoucli.train.first_order import BlockAdamW, adam_format, adamw_param_groups, optimizer_step
 
 CLIP_OVERLAP_NOTE = (
     "max_grad_norm (or fp16 loss scaling) defers every CPU AdamW update until the whole backward is "
@@ -163,16 +163,7 @@ class DeviceAdamW:
         if coef is not None:
             for g in self.grads.values():
                 g.mul_(coef)
-        if self.fmt.default:
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            self.optimizer.step()
-        else:
-            self.optimizer.step(lr, self.grads)
-        if self.mixed:
-            with torch.no_grad():
-                for p, m in zip(self.params, self.master):
-                    p.copy_(m)
+        optimizer_step(self.optimizer, self.fmt.default, lr, self.grads, self.params, self.master, self.mixed)
 
     def clear(self) -> None:
         self.grads = {}
