@@ -20,15 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from zo2 import build_model  # noqa: E402 - the same random-init Llama builder
+from zo2 import build_model, run_one  # noqa: E402 - the same random-init Llama builder
 
 FORMATS = [("fp32", "fp32"), ("int8", "fp32"), ("fp32", "bf16"), ("int8", "bf16")]
 SIZE = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
@@ -147,11 +145,7 @@ def ssd_part(swap: str | None) -> None:
         for states, master in FORMATS:
             cmd = [sys.executable, __file__, "--one", f"{states}/{master}", "--model", str(model_dir),
                    "--swap", str(Path(tmp) / "swap")]
-            out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-            if out.returncode != 0:
-                print(out.stderr[-3000:], file=sys.stderr)
-                raise SystemExit(f"{states}/{master} run failed")
-            results[(states, master)] = json.loads(out.stdout.strip().splitlines()[-1])
+            results[(states, master)] = run_one(cmd, f"{states}/{master}")
     base = results[("fp32", "fp32")]
     print(f"SSD-homed streamed AdamW step: Llama-shaped, {SIZE['num_hidden_layers']} layers, hidden "
           f"{SIZE['hidden_size']}, {model_bytes / 2**20:.0f} MiB fp32 at init, bf16 compute; weights and states of "

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import threading
@@ -32,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from zo2 import build_model, ssd_bandwidth  # noqa: E402 - the same model builder and disk figures
+from zo2 import build_model, run_one, ssd_bandwidth  # noqa: E402 - the same model builder and disk figures
 
 SIZES = {
     "quick": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=6, num_attention_heads=8,
@@ -202,11 +200,7 @@ def main() -> None:
         for mode in args.modes.split(","):
             cmd = [sys.executable, __file__, "--one", mode, "--model", str(model_dir), "--size", size_name,
                    "--device", args.device, "--swap", str(swap)]
-            out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-            if out.returncode != 0:
-                print(out.stderr[-3000:], file=sys.stderr)
-                raise SystemExit(f"{mode} run failed")
-            results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+            results[mode] = run_one(cmd, mode)
         read_bps, write_bps, source = ssd_bandwidth(swap) if any(m.startswith("ssd") for m in results) else (1, 1, "")
     link_bps = link_bandwidth(args.device) if args.device == "cuda" else None
 

@@ -58,6 +58,11 @@ VARIANTS = {  # name -> (recipe file it runs, overrides)
     "quickstart-bf16-master": ("quickstart", ["model.dtype=bfloat16", "method.master=bf16"]),
     "quickstart-bf16-master-int8": ("quickstart", ["model.dtype=bfloat16", "method.master=bf16", "method.states=int8"]),
     "adamw-sentiment-int8": ("adamw-sentiment", ["method.states=int8"]),
+    # issue 21: a LoRA run over a quantized base, against the same bfloat16 model unquantized (the
+    # recipe's float32 run is the usual reference)
+    "adamw-lora-sentiment-bf16": ("adamw-lora-sentiment", ["model.dtype=bfloat16"]),
+    "adamw-lora-sentiment-nf4": ("adamw-lora-sentiment", ["model.dtype=bfloat16", "model.quantization=nf4"]),
+    "adamw-lora-sentiment-int8base": ("adamw-lora-sentiment", ["model.dtype=bfloat16", "model.quantization=int8"]),
 }
 RECIPES.update({name: RECIPES[base] for name, (base, _) in VARIANTS.items()})
 DEFAULT_RECIPES = [r for r in RECIPES if r not in VARIANTS]

@@ -30,6 +30,16 @@ SIZES = {
 }
 
 
+def run_one(cmd: list[str], what: str) -> dict:
+    """Run one configuration in its own process (a fresh allocator and page cache state for each) and
+    return the JSON object its last stdout line prints; its stderr tail and an exit on failure."""
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if out.returncode != 0:
+        print(out.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(f"{what} run failed")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def build_model(folder: Path, size: dict) -> int:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -4,7 +4,8 @@ After the checkpoint stage. The recipe stored in the checkpoint says how to rebu
 dtype, head, LoRA); the checkpoint's param.<name> tensors replace the trainable parameters (a zo2
 seed-ledger checkpoint is first replayed on its base, on the device kind it was trained on). Full
 fine-tunes become a folder `AutoModelForCausalLM.from_pretrained` loads; LoRA becomes a peft adapter
-folder, or with merge=True a full folder with the adapters folded in. The source may be a run folder
+folder, or with merge=True a full folder with the adapters folded in (a quantized base dequantized into
+the model's dtype first: an ordinary 16-bit folder, no quantization config). The source may be a run folder
 (its final model), the final model folder, or a checkpoint; the source's run folder and the destination
 are locked while the export runs (fuyoucli/folder_lock.py). Never imports rich.
 """
@@ -259,6 +260,10 @@ def write_export(model, tokenizer, out_dir: Path, recipe: Recipe, merge: bool, i
     weights came from). With `final_step` the folder is also a run's final model, as save_final_model
     writes one (its recipe and step, what `fuyou export RUN_DIR` looks for)."""
     if merge:
+        if recipe.model.quantization != "none":  # the base's matrices into the compute dtype, then the adapters
+            from fuyoucli.model.quantized import dequantize_model
+
+            dequantize_model(model)
         model = model.merge_and_unload()
     model.eval()
     with atomic_dir(out_dir) as tmp:

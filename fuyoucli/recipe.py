@@ -38,6 +38,11 @@ class ModelConfig(_Config):
     head: Literal["causal_lm", "sequence_classification"] = "causal_lm"
     """causal_lm: next-token loss (classification uses label words, MeZO style).
     sequence_classification: a new classification head over the last token (classification data only)."""
+    quantization: Literal["none", "int8", "nf4"] = "none"
+    """A LoRA run's frozen base stored quantized (QLoRA-style): the decoder layers' linear weights in 8-bit
+    blocks of 32 (int8, llama.cpp's Q8_0 layout: a Q8_0 .gguf stays as it is) or bitsandbytes' 4-bit
+    NormalFloat (nf4, needs bitsandbytes), at home, on the wire and on the device; each matrix is
+    dequantized into `dtype` only for its product. Needs peft.type: lora."""
 
 
 Schedule = Literal["constant", "linear", "cosine"]
@@ -363,6 +368,9 @@ class Recipe(_Config):
             if self.peft.type != "none":
                 raise ValueError("method.master: bf16 applies to full-parameter training; LoRA adapters train in "
                                  "fp32 (remove master, or peft)")
+        if self.model.quantization != "none" and self.peft.type != "lora":
+            raise ValueError(f"model.quantization: {self.model.quantization} stores a frozen base; full-parameter "
+                             "training updates every weight (set peft.type: lora, or quantization: none)")
         if self.training.zo_ledger_steps and self.method.name != "zo2":
             raise ValueError("training.zo_ledger_steps applies to method zo2 only (a first-order step is not "
                              "replayable from seeds); remove it")

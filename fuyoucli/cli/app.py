@@ -7,6 +7,7 @@ see the full traceback of any failure.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import sys
 
@@ -74,6 +75,10 @@ def main(argv: list[str] | None = None) -> None:
         # Piped logs: no tqdm bars from transformers/huggingface_hub (they redraw with carriage returns).
         # Read when those libraries are first imported, which happens after this, inside a command.
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # bitsandbytes (which peft imports whenever it is installed) asks the Hub for a fused CPU kernel on
+    # import; the `kernels` package refuses it (untrusted: nothing is downloaded or run) and bitsandbytes
+    # uses its own, but logs a warning each time that says nothing to a fuyou user.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     with CliInterrupts() as interrupts:
         _run(argv, debug, interrupts)
 

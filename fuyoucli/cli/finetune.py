@@ -72,6 +72,12 @@ def finetune(
 
         raise RecipeError(f"training.report_to {loaded.training.report_to}: trackers are written by single-process "
                           "runs only for now; remove report_to or run without --nproc / --engine deepspeed")
+    if engine == "deepspeed" and loaded.model.quantization != "none":
+        from fuyoucli.errors import RecipeError
+
+        raise RecipeError(f"model.quantization: {loaded.model.quantization} is fuyou's own engine's (DeepSpeed's ZeRO "
+                          "would partition the quantized codes as if they were weights); run without --engine "
+                          "deepspeed, or set quantization: none")
     trackers = tracker_sinks(loaded)  # a missing tracker package is one line, before anything is written
     if engine == "deepspeed" or nproc > 1:
         from fuyoucli.distributed.launch import launch

@@ -210,7 +210,8 @@ def render(console, p, inv, name: str) -> None:
         f"{p.device_buffers} device buffers, pinned pool {_bytes(p.pinned_pool_bytes)}, "
         f"home {p.home_dtype}" + (f" ({p.home_rounding} rounding)" if p.method == "zo2" and not p.lora
                                   and p.home_dtype != "float32" else "")
-        + f", wire {p.wire_dtype}" + (f", {_Z_BUFFER[p.z_buffer]}" if p.method == "zo2" else "")
+        + f", wire {p.wire_dtype}" + (f" (base matrices {p.quantization})" if p.quantization != "none" else "")
+        + (f", {_Z_BUFFER[p.z_buffer]}" if p.method == "zo2" else "")
         + ".", highlight=False)
     per_param = home_bytes_per_param(p)
     if per_param:

@@ -30,8 +30,11 @@ _HOST_ALIGN = 64
 class _WeightRef:
     block: int
     offset: int
+    """Bytes from the slot's start: a byte-laid slot (engine.store, a quantized base) holds tensors of
+    several dtypes, whose element offsets are not the slot's."""
     size: torch.Size
     stride: tuple[int, ...]
+    dtype: torch.dtype
 
 
 @dataclass
@@ -123,7 +126,8 @@ class SavedActivations:
             slot = self._slot_of_ptr.get(ptr)
             if slot is not None:
                 base = self.slots[slot]
-                return _WeightRef(block, t.storage_offset() - base.storage_offset(), t.shape, t.stride())
+                return _WeightRef(block, t.storage_offset() * t.element_size() - base.storage_offset() * base.element_size(),
+                                  t.shape, t.stride(), t.dtype)
             key = (ptr, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
             if key in seen:
                 return seen[key]
@@ -145,7 +149,12 @@ class SavedActivations:
                 return h
             if isinstance(h, _WeightRef):
                 base = self.slots[self._where[h.block]]
-                return base.as_strided(h.size, h.stride, base.storage_offset() + h.offset)
+                start = base.storage_offset() * base.element_size() + h.offset
+                if h.dtype == base.dtype:
+                    return base.as_strided(h.size, h.stride, start // base.element_size())
+                itemsize = torch.empty(0, dtype=h.dtype).element_size()
+                return torch.empty(0, dtype=h.dtype, device=base.device).set_(
+                    base.untyped_storage(), start // itemsize, h.size, h.stride)
             if h.device is None:  # not prefetched: bring it now
                 self.prefetch(h.block)
                 self.lanes.compute_wait(h.mark)

@@ -16,6 +16,7 @@ from torch import nn
 
 from fuyoucli.kernels.adamw import AdamFormat
 from fuyoucli.engine.executor import OpLog
+from fuyoucli.engine.flat import byte_offsets
 from fuyoucli.engine.optimizer import AdamBlock, CpuAdam
 from fuyoucli.engine.store import StreamUnit, WeightStore
 from fuyoucli.engine.tiers import DeviceArena, SsdStore
@@ -191,7 +192,13 @@ def _units(plan: Plan, order: list[ExecBlock], runner: BlockRunner, shapes: _Sha
         if not blk.streamed:
             continue
         params = [(shapes.names[id(p)], p) for p in runner.layers[blk.layer].parameters() if p.requires_grad != lora]
-        if plan.method == "adamw" and any(p.dtype != dtype for _, p in params):
+        dtypes = [p.dtype for _, p in params]
+        if lora and any(d != dtype for d in dtypes):
+            # a quantized base (model.quantized): codes, scales and norms stream as one block of bytes
+            units.append(StreamUnit(index=blk.index, name=blk.name, params=params, shapes=[], dtype=torch.uint8,
+                                    home=blk.home, writable=False, dtypes=dtypes))
+            continue
+        if plan.method == "adamw" and any(d != dtype for d in dtypes):
             raise UnsupportedPlan(f"the model's weights are not in the plan's compute dtype {plan.compute_dtype}")
         units.append(StreamUnit(index=blk.index, name=blk.name, params=params, shapes=[], dtype=dtype,
                                 home=blk.home, writable=plan.method == "zo2" and not lora))
@@ -205,7 +212,11 @@ def _ssd_bytes(units: list[StreamUnit], shapes: _Shapes, momentum: bool, opt_hom
     total = 0
     for u in units:
         if u.home is Tier.SSD:
-            numel = sum(shapes.shape(p).numel() for _, p in u.params)
+            sizes = [shapes.shape(p) for _, p in u.params]
+            if u.dtypes is not None:
+                total += byte_offsets(sizes, u.dtypes)[1]
+                continue
+            numel = sum(s.numel() for s in sizes)
             total += numel * (u.dtype.itemsize + (4 if momentum and u.writable else 0))
     streamed = {u.name for u in units}
     for blk in trainable:

@@ -17,3 +17,24 @@ def views_of(flat: torch.Tensor, shapes) -> list[torch.Tensor]:
         out.append(flat[offset: offset + n].view(shape))
         offset += n
     return out
+
+
+BYTE_ALIGN = 64
+"""Where each tensor of a byte-laid block starts: a multiple of any element size, and of what CUDA's
+vectorized loads like."""
+
+
+def byte_offsets(shapes, dtypes) -> tuple[list[int], int]:
+    """Byte offset of each tensor of a block whose tensors differ in dtype (a quantized base's codes and
+    scales beside its norms), laid end to end, each aligned to BYTE_ALIGN; and the padded total."""
+    offsets, offset = [], 0
+    for shape, dtype in zip(shapes, dtypes):
+        offsets.append(offset)
+        offset += -(-shape.numel() * dtype.itemsize // BYTE_ALIGN) * BYTE_ALIGN
+    return offsets, offset
+
+
+def byte_views(flat: torch.Tensor, shapes, dtypes) -> list[torch.Tensor]:
+    """Typed views of the uint8 buffer `flat` at byte_offsets (no copy)."""
+    offsets, _ = byte_offsets(shapes, dtypes)
+    return [flat[o: o + s.numel() * d.itemsize].view(d).view(s) for o, s, d in zip(offsets, shapes, dtypes)]

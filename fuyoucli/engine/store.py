@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from fuyoucli.engine.executor import OpLog
-from fuyoucli.engine.flat import views_of
+from fuyoucli.engine.flat import byte_offsets, byte_views, views_of
 from fuyoucli.engine.lanes import Mark
 from fuyoucli.engine.residency import Residency, State
 from fuyoucli.engine.ticket import Ticket
@@ -39,6 +39,9 @@ class StreamUnit:
     home: Tier
     writable: bool
     """Updated on the device and written back (trainable full-parameter weights)."""
+    dtypes: list[torch.dtype] | None = None
+    """A read-only block whose tensors differ in dtype (a quantized base): `dtype` is then uint8, the
+    block is its tensors' bytes (engine/flat.py: byte_offsets) and `numel` counts bytes."""
     numel: int = 0
     host: torch.Tensor | None = None
     """Home copy for PINNED/PAGEABLE (typed, flat)."""
@@ -47,7 +50,15 @@ class StreamUnit:
     schedule waits for it before the block's next fetch."""
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        if self.dtypes is not None:
+            return byte_views(flat, self.shapes, self.dtypes)
         return views_of(flat, self.shapes)
+
+    def size(self) -> int:
+        """Elements of the store's dtype the block takes (bytes for a byte-laid block)."""
+        if self.dtypes is not None:
+            return byte_offsets(self.shapes, self.dtypes)[1]
+        return sum(s.numel() for s in self.shapes)
 
 
 @dataclass
@@ -103,7 +114,7 @@ class WeightStore:
         for u in units:
             # An empty parameter of a lazily loaded layer takes its shape from the model file.
             u.shapes = [source.shape(n) if (p.numel() == 0 and source is not None) else p.shape for n, p in u.params]
-            u.numel = sum(s.numel() for s in u.shapes)
+            u.numel = u.size()
         self.slot_numel = max(u.numel for u in units)
         pin_fn = lanes.pin if pin else None
         nbytes = self.slot_numel * self.dtype.itemsize

@@ -8,9 +8,6 @@ planner sees exactly the blocks the trainers stream. Returns model.types data; i
 from __future__ import annotations
 
 import functools
-import hashlib
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -18,12 +15,7 @@ from fuyoucli.errors import ModelError
 from fuyoucli.model.arithmetic import TRACE_BATCH, TRACE_TOKENS, known_inventory
 from fuyoucli.model.types import BlockSpec, ModelInventory
 from fuyoucli.recipe import ModelConfig, PeftConfig
-from fuyoucli.resources import cache_dir, resolve_model_path
-
-
-def _gguf_key(gguf: Path) -> str:
-    stat = gguf.stat()
-    return hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+from fuyoucli.resources import cache_dir, cached_folder, gguf_key, reading_gguf, resolve_model_path
 
 
 def _gguf_config_folder(gguf: Path) -> Path:
@@ -32,29 +24,21 @@ def _gguf_config_folder(gguf: Path) -> Path:
     Parsing a GGUF header takes seconds (its token tables), so the config is cached, keyed like
     model.loading's converted folder; when that folder exists, its config is used as it is.
     """
-    key = _gguf_key(gguf)
+    key = gguf_key(gguf)
     converted = cache_dir() / "gguf" / f"{gguf.stem}-{key}"
     if (converted / "config.json").is_file():
         return converted
-    folder = cache_dir() / "gguf-config" / f"{gguf.stem}-{key}"
-    if (folder / "config.json").is_file():
-        return folder
-    from transformers import AutoConfig
 
-    try:
-        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    except Exception as e:  # noqa: BLE001 - any parse failure of a foreign file is a model error
-        raise ModelError(f"cannot read the config of GGUF file {gguf}: {e}") from e
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
-    config.to_json_file(tmp / "config.json")
-    try:
-        os.replace(tmp, folder)
-    except OSError:  # another process cached it first
-        pass
-    return folder if (folder / "config.json").is_file() else tmp
+    def fill(tmp: Path) -> None:
+        from transformers import AutoConfig
+
+        with reading_gguf(gguf, "the config of "):
+            config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.to_json_file(tmp / "config.json")
+
+    return cached_folder(cache_dir() / "gguf-config" / f"{gguf.stem}-{key}", fill)
 
 
 def load_config(cfg: ModelConfig):
@@ -97,8 +81,8 @@ def _known_from_json(path: Path, cfg: ModelConfig, peft_cfg: PeftConfig) -> Mode
     import json
 
     if path.suffix == ".gguf":
-        key = _gguf_key(path)
-        folders = [cache_dir() / "gguf" / f"{path.stem}-{key}", cache_dir() / "gguf-config" / f"{path.stem}-{key}"]
+        key = gguf_key(path)
+        folders = [cache_dir() / kind / f"{path.stem}-{key}" for kind in ("gguf", "gguf-header", "gguf-config")]
         found = [f / "config.json" for f in folders if (f / "config.json").is_file()]
         if not found:
             return None
@@ -124,7 +108,7 @@ def lora_inventory(cfg: ModelConfig, peft_cfg: PeftConfig, *, num_labels: int | 
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from fuyoucli.model.blocks import param_blocks
+    from fuyoucli.model.blocks import find_layer_list, param_blocks
     from fuyoucli.model.loading import apply_lora
 
     full = inventory(cfg, PeftConfig(), num_labels=num_labels)
@@ -141,7 +125,9 @@ def lora_inventory(cfg: ModelConfig, peft_cfg: PeftConfig, *, num_labels: int | 
     torch.random.set_rng_state(state)  # planning must not move the global RNG
     trained = {b.name: b.numel for b in param_blocks(model, trainable_only=True)}
     total = {b.name: b.numel for b in param_blocks(model, trainable_only=False)}  # the base and its adapters
-    blocks = tuple(dataclasses.replace(b, params=total.get(b.name, b.params), trainable_params=trained.get(b.name, 0))
+    quantizable = _quantizable_by_block(model, find_layer_list(model)[0])
+    blocks = tuple(dataclasses.replace(b, params=total.get(b.name, b.params), trainable_params=trained.get(b.name, 0),
+                                       quantizable_params=quantizable.get(b.name, 0))
                    for b in full.blocks)
     return dataclasses.replace(full, blocks=blocks)
 
@@ -187,6 +173,7 @@ def inventory_from_config(config, peft_cfg: PeftConfig | None = None, *, head: s
 
     flops = _matmul_flops_by_block(model, layer_path)
     out_elems = _linear_out_elems_by_block(model, layer_path)
+    quantizable = _quantizable_by_block(model, layer_path)
     traced, loss_total = _trace_elementwise(model, layers)
     elementwise = {k: v // (_TRACE_BATCH * _TRACE_TOKENS) for k, v in traced.items()}
     positions = _TRACE_BATCH if head == "sequence_classification" else _TRACE_BATCH * (_TRACE_TOKENS - 1)
@@ -219,6 +206,7 @@ def inventory_from_config(config, peft_cfg: PeftConfig | None = None, *, head: s
             boundary_elems_per_token=boundary,
             internal_elems_per_token=internal,
             elementwise_elems_per_token=elementwise.get(b.name, 0),
+            quantizable_params=quantizable.get(b.name, 0),
         ))
     if "head" not in names:  # a tied head with no final norm owns no parameters, but still computes
         logits = config.num_labels if head == "sequence_classification" else vocab
@@ -252,6 +240,21 @@ def _linear_shapes(model, layer_path: str):
         elif type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:
             n_in, n_out = module.weight.shape
             yield _block_of(name, prefix), int(n_in), int(n_out)
+
+
+def _quantizable_by_block(model, layer_path: str) -> dict[str, int]:
+    """Per decoder layer, the weights of its frozen nn.Linear modules: what model.quantized.quantize_linears
+    replaces (exactly nn.Linear there too; GPT-2's Conv1D is not quantized). Under LoRA, peft's base
+    layers; its adapters train and are not counted."""
+    from torch import nn
+
+    prefix = layer_path + "."
+    out: dict[str, int] = {}
+    for name, module in model.named_modules():
+        if type(module) is nn.Linear and name.startswith(prefix) and not module.weight.requires_grad:
+            block = _block_of(name, prefix)
+            out[block] = out.get(block, 0) + module.weight.numel()
+    return out
 
 
 def _matmul_flops_by_block(model, layer_path: str) -> dict[str, int]:

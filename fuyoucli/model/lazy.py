@@ -12,9 +12,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Container
+
 import torch
 
 from fuyoucli.errors import ModelError
+
+
+class _AllLayers:
+    def __contains__(self, index: object) -> bool:
+        return True
+
+
+ALL_LAYERS = _AllLayers()
+"""lazy_load's streamed_layers when every decoder layer is left empty (a quantized base fills them)."""
 
 
 class TensorSource:
@@ -38,6 +49,9 @@ class TensorSource:
     def keys(self) -> set[str]:
         return set(self.weight_map)
 
+    def has(self, key: str) -> bool:
+        return key in self.weight_map
+
     def shape(self, key: str) -> torch.Size:
         return torch.Size(self._handle(key).get_slice(key).get_shape())
 
@@ -57,21 +71,21 @@ class TensorSource:
         self._open.clear()
 
 
-def lazy_load(folder: Path, config, *, dtype: torch.dtype, trust_remote_code: bool,
-              streamed_layers: set[int]) -> tuple[torch.nn.Module, TensorSource] | None:
-    """The model with the parameters of `streamed_layers` left on the meta device and every other one
-    read from the file; None when the file does not hold exactly the model's keys."""
+def lazy_load(source, config, *, dtype: torch.dtype, trust_remote_code: bool,
+              streamed_layers: Container[int]) -> tuple[torch.nn.Module, TensorSource] | None:
+    """The model with the parameters of `streamed_layers` left empty and every other one read from
+    `source` (a TensorSource, or model.gguf's GGUFSource: has, shape, read, close); None when the
+    source does not hold every one of the model's keys."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     from fuyoucli.model.blocks import find_layer_list
 
-    source = TensorSource(folder)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     model.tie_weights()  # not done on an empty skeleton; a tied head must not count as a missing key
-    names = set(model.state_dict())
-    if not names <= source.keys() | _tied_names(model):
+    tied = _tied_names(model)
+    if not all(source.has(name) or name in tied for name in model.state_dict()):
         return None
     prefix = find_layer_list(model)[0] + "."
 
@@ -86,7 +100,7 @@ def lazy_load(folder: Path, config, *, dtype: torch.dtype, trust_remote_code: bo
         data = torch.empty(0, dtype=dtype) if streamed(name) else source.read(name, dtype)
         module._parameters[attr] = torch.nn.Parameter(data, requires_grad=param.requires_grad)
     for name, buf in model.named_buffers():
-        if name in source.keys():
+        if source.has(name):
             buf.data = source.read(name, buf.dtype)
     model.tie_weights()
     model.eval()  # as from_pretrained leaves it: dropout off until a trainer asks for train mode

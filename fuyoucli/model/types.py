@@ -10,6 +10,11 @@ from dataclasses import dataclass
 
 DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
 
+QUANT_BYTES_PER_PARAM: dict[str, float] = {"int8": 1 + 2 / 32, "nf4": 0.5 + 1 / 64 + 4 / (64 * 256)}
+"""Bytes a weight stored by model.quantization takes (kernels.quant's formats, priced here for the
+planner, which imports no torch): int8, a byte and an fp16 scale per 32; nf4, half a byte, an 8-bit
+absmax per 64 and an fp32 scale per 256 of those."""
+
 
 @dataclass(frozen=True)
 class BlockSpec:
@@ -38,6 +43,9 @@ class BlockSpec:
     attention (norms, activations, rotary embeddings, residual adds, casts, copies), as traced on the
     meta device (the loss: ModelInventory.loss_elems_per_position). Memory-bound work, and on a CPU
     a large share of a forward's time."""
+    quantizable_params: int = 0
+    """Of the frozen parameters, the decoder layer's nn.Linear weights: what model.quantization stores
+    quantized (model.quantized); 0 outside the decoder layers and in an inventory that trains them."""
 
     def forward_flops_per_token(self, seq_len: int) -> int:
         """Forward FLOPs per token at this sequence length; causal attention sees (seq+1)/2 keys on average."""

@@ -8,9 +8,10 @@ parameter of known kernels, each with its reason.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-from fuyoucli.model.types import DTYPE_BYTES, ModelInventory
+from fuyoucli.model.types import DTYPE_BYTES, QUANT_BYTES_PER_PARAM, ModelInventory
 from fuyoucli.plan import work
 from fuyoucli.plan.types import Z_PIECE, Machine, Options, Placement, Tier, TierBytes, Workload
 
@@ -70,13 +71,16 @@ def overflows(memory: TierBytes, cap: TierBytes) -> list[tuple[str, int, int]]:
 
 def home_bytes(inv: ModelInventory, wl: Workload, home_dtype: str) -> list[int]:
     """Per block, the bytes that live at the weights' home (and stream when not resident). Under
-    LoRA only the frozen base streams, read-only, in the compute dtype; adapters stay on the device."""
+    LoRA only the frozen base streams, read-only, in the compute dtype (its decoder layers' matrices
+    quantized when model.quantization says so); adapters stay on the device."""
     compute_bytes, home_bytes_per_param = DTYPE_BYTES[wl.compute_dtype], DTYPE_BYTES[home_dtype]
     momentum_bytes = 4 if (wl.method == "zo2" and wl.zo_momentum) else 0
     out = []
     for s in inv.blocks:
         if wl.lora:
-            out.append((s.params - s.trainable_params) * compute_bytes)
+            quantized = s.quantizable_params if wl.quantization != "none" else 0
+            out.append((s.params - s.trainable_params - quantized) * compute_bytes +
+                       math.ceil(quantized * QUANT_BYTES_PER_PARAM.get(wl.quantization, 0.0)))
         elif wl.method == "zo2":
             out.append(s.params * home_bytes_per_param + s.trainable_params * momentum_bytes)
         else:
@@ -159,6 +163,17 @@ def logits_and_loss_bytes(inv: ModelInventory, wl: Workload, micro_tokens: int) 
     return logits + (forward if wl.method == "zo2" else max(forward, backward))
 
 
+def dequantized_bytes(inv: ModelInventory, wl: Workload) -> int:
+    """Device bytes of a quantized base's one matrix in use (model.quantized: dequantized for its
+    product, freed after it; the backward's input gradient dequantizes again): the weight in the
+    compute dtype, and int8's fp32 product (code * scale) before that cast, or nf4's fp32 block scales."""
+    if not wl.lora or wl.quantization == "none":
+        return 0
+    largest = max((s.max_tensor_params for s in inv.blocks if s.quantizable_params), default=0)
+    extra = 4 * largest if wl.quantization == "int8" else 4 * math.ceil(largest / 64)
+    return largest * DTYPE_BYTES[wl.compute_dtype] + extra
+
+
 # ---- one placement's peak ------------------------------------------------------------------------
 
 
@@ -195,6 +210,7 @@ def memory_estimate(inv: ModelInventory, wl: Workload, machine: Machine, pl: Pla
         parts["work buffers"] = _zo_work_buffers(inv, wl, pl, blocks)
     parts["activations"] = _activations(inv, wl, pl, host)
     parts["logits and loss"] = logits_and_loss_bytes(inv, wl, pl.micro_batch_size * wl.seq_len)
+    parts["dequantized weight"] = dequantized_bytes(inv, wl)
     if not cpu:  # what a CUDA process holds beyond its tensors (hardware.profile says why)
         parts["CUDA context"] = machine.context_bytes
         parts["library workspaces"] = machine.library_workspace_bytes

@@ -345,22 +345,28 @@ def _smallest(s: _Search, home_dtype: str, resident_counts: list[int]) -> tuple[
 # ---- the Plan ------------------------------------------------------------------------------------
 
 
-def _compact_state_notes(inv: ModelInventory, wl: Workload, machine: Machine, opts: Options, pl: Placement,
-                         est: Estimate) -> list[str]:
-    """A first-order plan whose AdamW states go to the SSD, or whose step the drive binds: what each
-    compact format would take instead (states in host RAM, or a quarter of the bytes on the drive)."""
-    on_ssd = any(h is Tier.SSD for h in pl.optimizer_home)
-    if not (on_ssd or est.times.bottleneck == "ssd"):
-        return []
+def _compact_format_notes(inv: ModelInventory, wl: Workload, machine: Machine, opts: Options, pl: Placement,
+                          est: Estimate) -> list[str]:
+    """A plan whose AdamW states or LoRA base go to the SSD, or whose step the drive or the link binds:
+    what each compact format would take instead (compact AdamW states; a quantized base), in host RAM
+    or with fewer bytes to move."""
+    states_on_ssd = any(h is Tier.SSD for h in pl.optimizer_home)
+    base_on_ssd = wl.lora and any(h is Tier.SSD for h in pl.weights_home)
+    bound = est.times.bottleneck
     notes = []
-    for label, change, _ in explain.compact_state_changes(wl, machine):
-        other, other_est, ok, _notes = search(inv, dataclasses.replace(wl, **change), machine, opts)
-        if not ok or other_est.times.step_s >= est.times.step_s:
+    for changes, on_ssd, bounds, homes, what in (
+            (explain.compact_state_changes(wl, machine), states_on_ssd, ("ssd",), "optimizer_home", "AdamW states"),
+            (explain.quantization_changes(wl), base_on_ssd, ("ssd", "h2d"), "weights_home", "the base")):
+        if not (on_ssd or bound in bounds):
             continue
-        where = ("would fit in host RAM" if on_ssd and not any(h is Tier.SSD for h in other.optimizer_home)
-                 else "would move fewer bytes")
-        notes.append(f"{label.removeprefix('use ')} {where}: {other_est.times.step_s:.3g} s/step instead of "
-                     f"{est.times.step_s:.3g}" + (" with AdamW states on SSD" if on_ssd else ""))
+        for label, change, _ in changes:
+            other, other_est, ok, _notes = search(inv, dataclasses.replace(wl, **change), machine, opts)
+            if not ok or other_est.times.step_s >= est.times.step_s:
+                continue
+            where = ("would fit in host RAM" if on_ssd and not any(h is Tier.SSD for h in getattr(other, homes))
+                     else "would move fewer bytes")
+            notes.append(f"{label.removeprefix('use ')} {where}: {other_est.times.step_s:.3g} s/step instead of "
+                         f"{est.times.step_s:.3g}" + (f" with {what} on SSD" if on_ssd else ""))
     return notes
 
 
@@ -381,7 +387,7 @@ def make_plan(inv: ModelInventory, wl: Workload, machine: Machine, opts: Options
             i, w, machine, o, suggest=False))
         if published:
             notes.append(published)
-        notes += _compact_state_notes(inv, wl, machine, opts, pl, est)
+        notes += _compact_format_notes(inv, wl, machine, opts, pl, est)
     cap = capacities(machine, opts)
     reasons: tuple[str, ...] = ()
     suggestions: tuple[str, ...] = ()
@@ -410,7 +416,7 @@ def make_plan(inv: ModelInventory, wl: Workload, machine: Machine, opts: Options
         seq_len=wl.seq_len, tokens_per_step=wl.tokens_per_step, flops_per_step=est.flops_per_step,
         tflops=est.flops_per_step / step / 1e12 if step > 0 else 0.0,
         gpu_utilization=est.flops_per_step / step / best_rate if step > 0 and best_rate > 0 else 0.0,
-        lora=wl.lora, model=inv.model_type, machine=machine.name, notes=tuple(notes), z_buffer=pl.z_buffer,
+        lora=wl.lora, quantization=wl.quantization, model=inv.model_type, machine=machine.name, notes=tuple(notes), z_buffer=pl.z_buffer,
         home_rounding=wl.home_rounding if _zo_full(wl) and pl.home_dtype != "float32" else "nearest",
         device_parts=est.device_parts,
         device_context_bytes=machine.context_bytes if machine.compute_device == "cuda" else 0,

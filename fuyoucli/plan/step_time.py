@@ -158,7 +158,8 @@ def _zo_phases(step: _Step) -> tuple[list[_Phase], float]:
         key = (_shape_of(s), streamed)
         if key not in priced:  # identical layers: priced once per estimate
             raw, loss = step.forward_parts(s)
-            priced[key] = passes * (step.calibration.forward_no_grad * raw + loss) + \
+            priced[key] = passes * (step.calibration.forward_no_grad * raw + loss +
+                                    step.micro_batches * work.dequant_s(machine, wl, s)) + \
                 work.zo_block_s(machine, wl, s, pl.home_dtype, engine=engine, streamed=streamed and not wl.lora,
                                 tied_embed=inv.tied_embeddings and s.name == "embed",
                                 z_per_tensor=pl.z_buffer == "tensor")
@@ -173,7 +174,8 @@ def _zo_phases(step: _Step) -> tuple[list[_Phase], float]:
             v = [0.0] * _N
             flops += 3 * step.tokens * s.forward_flops_per_token(wl.seq_len)
             raw, loss = step.forward_parts(s)
-            v[GPU] = 3 * (step.calibration.forward_no_grad * raw + loss)
+            v[GPU] = 3 * (step.calibration.forward_no_grad * raw + loss +
+                          step.micro_batches * work.dequant_s(machine, wl, s))
             v[GPU] += work.zo_candidates_s(machine, wl, s, pl.home_dtype, engine=engine,
                                            tied_embed=inv.tied_embeddings and s.name == "embed")
             step.fetch(i, v, machine.h2d_bps)  # read-only: nothing goes back
@@ -210,7 +212,8 @@ def _first_order_phases(step: _Step) -> tuple[list[_Phase], float]:
         if key not in priced:  # identical layers: priced once per estimate
             priced[key] = (*step.forward_parts(s), work.grad_s(step.machine, wl, s))
         raw, loss, grad_s = priced[key]
-        forward_s = step.calibration.forward * raw + loss
+        dequant_s = step.micro_batches * work.dequant_s(step.machine, wl, s)  # again in the backward
+        forward_s = step.calibration.forward * raw + loss + dequant_s
         forward.append(_forward_busy(step, i, forward_s, swapped_bytes, h2d_forward, d2h_forward))
         # Backward: each product twice (input and weight gradients; LoRA: the frozen base's input
         # gradient only), each elementwise op's gradient about as costly as the op itself twice over
@@ -218,7 +221,7 @@ def _first_order_phases(step: _Step) -> tuple[list[_Phase], float]:
         # measured layers' backward (calibration).
         w = [0.0] * _N
         w[GPU] = step.calibration.backward * (backward_factor * raw + grad_s) + backward_factor * loss + \
-            (forward_s if recompute else 0.0)
+            dequant_s + (forward_s if recompute else 0.0)
         if s.name == "head":
             w[GPU] += work.loss_backward_s(step.machine, wl, inv, step.tokens)
         flops += forward_flops * (1 + backward_factor) + (forward_flops if recompute else 0.0)

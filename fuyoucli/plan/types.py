@@ -66,6 +66,9 @@ class Workload:
     scale per 256 values each)."""
     adam_master: Literal["fp32", "bf16"] = "fp32"
     """first-order: the optimizer's master, an fp32 copy or (bf16) the weights' own 16-bit home."""
+    quantization: Literal["none", "int8", "nf4"] = "none"
+    """LoRA: the frozen base's decoder-layer matrices stored quantized (model.types.QUANT_BYTES_PER_PARAM
+    a weight at home, on the wire and on the device), dequantized for each product."""
 
     @property
     def tokens_per_step(self) -> int:
@@ -295,6 +298,8 @@ class Plan:
     gpu_utilization: float = 0.0
     """flops_per_step / step_s as a fraction of the device's best matmul rate."""
     lora: bool = False
+    quantization: Literal["none", "int8", "nf4"] = "none"
+    """LoRA: the format the frozen base's decoder-layer matrices are stored in (Workload.quantization)."""
     model: str = ""
     machine: str = ""
     notes: tuple[str, ...] = ()

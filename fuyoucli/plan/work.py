@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from fuyoucli.model.types import DTYPE_BYTES, BlockSpec, ModelInventory
+from fuyoucli.model.types import DTYPE_BYTES, QUANT_BYTES_PER_PARAM, BlockSpec, ModelInventory
 from fuyoucli.plan.types import Z_PIECE, Machine, Workload
 
 # Bytes one element of a probe's add moves (read x, read y, write the result): the unit its rates are in.
@@ -257,6 +257,20 @@ def product_s(machine: Machine, wl: Workload, spec: BlockSpec, tokens: int, micr
     micro-batch. With few tokens per micro-batch the second term is what makes small batches slow."""
     weights_bytes = spec.matmul_flops_per_token // 2 * DTYPE_BYTES[wl.compute_dtype]
     return tokens * spec.matmul_flops_per_token / rate + micro_batches * weights_bytes / (machine.device_mem_bps or 1.0)
+
+
+def dequant_s(machine: Machine, wl: Workload, spec: BlockSpec) -> float:
+    """One dequantization of a block's quantized matrices (model.quantized: each forward product, and
+    each backward's input gradient, per micro-batch): read the stored bytes, write the weight in the
+    compute dtype; int8 makes the fp32 product first (written, read again)."""
+    if not wl.lora or wl.quantization == "none" or not spec.quantizable_params:
+        return 0.0
+    r = rates_at(machine, spec.max_tensor_params)
+    cb = DTYPE_BYTES[wl.compute_dtype]
+    stored = QUANT_BYTES_PER_PARAM[wl.quantization]
+    per = (stored + 8 + cb) * r.inplace_s + (4 + cb) * r.alloc_s if wl.quantization == "int8" \
+        else (stored + cb) * r.inplace_s + cb * r.alloc_s
+    return spec.quantizable_params * per
 
 
 # ---- a forward's elementwise work ---------------------------------------------------------------

@@ -144,7 +144,8 @@ def workload_from_recipe(recipe: Recipe) -> Workload:
                     clips_grads=not zo and m.max_grad_norm is not None,
                     loss_positions_fraction=loss_positions_fraction(recipe),
                     home_rounding=zo_home(recipe)[1],
-                    adam_states="fp32" if zo else m.states, adam_master="fp32" if zo else m.master)
+                    adam_states="fp32" if zo else m.states, adam_master="fp32" if zo else m.master,
+                    quantization=recipe.model.quantization)
 
 
 def zo_home(recipe: Recipe) -> tuple[str, str]:

@@ -4,12 +4,13 @@ Trainer-side glue between the plan and the run loop: CUDA requested but absent, 
 against the bytes the plan pins, free RAM against the plan's host memory, free space in swap_dir and
 output_dir against the swap files and the checkpoints the run will write, swap_dir writable (and
 whether it takes O_DIRECT), output_dir and swap_dir being writable folders, the model's safetensors
-files being whole, and an output folder holding another run. A failure is one line (PreflightError,
+files being whole, an output folder holding another run, and nf4's library being installed. A failure is one line (PreflightError,
 exit 2); what is only slower becomes a note. Never imports rich.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -137,6 +138,9 @@ def preflight(recipe: Recipe, plan: Plan | None, *, trainable_params: int, param
               note: Callable[[str], None], machine: Machine | None = None) -> None:
     machine = machine or this_machine()
     out_dir = Path(recipe.training.output_dir)
+    if recipe.model.quantization == "nf4" and importlib.util.find_spec("bitsandbytes") is None:
+        raise PreflightError("model.quantization: nf4 needs bitsandbytes, which is not installed: pip install "
+                             "'fuyoucli[quant]' (or use quantization: int8, which needs nothing more)")
     if plan is not None and plan.compute_device == "cuda" and not machine.cuda:
         raise PreflightError(f"the plan computes on a CUDA GPU ({plan.machine or 'its hardware profile'}) but this "
                              "machine has none available; plan with this machine's profile (`fuyou profile`) "

@@ -203,7 +203,8 @@ def _run_started(recipe: Recipe, plan: Plan | None, trainer, inv, data: Datasets
     # Parameter counts from the inventory, not the model: a streamed layer loads lazily and holds empty
     # parameters until then.
     return RunStarted(
-        name=recipe.name, method=recipe.method.name + (" + lora" if recipe.peft.type == "lora" else ""),
+        name=recipe.name, method=recipe.method.name + (" + lora" if recipe.peft.type == "lora" else "")
+        + (f" over a {recipe.model.quantization} base" if recipe.model.quantization != "none" else ""),
         model=recipe.model.path, device=str(device), offload=offload, total_steps=steps,
         trainable_params=inv.trainable_params, total_params=inv.params,
         train_examples=len(data.train), eval_examples=len(data.eval), output_dir=str(Path(recipe.training.output_dir)),

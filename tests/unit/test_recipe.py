@@ -141,3 +141,20 @@ def test_pkg_paths_name_the_missing_package(tmp_path, text_data):
     path = write(tmp_path, minimal("pkg:no_such_package_xyz/model.gguf", text_data))
     with pytest.raises(FuyouError, match="package 'no_such_package_xyz' is not installed"):
         load_recipe(path)
+
+
+@pytest.mark.parametrize("model_extra,peft,expected", [
+    ("  quantization: nf4\n", "", "model.quantization: nf4 stores a frozen base; full-parameter training updates "
+                                  "every weight (set peft.type: lora"),
+    ("  quantization: int4\n", "peft:\n  type: lora\n", "Input should be 'none', 'int8' or 'nf4'"),
+])
+def test_a_quantized_base_needs_lora(model_extra, peft, expected, tmp_path, tiny_models, text_data):
+    path = write(tmp_path, f"model:\n  path: {tiny_models['llama']}\n{model_extra}method:\n  name: adamw\n{peft}"
+                           f"data:\n  train: {text_data}\ntraining:\n  max_steps: 2\n")
+    with pytest.raises(FuyouError) as info:
+        load_recipe(path)
+    assert len(str(info.value).splitlines()) == 1, str(info.value)
+    assert expected in str(info.value)
+    ok = write(tmp_path, f"model:\n  path: {tiny_models['llama']}\n  quantization: int8\nmethod:\n  name: zo2\n"
+                         f"peft:\n  type: lora\ndata:\n  train: {text_data}\ntraining:\n  max_steps: 2\n")
+    assert load_recipe(ok).model.quantization == "int8"
