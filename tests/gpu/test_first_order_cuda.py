@@ -88,6 +88,21 @@ def test_lora_cuda_streams_base_from_ssd(tiny_models, text_data, tmp_path):
     assert trainer.store.stats.writebacks == 0
 
 
+@pytest.mark.parametrize("fmt,home,act", [("nf4", Tier.PINNED, "keep"), ("int8", Tier.SSD, "swap")])
+def test_lora_cuda_over_a_quantized_base(fmt, home, act, tiny_models, text_data, tmp_path):
+    """model.quantization on CUDA: the quantized bytes stream into a byte-laid device slot, bitsandbytes'
+    CUDA kernel (nf4) or the int8 product dequantizes them there, saved codes are found again by byte
+    offset for the backward."""
+    if fmt == "nf4":
+        pytest.importorskip("bitsandbytes")
+    recipe, tok, steps = setup(tiny_models["llama"], text_data, tmp_path, peft=LORA, lr=5e-2)
+    recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update={"quantization": fmt})})
+    plan = fixed_plan(2, home, method="adamw", activation=act, swap_dir=str(tmp_path / "swap"), compute_device="cuda")
+    got, want, trainer = run_both(recipe, tok, _to_cuda(steps), plan, host_optimizer=False)
+    check(got, want, 1e-5)
+    assert trainer.store.stats.writebacks == 0 and trainer.store.stats.d2h_bytes == 0
+
+
 def test_slow_cpu_optimizer_and_resident_blocks_on_host(tiny_models, text_data, tmp_path):
     """The CPU worker slowed down, embeddings/head updated on the host and uploaded back: every wait
     (gradient copy before the update, update before the next fetch, upload before the next use) holds."""

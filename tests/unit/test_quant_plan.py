@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from fuyoucli.hardware.presets import get_preset
-from fuyoucli.model.inventory import inventory
+from fuyoucli.model.inventory import inventory, lora_inventory
 from fuyoucli.model.types import QUANT_BYTES_PER_PARAM
 from fuyoucli.plan.types import Tier
-from fuyoucli.recipe import validate_recipe
+from fuyoucli.recipe import PeftConfig, validate_recipe
 from fuyoucli.train.planning import plan_recipe
 
 CONFIGS = Path(__file__).parents[2] / "benchmarks" / "configs"
@@ -78,3 +78,17 @@ def test_a_lora_base_on_the_ssd_is_told_what_quantizing_would_take(text_data, tm
     assert p.feasible and any(b.weights_home is Tier.SSD for b in p.blocks)
     note = next(n for n in p.notes if n.startswith("model.quantization: nf4"))
     assert "would fit in host RAM" in note and note.endswith("with the base on SSD"), note
+
+
+def test_a_full_parameter_run_that_fits_nowhere_is_offered_lora_over_an_nf4_base(text_data):
+    r = validate_recipe({
+        "model": {"path": str(LLAMA_70B), "dtype": "bfloat16"},
+        "method": {"name": "adamw", "lr": 1e-5},
+        "data": {"train": [str(text_data)], "max_length": 1024},
+        "training": {"max_steps": 10, "batch_size": 4},
+        "offload": {"host_memory_limit": "64GB"},
+    })
+    p = plan_recipe(r, inventory(r.model, r.peft), get_preset("rtx4090-pcie4-1nvme-128g"),
+                    lora_inventory=lambda: lora_inventory(r.model, PeftConfig(type="lora")))
+    assert not p.feasible
+    assert p.suggestions[0].startswith("use peft.type: lora and model.quantization: nf4: fits"), p.suggestions
