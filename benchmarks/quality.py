@@ -63,6 +63,8 @@ VARIANTS = {  # name -> (recipe file it runs, overrides)
     "adamw-lora-sentiment-bf16": ("adamw-lora-sentiment", ["model.dtype=bfloat16"]),
     "adamw-lora-sentiment-nf4": ("adamw-lora-sentiment", ["model.dtype=bfloat16", "model.quantization=nf4"]),
     "adamw-lora-sentiment-int8base": ("adamw-lora-sentiment", ["model.dtype=bfloat16", "model.quantization=int8"]),
+    "zo2-lora-sentiment-bf16": ("zo2-lora-sentiment", ["model.dtype=bfloat16"]),
+    "zo2-lora-sentiment-nf4": ("zo2-lora-sentiment", ["model.dtype=bfloat16", "model.quantization=nf4"]),
 }
 RECIPES.update({name: RECIPES[base] for name, (base, _) in VARIANTS.items()})
 DEFAULT_RECIPES = [r for r in RECIPES if r not in VARIANTS]
