@@ -79,20 +79,21 @@ class Updates(Protocol):
 
 
 def run_pass(ops: list[Op], store: WeightStore, compute: Callable[[int, int | None], bool] | None = None,
-             updates: Updates | None = None) -> None:
-    """Walk a schedule. `compute(block, slot)` runs the block and returns whether it changed its
-    weights (which the schedule must then send home before the slot is freed); `updates` performs
-    the optimizer's operations. A wait on a write home or an update of a streamed block is the
-    store's; of a resident block (its new weights uploaded by the optimizer), the updates'."""
+             updates: Updates | None = None, apply: Callable[[int, int], bool] | None = None) -> None:
+    """Walk a schedule. `compute(block, slot)` runs the block and `apply(block, slot)` applies its
+    deferred update in its slot (zo2); each returns whether it changed the block's weights (which the
+    schedule must then send home before the slot is freed); `updates` performs the optimizer's
+    operations. A wait on a write home or an update of a streamed block is the store's; of a resident
+    block (its new weights uploaded by the optimizer), the updates'."""
     store.ops.schedule(ops)
     changed: dict[int, bool] = {}
     for op in ops:
         kind, b = op.kind, op.block
         if kind == "fetch":
             store.fetch(b, op.slot)
-        elif kind == "compute":
+        elif kind in ("compute", "apply"):
             start = time.perf_counter()
-            changed[b] = compute(b, op.slot)
+            changed[b] = bool((compute if kind == "compute" else apply)(b, op.slot)) or changed.get(b, False)
             unit = store.units.get(b)
             store.recorder.span("compute", unit.name if unit else f"block {b}", start, time.perf_counter())
             store.ops.performed(op)

@@ -24,7 +24,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Union
 
 import torch
 
@@ -37,6 +37,19 @@ class Mark:
 
     lane: str
     event: Any = None  # torch.cuda.Event on CUDA; None where the operation was synchronous
+
+
+After = Union[Mark, tuple[Mark, ...], None]
+"""What a copy waits for before it starts: nothing, one mark, or several (on different lanes)."""
+
+
+def _marks(after) -> tuple[Mark, ...]:
+    if after is None:
+        return ()
+    marks = after if isinstance(after, tuple) else (after,)
+    for m in marks:
+        _require(m)
+    return marks
 
 
 def _require(mark) -> None:
@@ -55,11 +68,11 @@ class CpuLanes:
     def __init__(self, device: torch.device | str = "cpu"):
         self.device = torch.device(device)
 
-    def upload(self, dst: torch.Tensor, src: torch.Tensor, after: Mark | None = None) -> Mark:
+    def upload(self, dst: torch.Tensor, src: torch.Tensor, after: After = None) -> Mark:
         dst.copy_(src)
         return Mark("upload")
 
-    def offload(self, dst: torch.Tensor, src: torch.Tensor, after: Mark | None = None) -> Mark:
+    def offload(self, dst: torch.Tensor, src: torch.Tensor, after: After = None) -> Mark:
         dst.copy_(src)
         return Mark("offload")
 
@@ -86,8 +99,9 @@ class CudaLanes:
     """Upload and offload on their own streams; compute on the current stream.
 
     Why each wait exists:
-    - an upload into a slot waits for `after` (the compute that last read the slot, or the offload
-      that last copied out of it), else it would overwrite weights still in use;
+    - an upload into a slot waits for `after` (the compute that last read the slot, and the offload
+      that last copied out of it: a zo2 layer goes home while its passes read it), else it would
+      overwrite weights still in use;
     - compute waits for the upload's event before using the slot;
     - an offload waits for the compute mark after the update, else it would copy stale weights;
     - the host waits for an offload before reusing the host buffer (e.g. to write it to SSD).
@@ -102,19 +116,20 @@ class CudaLanes:
         self._offload = torch.cuda.Stream(self.device)
         self._lock = threading.Lock()  # I/O threads enqueue uploads too
 
-    def _copy(self, stream, lane: str, dst: torch.Tensor, src: torch.Tensor, after: Mark | None) -> Mark:
+    def _copy(self, stream, lane: str, dst: torch.Tensor, src: torch.Tensor, after: After) -> Mark:
         with self._lock, torch.cuda.stream(stream):
-            if after is not None and after.event is not None:
-                stream.wait_event(after.event)
+            for mark in _marks(after):
+                if mark.event is not None:
+                    stream.wait_event(mark.event)
             dst.copy_(src, non_blocking=True)
             event = torch.cuda.Event()
             event.record(stream)
         return Mark(lane, event)
 
-    def upload(self, dst: torch.Tensor, src: torch.Tensor, after: Mark | None = None) -> Mark:
+    def upload(self, dst: torch.Tensor, src: torch.Tensor, after: After = None) -> Mark:
         return self._copy(self._upload, "upload", dst, src, after)
 
-    def offload(self, dst: torch.Tensor, src: torch.Tensor, after: Mark | None = None) -> Mark:
+    def offload(self, dst: torch.Tensor, src: torch.Tensor, after: After = None) -> Mark:
         return self._copy(self._offload, "offload", dst, src, after)
 
     def mark_compute(self) -> Mark:
@@ -191,12 +206,12 @@ class _SimLane:
         self._thread: threading.Thread | None = None
         self._last = _DONE
 
-    def submit(self, dst: torch.Tensor, src: torch.Tensor, after: Mark | None) -> _SimEvent:
+    def submit(self, dst: torch.Tensor, src: torch.Tensor, after: After) -> _SimEvent:
         event = _SimEvent()
         with self._lock:
             # The destination holds poison from now on, unless an earlier operation on another lane
             # must read it first (`after`): then from the moment that one is done, as on a GPU.
-            ready = after is None or after.event is None or after.event.query()
+            ready = all(m.event is None or m.event.query() for m in _marks(after))
             if ready:
                 _poison(dst)
             # Half the copies finish at once, the others within max_delay_s: orders vary from run to run.
@@ -220,8 +235,9 @@ class _SimLane:
                         return
                 continue
             try:
-                if after is not None and after.event is not None:
-                    after.event.synchronize()
+                for mark in _marks(after):
+                    if mark.event is not None:
+                        mark.event.synchronize()
                 if not poisoned:
                     _poison(dst)
                 if delay:
@@ -261,13 +277,13 @@ class SimulatedAsyncLanes:
         self._lanes = {lane: _SimLane(lane, random.Random(f"{seed}-{lane}"), max_delay_s)
                        for lane in ("upload", "offload")}
 
-    def _copy(self, lane: str, dst: torch.Tensor, src: torch.Tensor, after: Mark | None) -> Mark:
+    def _copy(self, lane: str, dst: torch.Tensor, src: torch.Tensor, after: After) -> Mark:
         return Mark(lane, self._lanes[lane].submit(dst, src, after))
 
-    def upload(self, dst: torch.Tensor, src: torch.Tensor, after: Mark | None = None) -> Mark:
+    def upload(self, dst: torch.Tensor, src: torch.Tensor, after: After = None) -> Mark:
         return self._copy("upload", dst, src, after)
 
-    def offload(self, dst: torch.Tensor, src: torch.Tensor, after: Mark | None = None) -> Mark:
+    def offload(self, dst: torch.Tensor, src: torch.Tensor, after: After = None) -> Mark:
         return self._copy("offload", dst, src, after)
 
     def mark_compute(self) -> Mark:

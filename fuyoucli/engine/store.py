@@ -64,8 +64,9 @@ class StreamUnit:
 @dataclass
 class _Slot:
     device: torch.Tensor
-    free_after: Mark | None = None
-    """The slot may be overwritten once this mark (last compute or write-back using it) is done."""
+    free_after: Mark | tuple[Mark, ...] | None = None
+    """The slot may be overwritten once this mark (or these: the last compute and write-back reading
+    it) is done."""
     staging: torch.Tensor | None = None
     """Aligned host buffer for SSD reads into this slot."""
     raw: torch.Tensor | None = None
@@ -210,8 +211,11 @@ class WeightStore:
         return s.upload_mark
 
     def acquire(self, b: int, slot: int) -> list[torch.Tensor]:
-        """Views of block b's weights in its slot, ready for the compute lane."""
+        """Views of block b's weights in its slot, ready for the compute lane (the first call waits for
+        the fetch; a zo2 block is acquired by its update and again by its passes)."""
         u, s = self.units[b], self.slots[slot]
+        if self.residency.state[u.name] is State.RESIDENT:
+            return u.views(s.device[: u.numel])
         on_ssd = s.ticket.on_thread
         start = time.perf_counter()
         s.ticket.compute_wait(self.lanes)
@@ -259,11 +263,12 @@ class WeightStore:
         """Block b is done computing (and, if it changed, on its way home): free its slot."""
         u, s = self.units[b], self.slots[slot]
         self.residency.move(u.name, State.EVICTING)
-        if not s.written:
-            # The slot may be refilled once the compute that read it is done. (A write home frees it
-            # after its copy instead; `pending` is not touched here: what is there was installed by the
-            # write, or while the block computed by `hold`, the CPU optimizer's update of its home.)
-            s.free_after = self.lanes.mark_compute()
+        # The slot may be refilled once the compute that last read it is done and, if the block went
+        # home from it, once that copy has read it too: a zo2 block goes home before its passes, so the
+        # two run side by side on different lanes. (`pending` is not touched here: what is there was
+        # installed by the write, or while the block computed by `hold`, the CPU optimizer's update.)
+        read = self.lanes.mark_compute()
+        s.free_after = (s.free_after, read) if s.written and s.free_after is not None else read
         for _, p in u.params:
             p.data = torch.empty(0, dtype=p.dtype, device=self.arena.device)
         self.ops.performed(Op("evict", b, slot))

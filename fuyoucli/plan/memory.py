@@ -270,11 +270,13 @@ def _streaming_buffers(inv: ModelInventory, wl: Workload, pl: Placement, blocks:
     depth = pl.prefetch_depth
     buffers = 0
     if streamed:
-        buffers = depth + 1 + (1 if writeback and depth > 0 else 0)
+        # zo2's layers go home while their passes read them (plan/schedule.py): no slot is only draining
+        buffers = depth + 1
         parts["streaming buffers"] = buffers * largest
-        # on a CPU the device buffers are host memory: SSD reads land there directly, nothing is staged
+        # on a CPU the device buffers are host memory: SSD reads land there directly, nothing is staged;
+        # on a GPU each slot has a staging buffer for the reads and, when layers go home, one for the writes
         if not cpu and any(pl.weights_home[i] in (Tier.SSD, Tier.PAGEABLE) for i in streamed):
-            host.pool += (depth + 1 + (1 if writeback or not zo else 0)) * largest  # host staging
+            host.pool += (buffers * (2 if writeback else 1) + (0 if zo else 1)) * largest  # host staging
     if not zo and not wl.lora:
         on_ssd = [int(s.trainable_params * optimizer_bytes_per_param(
                       wl, streamed=pl.weights_home[i] is not Tier.DEVICE))

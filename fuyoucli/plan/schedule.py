@@ -6,12 +6,13 @@ go home and who waits for what are all visible here, and tests compare whole lis
 
 For streamed blocks with prefetch depth k there are k + 1 device slots: while block i computes,
 blocks i+1 .. i+k are in flight. Fetch(i + k) is issued before Compute(i) so that it overlaps it;
-its slot is the one Evict(i - 1) released. A zo2 pass whose blocks go home rotates through k + 2
-slots (the plan's device buffers): the fetch then takes the slot of block i - 1, whose write home had
-block i's compute to drain, not block i's.
+its slot is the one Evict(i - 1) released. A zo2 pass whose blocks go home needs no more: each block
+gets its deferred update on arrival (apply) and goes home at once, before its passes read it, so its
+write home drains during its own compute and its slot is free when that compute ends.
 
 Operations, each on one block (the plan's blocks in execution order):
 - fetch / compute / evict: a streamed block into its slot, computed there, its slot freed;
+- apply: a streamed block's deferred update (zo2) applied on the device, in its slot, before it computes;
 - write_home: a block's weights changed on the device (zo2) go back to its home from the slot;
 - grad_offload: a block's gradients leave the device for host memory (first-order);
 - grad_norm / update: the CPU optimizer reads those gradients for their norms, or updates the block
@@ -27,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-OpKind = Literal["fetch", "compute", "write_home", "evict", "grad_offload", "grad_norm", "update", "wait"]
+OpKind = Literal["fetch", "apply", "compute", "write_home", "evict", "grad_offload", "grad_norm", "update", "wait"]
 WAITABLE = ("write_home", "update", "grad_offload")
 
 
@@ -42,15 +43,13 @@ class Op:
     """For a wait: the kind of the block's earlier operation it waits for (one of WAITABLE)."""
 
 
-def pass_schedule(streamed: list[bool], prefetch_depth: int, *, reverse: bool = False,
-                  slots: int | None = None) -> list[Op]:
+def pass_schedule(streamed: list[bool], prefetch_depth: int, *, reverse: bool = False) -> list[Op]:
     """Fetch, compute and evict ops for one pass (forward, or backward with reverse=True) over blocks
-    whose `streamed` flag says whether each must be fetched. Resident blocks only compute. `slots`:
-    the device slots to rotate through (default k + 1); with k + 2, the fetch of block i + k + 1 goes
-    into block i - 1's slot, not block i's, so it need not wait for block i's write home."""
+    whose `streamed` flag says whether each must be fetched, rotating through k + 1 device slots.
+    Resident blocks only compute."""
     order = list(range(len(streamed)))[::-1] if reverse else list(range(len(streamed)))
     queue = [b for b in order if streamed[b]]
-    slots = slots or prefetch_depth + 1
+    slots = prefetch_depth + 1
     slot_of = {b: n % slots for n, b in enumerate(queue)}
     ops: list[Op] = []
     issued = 0
@@ -81,24 +80,24 @@ def pass_schedule(streamed: list[bool], prefetch_depth: int, *, reverse: bool = 
 def zo_pass(streamed: list[bool], prefetch_depth: int, *, writable: bool, writes_home: bool) -> list[Op]:
     """One zo2 pass. `writable`: streamed blocks are trained in full, so each may have been written
     home by an earlier pass, and its fetch first waits for that write (an older home copy would come
-    up otherwise). `writes_home`: this pass applies an update on the device (the deferred one), so
-    each block goes home from its slot before the slot is freed."""
+    up otherwise). `writes_home`: this pass applies an update on the device (the deferred one): each
+    block gets it in its slot and goes home from there before it computes (its passes only read the
+    slot), so the copy home overlaps the block's own compute and the pass needs no extra slot."""
     ops: list[Op] = []
-    # the plan's k + 2 device buffers when blocks go home (memory.py): one slot is always draining
-    slots = prefetch_depth + 2 if writes_home and prefetch_depth > 0 else None
-    for op in pass_schedule(streamed, prefetch_depth, slots=slots):
+    for op in pass_schedule(streamed, prefetch_depth):
         if op.kind == "fetch" and writable:
             ops.append(Op("wait", op.block, on="write_home"))
-        if op.kind == "evict" and writes_home:
-            ops.append(Op("write_home", op.block, op.slot))
+        if op.kind == "compute" and op.slot is not None and writes_home:
+            ops += [Op("apply", op.block, op.slot), Op("write_home", op.block, op.slot)]
         ops.append(op)
     return ops
 
 
 def zo_flush(streamed: list[bool], prefetch_depth: int) -> list[Op]:
     """The pending update applied to every streamed block and written home, then waited for: after
-    it the homes hold the newest weights (evaluation reads them, a checkpoint saves them)."""
-    ops = zo_pass(streamed, prefetch_depth, writable=True, writes_home=True)
+    it the homes hold the newest weights (evaluation reads them, a checkpoint saves them). Nothing
+    computes."""
+    ops = [op for op in zo_pass(streamed, prefetch_depth, writable=True, writes_home=True) if op.kind != "compute"]
     return ops + [Op("wait", b, on="write_home") for b, s in enumerate(streamed) if s]
 
 
@@ -164,6 +163,9 @@ def check_schedule(ops: list[Op], slots: int) -> None:
             assert b not in writing, f"op {n}: block {b} fetched while its {writing.get(b)} may be running"
             holder[op.slot] = b
             computed.discard(b)
+        elif op.kind == "apply":
+            assert holder.get(op.slot) == b, f"op {n}: block {b} updated but not in slot {op.slot}"
+            computed.add(b)
         elif op.kind == "compute":
             if op.slot is None:
                 assert b not in writing, f"op {n}: resident block {b} computed while its {writing.get(b)} may be running"
@@ -172,7 +174,7 @@ def check_schedule(ops: list[Op], slots: int) -> None:
                 computed.add(b)
         elif op.kind == "write_home":
             assert holder.get(op.slot) == b and b in computed, \
-                f"op {n}: block {b} written home but not computed in slot {op.slot}"
+                f"op {n}: block {b} written home but not changed (applied or computed) in slot {op.slot}"
             writing[b] = "write_home"
         elif op.kind == "evict":
             assert holder.get(op.slot) == b, f"op {n}: evicting block {b} it does not hold"

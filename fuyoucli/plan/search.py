@@ -70,7 +70,10 @@ class _Search:
         states_per_param = 0 if (self.zo or wl.lora) else optimizer_bytes_per_param(wl)  # (a streamed block's)
         compute_bytes = DTYPE_BYTES[wl.compute_dtype]
         largest_gradients = max((s.trainable_params * compute_bytes for s in inv.blocks), default=0)
-        reserve = (depth + 2) * largest_streamed + (0 if self.zo else 2 * largest_gradients)
+        # the host staging memory.py prices: a read buffer per device slot, and a write buffer per slot
+        # where zo2 layers go home (first-order: one more, and the gradients' landing buffers)
+        staging = (depth + 1) * (2 if self.zo and not wl.lora else 1) + (0 if self.zo else 1)
+        reserve = staging * largest_streamed + (0 if self.zo else 2 * largest_gradients)
         if swap is not None:
             per_token = {"all": lambda b: b.internal_elems_per_token, "inputs": lambda b: b.boundary_elems_per_token}[swap]
             reserve += sum(wl.tokens_per_step * per_token(inv.blocks[i]) * compute_bytes for i in self.layers)

@@ -193,7 +193,8 @@ class ZOStreamed:
         """Run every (variant, micro-batch) stream through the model; returns their BatchLoss lists.
         A variant is (direction, sign) for cast(home + sign*eps*z), ("u", c, alpha) for a conservative
         candidate cast(home + alpha * direction), or None for the weights themselves. A pending update
-        is applied to each streamed layer on arrival and the layer goes home from its slot."""
+        is applied to each streamed layer on arrival and the layer goes home from its slot at once,
+        while its passes read it."""
         ps = _Pass(step, micro, variants, prepared=[None] * len(micro), losses={v: [None] * len(micro) for v in variants})
         updating = self.pending is not None
         last = len(self.streamed) - 1
@@ -204,7 +205,7 @@ class ZOStreamed:
             elif e == last:
                 self._head_stage(ps)
             elif slot is not None and self.full:
-                return self._streamed_layer(ps, e, slot, updating)
+                self._streamed_layer(ps, e, slot)
             else:
                 if slot is not None:  # LoRA: the frozen base computes straight from its slot
                     for (_, p), view in zip(self.store.units[e].params, self.store.acquire(e, slot)):
@@ -215,7 +216,7 @@ class ZOStreamed:
         ops = zo_pass(self.streamed, self.plan.prefetch_depth, writable=self.full, writes_home=updating)
         try:
             with torch.no_grad():
-                run_pass(ops, self._stores(updating), compute)
+                run_pass(ops, self._stores(updating), compute, apply=self._apply_in_slot)
         finally:
             self.arena.release(ps.charged_bytes)
         return ps.losses
@@ -257,13 +258,11 @@ class ZOStreamed:
                 ps.losses[v][k] = loss_from_logits(logits, mb, head=self.head, label_token_ids=self.label_token_ids)
         self._per_variant(ps, len(self.streamed) - 1, head_fn)
 
-    def _streamed_layer(self, ps: _Pass, e: int, slot: int, updating: bool) -> bool:
-        """A full-parameter layer in its slot: the pending update applied to it there (and to its
-        momentum), then each variant's weights made in the working copy and run."""
+    def _streamed_layer(self, ps: _Pass, e: int, slot: int) -> None:
+        """A full-parameter layer in its slot (its update, if any, applied there already): each
+        variant's weights made in the working copy and run; the slot is only read."""
         views = self.store.acquire(e, slot)
         unit = self.store.units[e]
-        momentum = self.mstore.acquire(e, slot) if (self.mstore is not None and updating) else None
-        changed = self._apply_pending(unit, views, momentum)
         work = unit.views(self.work[: unit.numel])
         b = self.block_index[unit.name]
         for v in ps.variants:
@@ -272,17 +271,18 @@ class ZOStreamed:
             for (_, p), wv in zip(unit.params, work):
                 p.data = wv
             self._run_layer(ps, e, v)
-        return changed
 
     def _tied(self) -> bool:
         out, inp = self.model.get_output_embeddings(), self.model.get_input_embeddings()
         return out is not None and inp is not None and out.weight is inp.weight
 
     @torch.no_grad()
-    def _apply_pending(self, unit, views: list[torch.Tensor], momentum: list[torch.Tensor] | None) -> bool:
-        if self.pending is None:
-            return False
-        return self._update(self.block_index[unit.name], views, self.pending, momentum)
+    def _apply_in_slot(self, e: int, slot: int) -> bool:
+        """The schedule's apply: the pending update to streamed layer e in its slot (and to its
+        momentum beside it); returns whether its weights changed."""
+        views = self.store.acquire(e, slot)
+        momentum = self.mstore.acquire(e, slot) if self.mstore is not None else None
+        return self._update(self.block_index[self.store.units[e].name], views, self.pending, momentum)
 
     # -- the training step, flush and evaluation --------------------------------------------------------
 
@@ -335,15 +335,7 @@ class ZOStreamed:
         if self.pending is None:
             return
         paired = self.mstore is not None
-
-        def compute(e: int, slot: int | None) -> bool:
-            if slot is None:
-                return False
-            views = self.store.acquire(e, slot)
-            momentum = self.mstore.acquire(e, slot) if paired else None
-            return self._apply_pending(self.store.units[e], views, momentum)
-
-        run_pass(zo_flush(self.streamed, self.plan.prefetch_depth), self._stores(updating=True), compute)
+        run_pass(zo_flush(self.streamed, self.plan.prefetch_depth), self._stores(updating=True), apply=self._apply_in_slot)
         self.pending = None
         self.store.settle_all()
         if paired:

@@ -43,10 +43,10 @@ def homes(plan: Plan) -> list[Tier]:
 
 
 # Device use of the toy zo2 run when every layer streams: resident embed + head (2400) and the model's
-# own fp32 weights beside those homes, which the passes read (the resident compute copy, 2400), three
-# layer buffers (12000), work buffers (10000: a layer's compute copy, its z, one tensor's direction),
+# own fp32 weights beside those homes, which the passes read (the resident compute copy, 2400), two
+# layer buffers (8000: a layer goes home while it computes), work buffers (10000: a layer's compute copy, its z, one tensor's direction),
 # activations (768) and the logits and loss (1600); each resident layer adds 4000 + 4000 (home and copy).
-STREAMING_BASE = 26768 + 2400
+STREAMING_BASE = 22768 + 2400
 
 
 def test_everything_resident_when_it_fits():
@@ -56,27 +56,27 @@ def test_everything_resident_when_it_fits():
 
 
 def test_resident_layers_are_the_last_ones_that_fit():
-    # 53400 bytes of device budget: pipelined (depth 1), streaming 5 layers (53168) fits, streaming 4
-    # (61168) does not, and all resident (77168: no streamed layer's compute copy) does not either.
+    # 53400 bytes of device budget: pipelined (depth 1), streaming 5 layers (49168) fits, streaming 4
+    # (57168) does not, and all resident (77168: no streamed layer's compute copy) does not either.
     p = make_plan(toy(), ZO, machine(device_bytes=58044), Options(prefetch_depth=1))
     assert p.device_budget_bytes == 53400
     assert p.feasible and homes(p) == [D, P, P, P, P, P, D, D, D, D]
     assert p.memory.device == STREAMING_BASE + 3 * 4000 + 3 * 4000  # 3 resident layers' homes and compute copies
-    assert (p.prefetch_depth, p.device_buffers, p.home_dtype, p.wire_dtype) == (1, 3, "float32", "float32")
+    assert (p.prefetch_depth, p.device_buffers, p.home_dtype, p.wire_dtype) == (1, 2, "float32", "float32")
     assert p.times.bottleneck == "h2d"
-    # unpipelined, one buffer instead of three frees 8000 bytes, what one resident layer takes (home
-    # and compute copy): here 4 layers streamed serially are slower than 5 pipelined, so the search
-    # keeps depth 1
+    # unpipelined, one buffer instead of two frees 4000 bytes, half what one more resident layer takes
+    # (home and compute copy): the search keeps depth 1
     free = make_plan(toy(), ZO, machine(device_bytes=58044), Options())
     assert free.prefetch_depth == 1 and homes(free) == homes(p)
-    # with a 69400-byte budget, pipelined streams 3 layers (69168) and unpipelined holds one more
-    # resident layer in the same bytes: on this transfer-bound toy that is faster, and the search
-    # compares both depths
+    # with a 69400-byte budget, pipelined streams 3 layers (65168) and unpipelined holds one more
+    # resident layer in 69168: on this transfer-bound toy that is faster, and the search compares both
+    # depths
     p = make_plan(toy(), ZO, machine(device_bytes=75435), Options(prefetch_depth=1))
     assert p.device_budget_bytes == 69400 and homes(p) == [D, P, P, P, D, D, D, D, D, D]
     free = make_plan(toy(), ZO, machine(device_bytes=75435), Options())
     assert free.prefetch_depth == 0 and homes(free) == [D, P, P, D, D, D, D, D, D, D]
-    assert free.memory.device == p.memory.device == STREAMING_BASE + 5 * 4000 + 5 * 4000
+    assert p.memory.device == STREAMING_BASE + 5 * 4000 + 5 * 4000
+    assert free.memory.device == STREAMING_BASE - 4000 + 6 * 4000 + 6 * 4000
     assert free.times.step_s < p.times.step_s
 
 
@@ -85,12 +85,12 @@ def test_streamed_weights_fill_pinned_then_pageable_then_ssd():
     depth1 = Options(prefetch_depth=1)
     p = make_plan(toy(layers=5), ZO, small, depth1)
     assert homes(p) == [D, P, P, P, P, P, D]
-    # pinned: 12000 reserved for staging, room for two layers
-    p = make_plan(toy(layers=5), ZO, machine(device_bytes=30000, pinned_bytes=20000), depth1)
+    # pinned: 16000 reserved for staging (a read and a write buffer per slot), room for two layers
+    p = make_plan(toy(layers=5), ZO, machine(device_bytes=30000, pinned_bytes=24000), depth1)
     assert homes(p) == [D, P, P, G, G, G, D]
-    assert p.memory.pinned == 20000 and p.pinned_pool_bytes == 12000 and p.memory.pageable == 12000
+    assert p.memory.pinned == 24000 and p.pinned_pool_bytes == 16000 and p.memory.pageable == 12000
     # host RAM for one more layer; the rest goes to the SSD under swap_dir
-    p = make_plan(toy(layers=5), ZO, machine(device_bytes=30000, pinned_bytes=20000, host_ram_bytes=27000),
+    p = make_plan(toy(layers=5), ZO, machine(device_bytes=30000, pinned_bytes=24000, host_ram_bytes=33000),
                   Options(swap_dir="/nvme/fuyou", prefetch_depth=1))
     assert p.feasible and homes(p) == [D, P, P, G, S, S, D]
     assert (p.memory.ssd, p.swap_dir) == (8000, "/nvme/fuyou")
@@ -114,7 +114,7 @@ def test_in_memory_mode_that_does_not_fit_suggests_streaming():
 def test_overrides_are_obeyed():
     p = make_plan(toy(), ZO, machine(), Options(resident_layers=1, weights_home=G, prefetch_depth=2))
     assert homes(p) == [D] + [G] * 7 + [D, D]
-    assert p.prefetch_depth == 2 and p.device_buffers == 4
+    assert p.prefetch_depth == 2 and p.device_buffers == 3
     p = make_plan(toy(), ZO, machine(), Options(mode="stream"))
     assert homes(p) == [D] + [P] * 8 + [D]
 
@@ -260,8 +260,9 @@ def test_opt175b_zo2_fp16_over_pcie4_reproduces_the_transfer_lower_bound(opt175b
     that, not PCIe, sets the pipelined step.
     With z, the direction and the working copy a 16 M-element piece each (Plan.z_piece; tensor-sized,
     they took 7.4 GB for the 618 M embedding and left room for the unpipelined schedule only), the
-    pipelined schedule fits the 24 GB card: z per piece, three 3.6 GB layers in flight and the compute
-    copy."""
+    pipelined schedule fits the 24 GB card: two 3.6 GB layers in flight (one computing and going
+    home, one arriving), the compute copy, and room left for a whole block's z (drawn once for both
+    passes of a direction)."""
     from fuyoucli.hardware.presets import get_preset
 
     m, _ = machine_from_profile(get_preset("rtx4090-768g-12nvme"))
@@ -274,12 +275,16 @@ def test_opt175b_zo2_fp16_over_pcie4_reproduces_the_transfer_lower_bound(opt175b
     device = p.flops_per_step / m.flops("float16") + 112 * opt175b.trainable_params / m.device_mem_bps
     assert max(bound, device) <= piped.times.step_s <= 1.1 * max(bound, device)
     assert piped.times.bottleneck == "gpu"
-    assert piped.feasible and p.feasible and p.prefetch_depth == 1 and p.z_buffer == "tensor"
+    assert piped.feasible and p.feasible and p.prefetch_depth == 1 and p.z_buffer == "block"
     assert p.times.step_s == piped.times.step_s
-    # ZO2 reports 18.04 GB of GPU memory for this run: NVML's memory in use on the device (the process's
-    # CUDA context included, as the plan's peak now counts it), printed in MiB as "MB", then / 1000
-    zo2_bytes = 18_040 * 2**20
-    assert 0.75 * zo2_bytes < p.memory.device < 1.25 * zo2_bytes
+    # ZO2 reports 18.04 GB of GPU memory for this run (NVML's memory in use, the CUDA context included,
+    # as the plan's peak counts it). The plan on the whole card spends what is free on a block-sized z;
+    # on a device that offers ZO2's bytes after headroom it still pipelines, in less than ZO2 takes.
+    import re
+    assert p.memory.device <= p.device_budget_bytes
+    note = next(n for n in p.notes if n.startswith("ZO2 reports 18.04 GB of GPU memory for OPT-175B"))
+    planned, step = map(float, re.search(r"plans ([\d.]+) GB at ([\d.]+) s/step", note).groups())
+    assert planned <= 18.04 and step <= 1.05 * p.times.step_s
 
 
 def test_first_order_is_never_faster_than_its_lower_bound(opt175b):

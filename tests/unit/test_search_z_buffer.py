@@ -92,10 +92,9 @@ def test_zo_block_s_counts_a_draw_per_variant_per_tensor():
 def test_a_tensors_z_when_a_blocks_does_not_fit():
     # 66232 bytes of device budget. Unpipelined, z per block fits 5 resident layers (59568; 6 need
     # 67568), z per tensor 6 (63968; 7 need 71968); all resident needs 75568 (block) or 71968 (tensor).
-    # Pipelined, three buffers: 4 resident (block) or 5 (tensor). The transfers set the step (5 s per
-    # layer each way at the duplex rate): 2 layers streamed unpipelined, z per tensor, is the fastest.
-    # (A resident layer costs 8000 bytes, its home and compute copy, what two more buffers do: with 3
-    # layers streamed unpipelined, 4 streamed pipelined fit in the same bytes and are faster.)
+    # Pipelined, two buffers (a resident layer costs 8000 bytes, its home and compute copy, the second
+    # buffer 4000): 5 resident with either z. The transfers set the step (5 s per layer each way at the
+    # duplex rate): 2 layers streamed unpipelined, z per tensor, is the fastest.
     p = make_plan(toy(), ZO, machine(device_bytes=71992), Options())
     assert p.device_budget_bytes == 66232
     assert p.feasible and p.z_buffer == "tensor"
@@ -106,10 +105,10 @@ def test_a_tensors_z_when_a_blocks_does_not_fit():
     block = estimate(toy(), ZO, machine(), placement(toy(), [b.weights_home for b in p.blocks]))
     assert block.memory.device == 67568 > p.device_budget_bytes
     assert p.times.step_s == pytest.approx(20, rel=0.02)
-    # pipelined (depth forced to 1): 3 layers streamed with a tensor's z, where a block's needs 4
+    # pipelined (depth forced to 1): 3 layers streamed, where a block's z fits too (and is kept)
     piped = make_plan(toy(), ZO, machine(device_bytes=71992), Options(prefetch_depth=1))
-    assert piped.z_buffer == "tensor" and [b.weights_home for b in piped.blocks] == [D] + [P] * 3 + [D] * 6
-    assert piped.memory.device == 2400 + 2400 + 3 * 4000 + 768 + 1600 + 4800 + 5 * 4000 + 5 * 4000 == 63968
+    assert piped.z_buffer == "block" and [b.weights_home for b in piped.blocks] == [D] + [P] * 3 + [D] * 6
+    assert piped.memory.device == 2400 + 2400 + 2 * 4000 + 768 + 1600 + 8400 + 5 * 4000 + 5 * 4000 == 63568
 
 
 def test_a_blocks_z_whenever_it_fits():
@@ -150,15 +149,16 @@ def test_plan_json_round_trip_and_old_plans_load_as_block():
     assert Plan.from_dict(old) == dataclasses.replace(p, z_buffer="block")
 
 
-def test_opt175b_pipelines_on_24_gb_with_z_per_piece():
+def test_opt175b_pipelines_in_zo2s_memory_with_z_per_piece():
     """ZO2's OPT-175B case (fp16, batch 1, seq 2048, every layer streamed from pinned host RAM). A layer's
     z in fp32 is 7.2 GB; tensors go through z, the direction and the fp16 home's fp32 copy in pieces
     (Plan.z_piece, 16 M elements: 64 MB each), not whole (the 618 M embedding's 2.5 GB each). The
     resident embedding and head keep their fp16 homes and, beside them, the model's own fp16 weights the
-    passes read (the resident compute copy, 1.29 GB). On the 24 GB RTX 4090 preset the pipelined
-    schedule then fits with z drawn piece by piece (three 3.6 GB layers in flight and a layer's compute
-    copy); a block's z would need a layer's z less a piece more, which only a larger device holds, and
-    there the plan keeps a block's z (one draw for both passes of a direction)."""
+    passes read (the resident compute copy, 1.29 GB). On a device offering ZO2's 18.04 GB the pipelined
+    schedule fits with z drawn piece by piece (two 3.6 GB layers in flight, one of them going home while
+    it computes, and a layer's compute copy); a block's z needs a layer's z less a piece more, which the
+    24 GB RTX 4090 preset holds, and there the plan keeps a block's z (one draw for both passes of a
+    direction)."""
     from transformers import AutoConfig
 
     from fuyoucli.hardware.presets import get_preset
@@ -174,21 +174,24 @@ def test_opt175b_pipelines_on_24_gb_with_z_per_piece():
     m, _ = machine_from_profile(get_preset("rtx4090-768g-12nvme"))
     wl = Workload("zo2", False, "float16", batch_size=1, seq_len=2048)
     stream = Options(home_dtype="float16", mode="stream")
-    preset = make_plan(inv, wl, m, stream, suggest=False)
+    zo2 = dataclasses.replace(stream, device_memory_limit_bytes=int(18.04e9 / (1 - DEVICE_HEADROOM)) + 1)
+    tight = make_plan(inv, wl, m, zo2, suggest=False)
     copy = (embed.params + head.params) * 2  # the resident compute copy, fp16
-    parts = dict(preset.device_parts)
+    parts = dict(tight.device_parts)
     assert parts["resident compute copy"] == copy
+    assert parts["streaming buffers"] == 2 * layer.params * 2
     assert parts["work buffers"] == layer.params * 2 + 3 * Z_PIECE * 4
-    assert preset.feasible and (preset.z_buffer, preset.prefetch_depth) == ("tensor", 1)
-    homes = [b.weights_home for b in preset.blocks]
+    assert tight.feasible and (tight.z_buffer, tight.prefetch_depth) == ("tensor", 1)
+    assert tight.memory.device <= 18.04e9
+    homes = [b.weights_home for b in tight.blocks]
     block = estimate(inv, wl, m, dataclasses.replace(placement(inv, homes, depth=1, z="block"), home_dtype="float16"))
-    assert block.memory.device - preset.memory.device == (layer.params - Z_PIECE) * 4
-    assert block.memory.device > preset.capacity.device
-    # a device whose capacity after headroom holds the block's z: the plan takes it
-    grow = math.ceil((block.memory.device - preset.capacity.device) / (1 - DEVICE_HEADROOM)) + 1
-    big = make_plan(inv, wl, dataclasses.replace(m, device_bytes=m.device_bytes + grow), stream, suggest=False)
-    assert big.feasible and (big.z_buffer, big.prefetch_depth) == ("block", 1)
-    assert big.memory.device == block.memory.device and big.times.step_s < preset.times.step_s
+    assert block.memory.device - tight.memory.device == (layer.params - Z_PIECE) * 4
+    assert block.memory.device > tight.capacity.device
+    # the 24 GB card's capacity after headroom holds the block's z: the plan takes it
+    card = make_plan(inv, wl, m, stream, suggest=False)
+    assert block.memory.device <= card.capacity.device
+    assert card.feasible and (card.z_buffer, card.prefetch_depth) == ("block", 1)
+    assert card.memory.device == block.memory.device and card.times.step_s < tight.times.step_s
 
 
 def test_the_plan_report_and_its_json_say_how_z_is_held():
