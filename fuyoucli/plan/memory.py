@@ -261,8 +261,9 @@ def _homes(inv: ModelInventory, wl: Workload, pl: Placement, blocks: BlockBytes,
 
 def _streaming_buffers(inv: ModelInventory, wl: Workload, pl: Placement, blocks: BlockBytes, cpu: bool,
                        gradient_buffer: int, parts: dict[str, int], host: _Host) -> int:
-    """Device slots for streamed blocks (fetching, computing, zo2's writing back), their host staging,
-    and first-order's gradient and SSD-optimizer buffers; returns the number of device slots."""
+    """Device slots for streamed blocks (fetching, computing: a zo2 layer goes home while it computes),
+    their host staging, and first-order's gradient and SSD-optimizer buffers; returns the number of
+    device slots."""
     zo = wl.method == "zo2"
     streamed = blocks.streamed
     writeback = any(blocks.write_back[i] for i in streamed) if zo else False

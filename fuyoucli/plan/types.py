@@ -264,7 +264,7 @@ class Plan:
     prefetch_depth: int
     """Blocks fetched ahead of the one computing (0: fetch, then compute, synchronously)."""
     device_buffers: int
-    """Device buffers for streamed blocks (fetching + computing + writing back)."""
+    """Device buffers for streamed blocks (fetching + computing; a zo2 layer goes home from its slot while it computes)."""
     home_dtype: Dtype
     """Dtype of trainable weights at home (frozen LoRA bases live in compute_dtype)."""
     wire_dtype: Dtype
