@@ -18,7 +18,7 @@ from torch import nn
 
 from fuyoucli.engine.executor import OpLog
 from fuyoucli.engine.flat import byte_offsets, byte_views, views_of
-from fuyoucli.engine.lanes import Mark
+from fuyoucli.engine.lanes import After, Mark
 from fuyoucli.engine.residency import Residency, State
 from fuyoucli.engine.ticket import Ticket
 from fuyoucli.engine.tiers import ALIGN, DeviceArena, SsdStore, aligned_host, release_freed_host_memory
@@ -64,7 +64,7 @@ class StreamUnit:
 @dataclass
 class _Slot:
     device: torch.Tensor
-    free_after: Mark | tuple[Mark, ...] | None = None
+    free_after: After = None
     """The slot may be overwritten once this mark (or these: the last compute and write-back reading
     it) is done."""
     staging: torch.Tensor | None = None

@@ -259,6 +259,13 @@ def _homes(inv: ModelInventory, wl: Workload, pl: Placement, blocks: BlockBytes,
     return gradient_buffer
 
 
+def host_staging_buffers(depth: int, *, zo: bool, writeback: bool) -> int:
+    """Pinned host staging a GPU run keeps for streamed homes, in buffers of the largest streamed
+    block: a read buffer per device slot, a write buffer per slot where zo2 layers go home (what
+    engine/store.py allocates), and first-order's one more."""
+    return (depth + 1) * (2 if writeback else 1) + (0 if zo else 1)
+
+
 def _streaming_buffers(inv: ModelInventory, wl: Workload, pl: Placement, blocks: BlockBytes, cpu: bool,
                        gradient_buffer: int, parts: dict[str, int], host: _Host) -> int:
     """Device slots for streamed blocks (fetching, computing: a zo2 layer goes home while it computes),
@@ -277,7 +284,7 @@ def _streaming_buffers(inv: ModelInventory, wl: Workload, pl: Placement, blocks:
         # on a CPU the device buffers are host memory: SSD reads land there directly, nothing is staged;
         # on a GPU each slot has a staging buffer for the reads and, when layers go home, one for the writes
         if not cpu and any(pl.weights_home[i] in (Tier.SSD, Tier.PAGEABLE) for i in streamed):
-            host.pool += (buffers * (2 if writeback else 1) + (0 if zo else 1)) * largest  # host staging
+            host.pool += host_staging_buffers(depth, zo=zo, writeback=writeback) * largest
     if not zo and not wl.lora:
         on_ssd = [int(s.trainable_params * optimizer_bytes_per_param(
                       wl, streamed=pl.weights_home[i] is not Tier.DEVICE))

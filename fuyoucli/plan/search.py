@@ -19,7 +19,8 @@ from typing import Callable
 from fuyoucli.model.types import DTYPE_BYTES, ModelInventory
 from fuyoucli.plan import explain, work
 from fuyoucli.plan.cost import Estimate, estimate
-from fuyoucli.plan.memory import capacities, fits, home_bytes, optimizer_bytes_per_param, overflows
+from fuyoucli.plan.memory import (capacities, fits, home_bytes, host_staging_buffers, optimizer_bytes_per_param,
+                                  overflows)
 from fuyoucli.plan.types import BlockPlan, Machine, Options, Placement, Plan, Tier, Workload
 
 
@@ -70,9 +71,8 @@ class _Search:
         states_per_param = 0 if (self.zo or wl.lora) else optimizer_bytes_per_param(wl)  # (a streamed block's)
         compute_bytes = DTYPE_BYTES[wl.compute_dtype]
         largest_gradients = max((s.trainable_params * compute_bytes for s in inv.blocks), default=0)
-        # the host staging memory.py prices: a read buffer per device slot, and a write buffer per slot
-        # where zo2 layers go home (first-order: one more, and the gradients' landing buffers)
-        staging = (depth + 1) * (2 if self.zo and not wl.lora else 1) + (0 if self.zo else 1)
+        # the host staging memory.py prices (first-order: and the gradients' landing buffers)
+        staging = host_staging_buffers(depth, zo=self.zo, writeback=self.zo and not wl.lora)
         reserve = staging * largest_streamed + (0 if self.zo else 2 * largest_gradients)
         if swap is not None:
             per_token = {"all": lambda b: b.internal_elems_per_token, "inputs": lambda b: b.boundary_elems_per_token}[swap]
