@@ -8,7 +8,8 @@ SSD-homed streamed AdamW step with compact states against fp32 states.
 Part 1, the optimizer pipeline alone, for each format: the engine's CPU optimizer (CpuAdam, states in
 host RAM, its worker thread as on a GPU machine) updating a model's worth of layer-shaped blocks from
 bf16 gradients already in host memory, the new bf16 weights written to their homes: parameters per
-second, against the kernel alone (kernels/adamw.py, what `fuyou profile` measures) and torch's fused
+second, against the kernel alone (kernels/adamw.py: its compiled chunk where a C compiler is, else
+its torch ops; what `fuyou profile` measures) and torch's fused
 fp32 AdamW (the profile's `adamw_all_threads_params_per_s`), all measured in this run on this machine.
 
 Part 2, an SSD-homed step: a bf16 Llama-shaped model whose streamed layers keep weights and AdamW
@@ -89,8 +90,11 @@ def rate_part(layers: int, reps: int) -> None:
     threads = torch.get_num_threads()
     n = 1 << 24
     fused, impl = measure_adamw(n, threads, 1.0)
+    from fuyoucli.kernels.native import kernel_name
+
     print(f"CPU optimizer rate, {threads} threads, {layers} blocks of a hidden-{SIZE['hidden_size']} layer "
-          f"(states in host RAM, worker thread); torch {impl}: {fused / 1e9:.3f} G params/s (fp32 states)")
+          f"(states in host RAM, worker thread); torch {impl}: {fused / 1e9:.3f} G params/s (fp32 states); "
+          f"compact formats' chunk: {kernel_name()} (FUYOU_NATIVE_KERNELS=0: the torch ops)")
     print(f"{'states':<7}{'master':<7}{'kernel G/s':>11}{'pipeline G/s':>13}{'pipe/kernel':>12}{'pipe/fused':>11}")
     for states, master in FORMATS:
         kernel = fused if (states, master) == ("fp32", "fp32") else \

@@ -14,13 +14,16 @@ the hardware profile times it (hardware/probe.py), engine/compact.py seeds its r
   torch converts to and from that layout in one op each, so the whole update is a few elementwise
   passes over cache-sized chunks (CHUNK values), with no per-value table search: on this project's
   2-core CPU that measured about 10x faster than bitsandbytes' CPU 8-bit blockwise update and
-  torchao's AdamW8bit there (benchmarks/compact_optimizer.py prints the figures).
+  torchao's AdamW8bit there (benchmarks/compact_optimizer.py prints the figures). Where a C compiler
+  is, a chunk runs as one compiled pass instead (kernels/adamw_chunk.c through kernels/native.py:
+  the same operations, each value read and written once; 2.6x the torch ops for 8-bit moments here).
 - bf16 master: the bfloat16 weight is the only copy; each update is computed in fp32 and stored back
   with stochastic rounding (kernels/rounding.py) from a generator the caller seeds per step (the
   engine: by run seed, step and block), so a run and its resume round the same way whatever the
   order blocks are updated in.
 The arithmetic is torch's single-tensor AdamW (weight decay, lerp, addcmul, sqrt / bias correction +
-eps, addcdiv), so fp32 moments with an fp32 master equal torch.optim.AdamW(foreach=False) exactly.
+eps, addcdiv), so fp32 moments with an fp32 master equal torch.optim.AdamW(foreach=False) exactly on
+the torch ops, and to the last place of a sqrt on the compiled chunk (kernels/native.py says why).
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import torch
+
+from fuyoucli.kernels.native import adamw_chunk
 
 
 class Rounder(Protocol):
@@ -174,6 +179,20 @@ def _chunk(i: int, a: int, b: int, flat_p, flat_g, state, step, lr, beta1, beta2
     w_m, w_v, w_t, w_p = _Work.get(flat_p.device)
     k = b - a
     kb = scale_count(k)
+    native = adamw_chunk() if flat_p.device.type == "cpu" else None
+    if native is not None:  # the same update in one pass (adamw_chunk.c), bit for bit
+        p32 = flat_p[a:b] if flat_p.dtype == torch.float32 else w_p[:k].copy_(flat_p[a:b])
+        g = flat_g[a:b] if flat_g.dtype in (torch.float32, torch.bfloat16) else flat_g[a:b].float()
+        s = slice(a // BLOCK, a // BLOCK + kb)
+        m_sc, v_sc = (state["exp_avg_scale"][s].data_ptr(), state["exp_avg_sq_scale"][s].data_ptr()) if quantized \
+            else (None, None)
+        native(p32.data_ptr(), g.data_ptr(), int(g.dtype == torch.bfloat16),
+               None if quantized else m_all[a:b].data_ptr(), None if quantized else v_all[a:b].data_ptr(),
+               m_all[a:b].data_ptr() if quantized else None, v_all[a:b].data_ptr() if quantized else None,
+               m_sc, v_sc, k, 1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, bc2_sqrt, eps, -lr / bc1)
+        if flat_p.dtype != torch.float32:
+            rounding(i).store(flat_p[a:b], p32)
+        return
     padded = kb * BLOCK
     g = flat_g[a:b] if flat_g.dtype == torch.float32 else flat_g[a:b].float()
     if quantized:

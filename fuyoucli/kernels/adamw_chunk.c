@@ -1,0 +1,170 @@
+/* One chunk of kernels/adamw.py's AdamW update in a single pass over memory: the plain-torch kernel
+ * makes about 25 elementwise passes per value (dequantize, update, quantize), this one reads and
+ * writes each value once. Built at first use by kernels/native.py (cc -O3 -ffp-contract=off) and
+ * called through ctypes, which releases the GIL: kernels/adamw.py's worker threads run chunks of it
+ * side by side as they run the torch ops.
+ *
+ * Bit for bit the plain-torch kernel: the same operations in the same order, in float, each rounded
+ * once (no contraction into fused multiply-adds except where torch's CPU kernels use one: lerp and
+ * addcmul), the
+ * same e4m3 codes (round to nearest even) and the same scales. tests/unit/test_compact_states.py
+ * holds both to that.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define BLOCK 256
+#define CODE_MAX 448.0f
+#define CODE_TINY (1.0f / 512.0f)
+
+static inline float f32_of_bits(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+static inline uint32_t bits_of_f32(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+
+/* e4m3fn code (1 sign, 4 exponent bits with bias 7, 3 mantissa bits) -> its value, exactly (the
+ * torch kernel's bit trick gives the same value). A normal code is its bits moved to fp32's positions
+ * with the exponent re-biased (7 -> 127); a subnormal one is its mantissa times 2^-9. Neither reads
+ * an fp32 denormal, which costs x86 a microcode assist per vector (the trick's 2^120 multiply does:
+ * measured about 3x slower here). Branch-free: the loops vectorize. */
+static inline float e4m3_value(uint32_t c) {
+    uint32_t sign = (c & 0x80u) << 24;
+    uint32_t normal = (((c & 0x7Fu) << 20) + (120u << 23)) | sign;
+    uint32_t sub = bits_of_f32((float)(int32_t)(c & 7u) * 0x1p-9f) | sign;
+    uint32_t is_normal = 0u - (uint32_t)((c & 0x78u) != 0);   /* all ones or zero: a select, not a branch */
+    return f32_of_bits((normal & is_normal) | (sub & ~is_normal));
+}
+
+/* x (|x| <= 448, or NaN) -> its e4m3fn code, rounded to nearest even as torch's conversion does.
+ * Both the normal and the subnormal rounding are computed and one is selected: no branch. */
+static inline uint32_t e4m3_code(float x) {
+    uint32_t u = bits_of_f32(x);
+    uint32_t sign = (u >> 24) & 0x80u;
+    uint32_t a = u & 0x7FFFFFFFu;
+    /* normal: re-bias the exponent (127 -> 7) and round the 23-bit mantissa to 3 bits, ties to even;
+     * a carry out of the mantissa moves to the exponent, as it should */
+    uint32_t rn = a - (120u << 23);
+    rn = (rn + 0x7FFFFu + ((rn >> 20) & 1u)) >> 20;
+    /* below 2^-6: a subnormal code, x / 2^-9 rounded to even (the scaling is exact; 8 is 2^-6's
+     * normal code). The cap at 8 keeps the conversion defined where this branch is not the one taken. */
+    float t = f32_of_bits(a) * 512.0f;
+    t = t < 8.0f ? t : 8.0f;  /* not fminf: GCC does not vectorize it */
+    uint32_t rs = (uint32_t)(int32_t)((t + 0x1p23f) - 0x1p23f);  /* to nearest even: t < 2^22 */
+    uint32_t r = a < 0x3C800000u ? rs : rn;
+    r = a > 0x7F800000u ? 0x7Fu : r;                               /* NaN */
+    return sign | r;
+}
+
+/* gb[0..n) := gradients a..a+n in fp32 (bf16 widened exactly). */
+static inline void load_grads(float *restrict gb, const float *restrict g32, const uint16_t *restrict g16,
+                              int64_t a, int64_t n) {
+    if (g16)
+        for (int64_t j = 0; j < n; j++) gb[j] = f32_of_bits((uint32_t)g16[a + j] << 16);
+    else
+        memcpy(gb, g32 + a, (size_t)n * sizeof(float));
+}
+
+/* The update of one value: torch's single-tensor AdamW op for op. Scalars as the torch kernel rounds
+ * them to float: decay = 1 - lr * weight_decay, w1 = 1 - beta1, c2 = 1 - beta2, step = -lr / bc1. */
+#define ADAM_VALUE(pi, gi, mi, vi, s)                                                            \
+    do {                                                                                         \
+        pi = pi * decay;                                                                         \
+        mi = fmaf(w1, gi - mi, mi);            /* torch's lerp (weight < 0.5): fused */          \
+        vi = fmaf(c2 * gi, gi, vi * beta2);    /* mul_(beta2), then addcmul: fused */            \
+        s = sqrtf(vi);                                                                           \
+        pi = pi + step * mi / (s / bc2_sqrt + eps); /* addcdiv: (value * t1) / t2, not fused */  \
+    } while (0)
+
+#define SCALARS float decay, float w1, float beta2, float c2, float bc2_sqrt, float eps, float step
+
+/* fp32 moments, in place. */
+static void chunk_fp32(float *restrict p, const float *restrict g32, const uint16_t *restrict g16,
+                       float *restrict m32, float *restrict v32, int64_t k, SCALARS) {
+    float gb[BLOCK];
+    for (int64_t a = 0; a < k; a += BLOCK) {
+        int64_t n = k - a < BLOCK ? k - a : BLOCK;
+        load_grads(gb, g32, g16, a, n);
+        for (int64_t j = 0; j < n; j++) {
+            int64_t i = a + j;
+            float gi = gb[j], pi = p[i], mi = m32[i], vi = v32[i], s;
+            ADAM_VALUE(pi, gi, mi, vi, s);
+            (void)s;
+            p[i] = pi;
+            m32[i] = mi;
+            v32[i] = vi;
+        }
+    }
+}
+
+/* The largest magnitude of BLOCK values, NaN if any is NaN (as torch's amax), 16 lanes at a time. */
+static inline float block_top(const float *x) {
+    float lane[16] = {0};
+    int nan = 0;
+    for (int j = 0; j < BLOCK; j += 16)
+        for (int l = 0; l < 16; l++) {
+            float a = fabsf(x[j + l]);
+            lane[l] = a > lane[l] ? a : lane[l];
+            nan |= a != a;
+        }
+    float top = 0.0f;
+    for (int l = 0; l < 16; l++) top = lane[l] > top ? lane[l] : top;
+    return nan ? NAN : top;
+}
+
+/* 8-bit moments: codes mc / vc (v stored as sqrt(v)), one scale per BLOCK values in ms / vs. */
+static void chunk_int8(float *restrict p, const float *restrict g32, const uint16_t *restrict g16,
+                       uint8_t *restrict mc, uint8_t *restrict vc, float *restrict ms, float *restrict vs,
+                       int64_t k, SCALARS) {
+    float m[BLOCK], sv[BLOCK];
+    for (int64_t a = 0; a < k; a += BLOCK) {
+        int64_t n = k - a < BLOCK ? k - a : BLOCK;
+        int64_t blk = a / BLOCK;
+        float m_scale = ms[blk], v_scale = vs[blk];
+        float gb[BLOCK];  /* the block's gradients in fp32 first: a select per value would not vectorize well */
+        load_grads(gb, g32, g16, a, n);
+        for (int64_t j = 0; j < n; j++) {
+            int64_t i = a + j;
+            float gi = gb[j];
+            float pi = p[i];
+            float mi = e4m3_value(mc[i]) * m_scale;
+            float vi = e4m3_value(vc[i]) * v_scale, s;
+            vi = vi * vi;
+            ADAM_VALUE(pi, gi, mi, vi, s);
+            p[i] = pi;
+            m[j] = mi;
+            sv[j] = s;
+        }
+        for (int64_t j = n; j < BLOCK; j++) m[j] = sv[j] = 0.0f;  /* a tail block's padding: changes no max */
+        float m_top = block_top(m), v_top = block_top(sv);
+        m_scale = m_top / CODE_MAX;
+        v_scale = v_top / CODE_MAX;
+        ms[blk] = m_scale;
+        vs[blk] = v_scale;
+        float m_div = m_scale < 0x1p-126f ? 0x1p-126f : m_scale;   /* clamp(min=tiny); NaN stays NaN */
+        float v_div = v_scale < 0x1p-126f ? 0x1p-126f : v_scale;
+        uint32_t cm[BLOCK], cv[BLOCK];  /* codes, narrowed to bytes below (one loop of one width vectorizes) */
+        for (int j = 0; j < BLOCK; j++) {
+            float x = m[j] / m_div;
+            x = x < -CODE_MAX ? -CODE_MAX : (x > CODE_MAX ? CODE_MAX : x);
+            cm[j] = e4m3_code(x);
+            float y = sv[j] / v_div;
+            y = y < CODE_TINY ? CODE_TINY : (y > CODE_MAX ? CODE_MAX : y);
+            cv[j] = e4m3_code(y);
+        }
+        for (int64_t j = 0; j < n; j++) {
+            mc[a + j] = (uint8_t)cm[j];
+            vc[a + j] = (uint8_t)cv[j];
+        }
+    }
+}
+
+/* One AdamW update of k values (kernels/adamw.py's _chunk): p (fp32, in place); gradients g (fp32 or
+ * bf16); moments fp32 (m32, v32) or 8-bit (mc, vc, ms, vs: pass NULL for the other format's). */
+void fuyou_adamw_chunk(float *p, const void *g, int g_bf16, float *m32, float *v32, uint8_t *mc, uint8_t *vc,
+                       float *ms, float *vs, int64_t k, SCALARS) {
+    const float *g32 = g_bf16 ? NULL : (const float *)g;
+    const uint16_t *g16 = g_bf16 ? (const uint16_t *)g : NULL;
+    if (mc)
+        chunk_int8(p, g32, g16, mc, vc, ms, vs, k, decay, w1, beta2, c2, bc2_sqrt, eps, step);
+    else
+        chunk_fp32(p, g32, g16, m32, v32, k, decay, w1, beta2, c2, bc2_sqrt, eps, step);
+}
