@@ -40,13 +40,21 @@ class HomeRounding:
         if mode not in ("nearest", "stochastic"):
             raise ValueError(f"home rounding must be nearest or stochastic, not {mode!r}")
         self.mode = mode
-        self._gen = block_generator(device, block_seed(seed, step, stream, block)) \
-            if mode == "stochastic" else None
+        self.seed = block_seed(seed, step, stream, block) if mode == "stochastic" else None
+        """The draws' seed: kernels/adamw.py's compiled chunk draws from it itself."""
+        self._device, self._generator = device, None
+
+    @property
+    def _gen(self) -> torch.Generator | None:
+        """The draws' generator, made at first use (the compiled chunk never asks for it)."""
+        if self._generator is None and self.seed is not None:
+            self._generator = block_generator(self._device, self.seed)
+        return self._generator
 
     def store(self, dst: torch.Tensor, src32: torch.Tensor) -> torch.Tensor:
         """dst := src32 in dst's dtype. Nearest, or stochastic when dst is narrower than fp32 (then
         src32 may serve as scratch: stochastic_round_)."""
-        if self._gen is None or dst.dtype == torch.float32:
+        if self.seed is None or dst.dtype == torch.float32:
             return dst.copy_(src32)
         return stochastic_round_(dst, src32, self._gen)
 

@@ -592,7 +592,8 @@ def measure_compact_adamw(n_params: int, threads: int, min_time_s: float, states
     from fuyoucli.kernels.adamw import AdamFormat, CompactAdamW
     from fuyoucli.kernels.rounding import stochastic_round_
 
-    class _Round:
+    class _Round:  # as the engine's rounding: a seed the compiled chunk draws from, a generator for the torch ops
+        seed = 1
         gen = torch.Generator().manual_seed(1)
 
         def store(self, dst, src32):

@@ -40,6 +40,9 @@ from fuyoucli.kernels.native import adamw_chunk
 
 
 class Rounder(Protocol):
+    """Stores a chunk's fp32 result into its bf16 master (stochastic rounding). `seed`, where a rounder
+    has one, lets the compiled chunk draw its rounding itself (adamw_chunk.c)."""
+
     def store(self, dst: torch.Tensor, src32: torch.Tensor) -> torch.Tensor: ...
 
 
@@ -180,18 +183,24 @@ def _chunk(i: int, a: int, b: int, flat_p, flat_g, state, step, lr, beta1, beta2
     k = b - a
     kb = scale_count(k)
     native = adamw_chunk() if flat_p.device.type == "cpu" else None
-    if native is not None:  # the same update in one pass (adamw_chunk.c), bit for bit
-        p32 = flat_p[a:b] if flat_p.dtype == torch.float32 else w_p[:k].copy_(flat_p[a:b])
+    if native is not None:  # the same update in one pass (adamw_chunk.c)
+        rounder = rounding(i) if flat_p.dtype != torch.float32 else None
+        seed = getattr(rounder, "seed", None)
+        # a bf16 master rounds inside the pass from the chunk's seed; a rounder without one stores
+        # the pass's fp32 result itself
+        p16 = flat_p[a:b] if seed is not None and flat_p.dtype == torch.bfloat16 else None
+        p32 = flat_p[a:b] if rounder is None else None if p16 is not None else w_p[:k].copy_(flat_p[a:b])
         g = flat_g[a:b] if flat_g.dtype in (torch.float32, torch.bfloat16) else flat_g[a:b].float()
         s = slice(a // BLOCK, a // BLOCK + kb)
         m_sc, v_sc = (state["exp_avg_scale"][s].data_ptr(), state["exp_avg_sq_scale"][s].data_ptr()) if quantized \
             else (None, None)
-        native(p32.data_ptr(), g.data_ptr(), int(g.dtype == torch.bfloat16),
+        native(None if p32 is None else p32.data_ptr(), None if p16 is None else p16.data_ptr(), seed or 0,
+               g.data_ptr(), int(g.dtype == torch.bfloat16),
                None if quantized else m_all[a:b].data_ptr(), None if quantized else v_all[a:b].data_ptr(),
                m_all[a:b].data_ptr() if quantized else None, v_all[a:b].data_ptr() if quantized else None,
                m_sc, v_sc, k, 1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, bc2_sqrt, eps, -lr / bc1)
-        if flat_p.dtype != torch.float32:
-            rounding(i).store(flat_p[a:b], p32)
+        if rounder is not None and p16 is None:
+            rounder.store(flat_p[a:b], p32)
         return
     padded = kb * BLOCK
     g = flat_g[a:b] if flat_g.dtype == torch.float32 else flat_g[a:b].float()

@@ -63,6 +63,48 @@ static inline void load_grads(float *restrict gb, const float *restrict g32, con
         memcpy(gb, g32 + a, (size_t)n * sizeof(float));
 }
 
+/* A 32-bit integer hash with full avalanche (the "lowbias32" constants published by C. Wellons):
+ * vectorizes, and a value's draw depends only on (key, its index), never on which thread runs it. */
+static inline uint32_t mix32(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x7feb352du;
+    x ^= x >> 15;
+    x *= 0x846ca68bu;
+    x ^= x >> 16;
+    return x;
+}
+
+/* The weights a chunk updates: fp32 in place (p32), or a bf16 master (p16) read up to fp32 and
+ * stored back with stochastic rounding: a uniform 16-bit draw added to the fp32 bits below bf16's,
+ * then truncated, carries into the kept half with probability (x - below) / (above - below), as
+ * kernels/rounding.py does with torch's generator. The draw of value i is mix32(mix32(i ^ k1) + k2),
+ * (k1, k2) the halves of the chunk's seed. */
+typedef struct {
+    float *p32;
+    uint16_t *p16;
+    uint32_t k1, k2;
+} Weights;
+
+static inline void load_weights(float *restrict pb, const Weights *w, int64_t a, int64_t n) {
+    if (w->p16)
+        for (int64_t j = 0; j < n; j++) pb[j] = f32_of_bits((uint32_t)w->p16[a + j] << 16);
+    else
+        memcpy(pb, w->p32 + a, (size_t)n * sizeof(float));
+}
+
+static inline void store_weights(const Weights *w, const float *restrict pb, int64_t a, int64_t n) {
+    if (!w->p16) {
+        memcpy(w->p32 + a, pb, (size_t)n * sizeof(float));
+        return;
+    }
+    uint16_t *restrict dst = w->p16 + a;
+    uint32_t k1 = w->k1, k2 = w->k2, base = (uint32_t)a;
+    for (int64_t j = 0; j < n; j++) {
+        uint32_t noise = mix32(mix32((base + (uint32_t)j) ^ k1) + k2) & 0xFFFFu;
+        dst[j] = (uint16_t)((bits_of_f32(pb[j]) + noise) >> 16);
+    }
+}
+
 /* The update of one value: torch's single-tensor AdamW op for op. Scalars as the torch kernel rounds
  * them to float: decay = 1 - lr * weight_decay, w1 = 1 - beta1, c2 = 1 - beta2, step = -lr / bc1. */
 #define ADAM_VALUE(pi, gi, mi, vi, s)                                                            \
@@ -77,21 +119,23 @@ static inline void load_grads(float *restrict gb, const float *restrict g32, con
 #define SCALARS float decay, float w1, float beta2, float c2, float bc2_sqrt, float eps, float step
 
 /* fp32 moments, in place. */
-static void chunk_fp32(float *restrict p, const float *restrict g32, const uint16_t *restrict g16,
+static void chunk_fp32(const Weights *w, const float *restrict g32, const uint16_t *restrict g16,
                        float *restrict m32, float *restrict v32, int64_t k, SCALARS) {
-    float gb[BLOCK];
+    float gb[BLOCK], pb[BLOCK];
     for (int64_t a = 0; a < k; a += BLOCK) {
         int64_t n = k - a < BLOCK ? k - a : BLOCK;
         load_grads(gb, g32, g16, a, n);
+        load_weights(pb, w, a, n);
         for (int64_t j = 0; j < n; j++) {
             int64_t i = a + j;
-            float gi = gb[j], pi = p[i], mi = m32[i], vi = v32[i], s;
+            float gi = gb[j], pi = pb[j], mi = m32[i], vi = v32[i], s;
             ADAM_VALUE(pi, gi, mi, vi, s);
             (void)s;
-            p[i] = pi;
+            pb[j] = pi;
             m32[i] = mi;
             v32[i] = vi;
         }
+        store_weights(w, pb, a, n);
     }
 }
 
@@ -111,7 +155,7 @@ static inline float block_top(const float *x) {
 }
 
 /* 8-bit moments: codes mc / vc (v stored as sqrt(v)), one scale per BLOCK values in ms / vs. */
-static void chunk_int8(float *restrict p, const float *restrict g32, const uint16_t *restrict g16,
+static void chunk_int8(const Weights *w, const float *restrict g32, const uint16_t *restrict g16,
                        uint8_t *restrict mc, uint8_t *restrict vc, float *restrict ms, float *restrict vs,
                        int64_t k, SCALARS) {
     float m[BLOCK], sv[BLOCK];
@@ -119,20 +163,22 @@ static void chunk_int8(float *restrict p, const float *restrict g32, const uint1
         int64_t n = k - a < BLOCK ? k - a : BLOCK;
         int64_t blk = a / BLOCK;
         float m_scale = ms[blk], v_scale = vs[blk];
-        float gb[BLOCK];  /* the block's gradients in fp32 first: a select per value would not vectorize well */
+        float gb[BLOCK], pb[BLOCK];  /* fp32 copies first: a select per value would not vectorize well */
         load_grads(gb, g32, g16, a, n);
+        load_weights(pb, w, a, n);
         for (int64_t j = 0; j < n; j++) {
             int64_t i = a + j;
             float gi = gb[j];
-            float pi = p[i];
+            float pi = pb[j];
             float mi = e4m3_value(mc[i]) * m_scale;
             float vi = e4m3_value(vc[i]) * v_scale, s;
             vi = vi * vi;
             ADAM_VALUE(pi, gi, mi, vi, s);
-            p[i] = pi;
+            pb[j] = pi;
             m[j] = mi;
             sv[j] = s;
         }
+        store_weights(w, pb, a, n);
         for (int64_t j = n; j < BLOCK; j++) m[j] = sv[j] = 0.0f;  /* a tail block's padding: changes no max */
         float m_top = block_top(m), v_top = block_top(sv);
         m_scale = m_top / CODE_MAX;
@@ -157,14 +203,16 @@ static void chunk_int8(float *restrict p, const float *restrict g32, const uint1
     }
 }
 
-/* One AdamW update of k values (kernels/adamw.py's _chunk): p (fp32, in place); gradients g (fp32 or
- * bf16); moments fp32 (m32, v32) or 8-bit (mc, vc, ms, vs: pass NULL for the other format's). */
-void fuyou_adamw_chunk(float *p, const void *g, int g_bf16, float *m32, float *v32, uint8_t *mc, uint8_t *vc,
-                       float *ms, float *vs, int64_t k, SCALARS) {
+/* One AdamW update of k values (kernels/adamw.py's _chunk): weights p32 (fp32, in place) or p16 (a
+ * bf16 master, in place, rounded stochastically from the chunk's seed `key`); gradients g (fp32 or
+ * bf16); moments fp32 (m32, v32) or 8-bit (mc, vc, ms, vs): NULL for the other format's pointers. */
+void fuyou_adamw_chunk(float *p32, uint16_t *p16, uint64_t key, const void *g, int g_bf16, float *m32, float *v32,
+                       uint8_t *mc, uint8_t *vc, float *ms, float *vs, int64_t k, SCALARS) {
     const float *g32 = g_bf16 ? NULL : (const float *)g;
     const uint16_t *g16 = g_bf16 ? (const uint16_t *)g : NULL;
+    Weights w = {p32, p16, (uint32_t)key, (uint32_t)(key >> 32)};
     if (mc)
-        chunk_int8(p, g32, g16, mc, vc, ms, vs, k, decay, w1, beta2, c2, bc2_sqrt, eps, step);
+        chunk_int8(&w, g32, g16, mc, vc, ms, vs, k, decay, w1, beta2, c2, bc2_sqrt, eps, step);
     else
-        chunk_fp32(p, g32, g16, m32, v32, k, decay, w1, beta2, c2, bc2_sqrt, eps, step);
+        chunk_fp32(&w, g32, g16, m32, v32, k, decay, w1, beta2, c2, bc2_sqrt, eps, step);
 }

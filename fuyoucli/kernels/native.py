@@ -96,7 +96,7 @@ def _load():
         return None
     fn = lib.fuyou_adamw_chunk
     ptr, f32 = ctypes.c_void_p, ctypes.c_float
-    fn.argtypes = [ptr, ptr, ctypes.c_int, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int64,
+    fn.argtypes = [ptr, ptr, ctypes.c_uint64, ptr, ctypes.c_int, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int64,
                    f32, f32, f32, f32, f32, f32, f32]
     fn.restype = None
     return fn

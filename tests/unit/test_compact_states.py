@@ -124,8 +124,9 @@ def test_int8_codes_keep_small_values_and_never_zero_a_nonzero_v():
 @pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
 def test_compiled_chunk_is_the_torch_ops(fmt, grad_dtype, monkeypatch):
     """The compiled chunk and the torch ops, five steps from the same start: the same weights (to the
-    sqrt's last place), and the same 8-bit codes but where a value sits on a rounding boundary: then
-    they are one code apart, and the scales agree to the same last place."""
+    sqrt's last place; a bf16 master to its rounding, each kernel drawing its own), and the same 8-bit
+    codes but where a value sits on a rounding boundary: then they are one code apart, and the scales
+    agree to the same last place."""
     runs = {}
     for native in ("1", "0"):
         monkeypatch.setenv("FUYOU_NATIVE_KERNELS", native)
@@ -137,9 +138,10 @@ def test_compiled_chunk_is_the_torch_ops(fmt, grad_dtype, monkeypatch):
             opt.step(grads={id(p): (torch.randn(shape) * (1 + step)).to(grad_dtype)})
         runs[native] = (p.detach().float(), opt.state[p])
     (p1, st1), (p0, st0) = runs["1"], runs["0"]
-    if fmt.master == "bf16":  # stochastic rounding from the same draws: equal but where fp32 results differ
-        assert float((p1 != p0).float().mean()) < 1e-3
-        torch.testing.assert_close(p1, p0, rtol=2 ** -7, atol=0)
+    if fmt.master == "bf16":  # each rounds stochastically from its own draws: a few bf16 spacings apart at most
+        spacing = 2 ** -7 * p0.abs().clamp(min=1e-3)
+        assert bool(((p1 - p0).abs() <= 2 * 5 * spacing).all())  # five steps, each at most a spacing apart
+        assert abs(float((p1 - p0).mean())) < 1e-5  # and neither drifts from the other (weights ~0.05)
     else:
         torch.testing.assert_close(p1, p0, rtol=1e-6, atol=1e-9)
     if fmt.states == "int8":
@@ -151,9 +153,10 @@ def test_compiled_chunk_is_the_torch_ops(fmt, grad_dtype, monkeypatch):
             torch.testing.assert_close(st1[f"{key}_scale"], st0[f"{key}_scale"], rtol=1e-6, atol=0)
 
 
-def test_bf16_master_keeps_updates_below_its_resolution_in_expectation():
+def test_bf16_master_keeps_updates_below_its_resolution_in_expectation(kernel):
     """lr 1e-5 steps on weights near 1 (bf16 spacing 2^-7): rounded to nearest none would stay; with
-    stochastic rounding the mean displacement matches fp32's."""
+    stochastic rounding the mean displacement matches fp32's (the torch generator's draws and the
+    compiled chunk's hash alike), and the same seeds give the same weights."""
     n, steps, lr = 20000, 40, 1e-5
     p = torch.nn.Parameter(torch.ones(n, dtype=torch.bfloat16))
     opt = compact_adamw([p], fmt=AdamFormat(master="bf16"), lr=lr, betas=(0.9, 0.999), eps=1e-8, seed=3, block=1)
