@@ -11,13 +11,16 @@ Needs no network. Per row: median step (steps after the first), the plan's step,
 device peak (allocator's max reserved) against the plan's device bytes, the step against the in-memory
 run of the same method, and against the bound of what the step moved: max(h2d bytes / pinned h2d rate,
 d2h / d2h rate, SSD read / read rate, SSD write / write rate) from the saved profile.
+The streamed AdamW runs (fp32 states, and int8 moments with a bf16 master) also write a --trace of
+three steps (trace-N.json beside the runs: open in ui.perfetto.dev), and a second table says where
+their steps went: the median busy seconds of each part (compute, waits, links, CPU optimizer, disk)
+and the step over the largest part (issue 20's target: at most 1.25).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -92,7 +95,9 @@ def copy_tokenizer(tok_dir: Path, model_dir: Path) -> None:
 def recipe(path: Path, model: Path, data: Path, out: Path, *, method: str, batch: int, seq: int, steps: int,
            dtype: str, offload: str) -> Path:
     methods = {"zo2": "method:\n  name: zo2\n  lr: 1.0e-6\n  eps: 1.0e-3\n",
-               "adamw": "method:\n  name: adamw\n  lr: 1.0e-5\n  max_grad_norm: 1.0\n"}
+               "adamw": "method:\n  name: adamw\n  lr: 1.0e-5\n  max_grad_norm: 1.0\n",
+               "adamw-compact": "method:\n  name: adamw\n  lr: 1.0e-5\n  max_grad_norm: 1.0\n  states: int8\n"
+                                "  master: bf16\n"}
     path.write_text(
         f"name: gpu-check\nmodel:\n  path: {model}\n  dtype: {dtype}\n{methods[method]}"
         f"data:\n  train: {data}\n  max_length: {seq}\n  eval_fraction: 0.0\n"
@@ -101,11 +106,12 @@ def recipe(path: Path, model: Path, data: Path, out: Path, *, method: str, batch
     return path
 
 
-def run(recipe_path: Path, timeout_s: float) -> dict:
+def run(recipe_path: Path, timeout_s: float, trace: Path | None = None) -> dict:
     """One `fuyou finetune` process; its run_started and step events."""
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "fuyoucli", "finetune", str(recipe_path), "--json-logs", "--overwrite"],
-                          capture_output=True, text=True, timeout=timeout_s)
+    extra = ["--trace", str(trace)] if trace is not None else []
+    proc = subprocess.run([sys.executable, "-m", "fuyoucli", "finetune", str(recipe_path), "--json-logs", "--overwrite",
+                           *extra], capture_output=True, text=True, timeout=timeout_s)
     events = []
     for line in proc.stdout.splitlines():
         try:
@@ -145,6 +151,24 @@ def row(name: str, res: dict, machine, in_memory_s: float | None) -> list[str]:
     return [name, f"{median:.3f}", f"{plan_s:.3f}" if plan_s else "-", f"{median / plan_s:.2f}" if plan_s else "-",
             f"{gb(peak)} / {gb(plan_dev)}", f"{peak / plan_dev:.2f}" if peak and plan_dev else "-",
             f"{median / in_memory_s:.2f}" if in_memory_s else "-", f"{median / bound:.2f}" if bound else "-"]
+
+
+PARTS = (("compute", "compute_s"), ("wait fetch", "wait_fetch_s"), ("wait SSD", "wait_ssd_s"), ("h2d", "h2d_s"),
+         ("d2h", "d2h_s"), ("SSD read", "ssd_read_s"), ("SSD write", "ssd_write_s"), ("CPU optimizer", "cpu_optimizer_s"))
+"""A streamed step's busy seconds per part, as --json-logs reports them (waits are time the compute lane
+stood idle; the others are resources the step can be bound by)."""
+
+
+def parts_row(name: str, res: dict, trace: Path) -> list[str]:
+    """Where a streamed run's steps went: median seconds per part, and the step over its largest part."""
+    steps = res["steps"][1:] or res["steps"]
+    if res["rc"] != 0 or not steps:
+        return [name, "-"] + ["-"] * (len(PARTS) + 1) + [trace.name]
+    median = statistics.median(s["step_time_s"] for s in steps)
+    parts = {key: statistics.median(s.get(key, 0.0) for s in steps) for _, key in PARTS}
+    largest = max(v for k, v in parts.items() if not k.startswith("wait"))
+    return ([name, f"{median:.3f}"] + [f"{parts[key]:.3f}" for _, key in PARTS]
+            + [f"{median / largest:.2f}" if largest else "-", trace.name if trace.exists() else "(no trace)"])
 
 
 def main() -> None:
@@ -196,19 +220,25 @@ def main() -> None:
          stream.format(home="pinned") + "  optimizer_home: host\n"),
         ("adamw device limit", "adamw", fo_model, 4 if not args.tiny else 2, fo_dtype,
          stream.format(home="pinned") + "  optimizer_home: host\n" + limit),
+        ("adamw streamed, int8 + bf16", "adamw-compact", fo_model, 4 if not args.tiny else 2, fo_dtype,
+         stream.format(home="pinned") + "  optimizer_home: host\n"),
     ]
+    if args.tiny:  # a bf16 master needs a bfloat16 model: the tiny one is float32
+        configs = [c for c in configs if c[1] != "adamw-compact"]
     header = ["run", "median s", "plan s", "meas/plan", "dev peak / plan GB", "peak/plan", "vs in-mem", "vs bound"]
-    rows, in_memory, streamed_peak = [], {}, {}
-    for i, (name, method, model, batch, dtype, offload) in enumerate(configs):
+    rows, in_memory, streamed_peak, parts = [], {}, {}, []
+    for i, (name, recipe_method, model, batch, dtype, offload) in enumerate(configs):
+        method = recipe_method.split("-")[0]  # compact states compare with the same method's runs
         if "{limit}" in offload:
             if method not in streamed_peak:
                 rows.append([name, "not run: the streamed run before it gave no planned device peak"] + [""] * 6)
                 continue
             offload = offload.format(limit=streamed_peak[method])
-        path = recipe(work / f"r{i}.yaml", model, data, work / f"out{i}", method=method, batch=batch, seq=seq,
-                      steps=steps, dtype=dtype, offload=offload)
+        path = recipe(work / f"r{i}.yaml", model, data, work / f"out{i}", method=recipe_method, batch=batch,
+                      seq=seq, steps=steps, dtype=dtype, offload=offload)
+        trace = work / f"trace-{i}.json" if method == "adamw" and name.startswith("adamw streamed") else None
         try:
-            res = run(path, args.timeout)
+            res = run(path, args.timeout, trace)
         except subprocess.TimeoutExpired:
             res = {"rc": 124, "error": f"over {args.timeout:.0f} s", "started": {}, "steps": []}
         if res["rc"] == 0 and "in memory" in name:
@@ -220,8 +250,17 @@ def main() -> None:
             streamed_peak[method] = int(planned_peak / (1 - headroom)) + 1  # the device then offers the peak
         rows.append(row(name, res, machine, in_memory.get(method)))
         print("  " + " | ".join(rows[-1]), flush=True)
-    widths = [max(len(r[k]) for r in [header, *rows]) for k in range(len(header))]
+        if trace is not None:
+            parts.append(parts_row(name, res, trace))
     print()
+    print_table(header, rows)
+    if parts:
+        print(f"\nWhere the streamed AdamW steps went (median s; traces in {work}):")
+        print_table(["run", "step"] + [label for label, _ in PARTS] + ["step / largest part", "trace"], parts)
+
+
+def print_table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(r[k]) for r in [header, *rows]) for k in range(len(header))]
     for r in [header, ["-" * w for w in widths], *rows]:
         print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
 

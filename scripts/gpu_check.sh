@@ -5,7 +5,8 @@
 #  2. `fuyou profile --quick`;
 #  3. benchmarks/gpu_check.py: ZO2 (OPT-2.7B fp16) and AdamW (OPT-1.3B bf16) at 2048 tokens through the
 #     real CLI, in memory / streamed / under a device limit / from SSD: one table, each row against its
-#     plan, the in-memory run and the link or disk bound.
+#     plan, the in-memory run and the link or disk bound; then where the streamed AdamW steps went (fp32
+#     and compact states), with their --trace files under $OUT/work.
 # Needs a Python with torch + CUDA; builds its own models, no network. Logs under $OUT when set.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -28,4 +29,4 @@ echo "== fuyou profile --quick"
 mkdir -p "$OUT/swap"
 timeout 60 python3 -m fuyoucli profile --quick --disk "$OUT/swap" 2>&1 | tee "$OUT/profile.log" | tail -30
 echo "== runs through the CLI"
-timeout 330 python3 benchmarks/gpu_check.py --skip-profile --work "$OUT/work" --timeout 40 2>&1 | tee "$OUT/gpu_check.log"
+timeout 380 python3 benchmarks/gpu_check.py --skip-profile --work "$OUT/work" --timeout 40 2>&1 | tee "$OUT/gpu_check.log"
