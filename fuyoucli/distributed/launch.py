@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from fuyoucli.errors import FuyouError, RecipeError
+from fuyoucli.folder_lock import LOCK_FILE, folder_lock
 
 
 class LaunchError(FuyouError):
@@ -148,8 +149,9 @@ def run_deepspeed(cmd: list[str], *, env: dict[str, str] | None = None) -> int:
 
 
 def holds_other_run(out_dir: Path) -> bool:
-    """A run's folder already in use; OUTPUT_DIR/deepspeed (the config this launch writes) does not count."""
-    return out_dir.is_dir() and any(p.name != "deepspeed" for p in out_dir.iterdir())
+    """A run's folder already in use; OUTPUT_DIR/deepspeed (the config this launch writes) and the
+    launcher's lock file do not count."""
+    return out_dir.is_dir() and any(p.name not in ("deepspeed", LOCK_FILE) for p in out_dir.iterdir())
 
 
 def hostfile_hosts(path: Path) -> int:
@@ -203,21 +205,27 @@ def launch(recipe, *, recipe_path: str, sets: list[str], engine: str, nproc: int
 
         if recipe.method.name != "adamw":
             raise RecipeError(ZO_ON_DEEPSPEED)
-        require_deepspeed()
-        launcher = deepspeed_launcher()
+        from fuyoucli.train.preflight import check_output_writable
+
         out_dir = Path(recipe.training.output_dir)
-        if not resume and not overwrite and holds_other_run(out_dir):
-            raise LaunchError(f"output directory {out_dir} already holds a run; set training.output_dir elsewhere, "
-                             "pass --overwrite to replace it, or --resume to continue it")
-        world = nproc * (hostfile_hosts(hostfile) if hostfile is not None else 1)
-        config, plan = write_run_config(recipe, world=world)
-        # The plan's recomputed activations become the model's gradient checkpointing (DeepSpeed's own
-        # activation_checkpointing section only serves models written for deepspeed.checkpointing).
-        recompute = plan is not None and any(b.activation in ("recompute", "recompute-swap") for b in plan.blocks)
-        cmd = deepspeed_command(launcher, nproc=nproc, config=config, recipe=recipe_path, sets=sets,
-                                hostfile=hostfile, port=None if hostfile else free_port(), overwrite=overwrite,
-                                resume=resume, display=display, gradient_checkpointing=recompute)
-        return run_deepspeed(cmd)
+        # The launcher holds the output folder's lock while its ranks run, as a fuyou-engine run does:
+        # a second process must not overwrite, resume into or prune a live DeepSpeed run's folder.
+        check_output_writable(out_dir)
+        with folder_lock(out_dir, what="training.output_dir"):
+            require_deepspeed()
+            launcher = deepspeed_launcher()
+            if not resume and not overwrite and holds_other_run(out_dir):
+                raise LaunchError(f"output directory {out_dir} already holds a run; set training.output_dir "
+                                  "elsewhere, pass --overwrite to replace it, or --resume to continue it")
+            world = nproc * (hostfile_hosts(hostfile) if hostfile is not None else 1)
+            config, plan = write_run_config(recipe, world=world)
+            # The plan's recomputed activations become the model's gradient checkpointing (DeepSpeed's own
+            # activation_checkpointing section only serves models written for deepspeed.checkpointing).
+            recompute = plan is not None and any(b.activation in ("recompute", "recompute-swap") for b in plan.blocks)
+            cmd = deepspeed_command(launcher, nproc=nproc, config=config, recipe=recipe_path, sets=sets,
+                                    hostfile=hostfile, port=None if hostfile else free_port(), overwrite=overwrite,
+                                    resume=resume, display=display, gradient_checkpointing=recompute)
+            return run_deepspeed(cmd)
     if hostfile is not None:
         raise LaunchError("--hostfile is for --engine deepspeed; the fuyou engine's --nproc ranks run on this "
                          "machine (across machines: torchrun ... -m fuyoucli.distributed.zo_run RECIPE)")

@@ -100,6 +100,28 @@ def test_engine_deepspeed_without_deepspeed_says_how_to_install(capsys, tmp_path
     assert code == 1 and "pip install 'fuyoucli[deepspeed]'" in err and len(err.strip().splitlines()) == 1
 
 
+def test_engine_deepspeed_takes_the_output_folders_lock(capsys, tmp_path, tiny_models, text_data):
+    """The launcher holds training.output_dir's lock while its ranks run: a second start on a folder a live
+    run holds is refused in one line, before anything there is touched, and the lock file alone is not
+    'a run already there' to the ranks."""
+    from fuyoucli.folder_lock import LOCK_FILE, folder_lock
+
+    recipe = write_recipe(tmp_path, tiny_models["llama"], text_data)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("kept\n")
+    with folder_lock(out, what="training.output_dir"):
+        code, _, err = run(capsys, "finetune", str(recipe), "--engine", "deepspeed", "--overwrite")
+        assert code == 1 and "is in use by another fuyou process" in err and len(err.strip().splitlines()) == 1
+        assert (out / "metrics.jsonl").read_text() == "kept\n"
+        assert not launch.holds_other_run(tmp_path / "empty") and (out / LOCK_FILE).exists()
+    only_lock = tmp_path / "only-lock"
+    only_lock.mkdir()
+    (only_lock / LOCK_FILE).write_text("1\n")
+    assert not launch.holds_other_run(only_lock)
+    assert launch.holds_other_run(out)
+
+
 def test_deepspeed_launch_command():
     cmd = launch.deepspeed_command("/venv/bin/deepspeed", nproc=4, config=Path("out/deepspeed/ds_config.json"),
                                    recipe="r.yaml", sets=["training.max_steps=5"], port=29555, resume=True,
