@@ -156,7 +156,8 @@ def adamw_(p: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor], 
     result is the same whichever thread runs it (its blocks, scales and rounding stream are its own)."""
     n = p.numel()
     flat_p, flat_g = p.reshape(-1), grad.reshape(-1)
-    if flat_p.data_ptr() != p.data_ptr() or not p.is_contiguous():
+    if not p.is_contiguous() or not all(t.is_contiguous() for k, t in state.items() if k != "step"):
+        # the moments are updated through flat views (and, compiled, raw pointers): a copy would lose them
         raise ValueError("compact AdamW updates contiguous tensors in place")
     if p.dtype != torch.float32 and rounding is None:
         raise ValueError("a bf16 master is stored back with stochastic rounding; none was given")
