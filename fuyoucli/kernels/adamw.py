@@ -156,7 +156,7 @@ def adamw_(p: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor], 
     result is the same whichever thread runs it (its blocks, scales and rounding stream are its own)."""
     n = p.numel()
     flat_p, flat_g = p.reshape(-1), grad.reshape(-1)
-    if not p.is_contiguous() or not all(t.is_contiguous() for k, t in state.items() if k != "step"):
+    if not p.is_contiguous() or not all(t.is_contiguous() for t in state.values()):
         # the moments are updated through flat views (and, compiled, raw pointers): a copy would lose them
         raise ValueError("compact AdamW updates contiguous tensors in place")
     if p.dtype != torch.float32 and rounding is None:
@@ -185,12 +185,17 @@ def _chunk(i: int, a: int, b: int, flat_p, flat_g, state, step, lr, beta1, beta2
     kb = scale_count(k)
     native = adamw_chunk() if flat_p.device.type == "cpu" else None
     if native is not None:  # the same update in one pass (adamw_chunk.c)
+        # fp32 weights are updated in place; a bf16 master rounds inside the pass from the chunk's
+        # seed, or, with a rounder that has none, the pass updates an fp32 copy the rounder stores
         rounder = rounding(i) if flat_p.dtype != torch.float32 else None
         seed = getattr(rounder, "seed", None)
-        # a bf16 master rounds inside the pass from the chunk's seed; a rounder without one stores
-        # the pass's fp32 result itself
-        p16 = flat_p[a:b] if seed is not None and flat_p.dtype == torch.bfloat16 else None
-        p32 = flat_p[a:b] if rounder is None else None if p16 is not None else w_p[:k].copy_(flat_p[a:b])
+        p32 = p16 = None
+        if rounder is None:
+            p32 = flat_p[a:b]
+        elif seed is not None and flat_p.dtype == torch.bfloat16:
+            p16 = flat_p[a:b]
+        else:
+            p32 = w_p[:k].copy_(flat_p[a:b])
         g = flat_g[a:b] if flat_g.dtype in (torch.float32, torch.bfloat16) else flat_g[a:b].float()
         s = slice(a // BLOCK, a // BLOCK + kb)
         m_sc, v_sc = (state["exp_avg_scale"][s].data_ptr(), state["exp_avg_sq_scale"][s].data_ptr()) if quantized \

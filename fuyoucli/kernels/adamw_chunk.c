@@ -1,14 +1,13 @@
-/* One chunk of kernels/adamw.py's AdamW update in a single pass over memory: the plain-torch kernel
- * makes about 25 elementwise passes per value (dequantize, update, quantize), this one reads and
- * writes each value once. Built at first use by kernels/native.py (cc -O3 -ffp-contract=off) and
- * called through ctypes, which releases the GIL: kernels/adamw.py's worker threads run chunks of it
- * side by side as they run the torch ops.
+/* One chunk of kernels/adamw.py's AdamW update in a single pass over memory: the torch ops make about
+ * 25 elementwise passes per value (dequantize, update, quantize), this reads and writes each value
+ * once. Built at first use by kernels/native.py (cc -O3 -ffp-contract=off) and called through ctypes,
+ * which releases the GIL: kernels/adamw.py's worker threads run chunks of it side by side.
  *
- * Bit for bit the plain-torch kernel: the same operations in the same order, in float, each rounded
- * once (no contraction into fused multiply-adds except where torch's CPU kernels use one: lerp and
- * addcmul), the
- * same e4m3 codes (round to nearest even) and the same scales. tests/unit/test_compact_states.py
- * holds both to that.
+ * The torch ops' arithmetic: the same operations in the same order, in float, each rounded once (no
+ * contraction into fused multiply-adds except where torch's CPU kernels use one: lerp and addcmul),
+ * the same e4m3 codes (round to nearest even) and scales. Not bit for bit: sqrtf is correctly rounded
+ * and torch's sqrt on large tensors is not always, and a bf16 master's stochastic rounding draws from
+ * a hash here, not from torch's generator. tests/unit/test_compact_states.py bounds both differences.
  */
 #include <math.h>
 #include <stdint.h>

@@ -77,13 +77,15 @@ def _build(cc: str) -> Path:
 
 
 def adamw_chunk():
-    """The compiled chunk function, or None (see the module docstring)."""
+    """The compiled chunk function, or None (see the module docstring). Called for every chunk: after
+    the first build or load it is a dictionary read, no lock."""
     if os.environ.get("FUYOU_NATIVE_KERNELS", "1") == "0":
         return None
-    with _lock:
-        if "adamw" not in _loaded:
-            _loaded["adamw"] = _load()
-        return _loaded["adamw"]
+    if "adamw" not in _loaded:
+        with _lock:
+            if "adamw" not in _loaded:
+                _loaded["adamw"] = _load()
+    return _loaded["adamw"]
 
 
 def _load():
@@ -103,5 +105,5 @@ def _load():
 
 
 def kernel_name() -> str:
-    """Which AdamW chunk kernel compact formats run here: for the profile and the benchmarks."""
+    """Which AdamW chunk kernel compact formats run here (benchmarks/compact_optimizer.py prints it)."""
     return "compiled C (kernels/adamw_chunk.c)" if adamw_chunk() is not None else "plain torch ops"

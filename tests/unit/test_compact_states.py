@@ -20,16 +20,17 @@ from fuyoucli.recipe import load_recipe
 
 SHAPES = [(3,), (BLOCK + 1,), (70, 33), (CHUNK + BLOCK + 5,)]  # tails of a block and of a chunk
 
-needs_native = pytest.mark.skipif(adamw_chunk() is None, reason="no C compiler here: the torch ops run instead")
+NO_NATIVE = "no C compiler here: the torch ops run instead"
+needs_native = pytest.mark.skipif(adamw_chunk() is None, reason=NO_NATIVE)
 
 
 @pytest.fixture(params=["torch", "native"])
 def kernel(request, monkeypatch):
-    """Each test below runs on the torch ops and on the compiled chunk. torch's own sqrt on large
-    tensors is not always correctly rounded (about 0.6% of values one unit off, measured here) and the
-    C one is, so only the torch ops can equal torch's AdamW bit for bit: `exact` says which."""
+    """Each test that takes it runs on the torch ops and on the compiled chunk. torch's own sqrt on
+    large tensors is not always correctly rounded (about 0.6% of values one unit off, measured here)
+    and the C one is, so only the torch ops can equal torch's AdamW bit for bit (_same)."""
     if request.param == "native" and adamw_chunk() is None:
-        pytest.skip("no C compiler here: the torch ops run instead")
+        pytest.skip(NO_NATIVE)
     monkeypatch.setenv("FUYOU_NATIVE_KERNELS", "1" if request.param == "native" else "0")
     return request.param
 
