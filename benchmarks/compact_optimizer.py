@@ -4,6 +4,7 @@ SSD-homed streamed AdamW step with compact states against fp32 states.
   python benchmarks/compact_optimizer.py                 # both parts, ~0.1 GB model, a few minutes on 2 cores
   python benchmarks/compact_optimizer.py --part rate     # the optimizer alone
   python benchmarks/compact_optimizer.py --part ssd --swap /mnt/nvme/tmp
+  python benchmarks/compact_optimizer.py --part ssd --batch 1 --seq 16   # little compute: the disk bounds the step
 
 Part 1, the optimizer pipeline alone, for each format: the engine's CPU optimizer (CpuAdam, states in
 host RAM, its worker thread as on a GPU machine) updating a model's worth of layer-shaped blocks from
@@ -116,6 +117,7 @@ def one(args) -> dict:
     from fuyoucli.train.first_order_streamed import AdamWStreamed
 
     states, master = args.one.split("/")
+    SIZE.update(batch=args.batch, seq=args.seq)
     torch.manual_seed(0)
     batches = [[{"input_ids": (ids := torch.randint(0, SIZE["vocab_size"], (SIZE["batch"], SIZE["seq"]))),
                  "attention_mask": torch.ones_like(ids), "labels": ids}] for _ in range(SIZE["steps"] + 1)]
@@ -141,14 +143,15 @@ def one(args) -> dict:
         trainer.close()
 
 
-def ssd_part(swap: str | None) -> None:
+def ssd_part(swap: str | None, batch: int, seq: int) -> None:
+    SIZE.update(batch=batch, seq=seq)
     with tempfile.TemporaryDirectory(dir=swap or ".") as tmp:
         model_dir = Path(tmp) / "model"
         model_bytes = build_model(model_dir, SIZE)
         results = {}
         for states, master in FORMATS:
             cmd = [sys.executable, __file__, "--one", f"{states}/{master}", "--model", str(model_dir),
-                   "--swap", str(Path(tmp) / "swap")]
+                   "--swap", str(Path(tmp) / "swap"), "--batch", str(batch), "--seq", str(seq)]
             results[(states, master)] = run_one(cmd, f"{states}/{master}")
     base = results[("fp32", "fp32")]
     print(f"SSD-homed streamed AdamW step: Llama-shaped, {SIZE['num_hidden_layers']} layers, hidden "
@@ -166,6 +169,8 @@ def main() -> None:
     parser.add_argument("--swap", default=None, help="a folder on the SSD (default: a temp dir here)")
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=SIZE["batch"], help="SSD part: sequences per step")
+    parser.add_argument("--seq", type=int, default=SIZE["seq"], help="SSD part: tokens per sequence")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -175,7 +180,7 @@ def main() -> None:
     if args.part in ("rate", "both"):
         rate_part(args.layers, args.reps)
     if args.part in ("ssd", "both"):
-        ssd_part(args.swap)
+        ssd_part(args.swap, args.batch, args.seq)
 
 
 if __name__ == "__main__":

@@ -58,6 +58,10 @@ VARIANTS = {  # name -> (recipe file it runs, overrides)
     "quickstart-bf16-master": ("quickstart", ["model.dtype=bfloat16", "method.master=bf16"]),
     "quickstart-bf16-master-int8": ("quickstart", ["model.dtype=bfloat16", "method.master=bf16", "method.states=int8"]),
     "adamw-sentiment-int8": ("adamw-sentiment", ["method.states=int8"]),
+    "adamw-sentiment-bf16": ("adamw-sentiment", ["model.dtype=bfloat16"]),
+    "adamw-sentiment-bf16-master": ("adamw-sentiment", ["model.dtype=bfloat16", "method.master=bf16"]),
+    "adamw-sentiment-bf16-master-int8": ("adamw-sentiment", ["model.dtype=bfloat16", "method.master=bf16",
+                                                             "method.states=int8"]),
     # issue 21: a LoRA run over a quantized base, against the same bfloat16 model unquantized (the
     # recipe's float32 run is the usual reference)
     "adamw-lora-sentiment-bf16": ("adamw-lora-sentiment", ["model.dtype=bfloat16"]),

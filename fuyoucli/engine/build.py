@@ -17,9 +17,9 @@ from torch import nn
 from fuyoucli.kernels.adamw import AdamFormat
 from fuyoucli.engine.executor import OpLog
 from fuyoucli.engine.flat import byte_offsets
-from fuyoucli.engine.optimizer import AdamBlock, CpuAdam
+from fuyoucli.engine.optimizer import AdamBlock, CpuAdam, FileMaster
 from fuyoucli.engine.store import StreamUnit, WeightStore
-from fuyoucli.engine.tiers import DeviceArena, SsdStore
+from fuyoucli.engine.tiers import ALIGN, DeviceArena, SsdStore
 from fuyoucli.errors import FuyouError
 from fuyoucli.model.blocks import ParamBlock, param_blocks
 from fuyoucli.model.runner import BlockRunner
@@ -244,9 +244,17 @@ def _cpu_optimizer(spec: CpuOptimizerSpec, order: list[ExecBlock], trainable: li
             return None
         return lambda: stores[0].read_home(e.index)
 
+    def master_file(blk: ParamBlock) -> FileMaster | None:
+        e = by_name[blk.name]
+        if _keeps_master(spec.fmt, e.streamed) or e.home is not Tier.SSD:
+            return None
+        numel = sum(shapes.shape(p).numel() for _, p in blk.params)
+        return FileMaster(-(-numel * spec.fmt.master_dtype.itemsize // ALIGN) * ALIGN,
+                          lambda buf: stores[0].read_home_into(e.index, buf))
+
     blocks = [AdamBlock(by_name[blk.name].index, blk.name, [shapes.shape(p) for _, p in blk.params],
                         (lambda ps=blk.params: [shapes.value(p) for _, p in ps]), opt_homes[blk.name],
-                        home_master(blk))
+                        home_master(blk), master_file(blk))
               for blk in trainable if opt_homes[blk.name] is not Tier.DEVICE]
     return CpuAdam(blocks, spec.make, lanes=lanes, ssd=ssd, on_job=spec.on_job, thread=spec.thread, fmt=spec.fmt)
 

@@ -348,8 +348,18 @@ class WeightStore:
         u = self.units[b]
         if u.home is not Tier.SSD:
             return u.host
-        buf = aligned_host(u.numel * self.dtype.itemsize)
-        self.ssd.read_sync(self._key(u), buf)
+        return self.read_home_into(b, aligned_host(self.home_file_bytes(b)))
+
+    def home_file_bytes(self, b: int) -> int:
+        """Bytes one read of block b's home file takes (its weights, rounded up to the O_DIRECT alignment)."""
+        return -(-self.units[b].numel * self.dtype.itemsize // ALIGN) * ALIGN
+
+    def read_home_into(self, b: int, buf: torch.Tensor) -> torch.Tensor:
+        """read_home of an SSD-homed block into `buf` (aligned bytes, home_file_bytes(b) of them), for the
+        CPU optimizer's read-ahead: it reads a bf16 master beside the block's states, ahead of the update,
+        on the SSD threads, as read_home would within it. Returns block b's flat weights in `buf`."""
+        u = self.units[b]
+        self.ssd.read_sync(self._key(u), buf[: self.home_file_bytes(b)])
         return buf[: u.numel * self.dtype.itemsize].view(self.dtype)
 
     def set_home_weights(self, b: int, flat: torch.Tensor) -> None:

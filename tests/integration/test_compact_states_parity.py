@@ -91,6 +91,7 @@ CASES = [
     ("qwen2", "bfloat16", "int8", "bf16", Tier.PAGEABLE, Tier.PAGEABLE, None, True),
     ("llama", "bfloat16", "int8", "bf16", Tier.SSD, Tier.SSD, None, True),
     ("qwen2", "bfloat16", "int8", "bf16", Tier.PINNED, Tier.SSD, 1.0, False),
+    ("qwen2", "bfloat16", "int8", "bf16", Tier.SSD, Tier.PAGEABLE, 1.0, True),  # master read ahead, states in RAM
 ]
 
 
@@ -113,6 +114,8 @@ def test_streamed_compact_adamw_equals_reference(arch, dtype, states, master, ho
         assert per_param * n * STEPS <= trainer.cpu.ssd_bytes_read <= 1.05 * per_param * n * STEPS + 2 * 4096 * STEPS
     if master == "bf16":
         assert all(p.dtype == torch.bfloat16 for p in got[1].values())
+    if master == "bf16" and home is Tier.SSD:  # the streamed layers' masters are read ahead from their files
+        assert all(trainer.cpu.states[e].master_file is not None for e in (1, 2))
 
 
 def test_lora_adapters_with_int8_states_equal_reference(tiny_models, text_data, tmp_path):
