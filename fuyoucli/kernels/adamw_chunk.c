@@ -91,17 +91,20 @@ static inline void load_weights(float *restrict pb, const Weights *w, int64_t a,
         memcpy(pb, w->p32 + a, (size_t)n * sizeof(float));
 }
 
-static inline void store_weights(const Weights *w, const float *restrict pb, int64_t a, int64_t n) {
-    if (!w->p16) {
-        memcpy(w->p32 + a, pb, (size_t)n * sizeof(float));
-        return;
-    }
-    uint16_t *restrict dst = w->p16 + a;
-    uint32_t k1 = w->k1, k2 = w->k2, base = (uint32_t)a;
+/* dst[j] := src[j] rounded to bf16 stochastically, value j drawing from index base + j. */
+static inline void sr_store(uint16_t *restrict dst, const float *restrict src, int64_t n, uint32_t k1, uint32_t k2,
+                            uint32_t base) {
     for (int64_t j = 0; j < n; j++) {
         uint32_t noise = mix32(mix32((base + (uint32_t)j) ^ k1) + k2) & 0xFFFFu;
-        dst[j] = (uint16_t)((bits_of_f32(pb[j]) + noise) >> 16);
+        dst[j] = (uint16_t)((bits_of_f32(src[j]) + noise) >> 16);
     }
+}
+
+static inline void store_weights(const Weights *w, const float *restrict pb, int64_t a, int64_t n) {
+    if (w->p16)
+        sr_store(w->p16 + a, pb, n, w->k1, w->k2, (uint32_t)a);
+    else
+        memcpy(w->p32 + a, pb, (size_t)n * sizeof(float));
 }
 
 /* The update of one value: torch's single-tensor AdamW op for op. Scalars as the torch kernel rounds
@@ -214,4 +217,11 @@ void fuyou_adamw_chunk(float *p32, uint16_t *p16, uint64_t key, const void *g, i
         chunk_int8(&w, g32, g16, mc, vc, ms, vs, k, decay, w1, beta2, c2, bc2_sqrt, eps, step);
     else
         chunk_fp32(&w, g32, g16, m32, v32, k, decay, w1, beta2, c2, bc2_sqrt, eps, step);
+}
+
+/* dst[0..n) := src[0..n) rounded to bf16 stochastically (kernels/rounding.py's rule, store_weights'
+ * arithmetic), value i drawing from (key, offset + i): engine/rounding.py's HomeRounding on a CPU
+ * device, whose draws follow one counter through the pass's tensors as a generator's would. */
+void fuyou_sr_bf16(uint16_t *dst, const float *src, int64_t n, uint64_t key, uint64_t offset) {
+    sr_store(dst, src, n, (uint32_t)key, (uint32_t)(key >> 32), (uint32_t)offset);
 }

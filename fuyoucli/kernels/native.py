@@ -1,6 +1,7 @@
-"""The compiled AdamW chunk (adamw_chunk.c), built on first use with the machine's C compiler and
-loaded through ctypes; None where it cannot be (no compiler, or the build fails) or is not wanted
-(FUYOU_NATIVE_KERNELS=0), and then kernels/adamw.py runs its torch ops.
+"""The compiled kernels of adamw_chunk.c (the AdamW chunk, and bf16 stochastic rounding for a CPU
+device's homes), built on first use with the machine's C compiler and loaded through ctypes; None
+where they cannot be (no compiler, or the build fails) or are not wanted (FUYOU_NATIVE_KERNELS=0), and
+then kernels/adamw.py and engine/rounding.py run their torch ops.
 
 Why a C file and not a library: bitsandbytes' CPU 8-bit blockwise update and torchao's AdamW8bit ran
 about 10x slower than the torch ops on this project's CPU, and torch.compile (inductor's C++) of the
@@ -79,29 +80,43 @@ def _build(cc: str) -> Path:
 def adamw_chunk():
     """The compiled chunk function, or None (see the module docstring). Called for every chunk: after
     the first build or load it is a dictionary read, no lock."""
+    return _kernel("adamw")
+
+
+def sr_bf16():
+    """fuyou_sr_bf16(dst, src, n, key, offset): bf16 stochastic rounding of n fp32 values, value i
+    drawing from (key, offset + i); or None (see the module docstring)."""
+    return _kernel("sr_bf16")
+
+
+def _kernel(name: str):
     if os.environ.get("FUYOU_NATIVE_KERNELS", "1") == "0":
         return None
-    if "adamw" not in _loaded:
+    if not _loaded:
         with _lock:
-            if "adamw" not in _loaded:
-                _loaded["adamw"] = _load()
-    return _loaded["adamw"]
+            if not _loaded:
+                _loaded.update(_load())
+    return _loaded[name]
 
 
-def _load():
+def _load() -> dict[str, object]:
+    none = {"adamw": None, "sr_bf16": None}
     cc = _compiler()
     if cc is None:
-        return None
+        return none
     try:
         lib = ctypes.CDLL(str(_build(cc)))
     except (OSError, subprocess.SubprocessError):
-        return None
-    fn = lib.fuyou_adamw_chunk
-    ptr, f32 = ctypes.c_void_p, ctypes.c_float
-    fn.argtypes = [ptr, ptr, ctypes.c_uint64, ptr, ctypes.c_int, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_int64,
-                   f32, f32, f32, f32, f32, f32, f32]
-    fn.restype = None
-    return fn
+        return none
+    ptr, f32, i64, u64 = ctypes.c_void_p, ctypes.c_float, ctypes.c_int64, ctypes.c_uint64
+    adamw = lib.fuyou_adamw_chunk
+    adamw.argtypes = [ptr, ptr, u64, ptr, ctypes.c_int, ptr, ptr, ptr, ptr, ptr, ptr, i64,
+                      f32, f32, f32, f32, f32, f32, f32]
+    adamw.restype = None
+    sr = lib.fuyou_sr_bf16
+    sr.argtypes = [ptr, ptr, i64, u64, u64]
+    sr.restype = None
+    return {"adamw": adamw, "sr_bf16": sr}
 
 
 def kernel_name() -> str:

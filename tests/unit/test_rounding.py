@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fuyoucli.engine.rounding import HomeRounding, stochastic_round_
+from fuyoucli.kernels.native import sr_bf16
 
 HALVES = (torch.bfloat16, torch.float16)
 
@@ -78,3 +79,58 @@ def test_a_contiguous_source_is_the_scratch_and_ends_rounded():
     src = torch.randn(64) * 1e-2 + 1.0
     out = stochastic_round_(torch.empty(64, dtype=torch.bfloat16), src, torch.Generator().manual_seed(4))
     assert torch.equal(src, out.float())  # no block-sized temporary: the fp32 copy took the rounding
+
+
+# -- HomeRounding's bf16 stores on a CPU device: compiled where a C compiler is, torch's draws otherwise --
+
+
+@pytest.fixture(params=["torch", "native"])
+def kernel(request, monkeypatch):
+    if request.param == "native" and sr_bf16() is None:
+        pytest.skip("no C compiler here: the compiled rounding is not built")
+    monkeypatch.setenv("FUYOU_NATIVE_KERNELS", "1" if request.param == "native" else "0")
+    return request.param
+
+
+def _store(step: int, src: torch.Tensor, pieces=(None,)) -> torch.Tensor:
+    """One pass of HomeRounding over `src` (bf16), stored piece by piece at the given cut points."""
+    r = HomeRounding("stochastic", 3, step, 1, torch.device("cpu"))
+    out = torch.empty(src.shape, dtype=torch.bfloat16)
+    cuts = [0, *[c for c in pieces if c is not None], src.numel()]
+    for a, b in zip(cuts, cuts[1:]):
+        r.store(out[a:b], src[a:b].clone())
+    return out
+
+
+def test_home_rounding_is_unbiased_on_either_kernel(kernel):
+    base = torch.tensor([1.0, -1.0, 3.0e-3, -7.5, 0.3, 100.0]).to(torch.bfloat16)
+    lower = base.float()
+    gap = torch.nextafter(base, torch.full_like(base, float("inf"))).float() - lower
+    x = (lower + 0.3 * gap).repeat(1000)  # 6,000 values per pass, 20 passes (steps)
+    out = torch.stack([_store(step, x).float().view(1000, 6) for step in range(20)])
+    assert bool(((out == lower) | (out == lower + gap)).all())
+    up_share = (out.mean((0, 1)) - lower) / gap
+    assert torch.allclose(up_share, torch.full_like(up_share, 0.3), atol=0.02), up_share
+
+
+def test_home_rounding_keeps_exact_values_and_specials_on_either_kernel(kernel):
+    w = torch.randn(4096).to(torch.bfloat16)
+    assert torch.equal(_store(0, w.float()), w)
+    out = _store(0, torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan")]))
+    assert out[:4].float().tolist() == [0.0, 0.0, float("inf"), float("-inf")] and torch.isnan(out[4])
+    assert torch.signbit(out[1])
+
+
+def test_compiled_rounding_draws_one_stream_per_pass_whatever_the_pieces(monkeypatch):
+    """A pass stored in pieces (zo2's update goes piece by piece) draws as one stored whole, so the
+    in-memory reference and the streamed engine round alike whatever buffers cut them; each new pass
+    (a candidate, a replay) starts the stream again."""
+    if sr_bf16() is None:
+        pytest.skip("no C compiler here: the compiled rounding is not built")
+    monkeypatch.setenv("FUYOU_NATIVE_KERNELS", "1")
+    src = torch.randn(10_000) * 1e-2 + 1.0
+    whole = _store(4, src)
+    assert torch.equal(whole, _store(4, src, pieces=(300, 4096, 9999)))
+    assert not torch.equal(whole, _store(5, src))
+    torch_ops = HomeRounding("stochastic", 3, 4, 1, torch.device("cpu"))
+    assert not torch.equal(whole, stochastic_round_(torch.empty_like(whole), src.clone(), torch_ops._gen))
