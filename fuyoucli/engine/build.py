@@ -248,6 +248,7 @@ def _cpu_optimizer(spec: CpuOptimizerSpec, order: list[ExecBlock], trainable: li
         e = by_name[blk.name]
         if _keeps_master(spec.fmt, e.streamed) or e.home is not Tier.SSD:
             return None
+        # the store is made after the optimizer: its home_file_bytes, from the block's shapes
         numel = sum(shapes.shape(p).numel() for _, p in blk.params)
         return FileMaster(-(-numel * spec.fmt.master_dtype.itemsize // ALIGN) * ALIGN,
                           lambda buf: stores[0].read_home_into(e.index, buf))

@@ -198,7 +198,7 @@ class WeightStore:
         if s.writing is not None:  # the slot's last block must have left it (writes and reads share a pool)
             s.writing.result()
             s.writing = None
-        self.ssd.read_sync(self._key(u), s.raw[: -(-u.numel * self.dtype.itemsize // ALIGN) * ALIGN])
+        self.ssd.read_sync(self._key(u), s.raw[: self._file_bytes(u)])
         return self.lanes.mark_compute()
 
     def _ssd_fetch(self, u: StreamUnit, s: _Slot, target: torch.Tensor) -> Mark:
@@ -279,7 +279,7 @@ class WeightStore:
         self.ops.performed(Op("wait", b, on=on))
 
     def _ssd_write_direct(self, u: StreamUnit, raw: torch.Tensor) -> None:
-        self.ssd.write_sync(self._key(u), raw[: -(-u.numel * self.dtype.itemsize // ALIGN) * ALIGN])
+        self.ssd.write_sync(self._key(u), raw[: self._file_bytes(u)])
 
     def _ssd_write(self, u: StreamUnit, buf: torch.Tensor, mark: Mark) -> None:
         self.lanes.host_wait(mark)
@@ -352,14 +352,17 @@ class WeightStore:
 
     def home_file_bytes(self, b: int) -> int:
         """Bytes one read of block b's home file takes (its weights, rounded up to the O_DIRECT alignment)."""
-        return -(-self.units[b].numel * self.dtype.itemsize // ALIGN) * ALIGN
+        return self._file_bytes(self.units[b])
+
+    def _file_bytes(self, u: StreamUnit) -> int:
+        return -(-u.numel * self.dtype.itemsize // ALIGN) * ALIGN
 
     def read_home_into(self, b: int, buf: torch.Tensor) -> torch.Tensor:
         """read_home of an SSD-homed block into `buf` (aligned bytes, home_file_bytes(b) of them), for the
         CPU optimizer's read-ahead: it reads a bf16 master beside the block's states, ahead of the update,
         on the SSD threads, as read_home would within it. Returns block b's flat weights in `buf`."""
         u = self.units[b]
-        self.ssd.read_sync(self._key(u), buf[: self.home_file_bytes(b)])
+        self.ssd.read_sync(self._key(u), buf[: self._file_bytes(u)])
         return buf[: u.numel * self.dtype.itemsize].view(self.dtype)
 
     def set_home_weights(self, b: int, flat: torch.Tensor) -> None:
