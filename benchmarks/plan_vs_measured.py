@@ -184,6 +184,10 @@ def main() -> None:
     parser.add_argument("--recipe", help=argparse.SUPPRESS)
     parser.add_argument("--size", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    for flag, given, known in (("--rows", args.rows, ROWS), ("--sizes", args.sizes, SIZES)):
+        unknown = [x for x in given.split(",") if x not in known]
+        if unknown:
+            parser.error(f"{flag}: unknown {', '.join(unknown)} (known: {', '.join(known)})")
     if args.threads:
         import torch
 

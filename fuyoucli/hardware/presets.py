@@ -30,11 +30,12 @@ DRAM_EFFICIENCY = 0.7
 PAGEABLE_FRACTION = 0.5
 DUPLEX_FRACTION = 0.8
 # Elementwise work. A GPU's is memory bound: torch.randn (Philox) writes its 4 bytes per normal at
-# about the copy rate, and adds run at it; the caching allocator makes new tensors free. On a CPU a
-# seeded generator draws normals on one thread whatever the core count (0.1-0.2 G/s on a 2-core Xeon
-# VM, measured by fuyou's probe; assumed 0.25 G/s for a laptop core), and a new tensor over glibc's
-# reuse limit costs page faults: new-tensor adds ran at ~1/3 of the in-place rate on that VM (assumed).
-CPU_RANDN_PARAMS_PER_S = 0.25e9
+# about the copy rate, and adds run at it; the caching allocator makes new tensors free. On a CPU, zo2
+# draws z from compiled counter-based normals on one thread whatever the core count (kernels/normal.py:
+# 0.9 G/s on a 2-core Xeon VM, measured by fuyou's probe, against torch's generator's 0.2-0.3; assumed
+# 0.8 G/s for a laptop core), and a new tensor over glibc's reuse limit costs page faults: new-tensor
+# adds ran at ~1/3 of the in-place rate on that VM (assumed).
+CPU_RANDN_PARAMS_PER_S = 0.8e9
 CPU_FRESH_FRACTION = 1 / 3
 # Rule of thumb: one NVMe Gen4 drive sustains 3-4 GB/s in practice; writes drop when its cache fills.
 NVME_GEN4_READ_GBPS, NVME_GEN4_WRITE_GBPS = 3.5, 3.0

@@ -246,12 +246,14 @@ def measure_copy_gbps(device: str, nbytes: int, min_time_s: float) -> float:
 
 
 def measure_elementwise(spec: ProbeSpec, cuda: bool) -> tuple[ElementwisePoint, ...]:
-    """fp32 rates at spec's tensor sizes: normals from a seeded generator into an existing tensor
-    (how ZO draws z), y.add_(x, alpha) in place, the same add into a new tensor each call (every
+    """fp32 rates at spec's tensor sizes: normals from a seeded stream into an existing tensor
+    (how zo2 draws z: kernels/normal.py, the compiled counter stream on a CPU), y.add_(x, alpha) in place, the same add into a new tensor each call (every
     out-of-place op of a forward, and home + s*eps*z), and a 2-norm (gradient clipping). Each call
     takes the next of several tensors spanning more than the caches, as a step over a model's weights
     does. Sizes that do not fit are skipped."""
     import torch
+
+    from fuyoucli.kernels.normal import NormalStream
 
     device = "cuda" if cuda else "cpu"
     sync = _sync_for(device)
@@ -265,10 +267,10 @@ def measure_elementwise(spec: ProbeSpec, cuda: bool) -> tuple[ElementwisePoint, 
         gen = torch.Generator(device=device).manual_seed(n)
         xs = torch.randn(count, n, device=device, generator=gen)
         ys = torch.randn(count, n, device=device, generator=gen)
-        zs = torch.empty(count, n, device=device)
+        zs = torch.zeros(count, n, device=device)  # touched: a first touch's page faults are no part of a draw
         turn = itertools.cycle(range(count))
-        randn_s = best_seconds_per_call(lambda: torch.randn(n, generator=gen, device=device, out=zs[next(turn)]),
-                                        sync, spec.elementwise_time_s)
+        stream = NormalStream(device, n)
+        randn_s = best_seconds_per_call(lambda: stream.fill(zs[next(turn)]), sync, spec.elementwise_time_s)
         inplace_s = best_seconds_per_call(lambda: ys[(i := next(turn))].add_(xs[i], alpha=1e-3), sync,
                                           spec.elementwise_time_s)
         fresh_s = best_seconds_per_call(lambda: torch.add(xs[(i := next(turn))], zs[i], alpha=1e-3), sync,

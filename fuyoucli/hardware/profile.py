@@ -97,7 +97,7 @@ class ElementwisePoint:
     allocator to reuse (glibc hands blocks over ~32 MB back to the OS), so the size matters."""
 
     params: int
-    randn_params_per_s: float  # torch.randn(..., generator=g, out=buf): fp32 normals written per second
+    randn_params_per_s: float  # zo2's z draw into a buffer (kernels/normal.py): fp32 normals per second
     inplace_gbps: float  # y.add_(x, alpha=a): 12 bytes per element (read x and y, write y)
     fresh_gbps: float  # torch.add(x, y, alpha=a) into a new tensor each call: the same 12 bytes
     norm_gbps: float = 0.0

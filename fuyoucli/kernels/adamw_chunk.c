@@ -225,3 +225,112 @@ void fuyou_adamw_chunk(float *p32, uint16_t *p16, uint64_t key, const void *g, i
 void fuyou_sr_bf16(uint16_t *dst, const float *src, int64_t n, uint64_t key, uint64_t offset) {
     sr_store(dst, src, n, (uint32_t)key, (uint32_t)(key >> 32), (uint32_t)offset);
 }
+
+/* Counter-based standard normals: zo2's z on a CPU device. torch's CPU generator draws normals one at
+ * a time on one thread, ~3-5 ns a value on this project's VM, and a streamed zo2 step draws every
+ * weight's z twice: most of the step. Here value i of a stream is a function of (key, i) alone, so
+ * any piece of the stream can be drawn in any order, and the loop vectorizes.
+ *
+ * Values 2p and 2p + 1 are pair p's Box-Muller pair (r cos t, r sin t), from two 32-bit draws
+ * a = H(2p), b = H(2p + 1), H(c) = mix32(mix32(lo(c) ^ k1) + (hi(c) ^ k2)), (k1, k2) the halves of
+ * the key: r = sqrt(-2 ln u), u = (a >> 8 + 1) 2^-24 in (0, 1]; t = 2 pi v, v = (b >> 8) 2^-24, whose
+ * top two bits are t's quadrant and the other 22 the angle x in [0, pi/2) within it. ln, sin and cos
+ * are polynomials written out here, not libm's, so the numbers are the same on every machine (and in
+ * the torch ops tests/unit/test_normal.py checks them against): only +, -, *, / and sqrt, each rounded
+ * once (no -ffast-math, no contraction), and selects.
+ *   ln u = e ln2 + ln m, m in [sqrt(1/2), sqrt(2)): ln m = 2 atanh(s), s = (m - 1) / (m + 1),
+ *     |s| <= 0.172, a series to s^9 (next term below 1e-16);
+ *   sin x, cos x: Taylor to x^13 and x^12 at x < pi / 2 (error below 1e-8). */
+#define NORMAL_SQRT2 0x1.6a09e6p+0f
+#define NORMAL_LN2 0x1.62e430p-1f
+#define NORMAL_HALF_PI 0x1.921fb6p+0f
+
+static inline uint32_t counter_hash(uint32_t lo, uint32_t hi, uint32_t k1, uint32_t k2) {
+    return mix32(mix32(lo ^ k1) + (hi ^ k2));
+}
+
+static inline float normal_radius(uint32_t a) {
+    float u = (float)(int32_t)((a >> 8) + 1u) * 0x1p-24f;
+    uint32_t bits = bits_of_f32(u);
+    float m = f32_of_bits((bits & 0x7FFFFFu) | 0x3F800000u);
+    int32_t big = m > NORMAL_SQRT2;
+    m = big ? m * 0.5f : m;
+    float e = (float)((int32_t)(bits >> 23) - 127 + big);
+    float f = m - 1.0f;
+    float s = f / (f + 2.0f);
+    float s2 = s * s;
+    float p = 0x1.c71c72p-4f;             /* 1/9 */
+    p = p * s2 + 0x1.24924ap-3f;          /* 1/7 */
+    p = p * s2 + 0x1.99999ap-3f;          /* 1/5 */
+    p = p * s2 + 0x1.555556p-2f;          /* 1/3 */
+    p = p * s2 + 1.0f;
+    float ln_u = e * NORMAL_LN2 + (s + s) * p;
+    return sqrtf(-2.0f * ln_u);
+}
+
+static inline void normal_pair(uint32_t a, uint32_t b, float *zc, float *zs) {
+    float r = normal_radius(a);
+    uint32_t q = b >> 30;
+    float x = (float)(int32_t)((b >> 8) & 0x3FFFFFu) * 0x1p-22f * NORMAL_HALF_PI;
+    float y = x * x;
+    float c = 0x1.1eed8ep-29f;            /* 1/12! */
+    c = c * y - 0x1.27e4fcp-22f;          /* 1/10! */
+    c = c * y + 0x1.a01a02p-16f;          /* 1/8! */
+    c = c * y - 0x1.6c16c2p-10f;          /* 1/6! */
+    c = c * y + 0x1.555556p-5f;           /* 1/4! */
+    c = c * y - 0.5f;
+    c = c * y + 1.0f;
+    float s = 0x1.612462p-33f;            /* 1/13! */
+    s = s * y - 0x1.ae6456p-26f;          /* 1/11! */
+    s = s * y + 0x1.71de3ap-19f;          /* 1/9! */
+    s = s * y - 0x1.a01a02p-13f;          /* 1/7! */
+    s = s * y + 0x1.111112p-7f;           /* 1/5! */
+    s = s * y - 0x1.555556p-3f;           /* 1/3! */
+    s = s * y + 1.0f;
+    s = s * x;
+    /* q quarter turns: (cos, sin) of x + q pi/2; cos negative in quarters 1 and 2, sin in 2 and 3
+     * (sign bits flipped, not branched on: the loop vectorizes) */
+    float cq = (q & 1u) ? s : c;
+    float sq = (q & 1u) ? c : s;
+    *zc = r * f32_of_bits(bits_of_f32(cq) ^ (((q + 1u) & 2u) << 30));
+    *zs = r * f32_of_bits(bits_of_f32(sq) ^ ((q & 2u) << 30));
+}
+
+static inline void normal_pair_at(uint64_t pair, uint32_t k1, uint32_t k2, float *zc, float *zs) {
+    uint64_t c = 2u * pair;
+    uint32_t lo = (uint32_t)c, hi = (uint32_t)(c >> 32);
+    normal_pair(counter_hash(lo, hi, k1, k2), counter_hash(lo + 1u, hi, k1, k2), zc, zs);
+}
+
+/* out[0..n) := values offset .. offset + n of the stream of `key`. A piece that starts or ends inside
+ * a pair computes that pair whole and keeps its half. The counters' low halves run without a carry
+ * inside each inner loop (it ends where they would wrap), so the loop vectorizes; 512-bit vectors where
+ * the CPU has them: the loop is bound by its instruction count, and they halve it (1.9 vs 2.6 ns a
+ * value on this project's VM before pairs were drawn whole). */
+__attribute__((target("prefer-vector-width=512")))
+void fuyou_normal(float *out, int64_t n, uint64_t key, uint64_t offset) {
+    uint32_t k1 = (uint32_t)key, k2 = (uint32_t)(key >> 32);
+    float zc, zs;
+    int64_t j = 0;
+    if (n > 0 && (offset & 1u)) {
+        normal_pair_at(offset >> 1, k1, k2, &zc, &zs);
+        out[0] = zs;
+        j = 1;
+    }
+    while (n - j >= 2) {
+        uint64_t c = offset + (uint64_t)j;   /* even: 2 x the pair's index, its first counter */
+        uint32_t lo = (uint32_t)c, hi = (uint32_t)(c >> 32);
+        int64_t run = (int64_t)((((uint64_t)1 << 32) - lo) / 2u);
+        if (run > (n - j) / 2) run = (n - j) / 2;
+        float *restrict o = out + j;
+        for (int64_t i = 0; i < run; i++) {
+            uint32_t l = lo + 2u * (uint32_t)i;
+            normal_pair(counter_hash(l, hi, k1, k2), counter_hash(l + 1u, hi, k1, k2), &o[2 * i], &o[2 * i + 1]);
+        }
+        j += 2 * run;
+    }
+    if (j < n) {
+        normal_pair_at((offset + (uint64_t)j) >> 1, k1, k2, &zc, &zs);
+        out[j] = zc;
+    }
+}

@@ -1,7 +1,7 @@
-"""The compiled kernels of adamw_chunk.c (the AdamW chunk, and bf16 stochastic rounding for a CPU
-device's homes), built on first use with the machine's C compiler and loaded through ctypes; None
+"""The compiled kernels of adamw_chunk.c (the AdamW chunk, bf16 stochastic rounding for a CPU device's
+homes, and the counter-based normals of zo2's z on a CPU device), built on first use with the machine's C compiler and loaded through ctypes; None
 where they cannot be (no compiler, or the build fails) or are not wanted (FUYOU_NATIVE_KERNELS=0), and
-then kernels/adamw.py and engine/rounding.py run their torch ops.
+then kernels/adamw.py, engine/rounding.py and kernels/normal.py run their torch ops.
 
 Why a C file and not a library: bitsandbytes' CPU 8-bit blockwise update and torchao's AdamW8bit ran
 about 10x slower than the torch ops on this project's CPU, and torch.compile (inductor's C++) of the
@@ -89,6 +89,12 @@ def sr_bf16():
     return _kernel("sr_bf16")
 
 
+def normal():
+    """fuyou_normal(out, n, key, offset): values offset .. offset + n of the counter-based normal stream
+    of `key` (kernels/normal.py), or None (see the module docstring)."""
+    return _kernel("normal")
+
+
 def _kernel(name: str):
     if os.environ.get("FUYOU_NATIVE_KERNELS", "1") == "0":
         return None
@@ -100,7 +106,7 @@ def _kernel(name: str):
 
 
 def _load() -> dict[str, object]:
-    none = {"adamw": None, "sr_bf16": None}
+    none = {"adamw": None, "sr_bf16": None, "normal": None}
     cc = _compiler()
     if cc is None:
         return none
@@ -116,7 +122,10 @@ def _load() -> dict[str, object]:
     sr = lib.fuyou_sr_bf16
     sr.argtypes = [ptr, ptr, i64, u64, u64]
     sr.restype = None
-    return {"adamw": adamw, "sr_bf16": sr}
+    normal = lib.fuyou_normal
+    normal.argtypes = [ptr, i64, u64, u64]
+    normal.restype = None
+    return {"adamw": adamw, "sr_bf16": sr, "normal": normal}
 
 
 def kernel_name() -> str:

@@ -225,6 +225,16 @@ def restore_trainer(trainer, ckpt: Checkpoint) -> list[tuple[int, list[float], f
     source = load_checkpoint(ckpt.path.parent / base, verify=False) if base else ckpt
     trainer.load_state_dict(source.tensors, source.state.get("trainer", meta))
     ledger = [(int(s), [float(g) for g in gs], float(lr)) for s, gs, lr in ckpt.state.get("ledger", [])]
+    ours = getattr(trainer, "z_source", None)
+    if ledger and ours is not None:
+        # A ledger holds projected gradients, not z: its steps replay only with the z that made them.
+        # A checkpoint from before z_source was recorded drew with torch's generator on its device.
+        theirs = meta.get("z_source") or f"torch-{ckpt.state.get('device', 'cpu')}"
+        if theirs != ours:
+            raise CheckpointError(f"checkpoint {ckpt.path} is a seed ledger whose z was drawn by {theirs}, and this "
+                                  f"run draws it by {ours} (another device, or no C compiler), so replaying it would "
+                                  f"not give its weights: resume from the full checkpoint it extends "
+                                  f"(--resume {ckpt.path.parent / base}), or where z is drawn by {theirs}")
     for step, grads, lr in ledger:
         trainer.replay(step, grads, lr)
     return ledger

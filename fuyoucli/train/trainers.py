@@ -14,6 +14,7 @@ import torch
 from fuyoucli.checkpoint import CheckpointError
 from fuyoucli.engine.lanes import lanes_for
 from fuyoucli.engine.timed_lanes import TimedLanes
+from fuyoucli.kernels.normal import COUNTER_SOURCE, z_source
 from fuyoucli.model.blocks import param_blocks
 from fuyoucli.plan.types import Z_PIECE, Plan
 from fuyoucli.recipe import Recipe
@@ -121,12 +122,15 @@ class ZOHome:
     def checkpoint_meta(self) -> dict:
         return {**self.meta(), "z_piece": self.z_piece}
 
-    def check(self, meta: dict, largest_tensor: int) -> None:
+    def check(self, meta: dict, largest_tensor: int, z_source: str) -> None:
         """A checkpoint resumes bit-exactly (and replays its seed ledger) only under the arithmetic that
         wrote it. One written before z was drawn in pieces (no z_piece) drew each tensor whole: the same
-        numbers for every tensor up to a piece long."""
+        numbers for every tensor up to a piece long. The pieces matter only to a generator (torch's):
+        the counter stream of a CPU (kernels/normal.py) gives the same numbers however it is cut."""
         piece = meta.get("z_piece")
-        if (piece is None and largest_tensor > self.z_piece) or (piece is not None and piece != self.z_piece):
+        if z_source == COUNTER_SOURCE:
+            pass
+        elif (piece is None and largest_tensor > self.z_piece) or (piece is not None and piece != self.z_piece):
             drawn = f"in pieces of {piece} elements" if piece else "a tensor at a time"
             raise CheckpointError(f"the checkpoint's zo2 z was drawn {drawn}, this fuyou draws it in pieces of "
                                   f"{self.z_piece}: resume or export it with the fuyou version that wrote it")
@@ -190,6 +194,7 @@ class InMemoryZO(_InMemoryEval):
         self.impl = ZOReference(model, param_blocks(model), recipe.method, seed=recipe.training.seed,
                                 head=self.head, label_token_ids=data.label_token_ids, home_dtype=home.torch_dtype,
                                 z_per_tensor=z_per_tensor, home_rounding=home.rounding, z_piece=home.z_piece)
+        self.z_source = z_source(next(model.parameters()).device)
         self.where = f"in_memory ({home.describe()})"
 
     def step(self, step: int, micro: list[dict], lr: float) -> StepOutcome:
@@ -200,13 +205,13 @@ class InMemoryZO(_InMemoryEval):
         yield "", self.impl.state_tensors()
 
     def state_meta(self) -> dict:
-        return {"trainer": "zo2", **self.home.checkpoint_meta()}
+        return {"trainer": "zo2", **self.home.checkpoint_meta(), "z_source": self.z_source}
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
         return _joined(self)
 
     def load_state_dict(self, tensors, meta: dict) -> None:
-        self.home.check(meta, self.impl.largest_tensor)
+        self.home.check(meta, self.impl.largest_tensor, self.z_source)
         self.impl.load_state_tensors(tensors)
 
     def replay(self, step: int, grads: list[float], lr: float) -> None:
@@ -252,6 +257,7 @@ class StreamedZO:
 
         timeline = Timeline()
         self.home = ZOHome.of(recipe, plan)
+        self.z_source = z_source(device)
         self.lanes = TimedLanes(lanes_for(device), timeline)
         self.impl = ZOStreamed.from_plan(model, plan, recipe.method, seed=recipe.training.seed, head=recipe.model.head,
                                          lanes=self.lanes, label_token_ids=data.label_token_ids,
@@ -280,13 +286,13 @@ class StreamedZO:
         return self.impl.state_shards()
 
     def state_meta(self) -> dict:
-        return {"trainer": "zo2", **self.home.checkpoint_meta()}
+        return {"trainer": "zo2", **self.home.checkpoint_meta(), "z_source": self.z_source}
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
         return _joined(self)
 
     def load_state_dict(self, tensors, meta: dict) -> None:
-        self.home.check(meta, self.impl.largest_tensor)
+        self.home.check(meta, self.impl.largest_tensor, self.z_source)
         self.impl.load_state(tensors)
 
     def replay(self, step: int, grads: list[float], lr: float) -> None:

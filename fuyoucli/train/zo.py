@@ -1,7 +1,8 @@
 """Zeroth-order (MeZO) step, in memory: the reference every streamed ZO2 run must reproduce.
 
 The arithmetic is defined block by block so that a streamed implementation can repeat it exactly:
-- z for (step, direction, block) comes from a generator seeded by block_seed(seed, step, d, b) on the
+- z for (step, direction, block) comes from the normal stream (kernels/normal.py: torch's generator
+  on CUDA, a compiled counter-based stream on a CPU) seeded by block_seed(seed, step, d, b) on the
   compute device, drawn parameter by parameter in the block's order, in fp32, each parameter in pieces
   of at most `piece` elements (Plan.z_piece), one draw per piece; the update and the candidates also go
   piece by piece, so no buffer is ever larger than a piece (except a block's z held whole);
@@ -25,7 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fuyoucli.model.blocks import ParamBlock, block_generator, block_seed
+from fuyoucli.kernels.normal import NormalStream
+from fuyoucli.model.blocks import ParamBlock, block_seed
 from fuyoucli.plan.types import Z_PIECE
 from fuyoucli.recipe import ZO2Method
 from fuyoucli.train.losses import batch_loss
@@ -66,10 +68,10 @@ def pieces(numel: int, piece: int) -> list[tuple[int, int]]:
     return [(a, min(a + piece, numel)) for a in range(0, numel, piece)]
 
 
-def fill_normal(flat: torch.Tensor, gen: torch.Generator, piece: int) -> torch.Tensor:
-    """flat (1-D, fp32) := normals from `gen`, one draw per piece: z's numbers (module docstring)."""
+def fill_normal(flat: torch.Tensor, stream: NormalStream, piece: int) -> torch.Tensor:
+    """flat (1-D, fp32) := the stream's next normals, one draw per piece: z's numbers (module docstring)."""
     for a, e in pieces(flat.numel(), piece):
-        torch.randn(e - a, generator=gen, device=flat.device, dtype=torch.float32, out=flat[a:e])
+        stream.fill(flat[a:e])
     return flat
 
 
@@ -82,7 +84,7 @@ def draw_z(seed: int, step: int, direction: int, block: int, shapes, device: tor
     """
     if out is None:
         out = [torch.empty(shape, dtype=torch.float32, device=device) for shape in shapes]
-    gen = block_generator(device, block_seed(seed, step, direction, block))
+    gen = NormalStream(device, block_seed(seed, step, direction, block))
     for view in out:
         fill_normal(view.view(-1), gen, piece)
     return out
@@ -91,7 +93,7 @@ def draw_z(seed: int, step: int, direction: int, block: int, shapes, device: tor
 def iter_z(seed: int, step: int, direction: int, block: int, shapes, device: torch.device, piece: int = Z_PIECE):
     """draw_z's numbers one tensor at a time, drawn as they are asked for, so a block's z is never
     whole in memory."""
-    gen = block_generator(device, block_seed(seed, step, direction, block))
+    gen = NormalStream(device, block_seed(seed, step, direction, block))
     for shape in shapes:
         yield fill_normal(torch.empty(shape, dtype=torch.float32, device=device).view(-1), gen, piece).view(shape)
 
@@ -100,10 +102,10 @@ def iter_z_pieces(seed: int, step: int, direction: int, block: int, shapes, devi
                   buffer: torch.Tensor, piece: int):
     """draw_z's numbers piece by piece, each drawn into the front of `buffer` (fp32, at least a piece)
     as it is asked for (the previous one is dead by then): (tensor index, start, end, z of the piece)."""
-    gen = block_generator(device, block_seed(seed, step, direction, block))
+    gen = NormalStream(device, block_seed(seed, step, direction, block))
     for i, shape in enumerate(shapes):
         for a, e in pieces(math.prod(shape), piece):
-            yield i, a, e, torch.randn(e - a, generator=gen, device=device, dtype=torch.float32, out=buffer[: e - a])
+            yield i, a, e, gen.fill(buffer[: e - a])
 
 
 class ZStreams:
@@ -115,7 +117,7 @@ class ZStreams:
     def __init__(self, seed: int, step: int, block: int, q: int, device: torch.device,
                  rounding: Rounding = "nearest", piece: int = Z_PIECE):
         self.device, self.piece = device, piece
-        self.gens = [block_generator(device, block_seed(seed, step, d, block)) for d in range(q)]
+        self.gens = [NormalStream(device, block_seed(seed, step, d, block)) for d in range(q)]
         self._rounding = (rounding, seed, step, block)
 
     def home_rounding(self) -> HomeRounding:
@@ -126,8 +128,8 @@ class ZStreams:
     def draw(self, d: int, numel: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Direction d's next piece (its callers go piece by piece, tensor by tensor, in order)."""
         if out is None:
-            return torch.randn(numel, generator=self.gens[d], device=self.device, dtype=torch.float32)
-        return torch.randn(numel, generator=self.gens[d], device=self.device, dtype=torch.float32, out=out)
+            return self.gens[d].draw(numel)
+        return self.gens[d].fill(out[:numel])
 
 
 @torch.no_grad()

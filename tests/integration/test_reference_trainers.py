@@ -108,7 +108,8 @@ def test_lora_trains_adapters_only_and_saves_an_adapter(method, tiny_models, tex
 
 def test_zo2_step_matches_the_mezo_formula(tiny_models, text_data, tmp_path):
     """One step by hand: w1 = w0 - lr * (L(w0 + eps z) - L(w0 - eps z)) / (2 eps) * z, with z from the block seeds."""
-    from fuyoucli.model.blocks import block_generator, block_seed, param_blocks
+    from fuyoucli.kernels.normal import NormalStream
+    from fuyoucli.model.blocks import block_seed, param_blocks
     from fuyoucli.model.loading import load_model, load_tokenizer
     from fuyoucli.train.data import batches, build_datasets, collate
     from fuyoucli.train.losses import batch_loss
@@ -124,8 +125,8 @@ def test_zo2_step_matches_the_mezo_formula(tiny_models, text_data, tmp_path):
     w0 = [p.detach().clone() for b in blocks for _, p in b.params]
     zs = []
     for b, block in enumerate(blocks):
-        gen = block_generator(torch.device("cpu"), block_seed(1, 7, 0, b))
-        zs += [torch.randn(p.shape, generator=gen) for _, p in block.params]
+        stream = NormalStream("cpu", block_seed(1, 7, 0, b))
+        zs += [stream.draw(p.numel()).view(p.shape) for _, p in block.params]
 
     def loss_at(scale):
         with torch.no_grad():

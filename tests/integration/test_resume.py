@@ -170,6 +170,30 @@ def test_zo2_seed_ledger_checkpoints_replay_exactly(tmp_path, tiny_models, text_
     assert_same_run(ref_out, out)
 
 
+def test_a_seed_ledger_replays_only_with_the_z_that_made_it(tmp_path, tiny_models, text_data, monkeypatch):
+    """A ledger holds projected gradients, not z: drawn another way (here torch's CPU generator, as on a
+    machine without a C compiler; likewise another device) its steps would give other weights. Refused
+    with the way out; the full checkpoint it extends resumes."""
+    from fuyoucli.kernels.normal import z_source
+
+    out = tmp_path / "run"
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_models["opt"], text_data, out, "zo2",
+                                      "  zo_ledger_steps: 5\n"), ["training.max_steps=7"])
+    finetune(recipe)
+    ledger = out / "checkpoints" / "step-00000006"
+    state = json.loads((ledger / "state.json").read_text())
+    assert state["ledger_base"] == "step-00000002" and state["trainer"]["z_source"] == z_source("cpu")
+    monkeypatch.setenv("FUYOU_NATIVE_KERNELS", "0")
+    if z_source("cpu") == state["trainer"]["z_source"]:
+        pytest.skip("no C compiler: z is drawn by torch's generator either way")
+    with pytest.raises(CheckpointError, match="seed ledger whose z was drawn by counter-normal-1, and this run draws "
+                                              "it by torch-cpu.*--resume .*step-00000002"):
+        finetune(recipe, resume=str(ledger))
+    assert json.loads((ledger / "state.json").read_text()) == state
+    finetune(recipe, resume=str(out / "checkpoints" / "step-00000002"))
+    assert train_steps(out)[-1] == 7
+
+
 def test_corrupt_missing_and_foreign_checkpoints_are_refused(tmp_path, tiny_models, text_data):
     out = tmp_path / "run"
     recipe_path = write_recipe(tmp_path / "r.yaml", tiny_models["llama"], text_data, out, "zo2")

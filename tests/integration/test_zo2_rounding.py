@@ -158,28 +158,32 @@ def test_a_checkpoint_written_under_another_home_says_how_to_resume_it():
     from fuyoucli.checkpoint import CheckpointError
     from fuyoucli.train.trainers import ZOHome
 
-    ZOHome("bfloat16", "stochastic").check({"home_dtype": "bfloat16", "home_rounding": "stochastic"}, 1000)
-    ZOHome("float32", "nearest").check({}, 1000)
+    ZOHome("bfloat16", "stochastic").check({"home_dtype": "bfloat16", "home_rounding": "stochastic"}, 1000, "torch-cpu")
+    ZOHome("float32", "nearest").check({}, 1000, "torch-cpu")
     with pytest.raises(CheckpointError, match="set offload.home_dtype: float32 to resume it"):
-        ZOHome("bfloat16", "stochastic").check({"home_dtype": "float32"}, 1000)
+        ZOHome("bfloat16", "stochastic").check({"home_dtype": "float32"}, 1000, "torch-cpu")
     with pytest.raises(CheckpointError, match="set offload.home_rounding: nearest to resume it"):
-        ZOHome("bfloat16", "stochastic").check({"home_dtype": "bfloat16"}, 1000)
+        ZOHome("bfloat16", "stochastic").check({"home_dtype": "bfloat16"}, 1000, "torch-cpu")
 
 
 def test_a_checkpoint_whose_z_was_drawn_otherwise_is_refused_unless_the_numbers_agree():
-    """z's numbers for a tensor longer than a piece depend on the piece size. A checkpoint from before
-    pieces (no z_piece: each tensor drawn whole) resumes when no trainable tensor is longer than a
-    piece (the same numbers); otherwise, and under another piece size, the trainer refuses."""
+    """From torch's generator, z's numbers for a tensor longer than a piece depend on the piece size. A
+    checkpoint from before pieces (no z_piece: each tensor drawn whole) resumes when no trainable tensor
+    is longer than a piece (the same numbers); otherwise, and under another piece size, the trainer
+    refuses. The counter stream of a CPU gives the same numbers whatever the pieces: no refusal."""
     from fuyoucli.checkpoint import CheckpointError
+    from fuyoucli.kernels.normal import COUNTER_SOURCE
     from fuyoucli.train.trainers import ZOHome
 
     home = ZOHome("float32", "nearest", z_piece=4096)
-    home.check({}, 4096)
-    home.check({"z_piece": 4096}, 10**9)
+    home.check({}, 4096, "torch-cuda")
+    home.check({"z_piece": 4096}, 10**9, "torch-cuda")
     with pytest.raises(CheckpointError, match="drawn a tensor at a time"):
-        home.check({}, 4097)
+        home.check({}, 4097, "torch-cuda")
     with pytest.raises(CheckpointError, match="in pieces of 1024 elements"):
-        home.check({"z_piece": 1024}, 10)
+        home.check({"z_piece": 1024}, 10, "torch-cpu")
+    home.check({}, 4097, COUNTER_SOURCE)
+    home.check({"z_piece": 1024}, 10, COUNTER_SOURCE)
 
 
 @pytest.mark.parametrize("stream", [False, True])
