@@ -362,6 +362,9 @@ def build(plan: Plan, model: nn.Module, lanes, *, zo_momentum: bool = False,
         if first_order:
             arena.charge(resident_bytes, "resident weights")  # the model's parameters are their homes
         else:
+            # zo2: the model's parameters are the compute copy the passes read (and, with LoRA, the
+            # frozen base); the trained blocks' homes are kept apart from them
+            arena.charge(resident_bytes, "resident weights (the compute copy)")
             homes, moms = _zo_resident_homes(trainable, streamed_ids, home_dtype, arena, momentum)
         pin = any(u.home is Tier.PINNED for u in units)
         ops = OpLog()

@@ -246,11 +246,11 @@ def measure_copy_gbps(device: str, nbytes: int, min_time_s: float) -> float:
 
 
 def measure_elementwise(spec: ProbeSpec, cuda: bool) -> tuple[ElementwisePoint, ...]:
-    """fp32 rates at spec's tensor sizes: normals from a seeded stream into an existing tensor
-    (how zo2 draws z: kernels/normal.py, the compiled counter stream on a CPU), y.add_(x, alpha) in place, the same add into a new tensor each call (every
-    out-of-place op of a forward, and home + s*eps*z), and a 2-norm (gradient clipping). Each call
-    takes the next of several tensors spanning more than the caches, as a step over a model's weights
-    does. Sizes that do not fit are skipped."""
+    """fp32 rates at spec's tensor sizes: normals from a seeded stream into an existing tensor (how
+    zo2 draws z: kernels/normal.py, the compiled counter stream on a CPU), y.add_(x, alpha) in place,
+    the same add into a new tensor each call (every out-of-place op of a forward, and home + s*eps*z),
+    and a 2-norm (gradient clipping). Each call takes the next of several tensors spanning more than
+    the caches, as a step over a model's weights does. Sizes that do not fit are skipped."""
     import torch
 
     from fuyoucli.kernels.normal import NormalStream

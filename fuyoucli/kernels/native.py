@@ -1,7 +1,8 @@
 """The compiled kernels of adamw_chunk.c (the AdamW chunk, bf16 stochastic rounding for a CPU device's
-homes, and the counter-based normals of zo2's z on a CPU device), built on first use with the machine's C compiler and loaded through ctypes; None
-where they cannot be (no compiler, or the build fails) or are not wanted (FUYOU_NATIVE_KERNELS=0), and
-then kernels/adamw.py, engine/rounding.py and kernels/normal.py run their torch ops.
+homes, and the counter-based normals of zo2's z on a CPU device), built on first use with the
+machine's C compiler and loaded through ctypes; None where they cannot be (no compiler, or the build
+fails) or are not wanted (FUYOU_NATIVE_KERNELS=0), and then kernels/adamw.py, engine/rounding.py and
+kernels/normal.py run their torch ops (normal.py: torch's generator).
 
 Why a C file and not a library: bitsandbytes' CPU 8-bit blockwise update and torchao's AdamW8bit ran
 about 10x slower than the torch ops on this project's CPU, and torch.compile (inductor's C++) of the

@@ -287,6 +287,17 @@ def test_planned_per_tensor_run_stays_within_the_plans_device_peak():
     method = ZO2Method(name="zo2", lr=1e-3, eps=1e-3, q=2)
     trainer, _ = _run(wide_model(), plan, steps, method)
     assert trainer.arena.peak_bytes <= plan.memory.device
+    # what the arena charges without allocating it, before a step: the resident blocks' homes and the
+    # compute copy the passes read (the model's own parameters), as planned
+    parts = dict(plan.device_parts)
+    assert parts["resident compute copy"] == parts["resident weights"] > 0
+    fresh = ZOStreamed.from_plan(wide_model(), plan, method, seed=1, head="causal_lm",
+                                 lanes=lanes_for(torch.device("cpu")))
+    try:
+        held = fresh.arena.used_bytes - sum(fresh.arena._sizes.values())
+    finally:
+        fresh.close()
+    assert held == parts["resident weights"] + parts["resident compute copy"]
     check_z_buffer(trainer, model)
     with pytest.raises(DeviceBudgetExceeded, match="device memory budget exceeded"):
         _run(wide_model(), dataclasses.replace(plan, z_buffer="block"), steps, method)

@@ -54,7 +54,8 @@ def reference(key: int, offset: int, n: int) -> np.ndarray:
         q = b >> np.uint32(30)
         x = ((b >> np.uint32(8)) & np.uint32(0x3FFFFF)).astype(np.int32).astype(F) * F(2.0 ** -22) * F(math.pi / 2)
         y = x * x
-        c = _poly([1 / math.factorial(12), -1 / math.factorial(10), 1 / math.factorial(8), -1 / 720, 1 / 24, -0.5, 1], y)
+        c = _poly([1 / math.factorial(12), -1 / math.factorial(10), 1 / math.factorial(8), -1 / 720, 1 / 24,
+                   -0.5, 1], y)
         sn = _poly([1 / math.factorial(13), -1 / math.factorial(11), 1 / math.factorial(9), -1 / 5040, 1 / 120,
                     -1 / 6, 1], y) * x
     cq, sq = np.where(q & 1, sn, c), np.where(q & 1, c, sn)
@@ -72,8 +73,9 @@ def _native(key: int, offset: int, n: int) -> torch.Tensor:
 
 
 @needs_native
-@pytest.mark.parametrize("key,offset,n", [(12345, 0, 100_003), (2**63 - 7, 3, 4097), (0xDEADBEEFCAFE, 2**31 - 1000, 5000),
-                                          (1, 2**33 + 1, 33), (7, 5, 1), (7, 4, 1)])
+@pytest.mark.parametrize("key,offset,n", [(12345, 0, 100_003), (2**63 - 7, 3, 4097),
+                                          (0xDEADBEEFCAFE, 2**31 - 1000, 5000), (1, 2**33 + 1, 33), (7, 5, 1),
+                                          (7, 4, 1)])
 def test_compiled_stream_is_its_stated_arithmetic_bit_for_bit(key, offset, n):
     """Against the numpy restatement, over odd starts and ends and a counter whose low half wraps
     (offset 2^31 - 1000: the counters 2i pass 2^32 inside the piece)."""
