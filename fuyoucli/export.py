@@ -140,13 +140,18 @@ def _trained_tensors(ckpt: Checkpoint, model, recipe: Recipe):
     base = ckpt.state.get("ledger_base")
     if not base:
         return ckpt.tensors
+    from fuyoucli.kernels.normal import z_source
     from fuyoucli.model.blocks import param_blocks
-    from fuyoucli.train.zo import ZOReference
+    from fuyoucli.train.zo import ZOReference, ledger_z_problem
 
     device = ckpt.state.get("device", "cpu")
     if device != "cpu" and not (device == "cuda" and cuda_available()):
         raise CheckpointError(f"checkpoint {ckpt.path} is a seed ledger drawn on {device}: export it on a machine "
                               f"with {device} (z must be regenerated there), or export a full checkpoint")
+    problem = ledger_z_problem(ckpt.state, z_source(device))
+    if problem:
+        raise CheckpointError(f"checkpoint {ckpt.path} is a seed ledger: {problem}; or export the full checkpoint "
+                              f"it extends ({ckpt.path.parent / base})")
     source = load_checkpoint(ckpt.path.parent / base)
     meta = source.state.get("trainer", {})
     home = getattr(torch, meta.get("home_dtype", "float32"))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from fuyoucli.kernels.normal import z_source
 from fuyoucli.model.blocks import param_blocks
 from fuyoucli.recipe import Recipe
 from fuyoucli.train.data import Datasets
@@ -99,6 +100,7 @@ class DataParallelZOTrainer:
         self.impl = DataParallelZO(model, param_blocks(model), recipe.method, seed=recipe.training.seed,
                                    head=self.head, label_token_ids=data.label_token_ids, home_dtype=home.torch_dtype,
                                    home_rounding=home.rounding, z_piece=home.z_piece, ranks=ranks)
+        self.z_source = z_source(next(model.parameters()).device)
         self.where = (f"zo2 data-parallel: {ranks.world} ranks, each holds the model ({home.describe()}); "
                       "loss sums all-reduced")
 
@@ -128,10 +130,10 @@ class DataParallelZOTrainer:
         yield "", self.impl.state_tensors()
 
     def state_meta(self) -> dict:
-        return {"trainer": "zo2", **self.home.checkpoint_meta()}
+        return {"trainer": "zo2", **self.home.checkpoint_meta(), "z_source": self.z_source}
 
     def load_state_dict(self, tensors, meta: dict) -> None:
-        self.home.check(meta, self.impl.largest_tensor)
+        self.home.check(meta, self.impl.largest_tensor, self.z_source)
         self.impl.load_state_tensors(tensors)
 
     def replay(self, step: int, grads: list[float], lr: float) -> None:

@@ -25,6 +25,7 @@ from fuyoucli.errors import FuyouError
 from fuyoucli.plan.types import Plan
 from fuyoucli.recipe import Recipe, validate_recipe
 from fuyoucli.telemetry.events import CheckpointSaved, EvalDone
+from fuyoucli.train.zo import ledger_z_problem
 
 # Recipe fields that may change between a run and its resumption: they change what is logged, evaluated
 # or saved, never the training trajectory (evaluation reads the weights without touching them or any RNG).
@@ -225,16 +226,10 @@ def restore_trainer(trainer, ckpt: Checkpoint) -> list[tuple[int, list[float], f
     source = load_checkpoint(ckpt.path.parent / base, verify=False) if base else ckpt
     trainer.load_state_dict(source.tensors, source.state.get("trainer", meta))
     ledger = [(int(s), [float(g) for g in gs], float(lr)) for s, gs, lr in ckpt.state.get("ledger", [])]
-    ours = getattr(trainer, "z_source", None)
-    if ledger and ours is not None:
-        # A ledger holds projected gradients, not z: its steps replay only with the z that made them.
-        # A checkpoint from before z_source was recorded drew with torch's generator on its device.
-        theirs = meta.get("z_source") or f"torch-{ckpt.state.get('device', 'cpu')}"
-        if theirs != ours:
-            raise CheckpointError(f"checkpoint {ckpt.path} is a seed ledger whose z was drawn by {theirs}, and this "
-                                  f"run draws it by {ours} (another device, or no C compiler), so replaying it would "
-                                  f"not give its weights: resume from the full checkpoint it extends "
-                                  f"(--resume {ckpt.path.parent / base}), or where z is drawn by {theirs}")
+    problem = ledger_z_problem(ckpt.state, trainer.z_source) if ledger and hasattr(trainer, "z_source") else None
+    if problem:
+        raise CheckpointError(f"checkpoint {ckpt.path} is a seed ledger: {problem}; or resume from the full "
+                              f"checkpoint it extends (--resume {ckpt.path.parent / base})")
     for step, grads, lr in ledger:
         trainer.replay(step, grads, lr)
     return ledger

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fuyoucli.kernels.normal import NormalStream
+from fuyoucli.kernels.normal import COUNTER_SOURCE, NormalStream
 from fuyoucli.model.blocks import ParamBlock, block_seed
 from fuyoucli.plan.types import Z_PIECE
 from fuyoucli.recipe import ZO2Method
@@ -61,6 +61,20 @@ def choose_candidate(losses: dict[int, float]) -> int:
         if key(c) < key(best):
             best = c
     return best
+
+
+def ledger_z_problem(state: dict, ours: str) -> str | None:
+    """Why a checkpoint's seed ledger (state: its state.json) cannot be replayed where z is drawn by
+    `ours` (kernels/normal.py's z_source), or None. A ledger holds projected gradients, not z: its steps
+    give its weights only with the z that made them. Checkpoints record what drew it; one from before
+    they did drew with torch's generator on its device."""
+    theirs = (state.get("trainer") or {}).get("z_source") or f"torch-{state.get('device', 'cpu')}"
+    if theirs == ours:
+        return None
+    hint = ("; FUYOU_NATIVE_KERNELS=0 draws it with torch's CPU generator"
+            if theirs == "torch-cpu" and ours == COUNTER_SOURCE else "")
+    return (f"its z was drawn by {theirs} and would be drawn here by {ours}, so replaying it would not give "
+            f"its weights{hint}")
 
 
 def pieces(numel: int, piece: int) -> list[tuple[int, int]]:

@@ -40,10 +40,10 @@ offload: {{mode: in_memory}}
     return path
 
 
-def run_ranks(recipe: Path, nproc: int, *sets: str) -> subprocess.CompletedProcess:
+def run_ranks(recipe: Path, nproc: int, *sets: str, resume: str | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1")  # the reference runs with one thread too (see module doc)
     args = [sys.executable, "-m", "fuyoucli", "finetune", str(recipe), "--nproc", str(nproc), "--plain",
-            *[a for s in sets for a in ("--set", s)]]
+            *[a for s in sets for a in ("--set", s)], *(["--resume", resume] if resume else [])]
     return subprocess.run(args, env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
 
 
@@ -89,6 +89,13 @@ def test_two_gloo_ranks_equal_one_process(tiny_models, text_data, tmp_path):
                     resume=str(tmp_path / "two" / "checkpoints" / "step-00000002"))
     assert [comparable(r) for r in read_metrics(two / "metrics.jsonl")] == [comparable(r) for r in ref]
     w_resumed = load_file(str(two / "model" / "model.safetensors"))
+    assert all(torch.equal(w_ref[k], w_resumed[k]) for k in w_ref)
+
+    # ... and two ranks resume the one process's checkpoint, ending where it did.
+    done = run_ranks(recipe, 2, resume=str(one / "checkpoints" / "step-00000002"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [comparable(r) for r in read_metrics(one / "metrics.jsonl")] == [comparable(r) for r in ref]
+    w_resumed = load_file(str(one / "model" / "model.safetensors"))
     assert all(torch.equal(w_ref[k], w_resumed[k]) for k in w_ref)
 
 

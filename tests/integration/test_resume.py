@@ -172,8 +172,9 @@ def test_zo2_seed_ledger_checkpoints_replay_exactly(tmp_path, tiny_models, text_
 
 def test_a_seed_ledger_replays_only_with_the_z_that_made_it(tmp_path, tiny_models, text_data, monkeypatch):
     """A ledger holds projected gradients, not z: drawn another way (here torch's CPU generator, as on a
-    machine without a C compiler; likewise another device) its steps would give other weights. Refused
-    with the way out; the full checkpoint it extends resumes."""
+    machine without a C compiler; likewise another device) its steps would give other weights. Resume
+    and export refuse it with the way out, and change nothing; the full checkpoint it extends resumes."""
+    from fuyoucli.export import export_checkpoint
     from fuyoucli.kernels.normal import z_source
 
     out = tmp_path / "run"
@@ -186,9 +187,13 @@ def test_a_seed_ledger_replays_only_with_the_z_that_made_it(tmp_path, tiny_model
     monkeypatch.setenv("FUYOU_NATIVE_KERNELS", "0")
     if z_source("cpu") == state["trainer"]["z_source"]:
         pytest.skip("no C compiler: z is drawn by torch's generator either way")
-    with pytest.raises(CheckpointError, match="seed ledger whose z was drawn by counter-normal-1, and this run draws "
-                                              "it by torch-cpu.*--resume .*step-00000002"):
+    with pytest.raises(CheckpointError, match="seed ledger: its z was drawn by counter-normal-1 and would be drawn "
+                                              "here by torch-cpu.*--resume .*step-00000002"):
         finetune(recipe, resume=str(ledger))
+    with pytest.raises(CheckpointError, match="seed ledger: its z was drawn by counter-normal-1.*export the full "
+                                              "checkpoint it extends"):
+        export_checkpoint(ledger, tmp_path / "exported")
+    assert not (tmp_path / "exported").exists()
     assert json.loads((ledger / "state.json").read_text()) == state
     finetune(recipe, resume=str(out / "checkpoints" / "step-00000002"))
     assert train_steps(out)[-1] == 7
