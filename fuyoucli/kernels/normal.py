@@ -20,11 +20,12 @@ COUNTER_SOURCE = "counter-normal-1"
 _M64 = 0xFFFFFFFFFFFFFFFF
 
 
-def stream_key(seed: int) -> int:
-    """The counter stream's 64-bit key for a seed: splitmix64's finalizer, so that nearby seeds get
-    unrelated keys (the hash takes the key's low half by XOR with the counter: two keys equal but in
-    their low bits would draw the same values at neighbouring counters)."""
-    x = (seed + 0x9E3779B97F4A7C15) & _M64
+def splitmix64(x: int) -> int:
+    """One splitmix64 step of state x (mod 2^64): nearby inputs give unrelated 64-bit outputs. The
+    counter stream's key for a seed (its hash takes the key's low half by XOR with the counter: two
+    keys equal but in their low bits would draw the same values at neighbouring counters), and
+    model/blocks.py's block_seed mixes its four integers with it."""
+    x = (x + 0x9E3779B97F4A7C15) & _M64
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
     return x ^ (x >> 31)
@@ -47,7 +48,7 @@ class NormalStream:
         self.drawn = 0
         """Values handed out so far (the counter stream's next position)."""
         self._kernel = _native_normal() if self.device.type == "cpu" else None
-        self._key = stream_key(seed)
+        self._key = splitmix64(seed)
         self._gen = None
         if self._kernel is None:
             self._gen = torch.Generator(device=self.device)

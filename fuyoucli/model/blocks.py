@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from fuyoucli.errors import ModelError
+from fuyoucli.kernels.normal import splitmix64
 
 
 @dataclass(frozen=True)
@@ -80,10 +81,7 @@ def block_seed(run_seed: int, step: int, direction: int, block_index: int) -> in
     """A 63-bit seed from four integers (splitmix64 mixing), independent of execution order."""
     x = 0
     for value in (run_seed, step, direction, block_index):
-        x = (x + (value & 0xFFFFFFFFFFFFFFFF) + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
-        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-        x ^= x >> 31
+        x = splitmix64(x + (value & 0xFFFFFFFFFFFFFFFF))
     return x & 0x7FFFFFFFFFFFFFFF
 
 

@@ -223,13 +223,13 @@ def restore_trainer(trainer, ckpt: Checkpoint) -> list[tuple[int, list[float], f
     """Load the trainer's state (and replay a seed ledger); returns the ledger entries replayed."""
     meta = ckpt.state.get("trainer", {})
     base = ckpt.state.get("ledger_base")
-    source = load_checkpoint(ckpt.path.parent / base, verify=False) if base else ckpt
-    trainer.load_state_dict(source.tensors, source.state.get("trainer", meta))
     ledger = [(int(s), [float(g) for g in gs], float(lr)) for s, gs, lr in ckpt.state.get("ledger", [])]
     problem = ledger_z_problem(ckpt.state, trainer.z_source) if ledger and hasattr(trainer, "z_source") else None
-    if problem:
+    if problem:  # before any weight loads
         raise CheckpointError(f"checkpoint {ckpt.path} is a seed ledger: {problem}; or resume from the full "
                               f"checkpoint it extends (--resume {ckpt.path.parent / base})")
+    source = load_checkpoint(ckpt.path.parent / base, verify=False) if base else ckpt
+    trainer.load_state_dict(source.tensors, source.state.get("trainer", meta))
     for step, grads, lr in ledger:
         trainer.replay(step, grads, lr)
     return ledger

@@ -128,9 +128,8 @@ class ZOHome:
         numbers for every tensor up to a piece long. The pieces matter only to a generator (torch's):
         the counter stream of a CPU (kernels/normal.py) gives the same numbers however it is cut."""
         piece = meta.get("z_piece")
-        if z_source == COUNTER_SOURCE:
-            pass
-        elif (piece is None and largest_tensor > self.z_piece) or (piece is not None and piece != self.z_piece):
+        other_pieces = piece != self.z_piece if piece is not None else largest_tensor > self.z_piece
+        if other_pieces and z_source != COUNTER_SOURCE:
             drawn = f"in pieces of {piece} elements" if piece else "a tensor at a time"
             raise CheckpointError(f"the checkpoint's zo2 z was drawn {drawn}, this fuyou draws it in pieces of "
                                   f"{self.z_piece}: resume or export it with the fuyou version that wrote it")
